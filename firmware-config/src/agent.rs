@@ -1,0 +1,204 @@
+//! `agent.toml`: who the device is, whom it trusts, where its coordinators and broker are, and
+//! what it may spend.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use outpost_shared::PublicKey;
+use serde::{Deserialize, Serialize};
+
+use crate::diagnostic::{ConfigErrors, Source};
+use crate::profile::{DeviceClass, Profile, ProfileOverrides};
+use crate::types::{DeviceId, HostPort};
+use crate::{FileKind, check_file, load_toml};
+
+/// The agent's configuration. Relative paths are relative to the config file's folder and are
+/// made absolute by [`AgentConfig::load`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The device's identity.
+    pub device: DeviceSection,
+    /// What the device trusts.
+    pub fleet: FleetTrust,
+    /// The coordinators to reach.
+    pub coordinator: CoordinatorEndpoints,
+    /// The MQTT broker.
+    #[serde(default)]
+    pub mqtt: MqttBroker,
+    /// The local API.
+    #[serde(default)]
+    pub api: ApiSection,
+    /// Local storage.
+    #[serde(default)]
+    pub storage: AgentStorage,
+    /// Which models to keep in sync.
+    #[serde(default)]
+    pub sync: SyncSection,
+    /// Overrides of the device class's profile.
+    #[serde(default)]
+    pub profile: ProfileOverrides,
+}
+
+/// `[device]`: the device's identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// The device id; must match the one in the certificate.
+    pub id: DeviceId,
+    /// The device class whose profile applies.
+    #[serde(default)]
+    pub class: DeviceClass,
+    /// The device certificate (PEM), issued by the fleet CA.
+    pub certificate: PathBuf,
+    /// The device's private key (PEM, PKCS#8).
+    pub key: PathBuf,
+}
+
+/// `[fleet]`: the trust anchors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetTrust {
+    /// The fleet's name.
+    pub name: String,
+    /// The fleet CA certificate (PEM) that coordinators' certificates chain to.
+    pub ca: PathBuf,
+    /// The ed25519 public keys (hex) that sign manifests; more than one while keys rotate.
+    pub manifest_keys: Vec<PublicKey>,
+}
+
+/// `[coordinator]`: where offload and chunk requests go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorEndpoints {
+    /// QUIC addresses, tried in this order (failover).
+    pub addresses: Vec<HostPort>,
+}
+
+/// `[mqtt]`: the broker carrying manifests and status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttBroker {
+    /// The broker's address.
+    #[serde(default = "default_broker")]
+    pub broker: HostPort,
+}
+
+impl Default for MqttBroker {
+    fn default() -> Self {
+        Self { broker: default_broker() }
+    }
+}
+
+fn default_broker() -> HostPort {
+    HostPort { host: "127.0.0.1".to_owned(), port: 1883 }
+}
+
+/// `[api]`: the local Open Inference Protocol API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Where the API listens.
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self { listen: default_api_listen() }
+    }
+}
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// `[storage]`: where the agent keeps its database and model chunks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentStorage {
+    /// The data folder; default `outpost-data/agent-{device id}` in the working directory.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `[sync]`: which models the agent follows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    /// Model names to follow; empty follows every model the fleet publishes.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+impl AgentConfig {
+    /// Reads, checks and resolves an agent config: TOML syntax, keys, values, and that every
+    /// file it names exists and holds what it should. All problems are reported together.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let (mut config, text) = load_toml::<Self>(path)?;
+        let source = Source { file: path, text: &text };
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        let mut errors = Vec::new();
+        for (key, message) in config.problems() {
+            errors.push(source.key_error(&key, message));
+        }
+        for (key, file, kind) in [
+            ("device.certificate", &config.device.certificate, FileKind::Certificate),
+            ("device.key", &config.device.key, FileKind::PrivateKey),
+            ("fleet.ca", &config.fleet.ca, FileKind::Certificate),
+        ] {
+            if let Err(message) = check_file(file, kind) {
+                errors.push(source.key_error(key, message));
+            }
+        }
+        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+    }
+
+    /// Parses an agent config from text, without touching the files it names (for tests and
+    /// tools that build configs in memory).
+    pub fn from_toml(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
+        let source = Source { file, text };
+        let config: Self = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
+        let errors: Vec<_> = config.problems().into_iter().map(|(k, m)| source.key_error(&k, m)).collect();
+        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+    }
+
+    /// The effective profile: the class's defaults with `[profile]` applied.
+    pub fn profile(&self) -> Profile {
+        self.profile.apply(self.device.class.profile())
+    }
+
+    /// The data folder: `storage.data_dir`, or `outpost-data/agent-{id}`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.storage
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("outpost-data").join(format!("agent-{}", self.device.id)))
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.device.certificate, &mut self.device.key, &mut self.fleet.ca] {
+            *p = base.join(&*p);
+        }
+        if let Some(dir) = &mut self.storage.data_dir {
+            *dir = base.join(&*dir);
+        }
+    }
+
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut problems: Vec<(String, String)> =
+            self.profile.problems().into_iter().map(|(k, m)| (k.to_owned(), m)).collect();
+        if self.fleet.manifest_keys.is_empty() {
+            problems.push(("fleet.manifest_keys".into(), "needs at least one key".into()));
+        }
+        if self.coordinator.addresses.is_empty() {
+            problems.push(("coordinator.addresses".into(), "needs at least one HOST:PORT".into()));
+        }
+        for model in &self.sync.models {
+            if let Err(e) = outpost_shared::topic::validate_name(outpost_shared::topic::NameKind::Model, model) {
+                problems.push(("sync.models".into(), e.to_string()));
+            }
+        }
+        problems
+    }
+}

@@ -1,0 +1,256 @@
+//! `coordinator.toml`: the coordinator's fleet material, listeners, broker and limits. With no
+//! file at all the defaults apply and the coordinator runs in dev mode.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::diagnostic::{ConfigErrors, Source};
+use crate::types::HostPort;
+use crate::{FileKind, check_file, load_toml};
+
+/// The coordinator's configuration. Relative paths are relative to the config file's folder.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// The fleet's trust material; absent means dev mode (a throwaway fleet in the data folder).
+    pub fleet: Option<FleetMaterial>,
+    /// Local storage.
+    #[serde(default)]
+    pub storage: CoordinatorStorage,
+    /// The QUIC listener for agents.
+    #[serde(default)]
+    pub quic: QuicSection,
+    /// The admin HTTP API.
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// MQTT: the embedded broker, or an external one.
+    #[serde(default)]
+    pub mqtt: CoordinatorMqtt,
+    /// The model registry.
+    #[serde(default)]
+    pub registry: RegistrySection,
+    /// Offloaded inference.
+    #[serde(default)]
+    pub inference: InferenceSection,
+}
+
+/// `[fleet]`: files made by `firmware-config provision`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetMaterial {
+    /// The fleet's name.
+    pub name: String,
+    /// The fleet CA certificate (PEM): device certificates must chain to it.
+    pub ca: PathBuf,
+    /// The fleet CA's private key, needed only to enroll new devices.
+    pub ca_key: Option<PathBuf>,
+    /// The coordinator's certificate (PEM).
+    pub certificate: PathBuf,
+    /// The coordinator's private key (PEM).
+    pub key: PathBuf,
+    /// The ed25519 manifest-signing key (PKCS#8 PEM).
+    pub signing_key: PathBuf,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorStorage {
+    /// The data folder.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+}
+
+impl Default for CoordinatorStorage {
+    fn default() -> Self {
+        Self { data_dir: default_data_dir() }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("outpost-data").join("coordinator")
+}
+
+/// `[quic]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicSection {
+    /// Where agents connect (port 0 picks a free port).
+    #[serde(default = "default_quic_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for QuicSection {
+    fn default() -> Self {
+        Self { listen: default_quic_listen() }
+    }
+}
+
+fn default_quic_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4433))
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Where the admin API listens.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self { listen: default_admin_listen() }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7070))
+}
+
+/// `[mqtt]`: either the embedded broker's `listen` address, or an `external` broker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorMqtt {
+    /// Where the embedded broker listens (default 127.0.0.1:1883).
+    pub listen: Option<SocketAddr>,
+    /// Use this broker instead of the embedded one.
+    pub external: Option<HostPort>,
+}
+
+impl CoordinatorMqtt {
+    /// The embedded broker's address, or `None` when an external broker is configured.
+    pub fn embedded_listen(&self) -> Option<SocketAddr> {
+        match self.external {
+            Some(_) => None,
+            None => Some(self.listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1883)))),
+        }
+    }
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySection {
+    /// How many versions of each model to keep.
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: u32,
+    /// The largest model upload accepted, MiB.
+    #[serde(default = "default_max_upload_mb")]
+    pub max_upload_mb: u64,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        Self { keep_versions: default_keep_versions(), max_upload_mb: default_max_upload_mb() }
+    }
+}
+
+fn default_keep_versions() -> u32 {
+    5
+}
+
+fn default_max_upload_mb() -> u64 {
+    1024
+}
+
+/// `[inference]`: the bounded worker pool for offloaded calls.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceSection {
+    /// Worker threads running models.
+    #[serde(default = "default_workers")]
+    pub workers: u32,
+    /// Requests that may wait for a worker; more are answered `Busy`.
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: u32,
+}
+
+impl Default for InferenceSection {
+    fn default() -> Self {
+        Self { workers: default_workers(), queue_depth: default_queue_depth() }
+    }
+}
+
+fn default_workers() -> u32 {
+    2
+}
+
+fn default_queue_depth() -> u32 {
+    64
+}
+
+impl CoordinatorConfig {
+    /// Reads, checks and resolves a coordinator config, and checks the files it names.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let (mut config, text) = load_toml::<Self>(path)?;
+        let source = Source { file: path, text: &text };
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        let mut errors: Vec<_> = config.problems().into_iter().map(|(k, m)| source.key_error(k, m)).collect();
+        if let Some(fleet) = &config.fleet {
+            let mut files = vec![
+                ("fleet.ca", &fleet.ca, FileKind::Certificate),
+                ("fleet.certificate", &fleet.certificate, FileKind::Certificate),
+                ("fleet.key", &fleet.key, FileKind::PrivateKey),
+                ("fleet.signing_key", &fleet.signing_key, FileKind::PrivateKey),
+            ];
+            if let Some(ca_key) = &fleet.ca_key {
+                files.push(("fleet.ca_key", ca_key, FileKind::PrivateKey));
+            }
+            for (key, file, kind) in files {
+                if let Err(message) = check_file(file, kind) {
+                    errors.push(source.key_error(key, message));
+                }
+            }
+        }
+        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+    }
+
+    /// Parses a coordinator config from text, without touching the files it names.
+    pub fn from_toml(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
+        let source = Source { file, text };
+        let config: Self = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
+        let errors: Vec<_> = config.problems().into_iter().map(|(k, m)| source.key_error(k, m)).collect();
+        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+    }
+
+    /// Whether the coordinator runs with a throwaway dev fleet.
+    pub fn is_dev_mode(&self) -> bool {
+        self.fleet.is_none()
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if let Some(f) = &mut self.fleet {
+            for p in [&mut f.ca, &mut f.certificate, &mut f.key, &mut f.signing_key] {
+                *p = base.join(&*p);
+            }
+            if let Some(p) = &mut f.ca_key {
+                *p = base.join(&*p);
+            }
+        }
+        self.storage.data_dir = base.join(&self.storage.data_dir);
+    }
+
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if self.mqtt.listen.is_some() && self.mqtt.external.is_some() {
+            problems.push(("mqtt.external", "set either mqtt.listen (embedded broker) or mqtt.external, not both".to_owned()));
+        }
+        if self.registry.keep_versions < 2 {
+            problems.push(("registry.keep_versions", "must be at least 2, so a rollback target is kept".to_owned()));
+        }
+        if self.registry.max_upload_mb == 0 {
+            problems.push(("registry.max_upload_mb", "must be at least 1".to_owned()));
+        }
+        if self.inference.workers == 0 {
+            problems.push(("inference.workers", "must be at least 1".to_owned()));
+        }
+        if self.inference.queue_depth == 0 {
+            problems.push(("inference.queue_depth", "must be at least 1".to_owned()));
+        }
+        problems
+    }
+}

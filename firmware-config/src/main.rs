@@ -1,0 +1,114 @@
+//! `firmware-config`: check Outpost configs and provision fleets.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use firmware_config::{ConfigKind, DeviceClass, FleetPlan, HostPort};
+
+#[derive(Parser)]
+#[command(name = "firmware-config", version, about = "Check Outpost configs and provision fleets")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check config files: syntax, keys, values, and the files they name. Exits 1 on any error.
+    Validate {
+        /// The files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The kind of config; by default a file with a [device] table is an agent config.
+        #[arg(long, value_enum)]
+        kind: Option<ConfigKind>,
+    },
+    /// Make a fleet: signing key, CA, coordinator certificate and config, device keys,
+    /// certificates and configs. Never overwrites existing keys.
+    Provision {
+        /// The fleet's name; devices are named NAME-0001, NAME-0002, …
+        #[arg(long)]
+        fleet: String,
+        /// How many devices to issue.
+        #[arg(long, default_value_t = 1)]
+        devices: u32,
+        /// A coordinator's public address (repeat for failover); its host goes in the
+        /// coordinator certificate.
+        #[arg(long = "coordinator", required = true, value_name = "HOST:PORT")]
+        coordinators: Vec<HostPort>,
+        /// The MQTT broker agents connect to [default: the first coordinator's host, port 1883].
+        #[arg(long, value_name = "HOST:PORT")]
+        mqtt: Option<HostPort>,
+        /// The device class written in each agent config.
+        #[arg(long, value_enum, default_value = "laptop")]
+        class: Class,
+        /// The folder to write the fleet into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Class {
+    Phone,
+    Laptop,
+    EdgeBox,
+}
+
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Validate { files, kind } => {
+            let mut failed = false;
+            for file in &files {
+                match firmware_config::validate_file(file, kind) {
+                    Ok(kind) => println!("{}: ok ({} config)", file.display(), kind_name(kind)),
+                    Err(errors) => {
+                        failed = true;
+                        eprintln!("{errors}");
+                    }
+                }
+            }
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        Command::Provision { fleet, devices, coordinators, mqtt, class, out } => {
+            let mqtt = mqtt.unwrap_or_else(|| HostPort { host: coordinators[0].host.clone(), port: 1883 });
+            let mut plan = FleetPlan::numbered(&fleet, devices, coordinators, mqtt)?;
+            plan.device_class = match class {
+                Class::Phone => DeviceClass::Phone,
+                Class::Laptop => DeviceClass::Laptop,
+                Class::EdgeBox => DeviceClass::EdgeBox,
+            };
+            let made = firmware_config::provision(&plan, &out)
+                .with_context(|| format!("provisioning fleet {fleet} into {}", out.display()))?;
+            println!("fleet {fleet} in {}", made.dir.display());
+            println!("  manifest key: {}", made.manifest_key);
+            println!("  coordinator:  {}", made.coordinator_config.display());
+            for (id, path) in &made.devices {
+                println!("  device {id}: {}", path.display());
+            }
+            println!("Keep ca.key and fleet-signing.key secret; copy each devices/ID folder to its device.");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn kind_name(kind: ConfigKind) -> &'static str {
+    match kind {
+        ConfigKind::Agent => "agent",
+        ConfigKind::Coordinator => "coordinator",
+    }
+}

@@ -1,0 +1,123 @@
+//! Device-class profiles: what a phone, a laptop and an edge box can afford, as defaults a
+//! config names (`device.class`) and overrides key by key (`[profile]`).
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of device Outpost ships profiles for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceClass {
+    /// A phone: little memory, runs on battery.
+    Phone,
+    /// A laptop.
+    #[default]
+    Laptop,
+    /// An always-on edge box on mains power.
+    EdgeBox,
+}
+
+/// Whether the agent runs models on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GpuPreference {
+    /// Use a GPU when one exists and covers the model.
+    Prefer,
+    /// Never use a GPU (CPU only).
+    Never,
+}
+
+/// What the agent does with locally placed calls while the device runs on battery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatteryPolicy {
+    /// Keep each model's placement.
+    AsPlaced,
+    /// Offload to the coordinator whenever it is reachable, to save battery.
+    Offload,
+}
+
+/// The budgets and preferences an agent works within.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// Memory for loaded models, MiB.
+    pub memory_budget_mb: u64,
+    /// Disk for the model cache, MiB.
+    pub storage_budget_mb: u64,
+    /// The largest single model variant the device accepts, MiB.
+    pub max_model_mb: u64,
+    /// GPU use.
+    pub gpu: GpuPreference,
+    /// Offload policy on battery.
+    pub on_battery: BatteryPolicy,
+}
+
+impl DeviceClass {
+    /// The class's default profile.
+    pub const fn profile(self) -> Profile {
+        match self {
+            DeviceClass::Phone => Profile {
+                memory_budget_mb: 512,
+                storage_budget_mb: 1024,
+                max_model_mb: 64,
+                gpu: GpuPreference::Prefer,
+                on_battery: BatteryPolicy::Offload,
+            },
+            DeviceClass::Laptop => Profile {
+                memory_budget_mb: 2048,
+                storage_budget_mb: 8192,
+                max_model_mb: 512,
+                gpu: GpuPreference::Prefer,
+                on_battery: BatteryPolicy::AsPlaced,
+            },
+            DeviceClass::EdgeBox => Profile {
+                memory_budget_mb: 8192,
+                storage_budget_mb: 65536,
+                max_model_mb: 4096,
+                gpu: GpuPreference::Prefer,
+                on_battery: BatteryPolicy::AsPlaced,
+            },
+        }
+    }
+}
+
+/// `[profile]` in an agent config: each key overrides the class's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileOverrides {
+    /// Overrides [`Profile::memory_budget_mb`].
+    pub memory_budget_mb: Option<u64>,
+    /// Overrides [`Profile::storage_budget_mb`].
+    pub storage_budget_mb: Option<u64>,
+    /// Overrides [`Profile::max_model_mb`].
+    pub max_model_mb: Option<u64>,
+    /// Overrides [`Profile::gpu`].
+    pub gpu: Option<GpuPreference>,
+    /// Overrides [`Profile::on_battery`].
+    pub on_battery: Option<BatteryPolicy>,
+}
+
+impl ProfileOverrides {
+    /// `base` with these overrides applied.
+    pub fn apply(&self, base: Profile) -> Profile {
+        Profile {
+            memory_budget_mb: self.memory_budget_mb.unwrap_or(base.memory_budget_mb),
+            storage_budget_mb: self.storage_budget_mb.unwrap_or(base.storage_budget_mb),
+            max_model_mb: self.max_model_mb.unwrap_or(base.max_model_mb),
+            gpu: self.gpu.unwrap_or(base.gpu),
+            on_battery: self.on_battery.unwrap_or(base.on_battery),
+        }
+    }
+
+    /// Problems with the overrides, as (key, message).
+    pub(crate) fn problems(&self) -> Vec<(&'static str, String)> {
+        [
+            ("profile.memory_budget_mb", self.memory_budget_mb),
+            ("profile.storage_budget_mb", self.storage_budget_mb),
+            ("profile.max_model_mb", self.max_model_mb),
+        ]
+        .into_iter()
+        .filter(|(_, v)| *v == Some(0))
+        .map(|(k, _)| (k, "must be at least 1".to_owned()))
+        .collect()
+    }
+}

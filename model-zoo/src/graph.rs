@@ -1,0 +1,194 @@
+//! A small ONNX graph builder over tract's protobuf structs, and the seeded generator that fills
+//! the weights. Initializers are stored as little-endian `raw_data` in the order they are made,
+//! so the same seed always gives the same bytes.
+
+use tract_onnx::pb::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType,
+    tensor_shape_proto::{Dimension, dimension::Value as DimValue},
+    type_proto::{Tensor as TensorType, Value as TypeValue},
+};
+
+/// The ONNX opset the demo models use.
+pub(crate) const OPSET: i64 = 13;
+
+/// SplitMix64: tiny, fast, and the same on every platform.
+#[derive(Debug, Clone)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-limit, limit)`.
+    pub(crate) fn uniform(&mut self, limit: f32) -> f32 {
+        // 24 random bits give every representable step of an f32 in [0, 1).
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        (unit * 2.0 - 1.0) * limit
+    }
+}
+
+/// A tensor dimension in a model's signature.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dim {
+    Fixed(usize),
+    Symbol(&'static str),
+}
+
+pub(crate) struct GraphBuilder {
+    rng: Rng,
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    next_id: usize,
+}
+
+impl GraphBuilder {
+    pub(crate) fn new(seed: u64) -> Self {
+        GraphBuilder { rng: Rng::new(seed), nodes: Vec::new(), initializers: Vec::new(), inputs: Vec::new(), outputs: Vec::new(), next_id: 0 }
+    }
+
+    pub(crate) fn input(&mut self, name: &str, elem: DataType, dims: &[Dim]) -> String {
+        self.inputs.push(value_info(name, elem, dims));
+        name.to_owned()
+    }
+
+    pub(crate) fn output(&mut self, name: &str, elem: DataType, dims: &[Dim]) {
+        self.outputs.push(value_info(name, elem, dims));
+    }
+
+    /// An f32 initializer drawn uniformly from `[-limit, limit)`.
+    pub(crate) fn random(&mut self, name: &str, dims: &[usize], limit: f32) -> String {
+        let count: usize = dims.iter().product();
+        let mut raw = Vec::with_capacity(count * 4);
+        for _ in 0..count {
+            raw.extend_from_slice(&self.rng.uniform(limit).to_le_bytes());
+        }
+        self.initializer(name, DataType::Float, dims, raw)
+    }
+
+    /// An i64 initializer (axes and the like).
+    pub(crate) fn ints(&mut self, name: &str, values: &[i64]) -> String {
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, DataType::Int64, &[values.len()], raw)
+    }
+
+    fn initializer(&mut self, name: &str, elem: DataType, dims: &[usize], raw_data: Vec<u8>) -> String {
+        self.initializers.push(TensorProto {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: elem as i32,
+            name: name.to_owned(),
+            raw_data,
+            ..TensorProto::default()
+        });
+        name.to_owned()
+    }
+
+    /// Adds a node; returns its (single) output's name, `out` or a fresh one.
+    pub(crate) fn node(&mut self, op: &str, inputs: &[&str], out: Option<&str>, attributes: Vec<AttributeProto>) -> String {
+        self.next_id += 1;
+        let output = out.map_or_else(|| format!("{}_{}", op.to_lowercase(), self.next_id), str::to_owned);
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            output: vec![output.clone()],
+            name: format!("{op}_{}", self.next_id),
+            op_type: op.to_owned(),
+            attribute: attributes,
+            ..NodeProto::default()
+        });
+        output
+    }
+
+    /// `x · W + b` with Glorot-uniform `W` of shape `[fan_in, fan_out]` (output channels last),
+    /// then `activation` if any.
+    pub(crate) fn dense(&mut self, x: &str, name: &str, fan_in: usize, fan_out: usize, activation: Option<&str>, gain: f32) -> String {
+        let limit = gain * (6.0 / (fan_in + fan_out) as f32).sqrt();
+        let w = self.random(&format!("{name}.weight"), &[fan_in, fan_out], limit);
+        let b = self.random(&format!("{name}.bias"), &[fan_out], 0.01);
+        let xw = self.node("MatMul", &[x, &w], None, vec![]);
+        let y = self.node("Add", &[&xw, &b], None, vec![]);
+        match activation {
+            Some(op) => self.node(op, &[&y], None, vec![]),
+            None => y,
+        }
+    }
+
+    pub(crate) fn finish(self, name: &str, doc: &str, metadata: &[(&str, String)]) -> ModelProto {
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+            producer_name: "outpost-model-zoo".to_owned(),
+            producer_version: env!("CARGO_PKG_VERSION").to_owned(),
+            model_version: 1,
+            doc_string: doc.to_owned(),
+            graph: Some(GraphProto {
+                node: self.nodes,
+                name: name.to_owned(),
+                initializer: self.initializers,
+                input: self.inputs,
+                output: self.outputs,
+                ..GraphProto::default()
+            }),
+            metadata_props: metadata
+                .iter()
+                .map(|(k, v)| StringStringEntryProto { key: (*k).to_owned(), value: v.clone() })
+                .collect(),
+            ..ModelProto::default()
+        }
+    }
+}
+
+pub(crate) fn int_attr(name: &str, value: i64) -> AttributeProto {
+    AttributeProto { name: name.to_owned(), r#type: AttributeType::Int as i32, i: value, ..AttributeProto::default() }
+}
+
+pub(crate) fn ints_attr(name: &str, values: &[i64]) -> AttributeProto {
+    AttributeProto { name: name.to_owned(), r#type: AttributeType::Ints as i32, ints: values.to_vec(), ..AttributeProto::default() }
+}
+
+fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d {
+                Dim::Fixed(n) => DimValue::DimValue(*n as i64),
+                Dim::Symbol(s) => DimValue::DimParam((*s).to_owned()),
+            }),
+            ..Dimension::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.to_owned(),
+        r#type: Some(TypeProto {
+            value: Some(TypeValue::TensorType(TensorType { elem_type: elem as i32, shape: Some(TensorShapeProto { dim }) })),
+            ..TypeProto::default()
+        }),
+        ..ValueInfoProto::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_is_deterministic_and_bounded() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        for _ in 0..1000 {
+            let x = a.uniform(0.5);
+            assert_eq!(x, b.uniform(0.5));
+            assert!((-0.5..0.5).contains(&x));
+        }
+        assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
+    }
+}

@@ -1,0 +1,66 @@
+//! `model-zoo`: write the demo models as ONNX files.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use model_zoo::DemoModel;
+
+#[derive(Parser)]
+#[command(name = "model-zoo", version, about = "Write Outpost's deterministic demo models as ONNX files")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the models into a folder (as NAME.onnx).
+    Write {
+        /// The folder to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// The seed; the same seed gives the same bytes.
+        #[arg(long, default_value_t = model_zoo::DEFAULT_SEED)]
+        seed: u64,
+        /// Only these models (repeatable): video-ranker, video-ranker-xl, intent-classifier,
+        /// music-two-tower.
+        #[arg(long = "model", value_name = "NAME")]
+        models: Vec<String>,
+    },
+    /// List the models.
+    List,
+}
+
+#[allow(clippy::print_stdout)]
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::List => {
+            for m in DemoModel::ALL {
+                let proto = m.build(model_zoo::DEFAULT_SEED);
+                println!("{:<18} {:>11} parameters  {}", m.name(), model_zoo::parameter_count(&proto), proto.doc_string);
+            }
+        }
+        Command::Write { out, seed, models } => {
+            let chosen = if models.is_empty() {
+                DemoModel::ALL.to_vec()
+            } else {
+                models
+                    .iter()
+                    .map(|n| {
+                        DemoModel::from_name(n).with_context(|| {
+                            let names: Vec<_> = DemoModel::ALL.iter().map(|m| m.name()).collect();
+                            format!("unknown model {n:?} (known: {})", names.join(", "))
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            };
+            for (i, m) in chosen.iter().enumerate() {
+                let path = m.write(seed, &out).with_context(|| format!("writing {} into {}", m.name(), out.display()))?;
+                let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
+                println!("[{}/{}] {} ({:.1} MB)", i + 1, chosen.len(), path.display(), size as f64 / 1e6);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! What an agent says about itself on `outpost/v1/devices/{id}/status` (retained, with a last
+//! will that marks it offline), and what the coordinator's fleet view reads.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cbor::{self, CborError};
+
+/// The largest status payload accepted.
+pub const MAX_STATUS_BYTES: usize = 256 * 1024;
+
+/// A device's state as it last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// The device id (the one in its certificate).
+    pub device_id: String,
+    /// The agent's version.
+    pub agent_version: String,
+    /// Overall health.
+    pub health: Health,
+    /// When this status was made, in seconds since the Unix epoch.
+    pub updated_at: u64,
+    /// One entry per model the device knows.
+    pub models: Vec<ModelStatus>,
+    /// Running counters since the agent started.
+    pub counters: Counters,
+    /// The most recent error, in words.
+    pub last_error: Option<String>,
+}
+
+/// A device's overall health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Starting: loading its cache, not yet serving.
+    Starting,
+    /// Serving every model it should.
+    Ready,
+    /// Serving, but something is wrong (see the models and `last_error`).
+    Degraded,
+    /// Gone: published as the last will, or on a clean shutdown.
+    Offline,
+}
+
+/// One model on a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// The model's name.
+    pub model: String,
+    /// The version serving now.
+    pub active: Option<u64>,
+    /// The version kept for rollback.
+    pub previous: Option<u64>,
+    /// The version being fetched or loaded, if any.
+    pub pending: Option<u64>,
+    /// Which engine runs it (`"tract"`, `"wgpu: <adapter>"`, `"cloud"`).
+    pub engine: Option<String>,
+    /// Why the model is not as it should be (refused manifest, no space, engine fallback…).
+    pub last_error: Option<String>,
+}
+
+/// Counters an agent keeps; unknown or missing fields read as zero, so agents and coordinators
+/// of different versions understand each other.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    /// Inferences answered on the device.
+    pub inferences_local: u64,
+    /// Inferences answered by the coordinator.
+    pub inferences_offloaded: u64,
+    /// Inferences that failed.
+    pub inference_errors: u64,
+    /// Manifests refused (bad signature, stale, expired, malformed).
+    pub manifests_rejected: u64,
+    /// Chunks fetched from a coordinator.
+    pub chunks_fetched: u64,
+    /// Bytes fetched from a coordinator.
+    pub bytes_fetched: u64,
+}
+
+impl DeviceStatus {
+    /// The status an agent leaves behind as its last will: offline, nothing else known.
+    pub fn offline(device_id: impl Into<String>, agent_version: impl Into<String>, now: u64) -> Self {
+        DeviceStatus {
+            device_id: device_id.into(),
+            agent_version: agent_version.into(),
+            health: Health::Offline,
+            updated_at: now,
+            models: Vec::new(),
+            counters: Counters::default(),
+            last_error: None,
+        }
+    }
+
+    /// The CBOR bytes published on the device's status topic.
+    pub fn to_cbor(&self) -> Result<Vec<u8>, CborError> {
+        cbor::encode("device status", self, MAX_STATUS_BYTES)
+    }
+
+    /// Reads a status from its CBOR bytes.
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, CborError> {
+        cbor::decode("device status", bytes, MAX_STATUS_BYTES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn health() -> impl Strategy<Value = Health> {
+        prop_oneof![Just(Health::Starting), Just(Health::Ready), Just(Health::Degraded), Just(Health::Offline)]
+    }
+
+    fn model() -> impl Strategy<Value = ModelStatus> {
+        (
+            "[a-z-]{1,20}",
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of("[a-z:]{0,20}"),
+            proptest::option::of(".{0,40}"),
+        )
+            .prop_map(|(model, active, previous, pending, engine, last_error)| ModelStatus {
+                model,
+                active,
+                previous,
+                pending,
+                engine,
+                last_error,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(
+            id in "[a-z0-9-]{1,30}",
+            health in health(),
+            models in proptest::collection::vec(model(), 0..5),
+            counters in proptest::array::uniform6(any::<u64>()),
+            last_error in proptest::option::of(".{0,60}"),
+        ) {
+            let [a, b, c, d, e, f] = counters;
+            let status = DeviceStatus {
+                device_id: id,
+                agent_version: "0.1.0".into(),
+                health,
+                updated_at: 42,
+                models,
+                counters: Counters {
+                    inferences_local: a, inferences_offloaded: b, inference_errors: c,
+                    manifests_rejected: d, chunks_fetched: e, bytes_fetched: f,
+                },
+                last_error,
+            };
+            let bytes = status.to_cbor().unwrap();
+            prop_assert_eq!(DeviceStatus::from_cbor(&bytes).unwrap(), status);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = DeviceStatus::from_cbor(&bytes);
+        }
+    }
+
+    #[test]
+    fn missing_counters_read_as_zero() {
+        #[derive(Serialize)]
+        struct Old {
+            inferences_local: u64,
+        }
+        let bytes = cbor::encode("old", &Old { inferences_local: 5 }, 1024).unwrap();
+        let counters: Counters = cbor::decode("counters", &bytes, 1024).unwrap();
+        assert_eq!(counters, Counters { inferences_local: 5, ..Counters::default() });
+    }
+
+    #[test]
+    fn offline_status_round_trips() {
+        let s = DeviceStatus::offline("demo-0001", "0.1.0", 7);
+        assert_eq!(s.health, Health::Offline);
+        assert_eq!(DeviceStatus::from_cbor(&s.to_cbor().unwrap()).unwrap(), s);
+    }
+}
