@@ -86,12 +86,17 @@ pub struct MqttBroker {
 
 impl Default for MqttBroker {
     fn default() -> Self {
-        Self { broker: default_broker() }
+        Self {
+            broker: default_broker(),
+        }
     }
 }
 
 fn default_broker() -> HostPort {
-    HostPort { host: "127.0.0.1".to_owned(), port: 1883 }
+    HostPort {
+        host: "127.0.0.1".to_owned(),
+        port: 1883,
+    }
 }
 
 /// `[api]`: the local Open Inference Protocol API.
@@ -105,7 +110,9 @@ pub struct ApiSection {
 
 impl Default for ApiSection {
     fn default() -> Self {
-        Self { listen: default_api_listen() }
+        Self {
+            listen: default_api_listen(),
+        }
     }
 }
 
@@ -135,7 +142,10 @@ impl AgentConfig {
     /// file it names exists and holds what it should. All problems are reported together.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let (mut config, text) = load_toml::<Self>(path)?;
-        let source = Source { file: path, text: &text };
+        let source = Source {
+            file: path,
+            text: &text,
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         let mut errors = Vec::new();
@@ -143,7 +153,11 @@ impl AgentConfig {
             errors.push(source.key_error(&key, message));
         }
         for (key, file, kind) in [
-            ("device.certificate", &config.device.certificate, FileKind::Certificate),
+            (
+                "device.certificate",
+                &config.device.certificate,
+                FileKind::Certificate,
+            ),
             ("device.key", &config.device.key, FileKind::PrivateKey),
             ("fleet.ca", &config.fleet.ca, FileKind::Certificate),
         ] {
@@ -151,7 +165,11 @@ impl AgentConfig {
                 errors.push(source.key_error(key, message));
             }
         }
-        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// Parses an agent config from text, without touching the files it names (for tests and
@@ -159,8 +177,16 @@ impl AgentConfig {
     pub fn from_toml(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
         let source = Source { file, text };
         let config: Self = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
-        let errors: Vec<_> = config.problems().into_iter().map(|(k, m)| source.key_error(&k, m)).collect();
-        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+        let errors: Vec<_> = config
+            .problems()
+            .into_iter()
+            .map(|(k, m)| source.key_error(&k, m))
+            .collect();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// The effective profile: the class's defaults with `[profile]` applied.
@@ -170,14 +196,17 @@ impl AgentConfig {
 
     /// The data folder: `storage.data_dir`, or `outpost-data/agent-{id}`.
     pub fn data_dir(&self) -> PathBuf {
-        self.storage
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("outpost-data").join(format!("agent-{}", self.device.id)))
+        self.storage.data_dir.clone().unwrap_or_else(|| {
+            PathBuf::from("outpost-data").join(format!("agent-{}", self.device.id))
+        })
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        for p in [&mut self.device.certificate, &mut self.device.key, &mut self.fleet.ca] {
+        for p in [
+            &mut self.device.certificate,
+            &mut self.device.key,
+            &mut self.fleet.ca,
+        ] {
             *p = base.join(&*p);
         }
         if let Some(dir) = &mut self.storage.data_dir {
@@ -186,16 +215,28 @@ impl AgentConfig {
     }
 
     fn problems(&self) -> Vec<(String, String)> {
-        let mut problems: Vec<(String, String)> =
-            self.profile.problems().into_iter().map(|(k, m)| (k.to_owned(), m)).collect();
+        let mut problems: Vec<(String, String)> = self
+            .profile
+            .problems()
+            .into_iter()
+            .map(|(k, m)| (k.to_owned(), m))
+            .collect();
         if self.fleet.manifest_keys.is_empty() {
-            problems.push(("fleet.manifest_keys".into(), "needs at least one key".into()));
+            problems.push((
+                "fleet.manifest_keys".into(),
+                "needs at least one key".into(),
+            ));
         }
         if self.coordinator.addresses.is_empty() {
-            problems.push(("coordinator.addresses".into(), "needs at least one HOST:PORT".into()));
+            problems.push((
+                "coordinator.addresses".into(),
+                "needs at least one HOST:PORT".into(),
+            ));
         }
         for model in &self.sync.models {
-            if let Err(e) = outpost_shared::topic::validate_name(outpost_shared::topic::NameKind::Model, model) {
+            if let Err(e) =
+                outpost_shared::topic::validate_name(outpost_shared::topic::NameKind::Model, model)
+            {
                 problems.push(("sync.models".into(), e.to_string()));
             }
         }

@@ -65,7 +65,9 @@ pub struct CoordinatorStorage {
 
 impl Default for CoordinatorStorage {
     fn default() -> Self {
-        Self { data_dir: default_data_dir() }
+        Self {
+            data_dir: default_data_dir(),
+        }
     }
 }
 
@@ -84,7 +86,9 @@ pub struct QuicSection {
 
 impl Default for QuicSection {
     fn default() -> Self {
-        Self { listen: default_quic_listen() }
+        Self {
+            listen: default_quic_listen(),
+        }
     }
 }
 
@@ -103,7 +107,9 @@ pub struct AdminSection {
 
 impl Default for AdminSection {
     fn default() -> Self {
-        Self { listen: default_admin_listen() }
+        Self {
+            listen: default_admin_listen(),
+        }
     }
 }
 
@@ -126,7 +132,10 @@ impl CoordinatorMqtt {
     pub fn embedded_listen(&self) -> Option<SocketAddr> {
         match self.external {
             Some(_) => None,
-            None => Some(self.listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1883)))),
+            None => Some(
+                self.listen
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            ),
         }
     }
 }
@@ -145,7 +154,10 @@ pub struct RegistrySection {
 
 impl Default for RegistrySection {
     fn default() -> Self {
-        Self { keep_versions: default_keep_versions(), max_upload_mb: default_max_upload_mb() }
+        Self {
+            keep_versions: default_keep_versions(),
+            max_upload_mb: default_max_upload_mb(),
+        }
     }
 }
 
@@ -171,7 +183,10 @@ pub struct InferenceSection {
 
 impl Default for InferenceSection {
     fn default() -> Self {
-        Self { workers: default_workers(), queue_depth: default_queue_depth() }
+        Self {
+            workers: default_workers(),
+            queue_depth: default_queue_depth(),
+        }
     }
 }
 
@@ -187,15 +202,30 @@ impl CoordinatorConfig {
     /// Reads, checks and resolves a coordinator config, and checks the files it names.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let (mut config, text) = load_toml::<Self>(path)?;
-        let source = Source { file: path, text: &text };
+        let source = Source {
+            file: path,
+            text: &text,
+        };
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-        let mut errors: Vec<_> = config.problems().into_iter().map(|(k, m)| source.key_error(k, m)).collect();
+        let mut errors: Vec<_> = config
+            .problems()
+            .into_iter()
+            .map(|(k, m)| source.key_error(k, m))
+            .collect();
         if let Some(fleet) = &config.fleet {
             let mut files = vec![
                 ("fleet.ca", &fleet.ca, FileKind::Certificate),
-                ("fleet.certificate", &fleet.certificate, FileKind::Certificate),
+                (
+                    "fleet.certificate",
+                    &fleet.certificate,
+                    FileKind::Certificate,
+                ),
                 ("fleet.key", &fleet.key, FileKind::PrivateKey),
-                ("fleet.signing_key", &fleet.signing_key, FileKind::PrivateKey),
+                (
+                    "fleet.signing_key",
+                    &fleet.signing_key,
+                    FileKind::PrivateKey,
+                ),
             ];
             if let Some(ca_key) = &fleet.ca_key {
                 files.push(("fleet.ca_key", ca_key, FileKind::PrivateKey));
@@ -206,15 +236,27 @@ impl CoordinatorConfig {
                 }
             }
         }
-        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// Parses a coordinator config from text, without touching the files it names.
     pub fn from_toml(file: &Path, text: &str) -> Result<Self, ConfigErrors> {
         let source = Source { file, text };
         let config: Self = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
-        let errors: Vec<_> = config.problems().into_iter().map(|(k, m)| source.key_error(k, m)).collect();
-        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+        let errors: Vec<_> = config
+            .problems()
+            .into_iter()
+            .map(|(k, m)| source.key_error(k, m))
+            .collect();
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// Whether the coordinator runs with a throwaway dev fleet.
@@ -224,7 +266,12 @@ impl CoordinatorConfig {
 
     fn resolve_paths(&mut self, base: &Path) {
         if let Some(f) = &mut self.fleet {
-            for p in [&mut f.ca, &mut f.certificate, &mut f.key, &mut f.signing_key] {
+            for p in [
+                &mut f.ca,
+                &mut f.certificate,
+                &mut f.key,
+                &mut f.signing_key,
+            ] {
                 *p = base.join(&*p);
             }
             if let Some(p) = &mut f.ca_key {
@@ -237,10 +284,16 @@ impl CoordinatorConfig {
     fn problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         if self.mqtt.listen.is_some() && self.mqtt.external.is_some() {
-            problems.push(("mqtt.external", "set either mqtt.listen (embedded broker) or mqtt.external, not both".to_owned()));
+            problems.push((
+                "mqtt.external",
+                "set either mqtt.listen (embedded broker) or mqtt.external, not both".to_owned(),
+            ));
         }
         if self.registry.keep_versions < 2 {
-            problems.push(("registry.keep_versions", "must be at least 2, so a rollback target is kept".to_owned()));
+            problems.push((
+                "registry.keep_versions",
+                "must be at least 2, so a rollback target is kept".to_owned(),
+            ));
         }
         if self.registry.max_upload_mb == 0 {
             problems.push(("registry.max_upload_mb", "must be at least 1".to_owned()));

@@ -64,7 +64,12 @@ pub(crate) struct Source<'a> {
 impl<'a> Source<'a> {
     /// An error about the file as a whole.
     pub(crate) fn error(&self, message: impl Into<String>) -> ConfigError {
-        ConfigError { file: self.file.to_owned(), position: None, key: None, message: message.into() }
+        ConfigError {
+            file: self.file.to_owned(),
+            position: None,
+            key: None,
+            message: message.into(),
+        }
     }
 
     /// An error about `key` (dotted path), placed at the key if it is in the file, else at its
@@ -92,11 +97,24 @@ impl<'a> Source<'a> {
             };
             format!("unknown key {full:?}{}", suggestion(&name, &expected))
         } else if let Some((value, expected)) = parse_unknown(raw, "unknown variant `") {
-            let at = key.as_deref().map(|k| format!(" for {k}")).unwrap_or_default();
-            format!("unknown value {value:?}{at}{}", suggestion(&value, &expected))
-        } else if let Some(field) = raw.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`')) {
+            let at = key
+                .as_deref()
+                .map(|k| format!(" for {k}"))
+                .unwrap_or_default();
+            format!(
+                "unknown value {value:?}{at}{}",
+                suggestion(&value, &expected)
+            )
+        } else if let Some(field) = raw
+            .strip_prefix("missing field `")
+            .and_then(|r| r.strip_suffix('`'))
+        {
             let table = key.as_deref().unwrap_or_default();
-            let full = if table.is_empty() { field.to_owned() } else { format!("{table}.{field}") };
+            let full = if table.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{table}.{field}")
+            };
             format!("missing key {full:?}")
         } else {
             match &key {
@@ -104,7 +122,12 @@ impl<'a> Source<'a> {
                 None => raw.to_owned(),
             }
         };
-        ConfigError { file: self.file.to_owned(), position, key, message }
+        ConfigError {
+            file: self.file.to_owned(),
+            position,
+            key,
+            message,
+        }
     }
 
     /// 1-based line and column (in characters) of byte `offset`.
@@ -124,7 +147,10 @@ impl<'a> Source<'a> {
         if let Some(header) = table_header(line) {
             return Some(header);
         }
-        let key = line.split_once('=').map(|(k, _)| clean_key(k)).filter(|k| !k.is_empty());
+        let key = line
+            .split_once('=')
+            .map(|(k, _)| clean_key(k))
+            .filter(|k| !k.is_empty());
         match (table, key) {
             (Some(t), Some(k)) => Some(format!("{t}.{k}")),
             (None, Some(k)) => Some(k),
@@ -151,7 +177,9 @@ impl<'a> Source<'a> {
             } else if in_table {
                 if let Some((k, _)) = line.split_once('=') {
                     if clean_key(k) == leaf {
-                        return Some(self.position(offset + (line.len() - line.trim_start().len())));
+                        return Some(
+                            self.position(offset + (line.len() - line.trim_start().len())),
+                        );
                     }
                 }
             }
@@ -176,9 +204,17 @@ fn clean_key(raw: &str) -> String {
 /// `[a.b]` or `[[a.b]]` → `a.b`.
 fn table_header(line: &str) -> Option<String> {
     let line = line.split('#').next()?.trim();
-    let inner = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]"))
+    let inner = line
+        .strip_prefix("[[")
+        .and_then(|l| l.strip_suffix("]]"))
         .or_else(|| line.strip_prefix('[').and_then(|l| l.strip_suffix(']')))?;
-    Some(inner.split('.').map(clean_key).collect::<Vec<_>>().join("."))
+    Some(
+        inner
+            .split('.')
+            .map(clean_key)
+            .collect::<Vec<_>>()
+            .join("."),
+    )
 }
 
 /// Parses serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a`", or "there
@@ -186,7 +222,12 @@ fn table_header(line: &str) -> Option<String> {
 fn parse_unknown(message: &str, prefix: &str) -> Option<(String, Vec<String>)> {
     let rest = message.strip_prefix(prefix)?;
     let (name, rest) = rest.split_once('`')?;
-    let expected = rest.split('`').skip(1).step_by(2).map(str::to_owned).collect();
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
     Some((name.to_owned(), expected))
 }
 
@@ -194,10 +235,17 @@ fn parse_unknown(message: &str, prefix: &str) -> Option<(String, Vec<String>)> {
 pub(crate) fn suggestion(name: &str, valid: &[String]) -> String {
     let best = valid
         .iter()
-        .map(|v| (strsim::damerau_levenshtein(&name.to_lowercase(), &v.to_lowercase()), v))
+        .map(|v| {
+            (
+                strsim::damerau_levenshtein(&name.to_lowercase(), &v.to_lowercase()),
+                v,
+            )
+        })
         .min_by_key(|(d, _)| *d);
     match best {
-        Some((distance, v)) if distance <= (v.chars().count() / 3).max(1) + 1 => format!(", did you mean {v:?}?"),
+        Some((distance, v)) if distance <= (v.chars().count() / 3).max(1) + 1 => {
+            format!(", did you mean {v:?}?")
+        }
         _ if valid.is_empty() => String::new(),
         _ => format!(" (expected one of: {})", valid.join(", ")),
     }
@@ -209,15 +257,23 @@ mod tests {
 
     #[test]
     fn suggestions_pick_the_nearest_name() {
-        let valid: Vec<String> = ["device", "fleet", "coordinator", "mqtt"].map(String::from).to_vec();
-        assert_eq!(suggestion("coordinater", &valid), ", did you mean \"coordinator\"?");
+        let valid: Vec<String> = ["device", "fleet", "coordinator", "mqtt"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            suggestion("coordinater", &valid),
+            ", did you mean \"coordinator\"?"
+        );
         assert_eq!(suggestion("mqt", &valid), ", did you mean \"mqtt\"?");
         assert!(suggestion("zzzzzz", &valid).contains("expected one of: device, fleet"));
     }
 
     #[test]
     fn positions_are_one_based_in_characters() {
-        let src = Source { file: Path::new("a.toml"), text: "x = 1\n[t]\n  ü = 2\n" };
+        let src = Source {
+            file: Path::new("a.toml"),
+            text: "x = 1\n[t]\n  ü = 2\n",
+        };
         assert_eq!(src.position(0), (1, 1));
         assert_eq!(src.position(6), (2, 1));
         assert_eq!(src.position(14), (3, 4));
@@ -228,11 +284,15 @@ mod tests {
 
     #[test]
     fn parses_serde_unknown_messages() {
-        let (name, expected) =
-            parse_unknown("unknown field `coordinater`, expected one of `device`, `coordinator`", "unknown field `").unwrap();
+        let (name, expected) = parse_unknown(
+            "unknown field `coordinater`, expected one of `device`, `coordinator`",
+            "unknown field `",
+        )
+        .unwrap();
         assert_eq!(name, "coordinater");
         assert_eq!(expected, vec!["device", "coordinator"]);
-        let (name, expected) = parse_unknown("unknown field `x`, there are no fields", "unknown field `").unwrap();
+        let (name, expected) =
+            parse_unknown("unknown field `x`, there are no fields", "unknown field `").unwrap();
         assert_eq!(name, "x");
         assert!(expected.is_empty());
     }

@@ -14,10 +14,13 @@ mod types;
 
 use std::path::Path;
 
-pub use agent::{AgentConfig, AgentStorage, ApiSection, CoordinatorEndpoints, DeviceSection, FleetTrust, MqttBroker, SyncSection};
+pub use agent::{
+    AgentConfig, AgentStorage, ApiSection, CoordinatorEndpoints, DeviceSection, FleetTrust,
+    MqttBroker, SyncSection,
+};
 pub use coordinator::{
-    AdminSection, CoordinatorConfig, CoordinatorMqtt, CoordinatorStorage, FleetMaterial, InferenceSection, QuicSection,
-    RegistrySection,
+    AdminSection, CoordinatorConfig, CoordinatorMqtt, CoordinatorStorage, FleetMaterial,
+    InferenceSection, QuicSection, RegistrySection,
 };
 pub use diagnostic::{ConfigError, ConfigErrors};
 pub use profile::{BatteryPolicy, DeviceClass, GpuPreference, Profile, ProfileOverrides};
@@ -39,8 +42,14 @@ impl ConfigKind {
     /// Guesses from the text: a `[device]` table makes an agent config, anything else a
     /// coordinator config.
     pub fn detect(text: &str) -> Self {
-        let has_device = text.lines().any(|l| l.split('#').next().is_some_and(|l| l.trim() == "[device]"));
-        if has_device { ConfigKind::Agent } else { ConfigKind::Coordinator }
+        let has_device = text
+            .lines()
+            .any(|l| l.split('#').next().is_some_and(|l| l.trim() == "[device]"));
+        if has_device {
+            ConfigKind::Agent
+        } else {
+            ConfigKind::Coordinator
+        }
     }
 }
 
@@ -57,14 +66,21 @@ pub fn validate_file(path: &Path, kind: Option<ConfigKind>) -> Result<ConfigKind
 }
 
 fn read(path: &Path) -> Result<String, ConfigErrors> {
-    let source = Source { file: path, text: "" };
-    std::fs::read_to_string(path).map_err(|e| source.error(format!("cannot read the file: {e}")).into())
+    let source = Source {
+        file: path,
+        text: "",
+    };
+    std::fs::read_to_string(path)
+        .map_err(|e| source.error(format!("cannot read the file: {e}")).into())
 }
 
 /// Reads `path` and parses it as `T`, with located errors.
 fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, String), ConfigErrors> {
     let text = read(path)?;
-    let source = Source { file: path, text: &text };
+    let source = Source {
+        file: path,
+        text: &text,
+    };
     let value = toml::from_str(&text).map_err(|e| ConfigErrors::from(source.toml_error(&e)))?;
     Ok((value, text))
 }
@@ -79,20 +95,32 @@ enum FileKind {
 /// Checks that `path` exists and holds PEM of the right kind; private keys must not be readable
 /// by other users.
 fn check_file(path: &Path, kind: FileKind) -> Result<(), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let block = pem::parse(&text).map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
     let ok = match kind {
         FileKind::Certificate => block.tag() == "CERTIFICATE",
         FileKind::PrivateKey => block.tag().ends_with("PRIVATE KEY"),
     };
     if !ok {
-        let wanted = if kind == FileKind::Certificate { "a certificate" } else { "a private key" };
-        return Err(format!("{} holds a {:?} block, not {wanted}", path.display(), block.tag()));
+        let wanted = if kind == FileKind::Certificate {
+            "a certificate"
+        } else {
+            "a private key"
+        };
+        return Err(format!(
+            "{} holds a {:?} block, not {wanted}",
+            path.display(),
+            block.tag()
+        ));
     }
     #[cfg(unix)]
     if kind == FileKind::PrivateKey {
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(path).map_err(|e| e.to_string())?.permissions().mode();
+        let mode = std::fs::metadata(path)
+            .map_err(|e| e.to_string())?
+            .permissions()
+            .mode();
         if mode & 0o077 != 0 {
             return Err(format!(
                 "{} is readable by other users (mode {:o}); run: chmod 600 {}",

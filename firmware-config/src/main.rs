@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use firmware_config::{ConfigKind, DeviceClass, FleetPlan, HostPort};
 
 #[derive(Parser)]
-#[command(name = "firmware-config", version, about = "Check Outpost configs and provision fleets")]
+#[command(
+    name = "firmware-config",
+    version,
+    about = "Check Outpost configs and provision fleets"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -82,10 +86,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
-        Command::Provision { fleet, devices, coordinators, mqtt, class, out } => {
-            let mqtt = mqtt.unwrap_or_else(|| HostPort { host: coordinators[0].host.clone(), port: 1883 });
+        Command::Provision {
+            fleet,
+            devices,
+            coordinators,
+            mqtt,
+            class,
+            out,
+        } => {
+            let mqtt = mqtt.unwrap_or_else(|| HostPort {
+                host: coordinators[0].host.clone(),
+                port: 1883,
+            });
             let mut plan = FleetPlan::numbered(&fleet, devices, coordinators, mqtt)?;
             plan.device_class = match class {
                 Class::Phone => DeviceClass::Phone,
@@ -100,7 +118,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for (id, path) in &made.devices {
                 println!("  device {id}: {}", path.display());
             }
-            println!("Keep ca.key and fleet-signing.key secret; copy each devices/ID folder to its device.");
+            println!(
+                "Keep ca.key and fleet-signing.key secret; copy each devices/ID folder to its device."
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -22,8 +22,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use outpost_shared::{ManifestSigner, PublicKey};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SerialNumber,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SerialNumber,
 };
 use ring::rand::SecureRandom as _;
 
@@ -74,11 +74,26 @@ pub struct FleetPlan {
 
 impl FleetPlan {
     /// A plan for `count` devices named `{name}-0001`, `{name}-0002`, …
-    pub fn numbered(name: &str, count: u32, coordinators: Vec<HostPort>, mqtt: HostPort) -> Result<Self, ProvisionError> {
+    pub fn numbered(
+        name: &str,
+        count: u32,
+        coordinators: Vec<HostPort>,
+        mqtt: HostPort,
+    ) -> Result<Self, ProvisionError> {
         let devices = (1..=count)
-            .map(|i| format!("{name}-{i:04}").parse::<DeviceId>().map_err(|e| ProvisionError::Invalid(e.to_string())))
+            .map(|i| {
+                format!("{name}-{i:04}")
+                    .parse::<DeviceId>()
+                    .map_err(|e| ProvisionError::Invalid(e.to_string()))
+            })
             .collect::<Result<_, _>>()?;
-        Ok(FleetPlan { name: name.to_owned(), coordinators, mqtt, devices, device_class: DeviceClass::default() })
+        Ok(FleetPlan {
+            name: name.to_owned(),
+            coordinators,
+            mqtt,
+            devices,
+            device_class: DeviceClass::default(),
+        })
     }
 }
 
@@ -103,7 +118,9 @@ pub enum ProvisionError {
     #[error("{0}")]
     Invalid(String),
     /// A key file is already there; provisioning never overwrites keys.
-    #[error("{0} already exists; provisioning never overwrites keys (choose another folder, or remove the old fleet on purpose)")]
+    #[error(
+        "{0} already exists; provisioning never overwrites keys (choose another folder, or remove the old fleet on purpose)"
+    )]
     Exists(PathBuf),
     /// A file could not be written or read.
     #[error("{path}: {source}")]
@@ -135,7 +152,9 @@ pub struct FleetAuthority {
 
 impl std::fmt::Debug for FleetAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FleetAuthority").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("FleetAuthority")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -144,18 +163,31 @@ pub fn provision(plan: &FleetPlan, out: &Path) -> Result<ProvisionedFleet, Provi
     outpost_shared::topic::validate_name(outpost_shared::topic::NameKind::Device, &plan.name)
         .map_err(|e| ProvisionError::Invalid(format!("fleet name: {e}")))?;
     if plan.coordinators.is_empty() {
-        return Err(ProvisionError::Invalid("at least one coordinator address is needed".into()));
+        return Err(ProvisionError::Invalid(
+            "at least one coordinator address is needed".into(),
+        ));
     }
     for (i, d) in plan.devices.iter().enumerate() {
         if plan.devices[..i].contains(d) {
-            return Err(ProvisionError::Invalid(format!("device {d} is listed twice")));
+            return Err(ProvisionError::Invalid(format!(
+                "device {d} is listed twice"
+            )));
         }
     }
-    for name in [files::CA_KEY, files::COORDINATOR_KEY, files::SIGNING_KEY, files::COORDINATOR_CONFIG] {
+    for name in [
+        files::CA_KEY,
+        files::COORDINATOR_KEY,
+        files::SIGNING_KEY,
+        files::COORDINATOR_CONFIG,
+    ] {
         refuse_existing(&out.join(name))?;
     }
     for d in &plan.devices {
-        refuse_existing(&out.join(files::DEVICES).join(d.as_str()).join(files::DEVICE_KEY))?;
+        refuse_existing(
+            &out.join(files::DEVICES)
+                .join(d.as_str())
+                .join(files::DEVICE_KEY),
+        )?;
     }
     create_dir(out)?;
 
@@ -172,15 +204,42 @@ pub fn provision(plan: &FleetPlan, out: &Path) -> Result<ProvisionedFleet, Provi
     };
     let manifest_key = authority.manifest_key()?;
 
-    write_file(&out.join(files::CA_CERT), authority.ca_cert_pem.as_bytes(), Secrecy::Public)?;
-    write_file(&out.join(files::CA_KEY), authority.ca_key.serialize_pem().as_bytes(), Secrecy::Secret)?;
-    let signing_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", authority.signing_pkcs8.clone()));
-    write_file(&out.join(files::SIGNING_KEY), signing_pem.as_bytes(), Secrecy::Secret)?;
-    write_file(&out.join(files::SIGNING_PUB), format!("{manifest_key}\n").as_bytes(), Secrecy::Public)?;
+    write_file(
+        &out.join(files::CA_CERT),
+        authority.ca_cert_pem.as_bytes(),
+        Secrecy::Public,
+    )?;
+    write_file(
+        &out.join(files::CA_KEY),
+        authority.ca_key.serialize_pem().as_bytes(),
+        Secrecy::Secret,
+    )?;
+    let signing_pem = pem::encode(&pem::Pem::new(
+        "PRIVATE KEY",
+        authority.signing_pkcs8.clone(),
+    ));
+    write_file(
+        &out.join(files::SIGNING_KEY),
+        signing_pem.as_bytes(),
+        Secrecy::Secret,
+    )?;
+    write_file(
+        &out.join(files::SIGNING_PUB),
+        format!("{manifest_key}\n").as_bytes(),
+        Secrecy::Public,
+    )?;
 
     let (cert, key) = authority.issue_coordinator(&plan.coordinators)?;
-    write_file(&out.join(files::COORDINATOR_CERT), cert.as_bytes(), Secrecy::Public)?;
-    write_file(&out.join(files::COORDINATOR_KEY), key.as_bytes(), Secrecy::Secret)?;
+    write_file(
+        &out.join(files::COORDINATOR_CERT),
+        cert.as_bytes(),
+        Secrecy::Public,
+    )?;
+    write_file(
+        &out.join(files::COORDINATOR_KEY),
+        key.as_bytes(),
+        Secrecy::Secret,
+    )?;
     let config = coordinator_toml(&plan.name, &plan.coordinators);
     let coordinator_config = out.join(files::COORDINATOR_CONFIG);
     write_file(&coordinator_config, config.as_bytes(), Secrecy::Public)?;
@@ -188,23 +247,32 @@ pub fn provision(plan: &FleetPlan, out: &Path) -> Result<ProvisionedFleet, Provi
     let devices = plan
         .devices
         .iter()
-        .map(|d| authority.enroll(d, &plan.coordinators, &plan.mqtt, out).map(|path| (d.clone(), path)))
+        .map(|d| {
+            authority
+                .enroll(d, &plan.coordinators, &plan.mqtt, out)
+                .map(|path| (d.clone(), path))
+        })
         .collect::<Result<_, _>>()?;
-    Ok(ProvisionedFleet { dir: out.to_owned(), coordinator_config, devices, manifest_key })
+    Ok(ProvisionedFleet {
+        dir: out.to_owned(),
+        coordinator_config,
+        devices,
+        manifest_key,
+    })
 }
 
 impl FleetAuthority {
     /// Loads the authority of the fleet whose coordinator config is `config` (which must name
     /// the CA key).
     pub fn load(config: &CoordinatorConfig) -> Result<Self, ProvisionError> {
-        let fleet = config
-            .fleet
-            .as_ref()
-            .ok_or_else(|| ProvisionError::Invalid("the coordinator config has no [fleet] section".into()))?;
-        let ca_key_path = fleet
-            .ca_key
-            .as_ref()
-            .ok_or_else(|| ProvisionError::Invalid("fleet.ca_key is not set: this coordinator cannot enroll devices".into()))?;
+        let fleet = config.fleet.as_ref().ok_or_else(|| {
+            ProvisionError::Invalid("the coordinator config has no [fleet] section".into())
+        })?;
+        let ca_key_path = fleet.ca_key.as_ref().ok_or_else(|| {
+            ProvisionError::Invalid(
+                "fleet.ca_key is not set: this coordinator cannot enroll devices".into(),
+            )
+        })?;
         let ca_key = KeyPair::from_pem(&read_text(ca_key_path)?)
             .map_err(|e| ProvisionError::Key(format!("{}: {e}", ca_key_path.display())))?;
         let signing = pem::parse(read_text(&fleet.signing_key)?)
@@ -246,17 +314,41 @@ impl FleetAuthority {
         create_dir(&dir)?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![id.to_string()])?;
-        params.distinguished_name.push(DnType::CommonName, id.as_str());
-        params.distinguished_name.push(DnType::OrganizationName, format!("Outpost fleet {}", self.name));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, id.as_str());
+        params.distinguished_name.push(
+            DnType::OrganizationName,
+            format!("Outpost fleet {}", self.name),
+        );
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         set_validity(&mut params, 5)?;
         let cert = params.signed_by(&key, &self.issuer()?)?;
-        write_file(&dir.join(files::DEVICE_KEY), key.serialize_pem().as_bytes(), Secrecy::Secret)?;
-        write_file(&dir.join(files::DEVICE_CERT), cert.pem().as_bytes(), Secrecy::Public)?;
-        write_file(&dir.join(files::CA_CERT), self.ca_cert_pem.as_bytes(), Secrecy::Public)?;
-        let config = agent_toml(&self.name, id, self.device_class, &self.manifest_key()?, coordinators, mqtt);
+        write_file(
+            &dir.join(files::DEVICE_KEY),
+            key.serialize_pem().as_bytes(),
+            Secrecy::Secret,
+        )?;
+        write_file(
+            &dir.join(files::DEVICE_CERT),
+            cert.pem().as_bytes(),
+            Secrecy::Public,
+        )?;
+        write_file(
+            &dir.join(files::CA_CERT),
+            self.ca_cert_pem.as_bytes(),
+            Secrecy::Public,
+        )?;
+        let config = agent_toml(
+            &self.name,
+            id,
+            self.device_class,
+            &self.manifest_key()?,
+            coordinators,
+            mqtt,
+        );
         let config_path = dir.join(files::AGENT_CONFIG);
         write_file(&config_path, config.as_bytes(), Secrecy::Public)?;
         Ok(config_path)
@@ -272,7 +364,10 @@ impl FleetAuthority {
         }
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names)?;
-        params.distinguished_name.push(DnType::CommonName, format!("Outpost coordinator of fleet {}", self.name));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("Outpost coordinator of fleet {}", self.name),
+        );
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -290,17 +385,28 @@ impl FleetAuthority {
 
 fn ca_params(fleet: &str) -> Result<CertificateParams, ProvisionError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, format!("Outpost fleet {fleet} CA"));
-    params.distinguished_name.push(DnType::OrganizationName, format!("Outpost fleet {fleet}"));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("Outpost fleet {fleet} CA"));
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, format!("Outpost fleet {fleet}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     set_validity(&mut params, 20)?;
     Ok(params)
 }
 
 /// Valid from the start of this year for `years` years, with a random serial number.
 fn set_validity(params: &mut CertificateParams, years: i32) -> Result<(), ProvisionError> {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     // Whole years since 1970 (mean Gregorian year); good enough for a validity start.
     let year = 1970 + i32::try_from(secs / 31_556_952).unwrap_or(0);
     params.not_before = rcgen::date_time_ymd(year, 1, 1);
@@ -326,7 +432,10 @@ fn toml_list(items: impl IntoIterator<Item = String>) -> String {
 fn coordinator_toml(fleet: &str, hosts: &[HostPort]) -> String {
     let port = hosts.first().map_or(4433, |h| h.port);
     let local_only = hosts.iter().all(|h| {
-        h.host == "localhost" || h.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        h.host == "localhost"
+            || h.host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
     });
     let ip = if local_only { "127.0.0.1" } else { "0.0.0.0" };
     format!(
@@ -381,29 +490,50 @@ enum Secrecy {
 }
 
 fn refuse_existing(path: &Path) -> Result<(), ProvisionError> {
-    if path.exists() { Err(ProvisionError::Exists(path.to_owned())) } else { Ok(()) }
+    if path.exists() {
+        Err(ProvisionError::Exists(path.to_owned()))
+    } else {
+        Ok(())
+    }
 }
 
 fn create_dir(dir: &Path) -> Result<(), ProvisionError> {
-    fs::create_dir_all(dir).map_err(|source| ProvisionError::Io { path: dir.to_owned(), source })
+    fs::create_dir_all(dir).map_err(|source| ProvisionError::Io {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 fn read_text(path: &Path) -> Result<String, ProvisionError> {
-    fs::read_to_string(path).map_err(|source| ProvisionError::Io { path: path.to_owned(), source })
+    fs::read_to_string(path).map_err(|source| ProvisionError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Writes a new file (never replacing one), secret ones readable by the owner only, and syncs it.
 fn write_file(path: &Path, bytes: &[u8], secrecy: Secrecy) -> Result<(), ProvisionError> {
-    let io = |source| ProvisionError::Io { path: path.to_owned(), source };
+    let io = |source| ProvisionError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(if secrecy == Secrecy::Secret { 0o600 } else { 0o644 });
+        options.mode(if secrecy == Secrecy::Secret {
+            0o600
+        } else {
+            0o644
+        });
     }
     let mut file = options.open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists { ProvisionError::Exists(path.to_owned()) } else { io(e) }
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            ProvisionError::Exists(path.to_owned())
+        } else {
+            io(e)
+        }
     })?;
     file.write_all(bytes).map_err(io)?;
     file.sync_all().map_err(io)

@@ -44,15 +44,23 @@ impl FromStr for HostPort {
     type Err = BadHostPort;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let bad = |reason| BadHostPort { text: text.chars().take(80).collect(), reason };
+        let bad = |reason| BadHostPort {
+            text: text.chars().take(80).collect(),
+            reason,
+        };
         let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-        let port: u16 = port.parse().map_err(|_| bad("the port must be a number from 0 to 65535"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad("the port must be a number from 0 to 65535"))?;
         let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
             Some(v6) => {
-                v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad("bad IPv6 address in brackets"))?;
+                v6.parse::<std::net::Ipv6Addr>()
+                    .map_err(|_| bad("bad IPv6 address in brackets"))?;
                 v6
             }
-            None if host.contains(':') => return Err(bad("write IPv6 addresses in brackets, as [::1]:4433")),
+            None if host.contains(':') => {
+                return Err(bad("write IPv6 addresses in brackets, as [::1]:4433"));
+            }
             None => host,
         };
         let valid_name = !host.is_empty()
@@ -67,7 +75,10 @@ impl FromStr for HostPort {
         if !valid_name && host.parse::<IpAddr>().is_err() {
             return Err(bad("the host must be a DNS name or an IP address"));
         }
-        Ok(HostPort { host: host.to_owned(), port })
+        Ok(HostPort {
+            host: host.to_owned(),
+            port,
+        })
     }
 }
 
@@ -79,7 +90,9 @@ impl Serialize for HostPort {
 
 impl<'de> Deserialize<'de> for HostPort {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -140,7 +153,15 @@ mod tests {
             assert_eq!((hp.host.as_str(), hp.port), (host, port));
             assert_eq!(hp.to_string(), text);
         }
-        for bad in ["localhost", "::1:4433", "host:99999", ":80", "a_b:1", "[nope]:1", "-a:1"] {
+        for bad in [
+            "localhost",
+            "::1:4433",
+            "host:99999",
+            ":80",
+            "a_b:1",
+            "[nope]:1",
+            "-a:1",
+        ] {
             assert!(bad.parse::<HostPort>().is_err(), "{bad} accepted");
         }
     }

@@ -1,5 +1,7 @@
 //! The `firmware-config` binary: provision then validate, and the exit codes and messages.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::process::Command;
 
 fn cli() -> Command {
@@ -11,24 +13,52 @@ fn provision_then_validate_every_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("fleet");
     let status = cli()
-        .args(["provision", "--fleet", "demo", "--devices", "2", "--coordinator", "localhost:4433", "--out"])
+        .args([
+            "provision",
+            "--fleet",
+            "demo",
+            "--devices",
+            "2",
+            "--coordinator",
+            "localhost:4433",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let stdout = String::from_utf8_lossy(&status.stdout);
     assert!(stdout.contains("demo-0002"), "{stdout}");
 
-    let files = [out.join("coordinator.toml"), out.join("devices/demo-0001/agent.toml"), out.join("devices/demo-0002/agent.toml")];
+    let files = [
+        out.join("coordinator.toml"),
+        out.join("devices/demo-0001/agent.toml"),
+        out.join("devices/demo-0002/agent.toml"),
+    ];
     let result = cli().arg("validate").args(&files).output().unwrap();
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     let stdout = String::from_utf8_lossy(&result.stdout);
     assert_eq!(stdout.matches(": ok").count(), 3, "{stdout}");
     assert!(stdout.contains("(agent config)") && stdout.contains("(coordinator config)"));
 
     // A second provision into the same folder fails and says why.
     let again = cli()
-        .args(["provision", "--fleet", "demo", "--coordinator", "localhost:4433", "--out"])
+        .args([
+            "provision",
+            "--fleet",
+            "demo",
+            "--coordinator",
+            "localhost:4433",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
@@ -44,16 +74,34 @@ fn validate_exits_1_with_located_errors() {
     let result = cli().arg("validate").arg(&bad).output().unwrap();
     assert_eq!(result.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(stderr.contains("agent.toml:9:2: unknown key \"coordinater\", did you mean \"coordinator\"?"), "{stderr}");
+    assert!(
+        stderr
+            .contains("agent.toml:9:2: unknown key \"coordinater\", did you mean \"coordinator\"?"),
+        "{stderr}"
+    );
 
-    let missing = cli().args(["validate", "/nonexistent/agent.toml"]).output().unwrap();
+    let missing = cli()
+        .args(["validate", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read the file"));
 }
 
 #[test]
 fn bad_arguments_are_refused_by_name() {
-    let result = cli().args(["provision", "--fleet", "x", "--coordinator", "nohost", "--out", "/tmp/never"]).output().unwrap();
+    let result = cli()
+        .args([
+            "provision",
+            "--fleet",
+            "x",
+            "--coordinator",
+            "nohost",
+            "--out",
+            "/tmp/never",
+        ])
+        .output()
+        .unwrap();
     assert!(!result.status.success());
     assert!(String::from_utf8_lossy(&result.stderr).contains("not a HOST:PORT"));
     let help = cli().arg("--help").output().unwrap();

@@ -1,9 +1,12 @@
 //! Config parsing, validation messages and profiles, on real files in temp folders.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 
 use firmware_config::{
-    AgentConfig, BatteryPolicy, ConfigKind, CoordinatorConfig, DeviceClass, FleetPlan, GpuPreference, HostPort,
+    AgentConfig, BatteryPolicy, ConfigKind, CoordinatorConfig, DeviceClass, FleetPlan,
+    GpuPreference, HostPort,
 };
 
 const KEY: &str = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
@@ -17,7 +20,9 @@ fn agent_toml(extra: &str) -> String {
 }
 
 fn agent_error(text: &str) -> String {
-    AgentConfig::from_toml(Path::new("agent.toml"), text).unwrap_err().to_string()
+    AgentConfig::from_toml(Path::new("agent.toml"), text)
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -37,44 +42,95 @@ fn unknown_keys_are_located_and_suggested() {
     let text = agent_toml("\n[coordinater]\naddresses = []\n");
     let line = text.lines().position(|l| l == "[coordinater]").unwrap() + 1;
     let msg = agent_error(&text);
-    assert_eq!(msg, format!("agent.toml:{line}:2: unknown key \"coordinater\", did you mean \"coordinator\"?"));
+    assert_eq!(
+        msg,
+        format!("agent.toml:{line}:2: unknown key \"coordinater\", did you mean \"coordinator\"?")
+    );
 
     let text = agent_toml("").replace("class = \"phone\"", "clas = \"phone\"");
     let msg = agent_error(&text);
-    assert_eq!(msg, "agent.toml:3:1: unknown key \"device.clas\", did you mean \"class\"?");
+    assert_eq!(
+        msg,
+        "agent.toml:3:1: unknown key \"device.clas\", did you mean \"class\"?"
+    );
 }
 
 #[test]
 fn unknown_values_are_suggested() {
     let msg = agent_error(&agent_toml("").replace("\"phone\"", "\"lapton\""));
-    assert!(msg.starts_with("agent.toml:3:9: unknown value \"lapton\" for device.class, did you mean \"laptop\"?"), "{msg}");
+    assert!(
+        msg.starts_with(
+            "agent.toml:3:9: unknown value \"lapton\" for device.class, did you mean \"laptop\"?"
+        ),
+        "{msg}"
+    );
 }
 
 #[test]
 fn bad_values_name_the_key() {
     let cases = [
-        (agent_toml("").replace("\"dev-1\"", "\"dev/1\""), "device.id", "invalid"),
-        (agent_toml("").replace(KEY, "abc"), "fleet.manifest_keys", "not an ed25519 public key"),
-        (agent_toml("").replace("localhost:4433", "localhost"), "coordinator.addresses", "no port"),
-        (agent_toml("\n[api]\nlisten = \"nope\"\n"), "api.listen", "invalid socket address"),
-        (agent_toml("\n[profile]\nmemory_budget_mb = -1\n"), "profile.memory_budget_mb", "invalid value"),
-        (agent_toml("").replace("id = \"dev-1\"\n", ""), "device.id", "missing key"),
+        (
+            agent_toml("").replace("\"dev-1\"", "\"dev/1\""),
+            "device.id",
+            "invalid",
+        ),
+        (
+            agent_toml("").replace(KEY, "abc"),
+            "fleet.manifest_keys",
+            "not an ed25519 public key",
+        ),
+        (
+            agent_toml("").replace("localhost:4433", "localhost"),
+            "coordinator.addresses",
+            "no port",
+        ),
+        (
+            agent_toml("\n[api]\nlisten = \"nope\"\n"),
+            "api.listen",
+            "invalid socket address",
+        ),
+        (
+            agent_toml("\n[profile]\nmemory_budget_mb = -1\n"),
+            "profile.memory_budget_mb",
+            "invalid value",
+        ),
+        (
+            agent_toml("").replace("id = \"dev-1\"\n", ""),
+            "device.id",
+            "missing key",
+        ),
     ];
     for (text, key, needle) in cases {
         let msg = agent_error(&text);
-        assert!(msg.contains(key) && msg.contains(needle), "expected {key} and {needle:?} in: {msg}");
+        assert!(
+            msg.contains(key) && msg.contains(needle),
+            "expected {key} and {needle:?} in: {msg}"
+        );
         assert!(msg.starts_with("agent.toml:"), "{msg}");
     }
 }
 
 #[test]
 fn semantic_errors_point_at_their_key() {
-    let text = agent_toml("\n[profile]\nmax_model_mb = 0\n").replace("[\"localhost:4433\", \"[::1]:4433\"]", "[]");
+    let text = agent_toml("\n[profile]\nmax_model_mb = 0\n")
+        .replace("[\"localhost:4433\", \"[::1]:4433\"]", "[]");
     let errors = AgentConfig::from_toml(Path::new("agent.toml"), &text).unwrap_err();
     let msgs: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
     let line_of = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
-    assert!(msgs.contains(&format!("agent.toml:{}:1: profile.max_model_mb: must be at least 1", line_of("max_model_mb"))), "{msgs:?}");
-    assert!(msgs.contains(&format!("agent.toml:{}:1: coordinator.addresses: needs at least one HOST:PORT", line_of("addresses"))), "{msgs:?}");
+    assert!(
+        msgs.contains(&format!(
+            "agent.toml:{}:1: profile.max_model_mb: must be at least 1",
+            line_of("max_model_mb")
+        )),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.contains(&format!(
+            "agent.toml:{}:1: coordinator.addresses: needs at least one HOST:PORT",
+            line_of("addresses")
+        )),
+        "{msgs:?}"
+    );
 }
 
 #[test]
@@ -90,13 +146,23 @@ fn profile_overrides_apply_key_by_key() {
     let profile = config.profile();
     assert_eq!(profile.memory_budget_mb, 300);
     assert_eq!(profile.gpu, GpuPreference::Never);
-    assert_eq!(profile.max_model_mb, DeviceClass::Phone.profile().max_model_mb);
+    assert_eq!(
+        profile.max_model_mb,
+        DeviceClass::Phone.profile().max_model_mb
+    );
     assert_eq!(profile.on_battery, BatteryPolicy::Offload);
-    for class in [DeviceClass::Phone, DeviceClass::Laptop, DeviceClass::EdgeBox] {
+    for class in [
+        DeviceClass::Phone,
+        DeviceClass::Laptop,
+        DeviceClass::EdgeBox,
+    ] {
         let p = class.profile();
         assert!(p.max_model_mb <= p.storage_budget_mb && p.memory_budget_mb > 0);
     }
-    assert!(DeviceClass::Phone.profile().memory_budget_mb < DeviceClass::EdgeBox.profile().memory_budget_mb);
+    assert!(
+        DeviceClass::Phone.profile().memory_budget_mb
+            < DeviceClass::EdgeBox.profile().memory_budget_mb
+    );
 }
 
 #[test]
@@ -106,27 +172,57 @@ fn coordinator_defaults_are_dev_mode_on_loopback() {
     assert_eq!(config, CoordinatorConfig::default());
     assert_eq!(config.quic.listen.to_string(), "127.0.0.1:4433");
     assert_eq!(config.admin.listen.to_string(), "127.0.0.1:7070");
-    assert_eq!(config.mqtt.embedded_listen().unwrap().to_string(), "127.0.0.1:1883");
-    assert_eq!(config.storage.data_dir, Path::new("outpost-data/coordinator"));
+    assert_eq!(
+        config.mqtt.embedded_listen().unwrap().to_string(),
+        "127.0.0.1:1883"
+    );
+    assert_eq!(
+        config.storage.data_dir,
+        Path::new("outpost-data/coordinator")
+    );
 }
 
 #[test]
 fn coordinator_errors() {
-    let err = CoordinatorConfig::from_toml(Path::new("c.toml"), "[mqtt]\nlisten = \"127.0.0.1:1\"\nexternal = \"b:1883\"\n")
+    let err = CoordinatorConfig::from_toml(
+        Path::new("c.toml"),
+        "[mqtt]\nlisten = \"127.0.0.1:1\"\nexternal = \"b:1883\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        err,
+        "c.toml:3:1: mqtt.external: set either mqtt.listen (embedded broker) or mqtt.external, not both"
+    );
+    let err = CoordinatorConfig::from_toml(Path::new("c.toml"), "[registry]\nkeep_version = 3\n")
         .unwrap_err()
         .to_string();
-    assert_eq!(err, "c.toml:3:1: mqtt.external: set either mqtt.listen (embedded broker) or mqtt.external, not both");
-    let err = CoordinatorConfig::from_toml(Path::new("c.toml"), "[registry]\nkeep_version = 3\n").unwrap_err().to_string();
-    assert_eq!(err, "c.toml:2:1: unknown key \"registry.keep_version\", did you mean \"keep_versions\"?");
-    let config = CoordinatorConfig::from_toml(Path::new("c.toml"), "[mqtt]\nexternal = \"broker.example.com:8883\"\n").unwrap();
+    assert_eq!(
+        err,
+        "c.toml:2:1: unknown key \"registry.keep_version\", did you mean \"keep_versions\"?"
+    );
+    let config = CoordinatorConfig::from_toml(
+        Path::new("c.toml"),
+        "[mqtt]\nexternal = \"broker.example.com:8883\"\n",
+    )
+    .unwrap();
     assert_eq!(config.mqtt.embedded_listen(), None);
 }
 
 #[test]
 fn provisioned_configs_load_and_name_their_files() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinators = vec!["localhost:4433".parse::<HostPort>().unwrap(), "127.0.0.1:4434".parse().unwrap()];
-    let plan = FleetPlan::numbered("demo", 3, coordinators.clone(), "localhost:1883".parse().unwrap()).unwrap();
+    let coordinators = vec![
+        "localhost:4433".parse::<HostPort>().unwrap(),
+        "127.0.0.1:4434".parse().unwrap(),
+    ];
+    let plan = FleetPlan::numbered(
+        "demo",
+        3,
+        coordinators.clone(),
+        "localhost:1883".parse().unwrap(),
+    )
+    .unwrap();
     let fleet = firmware_config::provision(&plan, dir.path()).unwrap();
     assert_eq!(fleet.devices.len(), 3);
     let coordinator = CoordinatorConfig::load(&fleet.coordinator_config).unwrap();
@@ -137,36 +233,68 @@ fn provisioned_configs_load_and_name_their_files() {
         assert_eq!(&agent.device.id, id);
         assert_eq!(agent.fleet.manifest_keys, vec![fleet.manifest_key]);
         assert_eq!(agent.coordinator.addresses, coordinators);
-        assert!(agent.device.certificate.is_absolute() || agent.device.certificate.starts_with(dir.path()));
-        assert_eq!(firmware_config::validate_file(path, None).unwrap(), ConfigKind::Agent);
+        assert!(
+            agent.device.certificate.is_absolute()
+                || agent.device.certificate.starts_with(dir.path())
+        );
+        assert_eq!(
+            firmware_config::validate_file(path, None).unwrap(),
+            ConfigKind::Agent
+        );
     }
-    assert_eq!(firmware_config::validate_file(&fleet.coordinator_config, None).unwrap(), ConfigKind::Coordinator);
+    assert_eq!(
+        firmware_config::validate_file(&fleet.coordinator_config, None).unwrap(),
+        ConfigKind::Coordinator
+    );
 }
 
 #[test]
 fn missing_and_wrong_files_are_reported_at_their_key() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = FleetPlan::numbered("demo", 1, vec!["localhost:4433".parse().unwrap()], "localhost:1883".parse().unwrap()).unwrap();
+    let plan = FleetPlan::numbered(
+        "demo",
+        1,
+        vec!["localhost:4433".parse().unwrap()],
+        "localhost:1883".parse().unwrap(),
+    )
+    .unwrap();
     let fleet = firmware_config::provision(&plan, dir.path()).unwrap();
     let agent = &fleet.devices[0].1;
     let device_dir = agent.parent().unwrap();
 
     std::fs::remove_file(device_dir.join("ca.crt")).unwrap();
     let msg = AgentConfig::load(agent).unwrap_err().to_string();
-    assert!(msg.contains("agent.toml:12:1: fleet.ca: cannot read"), "{msg}");
+    assert!(
+        msg.contains("agent.toml:12:1: fleet.ca: cannot read"),
+        "{msg}"
+    );
 
     // A key where a certificate should be.
     std::fs::copy(device_dir.join("device.crt"), device_dir.join("ca.crt")).unwrap();
-    std::fs::write(device_dir.join("device.crt"), std::fs::read(device_dir.join("device.key")).unwrap()).unwrap();
+    std::fs::write(
+        device_dir.join("device.crt"),
+        std::fs::read(device_dir.join("device.key")).unwrap(),
+    )
+    .unwrap();
     let msg = AgentConfig::load(agent).unwrap_err().to_string();
-    assert!(msg.contains("device.certificate") && msg.contains("not a certificate"), "{msg}");
+    assert!(
+        msg.contains("device.certificate") && msg.contains("not a certificate"),
+        "{msg}"
+    );
 
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::copy(device_dir.join("ca.crt"), device_dir.join("device.crt")).unwrap();
-        std::fs::set_permissions(device_dir.join("device.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(
+            device_dir.join("device.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
         let msg = AgentConfig::load(agent).unwrap_err().to_string();
-        assert!(msg.contains("device.key") && msg.contains("chmod 600"), "{msg}");
+        assert!(
+            msg.contains("device.key") && msg.contains("chmod 600"),
+            "{msg}"
+        );
     }
 }

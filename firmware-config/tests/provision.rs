@@ -1,18 +1,30 @@
 //! Provisioning makes working trust material: certificates chain to the fleet CA, name the
 //! device, keys are private, nothing is overwritten, and enrolled devices join the same fleet.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 
 use firmware_config::{AgentConfig, CoordinatorConfig, FleetAuthority, FleetPlan, ProvisionError};
 use outpost_shared::{ManifestSigner, ManifestVerifier};
 
 fn plan(devices: u32) -> FleetPlan {
-    FleetPlan::numbered("acme", devices, vec!["localhost:4433".parse().unwrap(), "10.1.2.3:4433".parse().unwrap()], "localhost:1883".parse().unwrap())
-        .unwrap()
+    FleetPlan::numbered(
+        "acme",
+        devices,
+        vec![
+            "localhost:4433".parse().unwrap(),
+            "10.1.2.3:4433".parse().unwrap(),
+        ],
+        "localhost:1883".parse().unwrap(),
+    )
+    .unwrap()
 }
 
 fn pem_der(path: &Path) -> Vec<u8> {
-    pem::parse(std::fs::read_to_string(path).unwrap()).unwrap().into_contents()
+    pem::parse(std::fs::read_to_string(path).unwrap())
+        .unwrap()
+        .into_contents()
 }
 
 #[test]
@@ -21,14 +33,31 @@ fn layout_modes_and_names() {
     let fleet = firmware_config::provision(&plan(2), dir.path()).unwrap();
     let ids: Vec<&str> = fleet.devices.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids, ["acme-0001", "acme-0002"]);
-    for f in ["ca.crt", "ca.key", "coordinator.crt", "coordinator.key", "fleet-signing.key", "fleet-signing.pub", "coordinator.toml"] {
+    for f in [
+        "ca.crt",
+        "ca.key",
+        "coordinator.crt",
+        "coordinator.key",
+        "fleet-signing.key",
+        "fleet-signing.pub",
+        "coordinator.toml",
+    ] {
         assert!(dir.path().join(f).is_file(), "{f} missing");
     }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        for key in ["ca.key", "coordinator.key", "fleet-signing.key", "devices/acme-0001/device.key"] {
-            let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode() & 0o777;
+        for key in [
+            "ca.key",
+            "coordinator.key",
+            "fleet-signing.key",
+            "devices/acme-0001/device.key",
+        ] {
+            let mode = std::fs::metadata(dir.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
             assert_eq!(mode, 0o600, "{key}");
         }
     }
@@ -60,11 +89,21 @@ fn bad_plans_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = plan(1);
     p.coordinators.clear();
-    assert!(firmware_config::provision(&p, dir.path()).unwrap_err().to_string().contains("coordinator"));
+    assert!(
+        firmware_config::provision(&p, dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("coordinator")
+    );
     assert!(FleetPlan::numbered("bad/name", 1, vec![], "localhost:1883".parse().unwrap()).is_err());
     let mut p = plan(1);
     p.devices.push(p.devices[0].clone());
-    assert!(firmware_config::provision(&p, dir.path()).unwrap_err().to_string().contains("twice"));
+    assert!(
+        firmware_config::provision(&p, dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("twice")
+    );
 }
 
 #[test]
@@ -84,14 +123,31 @@ fn signing_key_signs_what_agents_verify() {
         expires_at: None,
         stable: outpost_shared::ModelVersion {
             version: 1,
-            inputs: vec![outpost_shared::TensorSpec { name: "x".into(), datatype: outpost_shared::DataType::Fp32, shape: vec![outpost_shared::Dim::Dynamic] }],
-            outputs: vec![outpost_shared::TensorSpec { name: "y".into(), datatype: outpost_shared::DataType::Fp32, shape: vec![outpost_shared::Dim::Fixed(1)] }],
+            inputs: vec![outpost_shared::TensorSpec {
+                name: "x".into(),
+                datatype: outpost_shared::DataType::Fp32,
+                shape: vec![outpost_shared::Dim::Dynamic],
+            }],
+            outputs: vec![outpost_shared::TensorSpec {
+                name: "y".into(),
+                datatype: outpost_shared::DataType::Fp32,
+                shape: vec![outpost_shared::Dim::Fixed(1)],
+            }],
             placement: outpost_shared::Placement::Local,
-            variants: vec![outpost_shared::Variant::describe(outpost_shared::Target::EdgeFp32, outpost_shared::ModelFormat::Onnx, b"bytes")],
+            variants: vec![outpost_shared::Variant::describe(
+                outpost_shared::Target::EdgeFp32,
+                outpost_shared::ModelFormat::Onnx,
+                b"bytes",
+            )],
         },
         candidate: None,
     };
-    assert_eq!(verifier.verify(&signer.sign(&manifest).unwrap(), 2).unwrap(), manifest);
+    assert_eq!(
+        verifier
+            .verify(&signer.sign(&manifest).unwrap(), 2)
+            .unwrap(),
+        manifest
+    );
 }
 
 #[test]
@@ -104,11 +160,16 @@ fn enrolled_devices_join_the_same_fleet() {
     assert_eq!(authority.manifest_key().unwrap(), fleet.manifest_key);
     let p = plan(1);
     let id = "acme-extra".parse().unwrap();
-    let path = authority.enroll(&id, &p.coordinators, &p.mqtt, dir.path()).unwrap();
+    let path = authority
+        .enroll(&id, &p.coordinators, &p.mqtt, dir.path())
+        .unwrap();
     let agent = AgentConfig::load(&path).unwrap();
     assert_eq!(agent.device.id, id);
     // Its CA is the fleet's, byte for byte.
-    assert_eq!(std::fs::read(&agent.fleet.ca).unwrap(), std::fs::read(dir.path().join("ca.crt")).unwrap());
+    assert_eq!(
+        std::fs::read(&agent.fleet.ca).unwrap(),
+        std::fs::read(dir.path().join("ca.crt")).unwrap()
+    );
     // The issuer written in the new certificate is the CA's subject.
     let ca = pem_der(&dir.path().join("ca.crt"));
     let cert = pem_der(&agent.device.certificate);
@@ -116,5 +177,8 @@ fn enrolled_devices_join_the_same_fleet() {
     assert!(ca.windows(ca_name.len()).any(|w| w == ca_name));
     assert!(cert.windows(ca_name.len()).any(|w| w == ca_name));
     // Enrolling the same id twice is refused.
-    assert!(matches!(authority.enroll(&id, &p.coordinators, &p.mqtt, dir.path()), Err(ProvisionError::Exists(_))));
+    assert!(matches!(
+        authority.enroll(&id, &p.coordinators, &p.mqtt, dir.path()),
+        Err(ProvisionError::Exists(_))
+    ));
 }

@@ -3,8 +3,10 @@
 //! so the same seed always gives the same bytes.
 
 use tract_onnx::pb::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType,
+    tensor_proto::DataType,
     tensor_shape_proto::{Dimension, dimension::Value as DimValue},
     type_proto::{Tensor as TensorType, Value as TypeValue},
 };
@@ -55,7 +57,14 @@ pub(crate) struct GraphBuilder {
 
 impl GraphBuilder {
     pub(crate) fn new(seed: u64) -> Self {
-        GraphBuilder { rng: Rng::new(seed), nodes: Vec::new(), initializers: Vec::new(), inputs: Vec::new(), outputs: Vec::new(), next_id: 0 }
+        GraphBuilder {
+            rng: Rng::new(seed),
+            nodes: Vec::new(),
+            initializers: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            next_id: 0,
+        }
     }
 
     pub(crate) fn input(&mut self, name: &str, elem: DataType, dims: &[Dim]) -> String {
@@ -83,7 +92,13 @@ impl GraphBuilder {
         self.initializer(name, DataType::Int64, &[values.len()], raw)
     }
 
-    fn initializer(&mut self, name: &str, elem: DataType, dims: &[usize], raw_data: Vec<u8>) -> String {
+    fn initializer(
+        &mut self,
+        name: &str,
+        elem: DataType,
+        dims: &[usize],
+        raw_data: Vec<u8>,
+    ) -> String {
         self.initializers.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
             data_type: elem as i32,
@@ -95,9 +110,18 @@ impl GraphBuilder {
     }
 
     /// Adds a node; returns its (single) output's name, `out` or a fresh one.
-    pub(crate) fn node(&mut self, op: &str, inputs: &[&str], out: Option<&str>, attributes: Vec<AttributeProto>) -> String {
+    pub(crate) fn node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        out: Option<&str>,
+        attributes: Vec<AttributeProto>,
+    ) -> String {
         self.next_id += 1;
-        let output = out.map_or_else(|| format!("{}_{}", op.to_lowercase(), self.next_id), str::to_owned);
+        let output = out.map_or_else(
+            || format!("{}_{}", op.to_lowercase(), self.next_id),
+            str::to_owned,
+        );
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| (*s).to_owned()).collect(),
             output: vec![output.clone()],
@@ -111,7 +135,15 @@ impl GraphBuilder {
 
     /// `x · W + b` with Glorot-uniform `W` of shape `[fan_in, fan_out]` (output channels last),
     /// then `activation` if any.
-    pub(crate) fn dense(&mut self, x: &str, name: &str, fan_in: usize, fan_out: usize, activation: Option<&str>, gain: f32) -> String {
+    pub(crate) fn dense(
+        &mut self,
+        x: &str,
+        name: &str,
+        fan_in: usize,
+        fan_out: usize,
+        activation: Option<&str>,
+        gain: f32,
+    ) -> String {
         let limit = gain * (6.0 / (fan_in + fan_out) as f32).sqrt();
         let w = self.random(&format!("{name}.weight"), &[fan_in, fan_out], limit);
         let b = self.random(&format!("{name}.bias"), &[fan_out], 0.01);
@@ -126,7 +158,10 @@ impl GraphBuilder {
     pub(crate) fn finish(self, name: &str, doc: &str, metadata: &[(&str, String)]) -> ModelProto {
         ModelProto {
             ir_version: 8,
-            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: OPSET,
+            }],
             producer_name: "outpost-model-zoo".to_owned(),
             producer_version: env!("CARGO_PKG_VERSION").to_owned(),
             model_version: 1,
@@ -141,7 +176,10 @@ impl GraphBuilder {
             }),
             metadata_props: metadata
                 .iter()
-                .map(|(k, v)| StringStringEntryProto { key: (*k).to_owned(), value: v.clone() })
+                .map(|(k, v)| StringStringEntryProto {
+                    key: (*k).to_owned(),
+                    value: v.clone(),
+                })
                 .collect(),
             ..ModelProto::default()
         }
@@ -149,11 +187,21 @@ impl GraphBuilder {
 }
 
 pub(crate) fn int_attr(name: &str, value: i64) -> AttributeProto {
-    AttributeProto { name: name.to_owned(), r#type: AttributeType::Int as i32, i: value, ..AttributeProto::default() }
+    AttributeProto {
+        name: name.to_owned(),
+        r#type: AttributeType::Int as i32,
+        i: value,
+        ..AttributeProto::default()
+    }
 }
 
 pub(crate) fn ints_attr(name: &str, values: &[i64]) -> AttributeProto {
-    AttributeProto { name: name.to_owned(), r#type: AttributeType::Ints as i32, ints: values.to_vec(), ..AttributeProto::default() }
+    AttributeProto {
+        name: name.to_owned(),
+        r#type: AttributeType::Ints as i32,
+        ints: values.to_vec(),
+        ..AttributeProto::default()
+    }
 }
 
 fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
@@ -170,7 +218,10 @@ fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
     ValueInfoProto {
         name: name.to_owned(),
         r#type: Some(TypeProto {
-            value: Some(TypeValue::TensorType(TensorType { elem_type: elem as i32, shape: Some(TensorShapeProto { dim }) })),
+            value: Some(TypeValue::TensorType(TensorType {
+                elem_type: elem as i32,
+                shape: Some(TensorShapeProto { dim }),
+            })),
             ..TypeProto::default()
         }),
         ..ValueInfoProto::default()

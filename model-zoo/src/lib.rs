@@ -67,8 +67,12 @@ pub enum DemoModel {
 
 impl DemoModel {
     /// Every demo model.
-    pub const ALL: [DemoModel; 4] =
-        [DemoModel::VideoRanker, DemoModel::VideoRankerXl, DemoModel::IntentClassifier, DemoModel::MusicTwoTower];
+    pub const ALL: [DemoModel; 4] = [
+        DemoModel::VideoRanker,
+        DemoModel::VideoRankerXl,
+        DemoModel::IntentClassifier,
+        DemoModel::MusicTwoTower,
+    ];
 
     /// The model's name (also its registry name and file stem).
     pub const fn name(self) -> &'static str {
@@ -91,7 +95,9 @@ impl DemoModel {
         let seed = seed ^ (self as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         match self {
             DemoModel::VideoRanker => video_ranker(seed, self.name(), 16, &[64, 32]),
-            DemoModel::VideoRankerXl => video_ranker(seed, self.name(), 256, &[2048, 4096, 2048, 256]),
+            DemoModel::VideoRankerXl => {
+                video_ranker(seed, self.name(), 256, &[2048, 4096, 2048, 256])
+            }
             DemoModel::IntentClassifier => intent_classifier(seed),
             DemoModel::MusicTwoTower => music_two_tower(seed),
         }
@@ -120,11 +126,20 @@ impl DemoModel {
 fn video_ranker(seed: u64, name: &str, embedding: usize, hidden: &[usize]) -> ModelProto {
     let mut g = GraphBuilder::new(seed);
     let batch = Dim::Symbol("batch");
-    let user = g.input("user_features", DataType::Float, &[batch, Dim::Fixed(VIDEO_USER_FEATURES)]);
+    let user = g.input(
+        "user_features",
+        DataType::Float,
+        &[batch, Dim::Fixed(VIDEO_USER_FEATURES)],
+    );
     let items = g.input("item_ids", DataType::Int64, &[batch]);
     let table = g.random("item_embedding", &[CATALOG_ITEMS, embedding], 0.1);
     let item_vectors = g.node("Gather", &[&table, &items], None, vec![int_attr("axis", 0)]);
-    let mut x = g.node("Concat", &[&user, &item_vectors], None, vec![int_attr("axis", 1)]);
+    let mut x = g.node(
+        "Concat",
+        &[&user, &item_vectors],
+        None,
+        vec![int_attr("axis", 1)],
+    );
     let mut width = VIDEO_USER_FEATURES + embedding;
     for (i, &h) in hidden.iter().enumerate() {
         x = g.dense(&x, &format!("mlp.{i}"), width, h, Some("Relu"), 1.0);
@@ -144,20 +159,46 @@ fn video_ranker(seed: u64, name: &str, embedding: usize, hidden: &[usize]) -> Mo
 fn intent_classifier(seed: u64) -> ModelProto {
     let mut g = GraphBuilder::new(seed);
     let batch = Dim::Symbol("batch");
-    let tokens = g.input("token_ids", DataType::Int64, &[batch, Dim::Symbol("tokens")]);
+    let tokens = g.input(
+        "token_ids",
+        DataType::Int64,
+        &[batch, Dim::Symbol("tokens")],
+    );
     let table = g.random("token_embedding", &[VOCABULARY, 64], 0.5);
-    let vectors = g.node("Gather", &[&table, &tokens], None, vec![int_attr("axis", 0)]);
-    let bag = g.node("ReduceMean", &[&vectors], None, vec![ints_attr("axes", &[1]), int_attr("keepdims", 0)]);
+    let vectors = g.node(
+        "Gather",
+        &[&table, &tokens],
+        None,
+        vec![int_attr("axis", 0)],
+    );
+    let bag = g.node(
+        "ReduceMean",
+        &[&vectors],
+        None,
+        vec![ints_attr("axes", &[1]), int_attr("keepdims", 0)],
+    );
     let hidden = g.dense(&bag, "mlp.0", 64, 128, Some("Relu"), 1.0);
     // A larger gain on the head spreads the logits, so some answers are confident and some are
     // not: that is what the cascade demo needs.
     let logits = g.dense(&hidden, "head", 128, INTENTS.len(), None, 6.0);
-    g.node("Softmax", &[&logits], Some("intent_probs"), vec![int_attr("axis", 1)]);
-    g.output("intent_probs", DataType::Float, &[batch, Dim::Fixed(INTENTS.len())]);
+    g.node(
+        "Softmax",
+        &[&logits],
+        Some("intent_probs"),
+        vec![int_attr("axis", 1)],
+    );
+    g.output(
+        "intent_probs",
+        DataType::Float,
+        &[batch, Dim::Fixed(INTENTS.len())],
+    );
     g.finish(
         "intent-classifier",
         "Classifies a customer-service message into one of 16 intents.",
-        &[("outpost.vocabulary", VOCABULARY.to_string()), ("outpost.labels", INTENTS.join(","))],
+        &[
+            ("outpost.vocabulary", VOCABULARY.to_string()),
+            ("outpost.labels", INTENTS.join(",")),
+        ],
     )
 }
 
@@ -165,17 +206,38 @@ fn intent_classifier(seed: u64) -> ModelProto {
 fn music_two_tower(seed: u64) -> ModelProto {
     let mut g = GraphBuilder::new(seed);
     let batch = Dim::Symbol("batch");
-    let user = g.input("user_features", DataType::Float, &[batch, Dim::Fixed(MUSIC_USER_FEATURES)]);
+    let user = g.input(
+        "user_features",
+        DataType::Float,
+        &[batch, Dim::Fixed(MUSIC_USER_FEATURES)],
+    );
     let tracks = g.input("track_ids", DataType::Int64, &[batch]);
-    let u = g.dense(&user, "user_tower.0", MUSIC_USER_FEATURES, 64, Some("Relu"), 1.0);
+    let u = g.dense(
+        &user,
+        "user_tower.0",
+        MUSIC_USER_FEATURES,
+        64,
+        Some("Relu"),
+        1.0,
+    );
     let u = g.dense(&u, "user_tower.1", 64, 32, None, 1.0);
     let table = g.random("track_embedding", &[MUSIC_TRACKS, 32], 0.5);
-    let t = g.node("Gather", &[&table, &tracks], None, vec![int_attr("axis", 0)]);
+    let t = g.node(
+        "Gather",
+        &[&table, &tracks],
+        None,
+        vec![int_attr("axis", 0)],
+    );
     let t = g.dense(&t, "track_tower.0", 32, 32, Some("Relu"), 1.0);
     let t = g.dense(&t, "track_tower.1", 32, 32, None, 1.0);
     let product = g.node("Mul", &[&u, &t], None, vec![]);
     let axes = g.ints("score_axes", &[1]);
-    g.node("ReduceSum", &[&product, &axes], Some("score"), vec![int_attr("keepdims", 1)]);
+    g.node(
+        "ReduceSum",
+        &[&product, &axes],
+        Some("score"),
+        vec![int_attr("keepdims", 1)],
+    );
     g.output("score", DataType::Float, &[batch, Dim::Fixed(1)]);
     g.finish(
         "music-two-tower",
@@ -186,8 +248,10 @@ fn music_two_tower(seed: u64) -> ModelProto {
 
 /// The number of weights (initializer elements) in a model.
 pub fn parameter_count(model: &ModelProto) -> usize {
-    model
-        .graph
-        .as_ref()
-        .map_or(0, |g| g.initializer.iter().map(|t| t.dims.iter().product::<i64>() as usize).sum())
+    model.graph.as_ref().map_or(0, |g| {
+        g.initializer
+            .iter()
+            .map(|t| t.dims.iter().product::<i64>() as usize)
+            .sum()
+    })
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use model_zoo::DemoModel;
 
 #[derive(Parser)]
-#[command(name = "model-zoo", version, about = "Write Outpost's deterministic demo models as ONNX files")]
+#[command(
+    name = "model-zoo",
+    version,
+    about = "Write Outpost's deterministic demo models as ONNX files"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,7 +42,12 @@ fn main() -> anyhow::Result<()> {
         Command::List => {
             for m in DemoModel::ALL {
                 let proto = m.build(model_zoo::DEFAULT_SEED);
-                println!("{:<18} {:>11} parameters  {}", m.name(), model_zoo::parameter_count(&proto), proto.doc_string);
+                println!(
+                    "{:<18} {:>11} parameters  {}",
+                    m.name(),
+                    model_zoo::parameter_count(&proto),
+                    proto.doc_string
+                );
             }
         }
         Command::Write { out, seed, models } => {
@@ -56,9 +65,17 @@ fn main() -> anyhow::Result<()> {
                     .collect::<anyhow::Result<_>>()?
             };
             for (i, m) in chosen.iter().enumerate() {
-                let path = m.write(seed, &out).with_context(|| format!("writing {} into {}", m.name(), out.display()))?;
+                let path = m
+                    .write(seed, &out)
+                    .with_context(|| format!("writing {} into {}", m.name(), out.display()))?;
                 let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
-                println!("[{}/{}] {} ({:.1} MB)", i + 1, chosen.len(), path.display(), size as f64 / 1e6);
+                println!(
+                    "[{}/{}] {} ({:.1} MB)",
+                    i + 1,
+                    chosen.len(),
+                    path.display(),
+                    size as f64 / 1e6
+                );
             }
         }
     }

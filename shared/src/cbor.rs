@@ -45,11 +45,19 @@ pub enum CborError {
 }
 
 /// Encodes `value`, refusing results over `limit` bytes.
-pub fn encode<T: Serialize>(what: &'static str, value: &T, limit: usize) -> Result<Vec<u8>, CborError> {
+pub fn encode<T: Serialize>(
+    what: &'static str,
+    value: &T,
+    limit: usize,
+) -> Result<Vec<u8>, CborError> {
     let mut out = Vec::new();
     encode_into(what, value, &mut out)?;
     if out.len() > limit {
-        return Err(CborError::TooLarge { what, len: out.len(), limit });
+        return Err(CborError::TooLarge {
+            what,
+            len: out.len(),
+            limit,
+        });
     }
     Ok(out)
 }
@@ -60,16 +68,27 @@ pub(crate) fn encode_into<T: Serialize>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), CborError> {
-    ciborium::into_writer(value, out).map_err(|e| CborError::Encode { what, reason: e.to_string() })
+    ciborium::into_writer(value, out).map_err(|e| CborError::Encode {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 /// Decodes exactly one value from `bytes`, which must be at most `limit` bytes long.
 ///
 /// The decoder never allocates much more than the input's size: byte strings grow as they are
 /// read, and nesting is bounded by ciborium's recursion limit.
-pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8], limit: usize) -> Result<T, CborError> {
+pub fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+    limit: usize,
+) -> Result<T, CborError> {
     if bytes.len() > limit {
-        return Err(CborError::TooLarge { what, len: bytes.len(), limit });
+        return Err(CborError::TooLarge {
+            what,
+            len: bytes.len(),
+            limit,
+        });
     }
     let mut rest = bytes;
     let value = ciborium::from_reader(&mut rest).map_err(|e| CborError::Invalid {
@@ -77,7 +96,10 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8], limit: usiz
         reason: describe(e),
     })?;
     if !rest.is_empty() {
-        return Err(CborError::TrailingBytes { what, extra: rest.len() });
+        return Err(CborError::TrailingBytes {
+            what,
+            extra: rest.len(),
+        });
     }
     Ok(value)
 }

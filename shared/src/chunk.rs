@@ -53,7 +53,11 @@ impl Digest {
         if actual == *self {
             Ok(())
         } else {
-            Err(DigestMismatch { expected: *self, actual, len: bytes.len() })
+            Err(DigestMismatch {
+                expected: *self,
+                actual,
+                len: bytes.len(),
+            })
         }
     }
 }
@@ -84,7 +88,9 @@ impl FromStr for Digest {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         crate::hex::decode_array(text)
             .map(Self)
-            .ok_or_else(|| BadDigest { text: text.chars().take(80).collect() })
+            .ok_or_else(|| BadDigest {
+                text: text.chars().take(80).collect(),
+            })
     }
 }
 
@@ -207,8 +213,15 @@ mod tests {
         }
         let before: std::collections::HashSet<_> = split(&data).iter().map(|s| s.id).collect();
         let after = split(&changed);
-        let new_bytes: usize = after.iter().filter(|s| !before.contains(&s.id)).map(|s| s.len).sum();
-        assert!(new_bytes <= 3 * MAX_CHUNK as usize, "{new_bytes} bytes changed");
+        let new_bytes: usize = after
+            .iter()
+            .filter(|s| !before.contains(&s.id))
+            .map(|s| s.len)
+            .sum();
+        assert!(
+            new_bytes <= 3 * MAX_CHUNK as usize,
+            "{new_bytes} bytes changed"
+        );
     }
 
     proptest! {

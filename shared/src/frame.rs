@@ -4,8 +4,8 @@
 //! The length is checked against a limit before anything is allocated, and decoding arbitrary
 //! bytes returns an error, never panics.
 
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::cbor::{self, CborError};
 use crate::chunk::ChunkId;
@@ -139,7 +139,13 @@ pub fn encode<T: Serialize>(message: &T, limit: usize) -> Result<Vec<u8>, FrameE
     let mut frame = vec![0u8; HEADER_BYTES];
     cbor::encode_into("frame", message, &mut frame)?;
     let body = frame.len() - HEADER_BYTES;
-    let len = u32::try_from(body).ok().filter(|_| body <= limit).ok_or(FrameError::TooLarge { len: body as u64, limit })?;
+    let len = u32::try_from(body)
+        .ok()
+        .filter(|_| body <= limit)
+        .ok_or(FrameError::TooLarge {
+            len: body as u64,
+            limit,
+        })?;
     frame[..HEADER_BYTES].copy_from_slice(&len.to_be_bytes());
     Ok(frame)
 }
@@ -150,7 +156,10 @@ pub fn body_len(header: [u8; HEADER_BYTES], limit: usize) -> Result<usize, Frame
     usize::try_from(len)
         .ok()
         .filter(|&n| n <= limit)
-        .ok_or(FrameError::TooLarge { len: u64::from(len), limit })
+        .ok_or(FrameError::TooLarge {
+            len: u64::from(len),
+            limit,
+        })
 }
 
 /// Decodes a frame body (the bytes after the header) as exactly one message.
@@ -160,7 +169,10 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8], limit: usize) -> Result<T, 
 
 /// Decodes the first frame in `buf`: `Ok(None)` when `buf` does not yet hold a whole frame,
 /// else the message and how many bytes it took.
-pub fn decode<T: DeserializeOwned>(buf: &[u8], limit: usize) -> Result<Option<(T, usize)>, FrameError> {
+pub fn decode<T: DeserializeOwned>(
+    buf: &[u8],
+    limit: usize,
+) -> Result<Option<(T, usize)>, FrameError> {
     let Some((header, rest)) = buf.split_first_chunk::<HEADER_BYTES>() else {
         return Ok(None);
     };
@@ -190,22 +202,54 @@ mod tests {
 
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            (any::<u32>(), ".{0,20}").prop_map(|(protocol, agent_version)| Request::Hello { protocol, agent_version }),
+            (any::<u32>(), ".{0,20}").prop_map(|(protocol, agent_version)| Request::Hello {
+                protocol,
+                agent_version
+            }),
             proptest::collection::vec(digest(), 0..10).prop_map(|ids| Request::GetChunks { ids }),
-            ("[a-z-]{1,20}", proptest::option::of(any::<u64>()), proptest::collection::vec(tensor(), 0..3), proptest::collection::vec("[a-z]{1,8}", 0..3))
-                .prop_map(|(model, version, inputs, outputs)| Request::Infer { model, version, inputs, outputs }),
+            (
+                "[a-z-]{1,20}",
+                proptest::option::of(any::<u64>()),
+                proptest::collection::vec(tensor(), 0..3),
+                proptest::collection::vec("[a-z]{1,8}", 0..3)
+            )
+                .prop_map(|(model, version, inputs, outputs)| Request::Infer {
+                    model,
+                    version,
+                    inputs,
+                    outputs
+                }),
         ]
     }
 
     fn response() -> impl Strategy<Value = Response> {
         prop_oneof![
-            (any::<u32>(), ".{0,20}").prop_map(|(protocol, coordinator_version)| Response::Hello { protocol, coordinator_version }),
-            (digest(), proptest::collection::vec(any::<u8>(), 0..2000)).prop_map(|(id, data)| Response::Chunk { id, data }),
+            (any::<u32>(), ".{0,20}").prop_map(|(protocol, coordinator_version)| Response::Hello {
+                protocol,
+                coordinator_version
+            }),
+            (digest(), proptest::collection::vec(any::<u8>(), 0..2000))
+                .prop_map(|(id, data)| Response::Chunk { id, data }),
             digest().prop_map(|id| Response::ChunkMissing { id }),
-            ("[a-z-]{1,20}", any::<u64>(), proptest::collection::vec(tensor(), 0..3))
-                .prop_map(|(model, version, outputs)| Response::Inferred { model, version, outputs }),
+            (
+                "[a-z-]{1,20}",
+                any::<u64>(),
+                proptest::collection::vec(tensor(), 0..3)
+            )
+                .prop_map(|(model, version, outputs)| Response::Inferred {
+                    model,
+                    version,
+                    outputs
+                }),
             any::<u32>().prop_map(|retry_after_ms| Response::Busy { retry_after_ms }),
-            (prop_oneof![Just(ErrorKind::BadRequest), Just(ErrorKind::UnknownModel), Just(ErrorKind::Internal)], ".{0,40}")
+            (
+                prop_oneof![
+                    Just(ErrorKind::BadRequest),
+                    Just(ErrorKind::UnknownModel),
+                    Just(ErrorKind::Internal)
+                ],
+                ".{0,40}"
+            )
                 .prop_map(|(kind, message)| Response::Error { kind, message }),
         ]
     }
@@ -253,8 +297,19 @@ mod tests {
     #[test]
     fn oversized_header_is_refused_before_allocating() {
         let err = decode::<Request>(&[0xff, 0xff, 0xff, 0xff, 0], 1024).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { len: 4_294_967_295, limit: 1024 }), "{err}");
-        let req = Request::GetChunks { ids: vec![Digest::of(b"x"); 100] };
+        assert!(
+            matches!(
+                err,
+                FrameError::TooLarge {
+                    len: 4_294_967_295,
+                    limit: 1024
+                }
+            ),
+            "{err}"
+        );
+        let req = Request::GetChunks {
+            ids: vec![Digest::of(b"x"); 100],
+        };
         assert!(matches!(encode(&req, 64), Err(FrameError::TooLarge { .. })));
     }
 
@@ -283,15 +338,35 @@ mod tests {
         enum Future {
             Error { kind: String, message: String },
         }
-        let frame = encode(&Future::Error { kind: "quota-exceeded".into(), message: "m".into() }, 1024).unwrap();
+        let frame = encode(
+            &Future::Error {
+                kind: "quota-exceeded".into(),
+                message: "m".into(),
+            },
+            1024,
+        )
+        .unwrap();
         let (resp, _) = decode::<Response>(&frame, 1024).unwrap().unwrap();
-        assert_eq!(resp, Response::Error { kind: ErrorKind::Other, message: "m".into() });
+        assert_eq!(
+            resp,
+            Response::Error {
+                kind: ErrorKind::Other,
+                message: "m".into()
+            }
+        );
     }
 
     #[test]
     fn byte_fields_are_cbor_byte_strings() {
         // serde_bytes keeps chunk data a byte string: 1 byte of overhead per chunk, not per byte.
-        let frame = encode(&Response::Chunk { id: Digest::of(b""), data: vec![0xff; 1000] }, 4096).unwrap();
+        let frame = encode(
+            &Response::Chunk {
+                id: Digest::of(b""),
+                data: vec![0xff; 1000],
+            },
+            4096,
+        )
+        .unwrap();
         assert!(frame.len() < 1000 + 120, "{} bytes", frame.len());
     }
 }

@@ -24,8 +24,8 @@ pub mod topic;
 pub use chunk::{ChunkId, ChunkSpan, Digest};
 pub use frame::{ErrorKind, FrameError, Request, Response};
 pub use manifest::{
-    Candidate, Dim, KeyId, Manifest, ManifestError, ManifestSigner, ManifestVerifier,
-    ModelFormat, ModelVersion, Placement, PublicKey, SignedManifest, Target, TensorSpec, Variant,
+    Candidate, Dim, KeyId, Manifest, ManifestError, ManifestSigner, ManifestVerifier, ModelFormat,
+    ModelVersion, Placement, PublicKey, SignedManifest, Target, TensorSpec, Variant,
 };
 pub use status::{Counters, DeviceStatus, Health, ModelStatus};
 pub use tensor::{DataType, JsonTensor, Tensor, TensorError};

@@ -96,9 +96,9 @@ impl TryFrom<i64> for Dim {
     fn try_from(value: i64) -> Result<Self, Self::Error> {
         match value {
             -1 => Ok(Dim::Dynamic),
-            v => u64::try_from(v)
-                .map(Dim::Fixed)
-                .map_err(|_| format!("dimension {v} is invalid (expected a size, or -1 for dynamic)")),
+            v => u64::try_from(v).map(Dim::Fixed).map_err(|_| {
+                format!("dimension {v} is invalid (expected a size, or -1 for dynamic)")
+            }),
         }
     }
 }
@@ -206,9 +206,18 @@ impl Variant {
         let chunks = chunk::split(bytes)
             .into_iter()
             // Chunks are at most MAX_CHUNK bytes, far below u32::MAX.
-            .map(|s| ChunkRef { id: s.id, size: u32::try_from(s.len).unwrap_or(u32::MAX) })
+            .map(|s| ChunkRef {
+                id: s.id,
+                size: u32::try_from(s.len).unwrap_or(u32::MAX),
+            })
             .collect();
-        Variant { target, format, size: bytes.len() as u64, digest: Digest::of(bytes), chunks }
+        Variant {
+            target,
+            format,
+            size: bytes.len() as u64,
+            digest: Digest::of(bytes),
+            chunks,
+        }
     }
 }
 
@@ -224,7 +233,10 @@ impl Manifest {
     /// Checks the manifest's own rules (names, version order, sizes); signing and verifying
     /// both call this.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        let invalid = |reason: String| ManifestError::Invalid { model: self.model.clone(), reason };
+        let invalid = |reason: String| ManifestError::Invalid {
+            model: self.model.clone(),
+            reason,
+        };
         topic::validate_name(NameKind::Model, &self.model)?;
         if self.stable.version == 0 {
             return Err(invalid("model versions start at 1".to_owned()));
@@ -240,7 +252,9 @@ impl Manifest {
                 return Err(invalid("it expires before it was created".to_owned()));
             }
         }
-        self.stable.validate().map_err(|r| invalid(format!("stable version {}: {r}", self.stable.version)))?;
+        self.stable
+            .validate()
+            .map_err(|r| invalid(format!("stable version {}: {r}", self.stable.version)))?;
         if let Some(c) = &self.candidate {
             let v = c.version.version;
             if v <= self.stable.version || v > self.release {
@@ -250,12 +264,19 @@ impl Manifest {
                 )));
             }
             if c.rollout_percent > 100 {
-                return Err(invalid(format!("rollout of {}% is over 100%", c.rollout_percent)));
+                return Err(invalid(format!(
+                    "rollout of {}% is over 100%",
+                    c.rollout_percent
+                )));
             }
             if c.version.inputs != self.stable.inputs || c.version.outputs != self.stable.outputs {
-                return Err(invalid(format!("candidate version {v} changes the model's inputs or outputs")));
+                return Err(invalid(format!(
+                    "candidate version {v} changes the model's inputs or outputs"
+                )));
             }
-            c.version.validate().map_err(|r| invalid(format!("candidate version {v}: {r}")))?;
+            c.version
+                .validate()
+                .map_err(|r| invalid(format!("candidate version {v}: {r}")))?;
         }
         Ok(())
     }
@@ -278,7 +299,9 @@ impl ModelVersion {
         }
         if let Placement::Cascade { output, threshold } = &self.placement {
             if !self.outputs.iter().any(|o| &o.name == output) {
-                return Err(format!("cascade output {output:?} is not one of the model's outputs"));
+                return Err(format!(
+                    "cascade output {output:?} is not one of the model's outputs"
+                ));
             }
             if !(0.0..=1.0).contains(threshold) {
                 return Err(format!("cascade threshold {threshold} is outside 0..=1"));
@@ -293,7 +316,10 @@ impl ModelVersion {
             }
             let total: u64 = v.chunks.iter().map(|c| u64::from(c.size)).sum();
             if total != v.size {
-                return Err(format!("variant {}: chunks add up to {total} bytes, not {}", v.target, v.size));
+                return Err(format!(
+                    "variant {}: chunks add up to {total} bytes, not {}",
+                    v.target, v.size
+                ));
             }
         }
         Ok(())
@@ -321,7 +347,9 @@ pub fn in_cohort(device_id: &str, salt: &str, percent: u8) -> bool {
 /// Checks that `next` moves forward from `current`, the last release accepted for the model:
 /// a higher release number and a stable version that does not go back.
 pub fn check_forward(current: Option<&Manifest>, next: &Manifest) -> Result<(), ManifestError> {
-    let Some(current) = current else { return Ok(()) };
+    let Some(current) = current else {
+        return Ok(());
+    };
     if current.model != next.model {
         return Err(ManifestError::Invalid {
             model: next.model.clone(),
@@ -363,10 +391,9 @@ impl Serialize for KeyId {
 impl<'de> Deserialize<'de> for KeyId {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let bytes = serde_bytes::ByteBuf::deserialize(deserializer)?;
-        let raw: [u8; 8] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| serde::de::Error::custom(format!("key id must be 8 bytes, not {}", bytes.len())))?;
+        let raw: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
+            serde::de::Error::custom(format!("key id must be 8 bytes, not {}", bytes.len()))
+        })?;
         Ok(KeyId(raw))
     }
 }
@@ -421,7 +448,9 @@ impl FromStr for PublicKey {
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         crate::hex::decode_array(text)
             .map(Self)
-            .ok_or_else(|| BadPublicKey { text: text.chars().take(80).collect() })
+            .ok_or_else(|| BadPublicKey {
+                text: text.chars().take(80).collect(),
+            })
     }
 }
 
@@ -485,7 +514,9 @@ pub struct ManifestSigner {
 
 impl fmt::Debug for ManifestSigner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ManifestSigner").field("public", &self.public).finish_non_exhaustive()
+        f.debug_struct("ManifestSigner")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
     }
 }
 
@@ -496,7 +527,10 @@ impl ManifestSigner {
             .map_err(|e| ManifestError::BadKey(format!("not an ed25519 PKCS#8 key: {e}")))?;
         let mut public = [0u8; 32];
         public.copy_from_slice(key.public_key().as_ref());
-        Ok(Self { key, public: PublicKey(public) })
+        Ok(Self {
+            key,
+            public: PublicKey(public),
+        })
     }
 
     /// The public key that verifies this signer's manifests.
@@ -507,7 +541,11 @@ impl ManifestSigner {
     /// Validates and signs `manifest`.
     pub fn sign(&self, manifest: &Manifest) -> Result<SignedManifest, ManifestError> {
         manifest.validate()?;
-        let payload = SignedPayload { format: MANIFEST_FORMAT, key_id: self.public.id(), manifest: manifest.clone() };
+        let payload = SignedPayload {
+            format: MANIFEST_FORMAT,
+            key_id: self.public.id(),
+            manifest: manifest.clone(),
+        };
         let payload = cbor::encode("manifest payload", &payload, MAX_MANIFEST_BYTES)?;
         let signature = self.key.sign(&payload).as_ref().to_vec();
         Ok(SignedManifest { payload, signature })
@@ -523,13 +561,16 @@ pub struct ManifestVerifier {
 impl ManifestVerifier {
     /// A verifier that trusts exactly `keys` (more than one while keys rotate).
     pub fn new(keys: impl IntoIterator<Item = PublicKey>) -> Self {
-        Self { keys: keys.into_iter().collect() }
+        Self {
+            keys: keys.into_iter().collect(),
+        }
     }
 
     /// Checks format, key, signature, expiry (against `now`, Unix seconds) and the manifest's
     /// own rules, and returns the manifest. Anything unverifiable is an error.
     pub fn verify(&self, signed: &SignedManifest, now: u64) -> Result<Manifest, ManifestError> {
-        let payload: SignedPayload = cbor::decode("manifest payload", &signed.payload, MAX_MANIFEST_BYTES)?;
+        let payload: SignedPayload =
+            cbor::decode("manifest payload", &signed.payload, MAX_MANIFEST_BYTES)?;
         if payload.format != MANIFEST_FORMAT {
             return Err(ManifestError::UnsupportedFormat(payload.format));
         }
@@ -540,11 +581,17 @@ impl ManifestVerifier {
             .ok_or(ManifestError::UnknownKey(payload.key_id))?;
         UnparsedPublicKey::new(&ED25519, key.as_bytes())
             .verify(&signed.payload, &signed.signature)
-            .map_err(|_| ManifestError::BadSignature { model: payload.manifest.model.clone() })?;
+            .map_err(|_| ManifestError::BadSignature {
+                model: payload.manifest.model.clone(),
+            })?;
         let manifest = payload.manifest;
         if let Some(expires_at) = manifest.expires_at {
             if now >= expires_at {
-                return Err(ManifestError::Expired { model: manifest.model, expires_at, now });
+                return Err(ManifestError::Expired {
+                    model: manifest.model,
+                    expires_at,
+                    now,
+                });
             }
         }
         manifest.validate()?;
@@ -598,7 +645,9 @@ pub enum ManifestError {
         now: u64,
     },
     /// The manifest is not newer than the one already accepted.
-    #[error("manifest of model {model:?} is release {offered}, not newer than release {current} already accepted")]
+    #[error(
+        "manifest of model {model:?} is release {offered}, not newer than release {current} already accepted"
+    )]
     Stale {
         /// The model.
         model: String,
@@ -623,18 +672,32 @@ pub(crate) mod tests {
     }
 
     fn spec(name: &str, datatype: DataType, shape: &[i64]) -> TensorSpec {
-        TensorSpec { name: name.into(), datatype, shape: shape.iter().map(|&d| Dim::try_from(d).unwrap()).collect() }
+        TensorSpec {
+            name: name.into(),
+            datatype,
+            shape: shape.iter().map(|&d| Dim::try_from(d).unwrap()).collect(),
+        }
     }
 
     pub(crate) fn version(version: u64, content: &[u8]) -> ModelVersion {
         ModelVersion {
             version,
-            inputs: vec![spec("user_features", DataType::Fp32, &[-1, 32]), spec("item_ids", DataType::Int64, &[-1])],
+            inputs: vec![
+                spec("user_features", DataType::Fp32, &[-1, 32]),
+                spec("item_ids", DataType::Int64, &[-1]),
+            ],
             outputs: vec![spec("score", DataType::Fp32, &[-1, 1])],
-            placement: Placement::Cascade { output: "score".into(), threshold: 0.6 },
+            placement: Placement::Cascade {
+                output: "score".into(),
+                threshold: 0.6,
+            },
             variants: vec![
                 Variant::describe(Target::EdgeInt8, ModelFormat::Onnx, content),
-                Variant::describe(Target::CloudFp32, ModelFormat::Onnx, &[content, content].concat()),
+                Variant::describe(
+                    Target::CloudFp32,
+                    ModelFormat::Onnx,
+                    &[content, content].concat(),
+                ),
             ],
         }
     }
@@ -646,7 +709,11 @@ pub(crate) mod tests {
             created_at: 1_700_000_000,
             expires_at: Some(1_800_000_000),
             stable: version(2, &[7u8; 200_000]),
-            candidate: Some(Candidate { version: version(3, &[9u8; 1000]), rollout_percent: 10, salt: "r3".into() }),
+            candidate: Some(Candidate {
+                version: version(3, &[9u8; 1000]),
+                rollout_percent: 10,
+                salt: "r3".into(),
+            }),
         }
     }
 
@@ -670,7 +737,10 @@ pub(crate) mod tests {
         for i in (0..bytes.len()).step_by(7) {
             let mut tampered = bytes.clone();
             tampered[i] ^= 0x01;
-            assert!(verifier.verify_cbor(&tampered, NOW).is_err(), "byte {i} changed and still accepted");
+            assert!(
+                verifier.verify_cbor(&tampered, NOW).is_err(),
+                "byte {i} changed and still accepted"
+            );
         }
     }
 
@@ -691,12 +761,25 @@ pub(crate) mod tests {
         let signer = new_signer();
         let other = new_signer();
         let signed = signer.sign(&manifest()).unwrap();
-        let err = ManifestVerifier::new([other.public_key()]).verify(&signed, NOW).unwrap_err();
-        assert!(matches!(err, ManifestError::UnknownKey(id) if id == signer.public_key().id()), "{err}");
-        assert!(err.to_string().contains(&signer.public_key().id().to_string()));
+        let err = ManifestVerifier::new([other.public_key()])
+            .verify(&signed, NOW)
+            .unwrap_err();
+        assert!(
+            matches!(err, ManifestError::UnknownKey(id) if id == signer.public_key().id()),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains(&signer.public_key().id().to_string())
+        );
         // A signature by another key under the right key id.
-        let forged = SignedManifest { payload: signed.payload.clone(), signature: other.sign(&manifest()).unwrap().signature };
-        let err = ManifestVerifier::new([signer.public_key()]).verify(&forged, NOW).unwrap_err();
+        let forged = SignedManifest {
+            payload: signed.payload.clone(),
+            signature: other.sign(&manifest()).unwrap().signature,
+        };
+        let err = ManifestVerifier::new([signer.public_key()])
+            .verify(&forged, NOW)
+            .unwrap_err();
         assert!(matches!(err, ManifestError::BadSignature { .. }), "{err}");
         let err = ManifestVerifier::new([]).verify(&signed, NOW).unwrap_err();
         assert!(matches!(err, ManifestError::UnknownKey(_)), "{err}");
@@ -706,8 +789,16 @@ pub(crate) mod tests {
     fn rotation_accepts_either_trusted_key() {
         let (old, new) = (new_signer(), new_signer());
         let verifier = ManifestVerifier::new([old.public_key(), new.public_key()]);
-        assert!(verifier.verify(&old.sign(&manifest()).unwrap(), NOW).is_ok());
-        assert!(verifier.verify(&new.sign(&manifest()).unwrap(), NOW).is_ok());
+        assert!(
+            verifier
+                .verify(&old.sign(&manifest()).unwrap(), NOW)
+                .is_ok()
+        );
+        assert!(
+            verifier
+                .verify(&new.sign(&manifest()).unwrap(), NOW)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -717,7 +808,16 @@ pub(crate) mod tests {
         let signed = signer.sign(&manifest()).unwrap();
         assert!(verifier.verify(&signed, 1_799_999_999).is_ok());
         let err = verifier.verify(&signed, 1_800_000_000).unwrap_err();
-        assert!(matches!(err, ManifestError::Expired { expires_at: 1_800_000_000, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ManifestError::Expired {
+                    expires_at: 1_800_000_000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -731,25 +831,66 @@ pub(crate) mod tests {
     #[test]
     fn invalid_manifests_are_not_signed() {
         let signer = new_signer();
-        let cases: Vec<(fn(&mut Manifest), &str)> = vec![
+        type Change = fn(&mut Manifest);
+        let cases: Vec<(Change, &str)> = vec![
             (|m| m.model = "a/b".into(), "invalid"),
             (|m| m.stable.version = 0, "start at 1"),
             (|m| m.stable.version = 9, "newer than release"),
             (|m| m.expires_at = Some(1), "expires before"),
-            (|m| m.candidate.as_mut().unwrap().version.version = 2, "must be newer"),
-            (|m| m.candidate.as_mut().unwrap().rollout_percent = 101, "over 100%"),
-            (|m| m.candidate.as_mut().unwrap().version.inputs.pop().map(drop).unwrap_or(()), "inputs or outputs"),
-            (|m| m.stable.placement = Placement::Cascade { output: "nope".into(), threshold: 0.5 }, "cascade output"),
-            (|m| m.stable.placement = Placement::Cascade { output: "score".into(), threshold: 1.5 }, "outside 0..=1"),
+            (
+                |m| m.candidate.as_mut().unwrap().version.version = 2,
+                "must be newer",
+            ),
+            (
+                |m| m.candidate.as_mut().unwrap().rollout_percent = 101,
+                "over 100%",
+            ),
+            (
+                |m| {
+                    m.candidate
+                        .as_mut()
+                        .unwrap()
+                        .version
+                        .inputs
+                        .pop()
+                        .map(drop)
+                        .unwrap_or(())
+                },
+                "inputs or outputs",
+            ),
+            (
+                |m| {
+                    m.stable.placement = Placement::Cascade {
+                        output: "nope".into(),
+                        threshold: 0.5,
+                    }
+                },
+                "cascade output",
+            ),
+            (
+                |m| {
+                    m.stable.placement = Placement::Cascade {
+                        output: "score".into(),
+                        threshold: 1.5,
+                    }
+                },
+                "outside 0..=1",
+            ),
             (|m| m.stable.variants.clear(), "no variants"),
             (|m| m.stable.variants[0].size += 1, "add up to"),
-            (|m| m.stable.outputs.push(m.stable.outputs[0].clone()), "listed twice"),
+            (
+                |m| m.stable.outputs.push(m.stable.outputs[0].clone()),
+                "listed twice",
+            ),
         ];
         for (change, needle) in cases {
             let mut m = manifest();
             change(&mut m);
             let err = signer.sign(&m).unwrap_err();
-            assert!(err.to_string().contains(needle), "expected {needle:?} in {err}");
+            assert!(
+                err.to_string().contains(needle),
+                "expected {needle:?} in {err}"
+            );
         }
     }
 
@@ -761,8 +902,21 @@ pub(crate) mod tests {
         next.release += 1;
         assert!(check_forward(Some(&m), &next).is_ok());
         let err = check_forward(Some(&next), &m).unwrap_err();
-        assert!(matches!(err, ManifestError::Stale { current: 4, offered: 3, .. }), "{err}");
-        assert!(check_forward(Some(&m), &m).is_err(), "a replay of the same release is refused");
+        assert!(
+            matches!(
+                err,
+                ManifestError::Stale {
+                    current: 4,
+                    offered: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            check_forward(Some(&m), &m).is_err(),
+            "a replay of the same release is refused"
+        );
         let mut regressed = next.clone();
         regressed.release += 1;
         regressed.stable.version = 1;
@@ -778,13 +932,25 @@ pub(crate) mod tests {
         let ten = share(10);
         assert!((120..=280).contains(&ten), "10% picked {ten} of 2000");
         // Growing a rollout only adds devices.
-        assert!(ids.iter().all(|id| !in_cohort(id, "salt-a", 10) || in_cohort(id, "salt-a", 50)));
+        assert!(
+            ids.iter()
+                .all(|id| !in_cohort(id, "salt-a", 10) || in_cohort(id, "salt-a", 50))
+        );
         // Another salt picks other devices.
-        let overlap = ids.iter().filter(|id| in_cohort(id, "salt-a", 10) && in_cohort(id, "salt-b", 10)).count();
+        let overlap = ids
+            .iter()
+            .filter(|id| in_cohort(id, "salt-a", 10) && in_cohort(id, "salt-b", 10))
+            .count();
         assert!(overlap < ten / 2, "{overlap} of {ten} overlap");
         let m = manifest();
-        let in_candidate = ids.iter().filter(|id| m.version_for(id).version == 3).count();
-        assert_eq!(in_candidate, ids.iter().filter(|id| in_cohort(id, "r3", 10)).count());
+        let in_candidate = ids
+            .iter()
+            .filter(|id| m.version_for(id).version == 3)
+            .count();
+        assert_eq!(
+            in_candidate,
+            ids.iter().filter(|id| in_cohort(id, "r3", 10)).count()
+        );
     }
 
     #[test]

@@ -79,7 +79,11 @@ pub struct Counters {
 
 impl DeviceStatus {
     /// The status an agent leaves behind as its last will: offline, nothing else known.
-    pub fn offline(device_id: impl Into<String>, agent_version: impl Into<String>, now: u64) -> Self {
+    pub fn offline(
+        device_id: impl Into<String>,
+        agent_version: impl Into<String>,
+        now: u64,
+    ) -> Self {
         DeviceStatus {
             device_id: device_id.into(),
             agent_version: agent_version.into(),
@@ -108,7 +112,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn health() -> impl Strategy<Value = Health> {
-        prop_oneof![Just(Health::Starting), Just(Health::Ready), Just(Health::Degraded), Just(Health::Offline)]
+        prop_oneof![
+            Just(Health::Starting),
+            Just(Health::Ready),
+            Just(Health::Degraded),
+            Just(Health::Offline)
+        ]
     }
 
     fn model() -> impl Strategy<Value = ModelStatus> {
@@ -120,13 +129,15 @@ mod tests {
             proptest::option::of("[a-z:]{0,20}"),
             proptest::option::of(".{0,40}"),
         )
-            .prop_map(|(model, active, previous, pending, engine, last_error)| ModelStatus {
-                model,
-                active,
-                previous,
-                pending,
-                engine,
-                last_error,
+            .prop_map(|(model, active, previous, pending, engine, last_error)| {
+                ModelStatus {
+                    model,
+                    active,
+                    previous,
+                    pending,
+                    engine,
+                    last_error,
+                }
             })
     }
 
@@ -168,9 +179,22 @@ mod tests {
         struct Old {
             inferences_local: u64,
         }
-        let bytes = cbor::encode("old", &Old { inferences_local: 5 }, 1024).unwrap();
+        let bytes = cbor::encode(
+            "old",
+            &Old {
+                inferences_local: 5,
+            },
+            1024,
+        )
+        .unwrap();
         let counters: Counters = cbor::decode("counters", &bytes, 1024).unwrap();
-        assert_eq!(counters, Counters { inferences_local: 5, ..Counters::default() });
+        assert_eq!(
+            counters,
+            Counters {
+                inferences_local: 5,
+                ..Counters::default()
+            }
+        );
     }
 
     #[test]

@@ -84,7 +84,9 @@ impl fmt::Display for DataType {
 
 /// A datatype name the protocol does not define (or Outpost does not carry).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown datatype {0:?} (expected one of BOOL, UINT8, INT8, INT32, INT64, FP16, FP32, FP64, BYTES)")]
+#[error(
+    "unknown datatype {0:?} (expected one of BOOL, UINT8, INT8, INT32, INT64, FP16, FP32, FP64, BYTES)"
+)]
 pub struct UnknownDataType(pub String);
 
 impl FromStr for DataType {
@@ -121,7 +123,9 @@ pub enum TensorError {
         reason: &'static str,
     },
     /// The data holds a different number of elements than the shape says.
-    #[error("tensor {tensor:?}: shape {shape:?} needs {expected} elements, but the data has {actual}")]
+    #[error(
+        "tensor {tensor:?}: shape {shape:?} needs {expected} elements, but the data has {actual}"
+    )]
     ElementCount {
         /// The tensor's name.
         tensor: String,
@@ -133,7 +137,9 @@ pub enum TensorError {
         actual: u64,
     },
     /// The raw bytes do not fit the datatype and shape.
-    #[error("tensor {tensor:?}: {datatype} data for shape {shape:?} must be {expected}, but it is {actual} bytes")]
+    #[error(
+        "tensor {tensor:?}: {datatype} data for shape {shape:?} must be {expected}, but it is {actual} bytes"
+    )]
     ByteLength {
         /// The tensor's name.
         tensor: String,
@@ -208,7 +214,12 @@ impl TryFrom<RawTensor> for Tensor {
 
 impl From<Tensor> for RawTensor {
     fn from(t: Tensor) -> Self {
-        RawTensor { name: t.name, datatype: t.datatype, shape: t.shape, data: t.data }
+        RawTensor {
+            name: t.name,
+            datatype: t.datatype,
+            shape: t.shape,
+            data: t.data,
+        }
     }
 }
 
@@ -240,7 +251,10 @@ impl Tensor {
         let Some(count) = element_count(&shape) else {
             return Err(TensorError::BadShape {
                 tensor: name,
-                shape: shape.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)).collect(),
+                shape: shape
+                    .iter()
+                    .map(|&d| i64::try_from(d).unwrap_or(i64::MAX))
+                    .collect(),
                 reason: "its element count overflows",
             });
         };
@@ -276,11 +290,21 @@ impl Tensor {
                     actual: data.len(),
                 })?;
                 if actual != count {
-                    return Err(TensorError::ElementCount { tensor: name, shape, expected: count, actual });
+                    return Err(TensorError::ElementCount {
+                        tensor: name,
+                        shape,
+                        expected: count,
+                        actual,
+                    });
                 }
             }
         }
-        Ok(Tensor { name, datatype, shape, data })
+        Ok(Tensor {
+            name,
+            datatype,
+            shape,
+            data,
+        })
     }
 
     /// A tensor holding `values` in the given shape.
@@ -370,7 +394,11 @@ impl Tensor {
         if self.datatype == expected {
             Ok(())
         } else {
-            Err(TensorError::DatatypeMismatch { tensor: self.name.clone(), expected, actual: self.datatype })
+            Err(TensorError::DatatypeMismatch {
+                tensor: self.name.clone(),
+                expected,
+                actual: self.datatype,
+            })
         }
     }
 
@@ -379,19 +407,30 @@ impl Tensor {
     /// nested (row-major) arrays.
     pub fn from_json(json: &JsonTensor) -> Result<Self, TensorError> {
         let name = json.name.clone();
-        let datatype: DataType = json
-            .datatype
-            .parse()
-            .map_err(|source| TensorError::UnknownDatatype { tensor: name.clone(), source })?;
-        let bad_shape = |reason| TensorError::BadShape { tensor: name.clone(), shape: json.shape.clone(), reason };
+        let datatype: DataType =
+            json.datatype
+                .parse()
+                .map_err(|source| TensorError::UnknownDatatype {
+                    tensor: name.clone(),
+                    source,
+                })?;
+        let bad_shape = |reason| TensorError::BadShape {
+            tensor: name.clone(),
+            shape: json.shape.clone(),
+            reason,
+        };
         let shape = json
             .shape
             .iter()
             .map(|&d| u64::try_from(d).map_err(|_| bad_shape("dimensions must not be negative")))
             .collect::<Result<Vec<u64>, _>>()?;
-        let expected = element_count(&shape).ok_or_else(|| bad_shape("its element count overflows"))?;
+        let expected =
+            element_count(&shape).ok_or_else(|| bad_shape("its element count overflows"))?;
         let Value::Array(_) = &json.data else {
-            return Err(TensorError::DataNotArray { tensor: name, found: json_kind(&json.data) });
+            return Err(TensorError::DataNotArray {
+                tensor: name,
+                found: json_kind(&json.data),
+            });
         };
         let mut elements = Vec::new();
         flatten(&json.data, &mut elements);
@@ -405,11 +444,13 @@ impl Tensor {
         }
         let mut data = Vec::with_capacity(elements.len() * datatype.element_size().unwrap_or(8));
         for (index, value) in elements.into_iter().enumerate() {
-            write_json_element(datatype, value, &mut data).map_err(|expected| TensorError::BadElement {
-                tensor: name.clone(),
-                index: index as u64,
-                expected: expected.to_owned(),
-                found: describe_json(value),
+            write_json_element(datatype, value, &mut data).map_err(|expected| {
+                TensorError::BadElement {
+                    tensor: name.clone(),
+                    index: index as u64,
+                    expected: expected.to_owned(),
+                    found: describe_json(value),
+                }
             })?;
         }
         Self::from_bytes(name, datatype, shape, data)
@@ -429,14 +470,32 @@ impl Tensor {
         let float = |index: usize, x: f64| {
             serde_json::Number::from_f64(x)
                 .map(Value::Number)
-                .ok_or_else(|| bad(index, "a finite number (JSON cannot carry NaN or infinity)", x.to_string()))
+                .ok_or_else(|| {
+                    bad(
+                        index,
+                        "a finite number (JSON cannot carry NaN or infinity)",
+                        x.to_string(),
+                    )
+                })
         };
         let data: Vec<Value> = match self.datatype {
             DataType::Bool => self.data.iter().map(|&b| Value::Bool(b == 1)).collect(),
             DataType::Uint8 => self.data.iter().map(|&b| Value::from(b)).collect(),
-            DataType::Int8 => self.to_values::<i8>()?.into_iter().map(Value::from).collect(),
-            DataType::Int32 => self.to_values::<i32>()?.into_iter().map(Value::from).collect(),
-            DataType::Int64 => self.to_values::<i64>()?.into_iter().map(Value::from).collect(),
+            DataType::Int8 => self
+                .to_values::<i8>()?
+                .into_iter()
+                .map(Value::from)
+                .collect(),
+            DataType::Int32 => self
+                .to_values::<i32>()?
+                .into_iter()
+                .map(Value::from)
+                .collect(),
+            DataType::Int64 => self
+                .to_values::<i64>()?
+                .into_iter()
+                .map(Value::from)
+                .collect(),
             DataType::Fp16 => (self.to_values::<half::f16>()?.into_iter().enumerate())
                 .map(|(i, x)| float(i, f64::from(x)))
                 .collect::<Result<_, _>>()?,
@@ -450,13 +509,23 @@ impl Tensor {
                 .map(|(i, b)| {
                     std::str::from_utf8(b)
                         .map(|s| Value::String(s.to_owned()))
-                        .map_err(|_| bad(i, "UTF-8 text (JSON carries BYTES as strings)", format!("{} non-UTF-8 bytes", b.len())))
+                        .map_err(|_| {
+                            bad(
+                                i,
+                                "UTF-8 text (JSON carries BYTES as strings)",
+                                format!("{} non-UTF-8 bytes", b.len()),
+                            )
+                        })
                 })
                 .collect::<Result<_, _>>()?,
         };
         Ok(JsonTensor {
             name: self.name.clone(),
-            shape: self.shape.iter().map(|&d| i64::try_from(d).unwrap_or(i64::MAX)).collect(),
+            shape: self
+                .shape
+                .iter()
+                .map(|&d| i64::try_from(d).unwrap_or(i64::MAX))
+                .collect(),
             datatype: self.datatype.as_str().to_owned(),
             parameters: None,
             data: Value::Array(data),
@@ -566,9 +635,20 @@ fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
 }
 
 /// Appends one JSON element as `datatype`; on failure, says what was expected.
-fn write_json_element(datatype: DataType, value: &Value, out: &mut Vec<u8>) -> Result<(), &'static str> {
-    fn int<T: TryFrom<i64> + Element>(value: &Value, out: &mut Vec<u8>, expected: &'static str) -> Result<(), &'static str> {
-        let v = value.as_i64().and_then(|v| T::try_from(v).ok()).ok_or(expected)?;
+fn write_json_element(
+    datatype: DataType,
+    value: &Value,
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    fn int<T: TryFrom<i64> + Element>(
+        value: &Value,
+        out: &mut Vec<u8>,
+        expected: &'static str,
+    ) -> Result<(), &'static str> {
+        let v = value
+            .as_i64()
+            .and_then(|v| T::try_from(v).ok())
+            .ok_or(expected)?;
         v.write_le(out);
         Ok(())
     }
@@ -619,7 +699,11 @@ fn json_kind(value: &Value) -> &'static str {
 fn describe_json(value: &Value) -> String {
     let text = value.to_string();
     if text.chars().count() > 40 {
-        format!("{}… ({})", text.chars().take(40).collect::<String>(), json_kind(value))
+        format!(
+            "{}… ({})",
+            text.chars().take(40).collect::<String>(),
+            json_kind(value)
+        )
     } else {
         text
     }
@@ -656,23 +740,63 @@ mod tests {
             "name": "user_features", "shape": [1, 32], "datatype": "FP32", "data": [1, 2, 3]
         })))
         .unwrap_err();
-        assert!(matches!(err, TensorError::ElementCount { expected: 32, actual: 3, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                TensorError::ElementCount {
+                    expected: 32,
+                    actual: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         let msg = err.to_string();
-        assert!(msg.contains("user_features") && msg.contains("32") && msg.contains('3'), "{msg}");
+        assert!(
+            msg.contains("user_features") && msg.contains("32") && msg.contains('3'),
+            "{msg}"
+        );
     }
 
     #[test]
     fn element_type_errors_name_the_element() {
         let cases = [
-            (json!({"name": "ids", "shape": [2], "datatype": "INT64", "data": [1, 2.5]}), "element 1"),
-            (json!({"name": "b", "shape": [1], "datatype": "BOOL", "data": [2]}), "true or false"),
-            (json!({"name": "u", "shape": [1], "datatype": "UINT8", "data": [256]}), "0..=255"),
-            (json!({"name": "i", "shape": [1], "datatype": "INT8", "data": [-129]}), "-128..=127"),
-            (json!({"name": "i", "shape": [1], "datatype": "INT32", "data": [3000000000u64]}), "32 bits"),
-            (json!({"name": "f", "shape": [1], "datatype": "FP32", "data": ["1"]}), "a number"),
-            (json!({"name": "f", "shape": [1], "datatype": "FP32", "data": [1e300]}), "FP32 range"),
-            (json!({"name": "h", "shape": [1], "datatype": "FP16", "data": [1e6]}), "FP16 range"),
-            (json!({"name": "s", "shape": [1], "datatype": "BYTES", "data": [5]}), "a string"),
+            (
+                json!({"name": "ids", "shape": [2], "datatype": "INT64", "data": [1, 2.5]}),
+                "element 1",
+            ),
+            (
+                json!({"name": "b", "shape": [1], "datatype": "BOOL", "data": [2]}),
+                "true or false",
+            ),
+            (
+                json!({"name": "u", "shape": [1], "datatype": "UINT8", "data": [256]}),
+                "0..=255",
+            ),
+            (
+                json!({"name": "i", "shape": [1], "datatype": "INT8", "data": [-129]}),
+                "-128..=127",
+            ),
+            (
+                json!({"name": "i", "shape": [1], "datatype": "INT32", "data": [3000000000u64]}),
+                "32 bits",
+            ),
+            (
+                json!({"name": "f", "shape": [1], "datatype": "FP32", "data": ["1"]}),
+                "a number",
+            ),
+            (
+                json!({"name": "f", "shape": [1], "datatype": "FP32", "data": [1e300]}),
+                "FP32 range",
+            ),
+            (
+                json!({"name": "h", "shape": [1], "datatype": "FP16", "data": [1e6]}),
+                "FP16 range",
+            ),
+            (
+                json!({"name": "s", "shape": [1], "datatype": "BYTES", "data": [5]}),
+                "a string",
+            ),
         ];
         for (value, needle) in cases {
             let err = Tensor::from_json(&json_tensor(value.clone())).unwrap_err();
@@ -682,19 +806,28 @@ mod tests {
 
     #[test]
     fn bad_datatype_shape_and_data_are_named() {
-        let err = Tensor::from_json(&json_tensor(json!({"name": "x", "shape": [1], "datatype": "FLOAT", "data": [1]})))
-            .unwrap_err();
-        assert!(err.to_string().contains("\"FLOAT\"") && err.to_string().contains("\"x\""), "{err}");
-        let err = Tensor::from_json(&json_tensor(json!({"name": "x", "shape": [-1], "datatype": "FP32", "data": []})))
-            .unwrap_err();
+        let err = Tensor::from_json(&json_tensor(
+            json!({"name": "x", "shape": [1], "datatype": "FLOAT", "data": [1]}),
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("\"FLOAT\"") && err.to_string().contains("\"x\""),
+            "{err}"
+        );
+        let err = Tensor::from_json(&json_tensor(
+            json!({"name": "x", "shape": [-1], "datatype": "FP32", "data": []}),
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("negative"), "{err}");
         let err = Tensor::from_json(&json_tensor(
             json!({"name": "x", "shape": [i64::MAX, i64::MAX], "datatype": "FP32", "data": []}),
         ))
         .unwrap_err();
         assert!(err.to_string().contains("overflows"), "{err}");
-        let err = Tensor::from_json(&json_tensor(json!({"name": "x", "shape": [1], "datatype": "FP32", "data": 1})))
-            .unwrap_err();
+        let err = Tensor::from_json(&json_tensor(
+            json!({"name": "x", "shape": [1], "datatype": "FP32", "data": 1}),
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("must be a JSON array"), "{err}");
     }
 
@@ -739,18 +872,47 @@ mod tests {
             let n = element_count(&shape).unwrap() as usize;
             let s = shape.clone();
             prop_oneof![
-                proptest::collection::vec(any::<bool>(), n).prop_map(move |v| Tensor::from_values("t", s.clone(), &v).unwrap()),
-                proptest::collection::vec(any::<u8>(), n).prop_map({ let s = shape.clone(); move |v| Tensor::from_values("t", s.clone(), &v).unwrap() }),
-                proptest::collection::vec(any::<i8>(), n).prop_map({ let s = shape.clone(); move |v| Tensor::from_values("t", s.clone(), &v).unwrap() }),
-                proptest::collection::vec(any::<i32>(), n).prop_map({ let s = shape.clone(); move |v| Tensor::from_values("t", s.clone(), &v).unwrap() }),
-                proptest::collection::vec(any::<i64>(), n).prop_map({ let s = shape.clone(); move |v| Tensor::from_values("t", s.clone(), &v).unwrap() }),
-                proptest::collection::vec(-60000.0f32..60000.0, n).prop_map({ let s = shape.clone(); move |v| {
-                    let h: Vec<half::f16> = v.into_iter().map(half::f16::from_f32).collect();
-                    Tensor::from_values("t", s.clone(), &h).unwrap()
-                }}),
-                proptest::collection::vec(-1e30f32..1e30, n).prop_map({ let s = shape.clone(); move |v| Tensor::from_values("t", s.clone(), &v).unwrap() }),
-                proptest::collection::vec(-1e300f64..1e300, n).prop_map({ let s = shape.clone(); move |v| Tensor::from_values("t", s.clone(), &v).unwrap() }),
-                proptest::collection::vec(".{0,8}", n).prop_map({ let s = shape.clone(); move |v| Tensor::from_byte_strings("t", s.clone(), &v).unwrap() }),
+                proptest::collection::vec(any::<bool>(), n).prop_map(move |v| Tensor::from_values(
+                    "t",
+                    s.clone(),
+                    &v
+                )
+                .unwrap()),
+                proptest::collection::vec(any::<u8>(), n).prop_map({
+                    let s = shape.clone();
+                    move |v| Tensor::from_values("t", s.clone(), &v).unwrap()
+                }),
+                proptest::collection::vec(any::<i8>(), n).prop_map({
+                    let s = shape.clone();
+                    move |v| Tensor::from_values("t", s.clone(), &v).unwrap()
+                }),
+                proptest::collection::vec(any::<i32>(), n).prop_map({
+                    let s = shape.clone();
+                    move |v| Tensor::from_values("t", s.clone(), &v).unwrap()
+                }),
+                proptest::collection::vec(any::<i64>(), n).prop_map({
+                    let s = shape.clone();
+                    move |v| Tensor::from_values("t", s.clone(), &v).unwrap()
+                }),
+                proptest::collection::vec(-60000.0f32..60000.0, n).prop_map({
+                    let s = shape.clone();
+                    move |v| {
+                        let h: Vec<half::f16> = v.into_iter().map(half::f16::from_f32).collect();
+                        Tensor::from_values("t", s.clone(), &h).unwrap()
+                    }
+                }),
+                proptest::collection::vec(-1e30f32..1e30, n).prop_map({
+                    let s = shape.clone();
+                    move |v| Tensor::from_values("t", s.clone(), &v).unwrap()
+                }),
+                proptest::collection::vec(-1e300f64..1e300, n).prop_map({
+                    let s = shape.clone();
+                    move |v| Tensor::from_values("t", s.clone(), &v).unwrap()
+                }),
+                proptest::collection::vec(".{0,8}", n).prop_map({
+                    let s = shape.clone();
+                    move |v| Tensor::from_byte_strings("t", s.clone(), &v).unwrap()
+                }),
             ]
             .prop_map(move |t| (shape.clone(), t))
         })

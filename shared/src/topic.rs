@@ -45,7 +45,9 @@ pub enum TopicError {
         reason: &'static str,
     },
     /// The topic does not have one of Outpost's shapes.
-    #[error("topic {topic:?} is not an Outpost topic (expected {PREFIX}models/NAME/manifest or {PREFIX}devices/ID/status)")]
+    #[error(
+        "topic {topic:?} is not an Outpost topic (expected {PREFIX}models/NAME/manifest or {PREFIX}devices/ID/status)"
+    )]
     Unknown {
         /// The topic, cut to 200 characters.
         topic: String,
@@ -54,7 +56,11 @@ pub enum TopicError {
 
 /// Checks `name` against the naming rule.
 pub fn validate_name(kind: NameKind, name: &str) -> Result<(), TopicError> {
-    let bad = |reason| TopicError::BadName { kind, name: name.chars().take(80).collect(), reason };
+    let bad = |reason| TopicError::BadName {
+        kind,
+        name: name.chars().take(80).collect(),
+        reason,
+    };
     let first = name.chars().next().ok_or_else(|| bad("it is empty"))?;
     if name.len() > MAX_NAME_LEN {
         return Err(bad("it is longer than 128 characters"));
@@ -62,8 +68,13 @@ pub fn validate_name(kind: NameKind, name: &str) -> Result<(), TopicError> {
     if !first.is_ascii_alphanumeric() {
         return Err(bad("it must start with a letter or a digit"));
     }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-        return Err(bad("only ASCII letters, digits, '-', '_' and '.' are allowed"));
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(bad(
+            "only ASCII letters, digits, '-', '_' and '.' are allowed",
+        ));
     }
     Ok(())
 }
@@ -87,18 +98,24 @@ impl Topic {
     /// The manifest topic of `model`.
     pub fn manifest(model: &str) -> Result<Self, TopicError> {
         validate_name(NameKind::Model, model)?;
-        Ok(Topic::Manifest { model: model.to_owned() })
+        Ok(Topic::Manifest {
+            model: model.to_owned(),
+        })
     }
 
     /// The status topic of `device`.
     pub fn device_status(device: &str) -> Result<Self, TopicError> {
         validate_name(NameKind::Device, device)?;
-        Ok(Topic::DeviceStatus { device: device.to_owned() })
+        Ok(Topic::DeviceStatus {
+            device: device.to_owned(),
+        })
     }
 
     /// Parses a topic name received from a broker.
     pub fn parse(topic: &str) -> Result<Self, TopicError> {
-        let unknown = || TopicError::Unknown { topic: topic.chars().take(200).collect() };
+        let unknown = || TopicError::Unknown {
+            topic: topic.chars().take(200).collect(),
+        };
         let rest = topic.strip_prefix(PREFIX).ok_or_else(unknown)?;
         let mut levels = rest.split('/');
         let parsed = match (levels.next(), levels.next(), levels.next(), levels.next()) {
@@ -131,13 +148,21 @@ mod tests {
 
     #[test]
     fn builds_the_documented_topics() {
-        assert_eq!(Topic::manifest("video-ranker").unwrap().name(), "outpost/v1/models/video-ranker/manifest");
-        assert_eq!(Topic::device_status("demo-0001").unwrap().name(), "outpost/v1/devices/demo-0001/status");
+        assert_eq!(
+            Topic::manifest("video-ranker").unwrap().name(),
+            "outpost/v1/models/video-ranker/manifest"
+        );
+        assert_eq!(
+            Topic::device_status("demo-0001").unwrap().name(),
+            "outpost/v1/devices/demo-0001/status"
+        );
     }
 
     #[test]
     fn rejects_names_that_break_topics() {
-        for bad in ["", "a/b", "a+b", "a#", "+", "#", ".hidden", "-x", "a b", "ü", "a\0b"] {
+        for bad in [
+            "", "a/b", "a+b", "a#", "+", "#", ".hidden", "-x", "a b", "ü", "a\0b",
+        ] {
             assert!(Topic::manifest(bad).is_err(), "{bad:?} accepted");
             assert!(Topic::device_status(bad).is_err(), "{bad:?} accepted");
         }
@@ -162,8 +187,14 @@ mod tests {
 
     #[test]
     fn filters_match_the_builders() {
-        assert_eq!(ALL_MANIFESTS.replace('+', "m"), Topic::manifest("m").unwrap().name());
-        assert_eq!(ALL_DEVICE_STATUS.replace('+', "d"), Topic::device_status("d").unwrap().name());
+        assert_eq!(
+            ALL_MANIFESTS.replace('+', "m"),
+            Topic::manifest("m").unwrap().name()
+        );
+        assert_eq!(
+            ALL_DEVICE_STATUS.replace('+', "d"),
+            Topic::device_status("d").unwrap().name()
+        );
     }
 
     proptest! {

@@ -1,0 +1,63 @@
+//! The `model-zoo` binary writes loadable, deterministic files and refuses unknown names.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+fn cli() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_model-zoo"))
+}
+
+#[test]
+fn write_selected_models_then_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli()
+        .args([
+            "write",
+            "--model",
+            "video-ranker",
+            "--model",
+            "intent-classifier",
+            "--seed",
+            "5",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("[1/2]") && stdout.contains("[2/2]"),
+        "{stdout}"
+    );
+    let written = std::fs::read(dir.path().join("video-ranker.onnx")).unwrap();
+    assert_eq!(written, model_zoo::DemoModel::VideoRanker.bytes(5));
+    assert!(dir.path().join("intent-classifier.onnx").is_file());
+    assert!(!dir.path().join("music-two-tower.onnx").exists());
+
+    let list = cli().arg("list").output().unwrap();
+    let stdout = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+    assert!(stdout.contains("video-ranker-xl"));
+}
+
+#[test]
+fn unknown_model_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli()
+        .args(["write", "--model", "video-rankr", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown model \"video-rankr\"") && stderr.contains("video-ranker"),
+        "{stderr}"
+    );
+}
