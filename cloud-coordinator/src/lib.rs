@@ -1,5 +1,251 @@
-//! The Outpost cloud coordinator: registry, model optimisation, manifest signing and
-//! publishing, embedded MQTT broker, QUIC chunk and inference service, admin API.
+//! The Outpost cloud coordinator: registry, manifest signing and publishing, embedded MQTT
+//! broker, QUIC chunk and inference service, admin API.
 //!
-//! Not built yet: this crate is a placeholder in the workspace so dependencies point the right
-//! way from the start. The coordinator arrives with issue 3 (see the README).
+//! [`Coordinator::start`] runs everything on the current tokio runtime and returns a
+//! [`CoordinatorHandle`] with the real addresses (port 0 picks a free port), so tests and the
+//! `outpost` tool run coordinators in-process; `main.rs` is a thin CLI over it.
+
+pub mod admin;
+pub mod error;
+mod infer;
+pub mod metrics;
+pub mod mqtt;
+pub mod onnx;
+mod quic;
+pub mod registry;
+pub mod store;
+pub mod trust;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use firmware_config::{CoordinatorConfig, HostPort};
+use tokio::sync::watch;
+
+pub use error::{CoordinatorError, RegistryError};
+
+/// The file, in the data folder, holding the admin API's bearer token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Starts coordinators.
+#[derive(Debug)]
+pub struct Coordinator;
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct CoordinatorHandle {
+    /// The QUIC service's address.
+    pub quic_addr: SocketAddr,
+    /// The admin API's address.
+    pub admin_addr: SocketAddr,
+    /// The MQTT broker in use (embedded or external).
+    pub mqtt: HostPort,
+    /// Whether the broker is the embedded one.
+    pub embedded_broker: bool,
+    /// The admin API's bearer token.
+    pub admin_token: String,
+    /// Whether the token was made by this start (print it).
+    pub new_admin_token: bool,
+    /// The coordinator config of the fleet in use (the dev fleet's in dev mode).
+    pub fleet_config: Option<PathBuf>,
+    /// In dev mode, a ready agent config of the dev fleet.
+    pub dev_agent_config: Option<PathBuf>,
+    /// The data folder.
+    pub data_dir: PathBuf,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    db: sled::Db,
+}
+
+impl Coordinator {
+    /// Starts a coordinator as `config` says.
+    pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, CoordinatorError> {
+        let data_dir = config.storage.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| CoordinatorError::Io {
+            path: data_dir.clone(),
+            source,
+        })?;
+
+        // The broker first: the dev fleet's agent configs name its address.
+        let (mqtt, embedded_broker) = match (&config.mqtt.external, config.mqtt.embedded_listen()) {
+            (Some(external), _) => (external.clone(), false),
+            (None, Some(listen)) => {
+                let addr = mqtt::start_embedded_broker(listen)?;
+                (
+                    HostPort {
+                        host: addr.ip().to_string(),
+                        port: addr.port(),
+                    },
+                    true,
+                )
+            }
+            (None, None) => {
+                return Err(CoordinatorError::Network(
+                    "no MQTT broker configured".into(),
+                ));
+            }
+        };
+
+        let udp = bind_udp(config.quic.listen)?;
+        let quic_port = udp
+            .local_addr()
+            .map_err(|e| CoordinatorError::Network(e.to_string()))?
+            .port();
+        let trust = trust::load(&config, quic_port, &mqtt)?;
+        let server_config = trust::quic_server_config(&trust)?;
+
+        let db = sled::open(data_dir.join("registry.sled"))?;
+        let chunks = store::ChunkStore::open(&data_dir.join("chunks")).map_err(|source| {
+            CoordinatorError::Io {
+                path: data_dir.join("chunks"),
+                source,
+            }
+        })?;
+        let registry = Arc::new(registry::Registry::open(
+            db.clone(),
+            chunks,
+            trust.signer,
+            config.registry.keep_versions,
+        )?);
+        let (admin_token, new_admin_token) = admin_token(&data_dir)?;
+        let metrics = Arc::new(metrics::Metrics::default());
+        let fleet = mqtt::FleetView::default();
+        let (shutdown, watcher) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let (announcer, mqtt_task) = mqtt::Announcer::start(
+            &mqtt.host,
+            mqtt.port,
+            registry.clone(),
+            fleet.clone(),
+            watcher.clone(),
+        );
+        tasks.push(mqtt_task);
+
+        let pool = infer::InferencePool::start(
+            config.inference.workers,
+            config.inference.queue_depth,
+            registry.clone(),
+            metrics.clone(),
+        );
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            udp,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| CoordinatorError::Network(format!("QUIC endpoint: {e}")))?;
+        let quic_addr = endpoint
+            .local_addr()
+            .map_err(|e| CoordinatorError::Network(e.to_string()))?;
+        let service = quic::Service {
+            registry: registry.clone(),
+            pool,
+            metrics: metrics.clone(),
+        };
+        tasks.push(tokio::spawn(quic::serve(
+            endpoint,
+            service,
+            watcher.clone(),
+        )));
+
+        let listener = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AddrInUse => CoordinatorError::AddressInUse {
+                    what: "the admin API",
+                    addr: config.admin.listen,
+                    hint: " (set [admin] listen to another address)",
+                },
+                _ => {
+                    CoordinatorError::Network(format!("admin API on {}: {e}", config.admin.listen))
+                }
+            })?;
+        let admin_addr = listener
+            .local_addr()
+            .map_err(|e| CoordinatorError::Network(e.to_string()))?;
+        let max_upload = usize::try_from(config.registry.max_upload_mb.saturating_mul(1 << 20))
+            .unwrap_or(usize::MAX);
+        let state = admin::AdminState {
+            registry,
+            announcer,
+            fleet,
+            metrics,
+            token: admin_token.clone(),
+            max_upload,
+        };
+        tasks.push(tokio::spawn(admin::serve(listener, state, watcher)));
+
+        tracing::info!(%quic_addr, %admin_addr, mqtt = %mqtt, embedded_broker, "coordinator started");
+        Ok(CoordinatorHandle {
+            quic_addr,
+            admin_addr,
+            mqtt,
+            embedded_broker,
+            admin_token,
+            new_admin_token,
+            fleet_config: trust.fleet_config,
+            dev_agent_config: trust.dev_agent_config,
+            data_dir,
+            shutdown,
+            tasks,
+            db,
+        })
+    }
+}
+
+impl CoordinatorHandle {
+    /// Stops serving, waits for the tasks and flushes the registry. (The embedded broker's thread
+    /// cannot be stopped; it ends with the process.)
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        if let Err(e) = self.db.flush_async().await {
+            tracing::error!(error = %e, "could not flush the registry");
+        }
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, CoordinatorError> {
+    std::net::UdpSocket::bind(addr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => CoordinatorError::AddressInUse {
+            what: "the QUIC service",
+            addr,
+            hint: " (is another coordinator running? set [quic] listen to another address)",
+        },
+        _ => CoordinatorError::Network(format!("QUIC on {addr}: {e}")),
+    })
+}
+
+/// Reads the admin token, making one (32 random bytes, hex, mode 0600) on first start.
+fn admin_token(data_dir: &Path) -> Result<(String, bool), CoordinatorError> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let io = |source| CoordinatorError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok((token.trim().to_owned(), false)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let mut raw = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| CoordinatorError::Fleet("the system random generator failed".into()))?;
+    let token = outpost_shared::hex::encode(&raw);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&path).map_err(io)?;
+    std::io::Write::write_all(&mut file, token.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok((token, true))
+}

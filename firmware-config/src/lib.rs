@@ -8,6 +8,7 @@
 mod agent;
 mod coordinator;
 mod diagnostic;
+pub mod identity;
 mod profile;
 pub mod provision;
 mod types;
@@ -23,6 +24,7 @@ pub use coordinator::{
     InferenceSection, QuicSection, RegistrySection,
 };
 pub use diagnostic::{ConfigError, ConfigErrors};
+pub use identity::{IdentityError, device_id_from_certificate};
 pub use profile::{BatteryPolicy, DeviceClass, GpuPreference, Profile, ProfileOverrides};
 pub use provision::{FleetAuthority, FleetPlan, ProvisionError, ProvisionedFleet, provision};
 pub use types::{DeviceId, HostPort};

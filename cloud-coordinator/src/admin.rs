@@ -1,0 +1,401 @@
+//! The admin HTTP API (bearer token): push, rollback, model and fleet listings; plus the
+//! unauthenticated Prometheus `/metrics`.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/models/{name}?placement=&rollout=&quantize=&cloud_size=` | push (body: the model file, then the cloud model's `cloud_size` bytes) |
+//! | `POST /v1/models/{name}/rollback?to=V` | publish version V's content as a new version |
+//! | `GET /v1/models` | models and versions |
+//! | `GET /v1/fleet` | devices and their last status |
+//! | `GET /metrics` | Prometheus metrics |
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use outpost_shared::Placement;
+use tokio::sync::watch;
+
+use crate::error::RegistryError;
+use crate::metrics::Metrics;
+use crate::mqtt::{Announcer, FleetView};
+use crate::registry::{PushRequest, Quantize, Registry};
+
+/// What the admin API needs.
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    /// The registry.
+    pub registry: Arc<Registry>,
+    /// Publishes manifests.
+    pub announcer: Announcer,
+    /// The fleet view.
+    pub fleet: FleetView,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The bearer token.
+    pub token: String,
+    /// The largest upload, bytes.
+    pub max_upload: usize,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+/// Serves the admin API until shutdown.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(req, &state).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    *reply.status_mut() = status;
+    reply.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    reply
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Reply {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    let given = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Constant time in the token's length.
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
+    let path = req.uri().path().to_owned();
+    if req.method() == Method::GET && path == "/metrics" {
+        let mut reply = Response::new(Full::new(Bytes::from(state.metrics.render())));
+        reply.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        return reply;
+    }
+    if !authorized(&req, &state.token) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token (Authorization: Bearer TOKEN)",
+        );
+    }
+    let query = parse_query(req.uri().query().unwrap_or_default());
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["v1", "models"]) => match state.registry.list() {
+            Ok(models) => json(StatusCode::OK, &models),
+            Err(e) => registry_error(e),
+        },
+        (Method::GET, ["v1", "fleet"]) => {
+            let fleet = state
+                .fleet
+                .lock()
+                .map(|f| f.values().cloned().collect::<Vec<_>>())
+                .unwrap_or_default();
+            json(StatusCode::OK, &fleet)
+        }
+        (Method::POST, ["v1", "models", name]) => {
+            push(req, (*name).to_owned(), &query, state).await
+        }
+        (Method::POST, ["v1", "models", name, "rollback"]) => {
+            let Some(to) = query.get("to").and_then(|v| v.parse::<u64>().ok()) else {
+                return error(StatusCode::BAD_REQUEST, "rollback needs ?to=VERSION");
+            };
+            let (registry, name) = (state.registry.clone(), (*name).to_owned());
+            let result = tokio::task::spawn_blocking(move || registry.rollback(&name, to)).await;
+            publish(result, state).await
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no route for {} {path}", req.method()),
+        ),
+    }
+}
+
+async fn push(
+    req: Request<Incoming>,
+    name: String,
+    query: &HashMap<String, String>,
+    state: &AdminState,
+) -> Reply {
+    // Read the upload before judging the options: answering early and closing would reset the
+    // connection under a client still sending, and it could lose the answer.
+    let body = match Limited::new(req.into_body(), state.max_upload)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the upload is larger than the limit of {} MiB (registry.max_upload_mb)",
+                    state.max_upload >> 20
+                ),
+            );
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the upload: {e}"),
+            );
+        }
+    };
+    let placement = match query
+        .get("placement")
+        .map(String::as_str)
+        .unwrap_or("local")
+        .parse::<PlacementArg>()
+    {
+        Ok(p) => p.0,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let rollout_percent = match query.get("rollout").map(|v| v.parse::<u8>()) {
+        None => 100,
+        Some(Ok(p)) if p <= 100 => p,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "rollout must be a percentage from 0 to 100",
+            );
+        }
+    };
+    let quantize = match query.get("quantize").map(String::as_str) {
+        None | Some("none") => Quantize::None,
+        Some("int8") => Quantize::Int8,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("quantize must be none or int8, not {other:?}"),
+            );
+        }
+    };
+    let cloud_size = match query.get("cloud_size").map(|v| v.parse::<usize>()) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "cloud_size must be a byte count"),
+    };
+    let (model, cloud_model) = match cloud_size {
+        Some(n) if n == 0 || n >= body.len() => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "cloud_size {n} does not fit an upload of {} bytes",
+                    body.len()
+                ),
+            );
+        }
+        Some(n) => (
+            body[..body.len() - n].to_vec(),
+            Some(body[body.len() - n..].to_vec()),
+        ),
+        None => (body.to_vec(), None),
+    };
+    let request = PushRequest {
+        name,
+        model,
+        cloud_model,
+        placement,
+        rollout_percent,
+        quantize,
+    };
+    let registry = state.registry.clone();
+    let result = tokio::task::spawn_blocking(move || registry.push(request)).await;
+    publish(result, state).await
+}
+
+async fn publish(
+    result: Result<
+        Result<(crate::registry::Published, Vec<u8>), RegistryError>,
+        tokio::task::JoinError,
+    >,
+    state: &AdminState,
+) -> Reply {
+    match result {
+        Ok(Ok((published, signed))) => {
+            state.metrics.pushes.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                model = published.model,
+                version = published.version,
+                release = published.release,
+                "published"
+            );
+            if let Err(e) = state.announcer.announce(&published.model, signed).await {
+                // Stored and signed; it is announced again on the next broker (re)connect.
+                tracing::warn!(model = published.model, error = %e, "could not announce now");
+            }
+            json(StatusCode::CREATED, &published)
+        }
+        Ok(Err(e)) => registry_error(e),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the push task failed: {e}"),
+        ),
+    }
+}
+
+fn registry_error(e: RegistryError) -> Reply {
+    let status = match &e {
+        RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        RegistryError::BadModel(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistryError::NotBuilt(_) => StatusCode::NOT_IMPLEMENTED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+/// `local`, `cloud`, or `cascade:OUTPUT:THRESHOLD`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementArg(pub Placement);
+
+impl std::str::FromStr for PlacementArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "placement {text:?} must be local, cloud or cascade:OUTPUT:THRESHOLD (e.g. cascade:intent_probs:0.7)"
+            )
+        };
+        match text {
+            "local" => Ok(PlacementArg(Placement::Local)),
+            "cloud" => Ok(PlacementArg(Placement::Cloud)),
+            _ => {
+                let rest = text.strip_prefix("cascade:").ok_or_else(bad)?;
+                let (output, threshold) = rest.rsplit_once(':').ok_or_else(bad)?;
+                let threshold: f32 = threshold.parse().map_err(|_| bad())?;
+                if output.is_empty() || !(0.0..=1.0).contains(&threshold) {
+                    return Err(bad());
+                }
+                Ok(PlacementArg(Placement::Cascade {
+                    output: output.to_owned(),
+                    threshold,
+                }))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for PlacementArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Placement::Local => f.write_str("local"),
+            Placement::Cloud => f.write_str("cloud"),
+            Placement::Cascade { output, threshold } => write!(f, "cascade:{output}:{threshold}"),
+        }
+    }
+}
+
+/// `a=b&c=d`, with `%XX` and `+` decoded.
+fn parse_query(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placements_parse_and_print() {
+        for text in ["local", "cloud", "cascade:intent_probs:0.7"] {
+            assert_eq!(text.parse::<PlacementArg>().unwrap().to_string(), text);
+        }
+        for bad in [
+            "",
+            "edge",
+            "cascade:",
+            "cascade:x",
+            "cascade:x:2",
+            "cascade::0.5",
+        ] {
+            assert!(bad.parse::<PlacementArg>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queries_decode() {
+        let q = parse_query("placement=cascade%3Aintent_probs%3A0.7&rollout=10&x=%zz&y=%4");
+        assert_eq!(q["placement"], "cascade:intent_probs:0.7");
+        assert_eq!(q["rollout"], "10");
+        assert_eq!(q["x"], "%zz");
+        assert_eq!(q["y"], "%4");
+    }
+}

@@ -1,0 +1,63 @@
+//! The coordinator's errors, each saying what a user can do about it.
+
+use std::path::PathBuf;
+
+/// Why the coordinator could not start or an operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoordinatorError {
+    /// A listener's address is taken.
+    #[error("{what} cannot listen on {addr}: the address is in use{hint}")]
+    AddressInUse {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// How to get around it.
+        hint: &'static str,
+    },
+    /// A file or folder could not be used.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The fleet's trust material is missing or broken.
+    #[error("fleet: {0}")]
+    Fleet(String),
+    /// The registry database failed.
+    #[error("registry database: {0}")]
+    Database(#[from] sled::Error),
+    /// A network setup step failed.
+    #[error("{0}")]
+    Network(String),
+}
+
+/// Why a push, rollback or lookup was refused; the admin API answers these with 4xx codes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The request is malformed (bad name, option, or signature mismatch).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The model file cannot be used.
+    #[error("{0}")]
+    BadModel(String),
+    /// No such model or version.
+    #[error("{0}")]
+    NotFound(String),
+    /// An option that is not built yet.
+    #[error("{0}")]
+    NotBuilt(String),
+    /// Storage failed.
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+impl From<sled::Error> for RegistryError {
+    fn from(e: sled::Error) -> Self {
+        RegistryError::Storage(e.to_string())
+    }
+}

@@ -1,0 +1,132 @@
+//! Offloaded inference: a fixed set of worker threads fed by a bounded queue. A full queue is
+//! answered `Busy` at once; memory never grows with load.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use outpost_shared::{ErrorKind, Tensor, TensorSpec};
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+use crate::onnx::{self, Plan};
+use crate::registry::Registry;
+
+/// A finished inference: the version that ran and its outputs, or why it failed.
+pub type Outcome = Result<(u64, Vec<Tensor>), (ErrorKind, String)>;
+
+/// One inference request for the pool.
+pub struct Job {
+    /// The model.
+    pub model: String,
+    /// A version, or the stable one.
+    pub version: Option<u64>,
+    /// The inputs.
+    pub inputs: Vec<Tensor>,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Outcome>,
+}
+
+/// The pool's handle: submitting never blocks.
+#[derive(Clone)]
+pub struct InferencePool {
+    queue: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for InferencePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InferencePool").finish_non_exhaustive()
+    }
+}
+
+/// Loaded plans by (model, version), shared by the workers.
+type Plans = Mutex<HashMap<(String, u64), (Plan, Vec<TensorSpec>, Vec<TensorSpec>)>>;
+
+impl InferencePool {
+    /// Starts `workers` threads behind a queue of `depth` waiting jobs.
+    pub fn start(workers: u32, depth: u32, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        let (queue, jobs) = sync_channel::<Job>(depth as usize);
+        let jobs = Arc::new(Mutex::new(jobs));
+        let plans: Arc<Plans> = Arc::default();
+        for i in 0..workers.max(1) {
+            let (jobs, plans, registry, metrics) = (
+                jobs.clone(),
+                plans.clone(),
+                registry.clone(),
+                metrics.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("infer-{i}"))
+                .spawn(move || work(&jobs, &plans, &registry, &metrics));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "could not start an inference worker");
+            }
+        }
+        Self { queue, metrics }
+    }
+
+    /// Queues a job; gives it back when the queue is full (answer `Busy`).
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        match self.queue.try_send(job) {
+            Ok(()) => {
+                self.metrics
+                    .queue_depth
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => Err(job),
+        }
+    }
+}
+
+fn work(jobs: &Mutex<Receiver<Job>>, plans: &Plans, registry: &Registry, metrics: &Metrics) {
+    loop {
+        // The lock is held only while waiting for the next job.
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        metrics
+            .queue_depth
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let result = run_job(&job, plans, registry);
+        metrics.observe_inference(started.elapsed(), result.is_ok());
+        // The requester may have gone away; nothing to do then.
+        let _ = job.reply.send(result);
+    }
+}
+
+fn run_job(
+    job: &Job,
+    plans: &Plans,
+    registry: &Registry,
+) -> Result<(u64, Vec<Tensor>), (ErrorKind, String)> {
+    let version = match job.version {
+        Some(v) => v,
+        None => registry
+            .stable_version(&job.model)
+            .map_err(|e| (ErrorKind::UnknownModel, e.to_string()))?,
+    };
+    let key = (job.model.clone(), version);
+    let cached = plans.lock().ok().and_then(|p| p.get(&key).cloned());
+    let (plan, inputs, outputs) = match cached {
+        Some(entry) => entry,
+        None => {
+            let bytes = registry
+                .serving_bytes(&job.model, version)
+                .map_err(|e| (ErrorKind::UnknownModel, e.to_string()))?;
+            let entry = onnx::load(&bytes).map_err(|e| (ErrorKind::Internal, e))?;
+            if let Ok(mut p) = plans.lock() {
+                p.insert(key, entry.clone());
+            }
+            entry
+        }
+    };
+    let ordered =
+        onnx::check_inputs(&inputs, &job.inputs).map_err(|e| (ErrorKind::InvalidInput, e))?;
+    let out = onnx::run(&plan, &ordered, &outputs).map_err(|e| (ErrorKind::InvalidInput, e))?;
+    Ok((version, out))
+}

@@ -1,0 +1,122 @@
+//! Prometheus counters of the coordinator, rendered in the text exposition format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the inference latency histogram's buckets.
+const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+/// The coordinator's counters; cheap to update from any thread.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Successful pushes (and rollbacks).
+    pub pushes: AtomicU64,
+    /// Chunks sent to agents.
+    pub chunks_served: AtomicU64,
+    /// Bytes of chunks sent to agents.
+    pub chunk_bytes_served: AtomicU64,
+    /// Inference requests answered `Busy`.
+    pub inference_busy: AtomicU64,
+    /// Inference jobs waiting for a worker.
+    pub queue_depth: AtomicI64,
+    /// Open QUIC connections from devices.
+    pub connected_devices: AtomicI64,
+    inference_ok: AtomicU64,
+    inference_failed: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_sum_us: AtomicU64,
+}
+
+impl Metrics {
+    /// Records one finished inference.
+    pub fn observe_inference(&self, took: Duration, ok: bool) {
+        let counter = if ok {
+            &self.inference_ok
+        } else {
+            &self.inference_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let secs = took.as_secs_f64();
+        for (bound, bucket) in BUCKETS.iter().zip(&self.latency_buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_sum_us.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        counter(
+            "outpost_pushes_total",
+            "Model versions published (pushes and rollbacks).",
+            get(&self.pushes),
+        );
+        counter(
+            "outpost_chunks_served_total",
+            "Chunks sent to agents.",
+            get(&self.chunks_served),
+        );
+        counter(
+            "outpost_chunk_bytes_served_total",
+            "Bytes of chunks sent to agents.",
+            get(&self.chunk_bytes_served),
+        );
+        counter(
+            "outpost_inference_busy_total",
+            "Inference requests refused with Busy.",
+            get(&self.inference_busy),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outpost_inference_queue_depth Inference jobs waiting for a worker.\n# TYPE outpost_inference_queue_depth gauge\noutpost_inference_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed).max(0)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outpost_connected_devices Devices connected over QUIC.\n# TYPE outpost_connected_devices gauge\noutpost_connected_devices {}",
+            self.connected_devices.load(Ordering::Relaxed).max(0)
+        );
+        let ok = get(&self.inference_ok);
+        let failed = get(&self.inference_failed);
+        let _ = writeln!(
+            out,
+            "# HELP outpost_inferences_total Offloaded inferences run.\n# TYPE outpost_inferences_total counter\noutpost_inferences_total{{result=\"ok\"}} {ok}\noutpost_inferences_total{{result=\"error\"}} {failed}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outpost_inference_seconds Time to run an offloaded inference.\n# TYPE outpost_inference_seconds histogram"
+        );
+        for (bound, bucket) in BUCKETS.iter().zip(&self.latency_buckets) {
+            let _ = writeln!(
+                out,
+                "outpost_inference_seconds_bucket{{le=\"{bound}\"}} {}",
+                get(bucket)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "outpost_inference_seconds_bucket{{le=\"+Inf\"}} {}",
+            ok + failed
+        );
+        let _ = writeln!(
+            out,
+            "outpost_inference_seconds_sum {}",
+            get(&self.latency_sum_us) as f64 / 1e6
+        );
+        let _ = writeln!(out, "outpost_inference_seconds_count {}", ok + failed);
+        out
+    }
+}

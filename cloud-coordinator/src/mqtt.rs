@@ -1,0 +1,204 @@
+//! MQTT: the embedded broker (rumqttd, on its own thread) and the coordinator's client, which
+//! publishes signed manifests retained with QoS 1 and keeps the fleet view from device status.
+//!
+//! A fresh broker holds no retained messages, so every current release is published again each
+//! time the client (re)connects.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_shared::{DeviceStatus, Topic, topic};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::watch;
+
+use crate::error::CoordinatorError;
+use crate::registry::Registry;
+
+/// Devices by id, with their last status.
+pub type FleetView = Arc<Mutex<BTreeMap<String, DeviceStatus>>>;
+
+/// Starts rumqttd on `addr` on its own thread. rumqttd cannot report a port-0 address nor be
+/// stopped, so the port is chosen (and checked free) here first.
+pub fn start_embedded_broker(addr: SocketAddr) -> Result<SocketAddr, CoordinatorError> {
+    let probe = std::net::TcpListener::bind(addr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => CoordinatorError::AddressInUse {
+            what: "the embedded MQTT broker",
+            addr,
+            hint: " (another MQTT broker? set [mqtt] external = \"HOST:PORT\" to use it, or [mqtt] listen to move the embedded one)",
+        },
+        _ => CoordinatorError::Network(format!("embedded MQTT broker on {addr}: {e}")),
+    })?;
+    let addr = probe
+        .local_addr()
+        .map_err(|e| CoordinatorError::Network(e.to_string()))?;
+    drop(probe);
+    let settings = rumqttd::ServerSettings {
+        name: "v4".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: outpost_shared::manifest::MAX_MANIFEST_BYTES + 64 * 1024,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 10_010,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 100 * 1024 * 1024,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("v4".to_owned(), settings)])),
+        v5: None,
+        ws: None,
+        cluster: None,
+        console: None,
+        bridge: None,
+        prometheus: None,
+        metrics: None,
+    };
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "the embedded MQTT broker stopped");
+            }
+        })
+        .map_err(|e| {
+            CoordinatorError::Network(format!("cannot start the MQTT broker thread: {e}"))
+        })?;
+    Ok(addr)
+}
+
+/// The coordinator's MQTT client.
+#[derive(Clone, Debug)]
+pub struct Announcer {
+    client: AsyncClient,
+}
+
+impl Announcer {
+    /// Connects to `host:port` (retrying in the background) and starts the event loop task.
+    pub fn start(
+        host: &str,
+        port: u16,
+        registry: Arc<Registry>,
+        fleet: FleetView,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let id = format!("outpost-coordinator-{}", std::process::id());
+        let mut options = MqttOptions::new(id, host, port);
+        options.set_keep_alive(Duration::from_secs(15));
+        let limit = outpost_shared::manifest::MAX_MANIFEST_BYTES + 64 * 1024;
+        options.set_max_packet_size(limit, limit);
+        let (client, mut events) = AsyncClient::new(options, 256);
+        events.network_options.set_tcp_nodelay(true);
+        let announcer = Announcer { client };
+        let task = tokio::spawn(run_events(
+            events,
+            announcer.clone(),
+            registry,
+            fleet,
+            shutdown,
+        ));
+        (announcer, task)
+    }
+
+    /// Publishes a model's signed manifest, retained, QoS 1.
+    pub async fn announce(&self, model: &str, signed: Vec<u8>) -> Result<(), String> {
+        let topic = Topic::manifest(model).map_err(|e| e.to_string())?.name();
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, signed)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+async fn run_events(
+    mut events: EventLoop,
+    announcer: Announcer,
+    registry: Arc<Registry>,
+    fleet: FleetView,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.changed() => {
+                let _ = announcer.client.try_disconnect();
+                return;
+            }
+            event = events.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(100);
+                tracing::info!("connected to the MQTT broker; announcing every release");
+                // Publishing waits for the event loop; do it from another task.
+                let (announcer, registry) = (announcer.clone(), registry.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = announcer
+                        .client
+                        .subscribe(topic::ALL_DEVICE_STATUS, QoS::AtLeastOnce)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not subscribe to device status");
+                    }
+                    match registry.signed_manifests() {
+                        Ok(all) => {
+                            for (model, signed) in all {
+                                if let Err(e) = announcer.announce(&model, signed).await {
+                                    tracing::warn!(model, error = %e, "could not announce");
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not read the registry to announce")
+                        }
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => match Topic::parse(&p.topic) {
+                Ok(Topic::DeviceStatus { device }) if p.payload.is_empty() => {
+                    if let Ok(mut f) = fleet.lock() {
+                        f.remove(&device);
+                    }
+                }
+                Ok(Topic::DeviceStatus { device }) => match DeviceStatus::from_cbor(&p.payload) {
+                    Ok(status) if status.device_id == device => {
+                        if let Ok(mut f) = fleet.lock() {
+                            f.insert(device, status);
+                        }
+                    }
+                    Ok(status) => {
+                        tracing::warn!(topic = %p.topic, claimed = %status.device_id, "status names another device")
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %p.topic, error = %e, "unreadable device status")
+                    }
+                },
+                _ => {}
+            },
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection failed");
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The QUIC service for agents: one bidirectional stream per request (`Hello`, `GetChunks`,
+//! `Infer`), framed as length-prefixed CBOR. Only devices with a certificate from the fleet CA
+//! get past the handshake; each connection is identified by the device id in its certificate.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use outpost_shared::frame::{self, HEADER_BYTES, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use outpost_shared::{ErrorKind, Request, Response};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::{oneshot, watch};
+
+use crate::infer::{InferencePool, Job};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// What the QUIC service needs.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// The registry (chunks).
+    pub registry: Arc<Registry>,
+    /// The inference pool.
+    pub pool: InferencePool,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Accepts connections until shutdown.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    service: Service,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.changed() => break,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Some(incoming) = incoming else { break };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(connection) => serve_connection(connection, service).await,
+                Err(e) => tracing::info!(%remote, error = %e, "refused a QUIC connection"),
+            }
+        });
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
+}
+
+fn device_of(connection: &quinn::Connection) -> Option<String> {
+    let certs = connection
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let first = certs.first()?;
+    firmware_config::device_id_from_certificate(first)
+        .ok()
+        .map(|id| id.to_string())
+}
+
+async fn serve_connection(connection: quinn::Connection, service: Service) {
+    let Some(device) = device_of(&connection) else {
+        tracing::warn!(remote = %connection.remote_address(), "certificate names no device; closing");
+        connection.close(quinn::VarInt::from_u32(1), b"certificate names no device");
+        return;
+    };
+    tracing::info!(device, remote = %connection.remote_address(), "device connected");
+    service
+        .metrics
+        .connected_devices
+        .fetch_add(1, Ordering::Relaxed);
+    loop {
+        match connection.accept_bi().await {
+            Ok((send, recv)) => {
+                let (service, device) = (service.clone(), device.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = serve_stream(send, recv, &service).await {
+                        tracing::debug!(device, error = %e, "stream ended early");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::info!(device, reason = %e, "device disconnected");
+                break;
+            }
+        }
+    }
+    service
+        .metrics
+        .connected_devices
+        .fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    service: &Service,
+) -> Result<(), String> {
+    let request = read_request(&mut recv).await;
+    let request = match request {
+        Ok(r) => r,
+        Err(message) => {
+            write(
+                &mut send,
+                &Response::Error {
+                    kind: ErrorKind::BadRequest,
+                    message,
+                },
+            )
+            .await?;
+            return send.finish().map_err(|e| e.to_string());
+        }
+    };
+    match request {
+        Request::Hello { protocol, .. } => {
+            let response = if protocol == PROTOCOL_VERSION {
+                Response::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    coordinator_version: env!("CARGO_PKG_VERSION").into(),
+                }
+            } else {
+                Response::Error {
+                    kind: ErrorKind::UnsupportedProtocol,
+                    message: format!(
+                        "protocol {protocol} is not supported; this coordinator speaks {PROTOCOL_VERSION}"
+                    ),
+                }
+            };
+            write(&mut send, &response).await?;
+        }
+        Request::GetChunks { ids } => {
+            for id in ids {
+                let registry = service.registry.clone();
+                let data = tokio::task::spawn_blocking(move || registry.chunk(&id))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let response = match data {
+                    Some(data) => {
+                        service
+                            .metrics
+                            .chunks_served
+                            .fetch_add(1, Ordering::Relaxed);
+                        service
+                            .metrics
+                            .chunk_bytes_served
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        Response::Chunk { id, data }
+                    }
+                    None => Response::ChunkMissing { id },
+                };
+                write(&mut send, &response).await?;
+            }
+        }
+        Request::Infer {
+            model,
+            version,
+            inputs,
+            ..
+        } => {
+            let (reply, answer) = oneshot::channel();
+            let response = match service.pool.submit(Job {
+                model: model.clone(),
+                version,
+                inputs,
+                reply,
+            }) {
+                Err(_) => {
+                    service
+                        .metrics
+                        .inference_busy
+                        .fetch_add(1, Ordering::Relaxed);
+                    Response::Busy {
+                        retry_after_ms: 100,
+                    }
+                }
+                Ok(()) => match answer.await {
+                    Ok(Ok((version, outputs))) => Response::Inferred {
+                        model,
+                        version,
+                        outputs,
+                    },
+                    Ok(Err((kind, message))) => Response::Error { kind, message },
+                    Err(_) => Response::Error {
+                        kind: ErrorKind::Internal,
+                        message: "the inference worker stopped".into(),
+                    },
+                },
+            };
+            write(&mut send, &response).await?;
+        }
+    }
+    send.finish().map_err(|e| e.to_string())
+}
+
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, String> {
+    let mut header = [0u8; HEADER_BYTES];
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| format!("could not read the frame header: {e}"))?;
+    let len = frame::body_len(header, MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| format!("could not read the frame body: {e}"))?;
+    frame::decode_body(&body, MAX_FRAME_BYTES).map_err(|e| e.to_string())
+}
+
+async fn write(send: &mut quinn::SendStream, response: &Response) -> Result<(), String> {
+    let bytes = frame::encode(response, MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
+    send.write_all(&bytes).await.map_err(|e| e.to_string())
+}

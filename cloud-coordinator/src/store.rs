@@ -1,0 +1,90 @@
+//! Content-addressed chunk files: `chunks/ab/abcdef…`, written to a temporary file, synced and
+//! renamed, so a partly written chunk never has a valid name. Each chunk is stored once.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use outpost_shared::ChunkId;
+
+/// The coordinator's chunk files.
+#[derive(Debug, Clone)]
+pub struct ChunkStore {
+    dir: PathBuf,
+}
+
+impl ChunkStore {
+    /// Opens (creating) the store in `dir`, removing temporary files a crash left behind.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                fs::remove_file(&path)?;
+            }
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    fn path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    /// Stores `bytes` under their digest (no-op when already stored); returns whether it was new.
+    pub fn put(&self, id: &ChunkId, bytes: &[u8]) -> std::io::Result<bool> {
+        let path = self.path(id);
+        if path.exists() {
+            return Ok(false);
+        }
+        let tmp = self.dir.join(format!("{}.tmp", id.to_hex()));
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::rename(&tmp, &path)?;
+        Ok(true)
+    }
+
+    /// A chunk's bytes, verified against its id; `None` when absent or damaged on disk.
+    pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let bytes = fs::read(self.path(id)).ok()?;
+        match id.verify(&bytes) {
+            Ok(()) => Some(bytes),
+            Err(e) => {
+                tracing::error!(chunk = %id, error = %e, "chunk file is damaged");
+                None
+            }
+        }
+    }
+
+    /// Deletes every stored chunk for which `keep` is false; returns how many were deleted.
+    pub fn retain(&self, keep: impl Fn(&ChunkId) -> bool) -> std::io::Result<usize> {
+        let mut deleted = 0;
+        for shard in fs::read_dir(&self.dir)? {
+            let shard = shard?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&shard)? {
+                let path = entry?.path();
+                let Some(id) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse::<ChunkId>().ok())
+                else {
+                    continue;
+                };
+                if !keep(&id) {
+                    fs::remove_file(&path)?;
+                    deleted += 1;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}

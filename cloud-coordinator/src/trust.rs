@@ -1,0 +1,148 @@
+//! The coordinator's trust material: a provisioned fleet, or in dev mode a throwaway fleet made
+//! in the data folder by the same provisioning code; and the TLS configs built from it. Every
+//! QUIC connection is mutual TLS 1.3 against the fleet CA.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use firmware_config::{CoordinatorConfig, FleetMaterial, FleetPlan, HostPort};
+use outpost_shared::ManifestSigner;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::error::CoordinatorError;
+
+/// The folder, inside the data folder, of the dev-mode fleet.
+pub const DEV_FLEET_DIR: &str = "dev-fleet";
+
+/// Loaded trust material.
+pub struct Trust {
+    /// The fleet's files.
+    pub fleet: FleetMaterial,
+    /// The coordinator config the fleet came with (dev mode) or was given.
+    pub fleet_config: Option<PathBuf>,
+    /// The CA certificate.
+    pub ca: CertificateDer<'static>,
+    /// The coordinator's certificate.
+    pub certificate: CertificateDer<'static>,
+    /// The coordinator's key.
+    pub key: PrivateKeyDer<'static>,
+    /// Signs manifests.
+    pub signer: ManifestSigner,
+    /// The dev fleet's first device config, in dev mode.
+    pub dev_agent_config: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trust")
+            .field("fleet", &self.fleet.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The dev fleet's coordinator config path for a data folder.
+pub fn dev_fleet_config(data_dir: &Path) -> PathBuf {
+    data_dir
+        .join(DEV_FLEET_DIR)
+        .join(firmware_config::provision::files::COORDINATOR_CONFIG)
+}
+
+/// Loads the configured fleet, or in dev mode loads (making it on first start) the dev fleet.
+pub fn load(
+    config: &CoordinatorConfig,
+    quic_port: u16,
+    mqtt: &HostPort,
+) -> Result<Trust, CoordinatorError> {
+    let fleet_err = |e: &dyn std::fmt::Display| CoordinatorError::Fleet(e.to_string());
+    let (fleet, fleet_config, dev_agent_config) = match &config.fleet {
+        Some(f) => (f.clone(), None, None),
+        None => {
+            let path = dev_fleet_config(&config.storage.data_dir);
+            let dir = config.storage.data_dir.join(DEV_FLEET_DIR);
+            if !path.exists() {
+                let hosts = vec![
+                    HostPort {
+                        host: "localhost".into(),
+                        port: quic_port,
+                    },
+                    HostPort {
+                        host: "127.0.0.1".into(),
+                        port: quic_port,
+                    },
+                ];
+                let plan = FleetPlan::numbered("dev", 1, hosts, mqtt.clone())
+                    .map_err(|e| fleet_err(&e))?;
+                firmware_config::provision(&plan, &dir).map_err(|e| fleet_err(&e))?;
+                tracing::info!(dir = %dir.display(), "made a throwaway dev fleet");
+            }
+            let loaded = CoordinatorConfig::load(&path).map_err(|e| fleet_err(&e))?;
+            let fleet = loaded.fleet.ok_or_else(|| {
+                CoordinatorError::Fleet(format!("{} has no [fleet]", path.display()))
+            })?;
+            let agent = dir
+                .join("devices")
+                .join("dev-0001")
+                .join(firmware_config::provision::files::AGENT_CONFIG);
+            (fleet, Some(path), Some(agent))
+        }
+    };
+    let ca = CertificateDer::from(read_pem(&fleet.ca)?);
+    let certificate = CertificateDer::from(read_pem(&fleet.certificate)?);
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(read_pem(&fleet.key)?));
+    let signer =
+        ManifestSigner::from_pkcs8(&read_pem(&fleet.signing_key)?).map_err(|e| fleet_err(&e))?;
+    Ok(Trust {
+        fleet,
+        fleet_config,
+        ca,
+        certificate,
+        key,
+        signer,
+        dev_agent_config,
+    })
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, CoordinatorError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CoordinatorError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    pem::parse(text)
+        .map(pem::Pem::into_contents)
+        .map_err(|e| CoordinatorError::Fleet(format!("{}: {e}", path.display())))
+}
+
+/// The QUIC server config: TLS 1.3 only, ALPN `outpost/1`, client certificates required and
+/// verified against the fleet CA.
+pub fn quic_server_config(trust: &Trust) -> Result<quinn::ServerConfig, CoordinatorError> {
+    let tls_err = |e: &dyn std::fmt::Display| CoordinatorError::Fleet(format!("TLS setup: {e}"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust.ca.clone()).map_err(|e| tls_err(&e))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| tls_err(&e))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_err(&e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![trust.certificate.clone(), trust.ca.clone()],
+            trust.key.clone_key(),
+        )
+        .map_err(|e| tls_err(&e))?;
+    tls.alpn_protocols = vec![outpost_shared::frame::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| tls_err(&e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // Chunk downloads want bigger windows than quinn's defaults (see FINDINGS.md).
+    transport.stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024));
+    transport.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
+    transport.send_window(32 * 1024 * 1024);
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}

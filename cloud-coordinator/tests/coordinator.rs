@@ -1,0 +1,574 @@
+//! A coordinator in-process on loopback, with its embedded broker, real QUIC and sled: push,
+//! announce, chunks, inference, refusals.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_shared::{
+    DeviceStatus, ErrorKind, ManifestVerifier, Request, Response, Target, Tensor, Topic,
+};
+use tract_onnx::prelude::{
+    self as tp, Framework as _, InferenceModelExt as _, IntoRunnable as _, IntoTValue as _,
+};
+
+fn verifier(c: &TestCoordinator) -> ManifestVerifier {
+    ManifestVerifier::new(c.agent().fleet.manifest_keys)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_announces_a_signed_manifest_and_serves_every_chunk() {
+    let c = start().await;
+    let bytes = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    let reply = c.push("video-ranker", "placement=local", &bytes).await;
+    assert_eq!(reply["version"], 1);
+    assert_eq!(reply["stage"], "stable");
+
+    // A plain MQTT subscriber gets the retained manifest, and it verifies with the fleet key.
+    let topic = Topic::manifest("video-ranker").unwrap().name();
+    let payload = first_message(&c.handle.mqtt, &topic).await;
+    let manifest = verifier(&c).verify_cbor(&payload, now()).unwrap();
+    assert_eq!(
+        (
+            manifest.model.as_str(),
+            manifest.release,
+            manifest.stable.version
+        ),
+        ("video-ranker", 1, 1)
+    );
+    let variant = manifest.stable.variant(Target::EdgeFp32).unwrap().clone();
+    assert_eq!(variant.size, bytes.len() as u64);
+    assert_eq!(
+        manifest
+            .stable
+            .inputs
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["user_features", "item_ids"]
+    );
+
+    // A device fetches every chunk over QUIC; the reassembled bytes match the digest.
+    let connection = c.quic().await;
+    let hello = request(&connection, &hello()).await.unwrap();
+    assert!(
+        matches!(hello[..], [Response::Hello { protocol: 1, .. }]),
+        "{hello:?}"
+    );
+    let ids: Vec<_> = variant.chunks.iter().map(|c| c.id).collect();
+    let responses = request(&connection, &Request::GetChunks { ids: ids.clone() })
+        .await
+        .unwrap();
+    let mut assembled = Vec::new();
+    for (response, id) in responses.iter().zip(&ids) {
+        let Response::Chunk { id: got, data } = response else {
+            panic!("{response:?}")
+        };
+        assert_eq!(got, id);
+        got.verify(data).unwrap();
+        assembled.extend_from_slice(data);
+    }
+    assert_eq!(responses.len(), ids.len());
+    variant.digest.verify(&assembled).unwrap();
+
+    // Unknown ids get an answer, not a dropped stream.
+    let unknown = outpost_shared::Digest::of(b"no such chunk");
+    let responses = request(
+        &connection,
+        &Request::GetChunks {
+            ids: vec![unknown, ids[0]],
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(&responses[..], [Response::ChunkMissing { id }, Response::Chunk { .. }] if *id == unknown),
+        "{responses:?}"
+    );
+
+    // A wrong protocol version and a malformed frame are answered with errors.
+    let responses = request(
+        &connection,
+        &Request::Hello {
+            protocol: 99,
+            agent_version: "x".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(
+            &responses[..],
+            [Response::Error {
+                kind: ErrorKind::UnsupportedProtocol,
+                ..
+            }]
+        ),
+        "{responses:?}"
+    );
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let bytes = recv.read_to_end(1 << 20).await.unwrap();
+    let (response, _) = outpost_shared::frame::decode::<Response>(&bytes, 1 << 20)
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            response,
+            Response::Error {
+                kind: ErrorKind::BadRequest,
+                ..
+            }
+        ),
+        "{response:?}"
+    );
+
+    let (status, metrics) = c.admin("GET", "/metrics", b"").await;
+    assert_eq!(status, 200);
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert!(
+        metrics.contains(&format!("outpost_chunks_served_total {}", ids.len() + 1)),
+        "{metrics}"
+    );
+    assert!(metrics.contains("outpost_pushes_total 1"));
+    c.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_devices_of_the_fleet_get_in() {
+    let c = start().await;
+    let agent = c.agent();
+    // No client certificate: the handshake is refused, or the first request fails.
+    let refused = match connect_with(c.handle.quic_addr, client_config(&agent, false)).await {
+        Err(_) => true,
+        Ok(conn) => request(&conn, &hello()).await.is_err(),
+    };
+    assert!(refused, "a client without a device certificate was served");
+
+    // A device of another fleet is refused too.
+    let other = start().await;
+    let foreign = match connect(c.handle.quic_addr, &other.agent()).await {
+        Err(_) => true,
+        Ok(conn) => request(&conn, &hello()).await.is_err(),
+    };
+    assert!(foreign, "a device of another fleet was served");
+
+    // The fleet's own device is served.
+    let conn = connect(c.handle.quic_addr, &agent).await.unwrap();
+    assert!(request(&conn, &hello()).await.is_ok());
+    c.handle.shutdown().await;
+    other.handle.shutdown().await;
+}
+
+fn tract_run(bytes: &[u8], inputs: &[Tensor]) -> Vec<f32> {
+    let plan = tract_onnx::onnx()
+        .model_for_read(&mut &bytes[..])
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let values: tp::TVec<tp::TValue> = inputs
+        .iter()
+        .map(|t| {
+            let shape: Vec<usize> = t.shape().iter().map(|&d| d as usize).collect();
+            match t.datatype() {
+                outpost_shared::DataType::Fp32 => {
+                    tp::Tensor::from_shape(&shape, &t.to_values::<f32>().unwrap())
+                        .unwrap()
+                        .into_tvalue()
+                }
+                _ => tp::Tensor::from_shape(&shape, &t.to_values::<i64>().unwrap())
+                    .unwrap()
+                    .into_tvalue(),
+            }
+        })
+        .collect();
+    plan.run(values).unwrap()[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_over_quic_matches_tract_and_refuses_bad_inputs() {
+    let c = start().await;
+    let bytes = DemoModel::IntentClassifier.bytes(DEFAULT_SEED);
+    c.push(
+        "intent-classifier",
+        "placement=cascade:intent_probs:0.6",
+        &bytes,
+    )
+    .await;
+    let tokens: Vec<i64> = (0..24).map(|i| (i * 311) % 8000).collect();
+    let inputs = vec![Tensor::from_values("token_ids", vec![2, 12], &tokens).unwrap()];
+    let connection = c.quic().await;
+    let infer = |inputs: Vec<Tensor>, model: &str| Request::Infer {
+        model: model.into(),
+        version: None,
+        inputs,
+        outputs: vec![],
+    };
+    let responses = request(&connection, &infer(inputs.clone(), "intent-classifier"))
+        .await
+        .unwrap();
+    let [
+        Response::Inferred {
+            version, outputs, ..
+        },
+    ] = &responses[..]
+    else {
+        panic!("{responses:?}")
+    };
+    assert_eq!(*version, 1);
+    assert_eq!(outputs[0].name(), "intent_probs");
+    assert_eq!(outputs[0].shape(), &[2, 16]);
+    assert_eq!(
+        outputs[0].to_values::<f32>().unwrap(),
+        tract_run(&bytes, &inputs)
+    );
+
+    let cases = [
+        (
+            infer(
+                vec![Tensor::from_values("token_ids", vec![2, 12], &[1.0f32; 24]).unwrap()],
+                "intent-classifier",
+            ),
+            ErrorKind::InvalidInput,
+            "must be INT64",
+        ),
+        (
+            infer(
+                vec![Tensor::from_values("token_ids", vec![24], &tokens).unwrap()],
+                "intent-classifier",
+            ),
+            ErrorKind::InvalidInput,
+            "shape",
+        ),
+        (
+            infer(
+                vec![Tensor::from_values("tokens", vec![2, 12], &tokens).unwrap()],
+                "intent-classifier",
+            ),
+            ErrorKind::InvalidInput,
+            "unknown input",
+        ),
+        (
+            infer(
+                vec![Tensor::from_values("token_ids", vec![1, 1], &[8000i64]).unwrap()],
+                "intent-classifier",
+            ),
+            ErrorKind::InvalidInput,
+            "failed",
+        ),
+        (
+            infer(inputs.clone(), "no-such-model"),
+            ErrorKind::UnknownModel,
+            "no model",
+        ),
+    ];
+    for (request_, kind, needle) in cases {
+        let responses = request(&connection, &request_).await.unwrap();
+        let [Response::Error { kind: got, message }] = &responses[..] else {
+            panic!("{responses:?}")
+        };
+        assert_eq!(*got, kind, "{message}");
+        assert!(
+            message.contains(needle),
+            "expected {needle:?} in {message:?}"
+        );
+    }
+    // The worker that saw the out-of-range id still serves.
+    let responses = request(&connection, &infer(inputs, "intent-classifier"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(responses[..], [Response::Inferred { .. }]),
+        "{responses:?}"
+    );
+    c.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pushes_and_tokens_are_refused_with_reasons() {
+    let c = start().await;
+    let (status, body) = admin(c.handle.admin_addr, "GET", "/v1/models", "wrong-token", b"").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("admin token"));
+
+    let (status, body) = c
+        .admin(
+            "POST",
+            "/v1/models/m?placement=local",
+            b"this is not an ONNX file",
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not an ONNX model tract can read"),
+        "{body}"
+    );
+
+    // A valid protobuf that tract cannot run: a graph whose node is an unknown operator.
+    let mut proto = DemoModel::VideoRanker.build(DEFAULT_SEED);
+    proto.graph.as_mut().unwrap().node[0].op_type = "NoSuchOp".into();
+    let (status, body) = c
+        .admin(
+            "POST",
+            "/v1/models/m",
+            &prost::Message::encode_to_vec(&proto),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("NoSuchOp"),
+        "{body}"
+    );
+
+    let ranker = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    for (query, status_, needle) in [
+        ("placement=edge", 400, "placement"),
+        ("rollout=101", 400, "percentage"),
+        ("quantize=int8", 501, "not built yet"),
+        ("placement=cascade:nope:0.5", 400, "not an output"),
+    ] {
+        let (status, body) = c
+            .admin("POST", &format!("/v1/models/video-ranker?{query}"), &ranker)
+            .await;
+        assert_eq!(status, status_, "{query}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(needle),
+            "{query}: {body}"
+        );
+    }
+    let (status, body) = c.admin("POST", "/v1/models/bad%2Fname", &ranker).await;
+    assert_eq!(status, 400, "{body}");
+
+    // A cloud model whose signature differs.
+    let music = DemoModel::MusicTwoTower.bytes(DEFAULT_SEED);
+    let mut both = ranker.clone();
+    both.extend(&music);
+    let (status, body) = c
+        .admin(
+            "POST",
+            &format!(
+                "/v1/models/video-ranker?placement=cloud&cloud_size={}",
+                music.len()
+            ),
+            &both,
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("signature differs"),
+        "{body}"
+    );
+
+    let (_, models) = c.admin("GET", "/v1/models", b"").await;
+    assert_eq!(
+        models,
+        serde_json::json!([]),
+        "nothing should have been stored"
+    );
+    c.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_publishes_a_newer_version_with_old_content() {
+    let c = start().await;
+    let v1 = DemoModel::VideoRanker.bytes(1);
+    let v2 = DemoModel::VideoRanker.bytes(2);
+    c.push("video-ranker", "", &v1).await;
+    c.push("video-ranker", "", &v2).await;
+    let reply = c
+        .push(
+            "video-ranker",
+            "rollout=10",
+            &DemoModel::VideoRanker.bytes(3),
+        )
+        .await;
+    assert_eq!(reply["stage"], "candidate");
+    let (status, reply) = c
+        .admin("POST", "/v1/models/video-ranker/rollback?to=1", b"")
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(reply["version"], 4);
+    let (status, reply) = c
+        .admin("POST", "/v1/models/video-ranker/rollback?to=99", b"")
+        .await;
+    assert_eq!(status, 404, "{reply}");
+
+    // The announcement follows the answer; wait for release 4 to reach the broker.
+    let verifier = verifier(&c);
+    let topic = Topic::manifest("video-ranker").unwrap().name();
+    let payload = message_where(&c.handle.mqtt, &topic, |p| {
+        verifier.verify_cbor(p, now()).is_ok_and(|m| m.release == 4)
+    })
+    .await;
+    let manifest = verifier.verify_cbor(&payload, now()).unwrap();
+    assert_eq!(manifest.release, 4);
+    assert_eq!(manifest.stable.version, 4);
+    assert!(manifest.candidate.is_none());
+    let digest = manifest.stable.variant(Target::EdgeFp32).unwrap().digest;
+    assert_eq!(digest, outpost_shared::Digest::of(&v1));
+
+    let (_, models) = c.admin("GET", "/v1/models", b"").await;
+    assert_eq!(models[0]["versions"], serde_json::json!([1, 2, 3, 4]));
+    assert_eq!(models[0]["stable"], 4);
+    c.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_versions_and_their_chunks_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.registry.keep_versions = 2;
+    let c = start_with(config, dir).await;
+    for seed in 1..=3 {
+        c.push("music", "", &DemoModel::MusicTwoTower.bytes(seed))
+            .await;
+    }
+    let (_, models) = c.admin("GET", "/v1/models", b"").await;
+    assert_eq!(models[0]["versions"], serde_json::json!([2, 3]));
+    // Only the kept versions' chunks remain on disk.
+    let kept: usize = [2u64, 3]
+        .iter()
+        .map(|&s| outpost_shared::chunk::split(&DemoModel::MusicTwoTower.bytes(s)).len())
+        .sum();
+    let on_disk = walk(&c.handle.data_dir.join("chunks"));
+    assert_eq!(on_disk, kept);
+    c.handle.shutdown().await;
+}
+
+fn walk(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            if p.is_dir() { walk(&p) } else { 1 }
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.inference.workers = 1;
+    config.inference.queue_depth = 1;
+    let c = start_with(config, dir).await;
+    c.push(
+        "video-ranker-xl",
+        "placement=cloud",
+        &DemoModel::VideoRankerXl.bytes(DEFAULT_SEED),
+    )
+    .await;
+    let connection = c.quic().await;
+    let batch = 256u64;
+    let inputs = vec![
+        Tensor::from_values(
+            "user_features",
+            vec![batch, 32],
+            &vec![0.1f32; batch as usize * 32],
+        )
+        .unwrap(),
+        Tensor::from_values(
+            "item_ids",
+            vec![batch],
+            &(0..batch as i64).collect::<Vec<_>>(),
+        )
+        .unwrap(),
+    ];
+    let infer = Request::Infer {
+        model: "video-ranker-xl".into(),
+        version: None,
+        inputs,
+        outputs: vec![],
+    };
+    let calls = (0..8).map(|_| {
+        let (connection, infer) = (connection.clone(), infer.clone());
+        async move { request(&connection, &infer).await }
+    });
+    let answers = futures_join(calls).await;
+    let busy = answers
+        .iter()
+        .filter(|a| matches!(a[..], [Response::Busy { .. }]))
+        .count();
+    let done = answers
+        .iter()
+        .filter(|a| matches!(a[..], [Response::Inferred { .. }]))
+        .count();
+    assert!(busy >= 1, "no request was refused with Busy");
+    assert!(done >= 1, "no request was served");
+    assert_eq!(busy + done, 8);
+    let (_, metrics) = c.admin("GET", "/metrics", b"").await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains(&format!("outpost_inference_busy_total {busy}"))
+    );
+    c.handle.shutdown().await;
+}
+
+async fn futures_join<
+    F: std::future::Future<Output = Result<Vec<Response>, String>> + Send + 'static,
+>(
+    calls: impl Iterator<Item = F>,
+) -> Vec<Vec<Response>> {
+    let tasks: Vec<_> = calls.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap().unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_view_shows_device_status() {
+    let c = start().await;
+    let mut options =
+        rumqttc::MqttOptions::new("device-sim", c.handle.mqtt.host.clone(), c.handle.mqtt.port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let status = DeviceStatus::offline("dev-0001", "0.1.0", now());
+    let topic = Topic::device_status("dev-0001").unwrap().name();
+    client
+        .publish(
+            topic,
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            status.to_cbor().unwrap(),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, fleet) = c.admin("GET", "/v1/fleet", b"").await;
+        if fleet.as_array().is_some_and(|a| !a.is_empty()) {
+            assert_eq!(fleet[0]["device_id"], "dev-0001");
+            assert_eq!(fleet[0]["health"], "offline");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the device never showed up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    c.handle.shutdown().await;
+}
