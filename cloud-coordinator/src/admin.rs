@@ -50,14 +50,17 @@ pub async fn serve(
     state: AdminState,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Connection tasks live in this set, so shutdown ends them all (and what they hold).
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
         };
         let Ok((stream, _)) = accepted else { continue };
         let state = state.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(route(req, &state).await) }
@@ -71,6 +74,7 @@ pub async fn serve(
             }
         });
     }
+    connections.shutdown().await;
 }
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {

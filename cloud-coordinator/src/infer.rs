@@ -2,8 +2,10 @@
 //! answered `Busy` at once; memory never grows with load.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use outpost_shared::{ErrorKind, Tensor, TensorSpec};
 use tokio::sync::oneshot;
@@ -43,27 +45,53 @@ impl std::fmt::Debug for InferencePool {
 /// Loaded plans by (model, version), shared by the workers.
 type Plans = Mutex<HashMap<(String, u64), (Plan, Vec<TensorSpec>, Vec<TensorSpec>)>>;
 
+/// The worker threads, to stop at shutdown.
+#[derive(Debug)]
+pub struct Workers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Stops the workers after their current job and waits for them (blocking).
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
 impl InferencePool {
     /// Starts `workers` threads behind a queue of `depth` waiting jobs.
-    pub fn start(workers: u32, depth: u32, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        workers: u32,
+        depth: u32,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> (Self, Workers) {
         let (queue, jobs) = sync_channel::<Job>(depth as usize);
         let jobs = Arc::new(Mutex::new(jobs));
         let plans: Arc<Plans> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
         for i in 0..workers.max(1) {
-            let (jobs, plans, registry, metrics) = (
+            let (jobs, plans, registry, metrics, stop) = (
                 jobs.clone(),
                 plans.clone(),
                 registry.clone(),
                 metrics.clone(),
+                stop.clone(),
             );
             let spawned = std::thread::Builder::new()
                 .name(format!("infer-{i}"))
-                .spawn(move || work(&jobs, &plans, &registry, &metrics));
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "could not start an inference worker");
+                .spawn(move || work(&jobs, &plans, &registry, &metrics, &stop));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!(error = %e, "could not start an inference worker"),
             }
         }
-        Self { queue, metrics }
+        (Self { queue, metrics }, Workers { stop, threads })
     }
 
     /// Queues a job; gives it back when the queue is full (answer `Busy`).
@@ -80,14 +108,24 @@ impl InferencePool {
     }
 }
 
-fn work(jobs: &Mutex<Receiver<Job>>, plans: &Plans, registry: &Registry, metrics: &Metrics) {
-    loop {
+fn work(
+    jobs: &Mutex<Receiver<Job>>,
+    plans: &Plans,
+    registry: &Registry,
+    metrics: &Metrics,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Relaxed) {
         // The lock is held only while waiting for the next job.
         let job = match jobs.lock() {
-            Ok(rx) => rx.recv(),
+            Ok(rx) => rx.recv_timeout(Duration::from_millis(100)),
             Err(_) => return,
         };
-        let Ok(job) = job else { return };
+        let job = match job {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         metrics
             .queue_depth
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

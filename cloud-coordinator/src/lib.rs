@@ -55,6 +55,7 @@ pub struct CoordinatorHandle {
     pub data_dir: PathBuf,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    workers: infer::Workers,
     db: sled::Db,
 }
 
@@ -123,7 +124,7 @@ impl Coordinator {
         );
         tasks.push(mqtt_task);
 
-        let pool = infer::InferencePool::start(
+        let (pool, workers) = infer::InferencePool::start(
             config.inference.workers,
             config.inference.queue_depth,
             registry.clone(),
@@ -190,19 +191,23 @@ impl Coordinator {
             data_dir,
             shutdown,
             tasks,
+            workers,
             db,
         })
     }
 }
 
 impl CoordinatorHandle {
-    /// Stops serving, waits for the tasks and flushes the registry. (The embedded broker's thread
-    /// cannot be stopped; it ends with the process.)
+    /// Stops serving, waits for the tasks and workers, and flushes and closes the registry, so
+    /// the data folder can be opened again at once. (The embedded broker's thread cannot be
+    /// stopped; it ends with the process.)
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
         if let Err(e) = self.db.flush_async().await {
             tracing::error!(error = %e, "could not flush the registry");
         }

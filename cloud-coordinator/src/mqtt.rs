@@ -133,10 +133,13 @@ async fn run_events(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    // Announcing tasks live here, so shutdown ends them (and the registry they hold).
+    let mut announcing = tokio::task::JoinSet::new();
     loop {
         let event = tokio::select! {
             _ = shutdown.changed() => {
                 let _ = announcer.client.try_disconnect();
+                announcing.shutdown().await;
                 return;
             }
             event = events.poll() => event,
@@ -147,7 +150,8 @@ async fn run_events(
                 tracing::info!("connected to the MQTT broker; announcing every release");
                 // Publishing waits for the event loop; do it from another task.
                 let (announcer, registry) = (announcer.clone(), registry.clone());
-                tokio::spawn(async move {
+                while announcing.try_join_next().is_some() {}
+                announcing.spawn(async move {
                     if let Err(e) = announcer
                         .client
                         .subscribe(topic::ALL_DEVICE_STATUS, QoS::AtLeastOnce)
@@ -194,7 +198,10 @@ async fn run_events(
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection failed");
                 tokio::select! {
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.changed() => {
+                        announcing.shutdown().await;
+                        return;
+                    }
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -31,14 +31,17 @@ pub async fn serve(
     service: Service,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Connection tasks live in this set, so shutdown ends them all (and what they hold).
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let incoming = tokio::select! {
             _ = shutdown.changed() => break,
             incoming = endpoint.accept() => incoming,
+            Some(_) = connections.join_next() => continue,
         };
         let Some(incoming) = incoming else { break };
         let service = service.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(connection) => serve_connection(connection, service).await,
@@ -47,6 +50,8 @@ pub async fn serve(
         });
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"coordinator shutting down");
+    connections.shutdown().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
 fn device_of(connection: &quinn::Connection) -> Option<String> {
@@ -71,11 +76,14 @@ async fn serve_connection(connection: quinn::Connection, service: Service) {
         .metrics
         .connected_devices
         .fetch_add(1, Ordering::Relaxed);
+    // Dropped, aborting its streams, when this connection's task ends or is aborted.
+    let mut streams = tokio::task::JoinSet::new();
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
+                while streams.try_join_next().is_some() {}
                 let (service, device) = (service.clone(), device.clone());
-                tokio::spawn(async move {
+                streams.spawn(async move {
                     if let Err(e) = serve_stream(send, recv, &service).await {
                         tracing::debug!(device, error = %e, "stream ended early");
                     }

@@ -572,3 +572,45 @@ async fn the_fleet_view_shows_device_status() {
     }
     c.handle.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_keeps_its_fleet_and_announces_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start_with(config(dir.path()), dir).await;
+    let bytes = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    c.push("video-ranker", "", &bytes).await;
+    let agent = c.agent();
+    let token = c.handle.admin_token.clone();
+    let TestCoordinator { handle, dir } = c;
+    handle.shutdown().await;
+
+    // Same data folder, a fresh embedded broker (no retained messages): the release is announced
+    // again, the dev fleet and admin token are the same, the chunks are still served.
+    let again = start_with(config(dir.path()), dir).await;
+    assert_eq!(again.handle.admin_token, token);
+    assert!(!again.handle.new_admin_token);
+    let payload = first_message(
+        &again.handle.mqtt,
+        &Topic::manifest("video-ranker").unwrap().name(),
+    )
+    .await;
+    let manifest = ManifestVerifier::new(agent.fleet.manifest_keys.clone())
+        .verify_cbor(&payload, now())
+        .unwrap();
+    assert_eq!(manifest.stable.version, 1);
+    let connection = connect(again.handle.quic_addr, &agent).await.unwrap();
+    let ids: Vec<_> = manifest.stable.variants[0]
+        .chunks
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let responses = request(&connection, &Request::GetChunks { ids })
+        .await
+        .unwrap();
+    assert!(
+        responses
+            .iter()
+            .all(|r| matches!(r, Response::Chunk { .. }))
+    );
+    again.handle.shutdown().await;
+}
