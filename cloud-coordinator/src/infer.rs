@@ -11,8 +11,8 @@ use outpost_shared::{ErrorKind, Tensor, TensorSpec};
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
-use crate::onnx::{self, Plan};
 use crate::registry::Registry;
+use outpost_runtime::tract::{self as onnx, Plan};
 
 /// A finished inference: the version that ran and its outputs, or why it failed.
 pub type Outcome = Result<(u64, Vec<Tensor>), (ErrorKind, String)>;

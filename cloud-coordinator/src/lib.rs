@@ -10,10 +10,8 @@ pub mod error;
 mod infer;
 pub mod metrics;
 pub mod mqtt;
-pub mod onnx;
 mod quic;
 pub mod registry;
-pub mod store;
 pub mod trust;
 
 use std::net::SocketAddr;
@@ -97,12 +95,13 @@ impl Coordinator {
         let server_config = trust::quic_server_config(&trust)?;
 
         let db = sled::open(data_dir.join("registry.sled"))?;
-        let chunks = store::ChunkStore::open(&data_dir.join("chunks")).map_err(|source| {
-            CoordinatorError::Io {
-                path: data_dir.join("chunks"),
-                source,
-            }
-        })?;
+        let chunks =
+            outpost_runtime::ChunkStore::open(&data_dir.join("chunks")).map_err(|source| {
+                CoordinatorError::Io {
+                    path: data_dir.join("chunks"),
+                    source,
+                }
+            })?;
         let registry = Arc::new(registry::Registry::open(
             db.clone(),
             chunks,

@@ -17,8 +17,8 @@ use outpost_shared::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::RegistryError;
-use crate::onnx;
-use crate::store::ChunkStore;
+use outpost_runtime::ChunkStore;
+use outpost_runtime::tract as onnx;
 
 const RECORD_LIMIT: usize = 64 * 1024 * 1024;
 

@@ -1,5 +1,202 @@
-//! The Outpost edge agent: local Open Inference Protocol API, engines, router, offload client,
-//! model sync and local store.
+//! The Outpost edge agent: answers apps on localhost with the Open Inference Protocol, runs
+//! models on the device (tract), offloads to the coordinator over QUIC, and keeps its models in
+//! sync with the fleet's signed releases over MQTT. It keeps serving from its cache offline.
 //!
-//! Not built yet: this crate is a placeholder in the workspace so dependencies point the right
-//! way from the start. The agent arrives with issue 4 (see the README).
+//! [`Agent::start`] runs everything on the current tokio runtime and returns an [`AgentHandle`];
+//! `main.rs` is a thin CLI over it, and tests and the `outpost` tool run many agents in one
+//! process.
+
+pub mod api;
+pub mod offload;
+pub mod router;
+pub mod state;
+mod sync;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use firmware_config::AgentConfig;
+use outpost_shared::{DeviceStatus, ManifestVerifier};
+use tokio::sync::{mpsc, watch};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The local store could not be opened.
+    #[error("local store in {dir}: {reason}")]
+    Store {
+        /// The data folder.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The device's trust material cannot be used.
+    #[error("device identity: {0}")]
+    Identity(String),
+    /// The API could not listen.
+    #[error("the local API cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the agent's tasks share.
+#[derive(Debug)]
+pub(crate) struct Context {
+    pub(crate) config: AgentConfig,
+    pub(crate) verifier: ManifestVerifier,
+    pub(crate) store: Arc<state::Store>,
+    pub(crate) offload: offload::OffloadClient,
+    pub(crate) last_error: Mutex<Option<String>>,
+}
+
+/// Starts agents.
+#[derive(Debug)]
+pub struct Agent;
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// The local API's address.
+    pub api_addr: SocketAddr,
+    /// The device id.
+    pub device_id: String,
+    /// The data folder.
+    pub data_dir: PathBuf,
+    ctx: Arc<Context>,
+    mqtt: rumqttc::AsyncClient,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts an agent: opens its store and serves its cached models at once, then connects.
+    pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+        let data_dir = config.data_dir();
+        let store_err = |reason: String| AgentError::Store {
+            dir: data_dir.clone(),
+            reason,
+        };
+        std::fs::create_dir_all(&data_dir).map_err(|e| store_err(e.to_string()))?;
+        let db = sled::open(data_dir.join("state.sled")).map_err(|e| store_err(e.to_string()))?;
+        let records = db
+            .open_tree("models")
+            .map_err(|e| store_err(e.to_string()))?;
+        let chunks = outpost_runtime::ChunkStore::open(&data_dir.join("chunks"))
+            .map_err(|e| store_err(e.to_string()))?;
+        let store = Arc::new(state::Store {
+            slots: RwLock::default(),
+            records,
+            db,
+            chunks,
+            counters: Default::default(),
+        });
+        let offload = offload::OffloadClient::new(&config).map_err(AgentError::Identity)?;
+        let verifier = ManifestVerifier::new(config.fleet.manifest_keys.clone());
+        let ctx = Arc::new(Context {
+            config,
+            verifier,
+            store,
+            offload,
+            last_error: Mutex::new(None),
+        });
+
+        // Cached models serve before any network is up.
+        let loader = ctx.clone();
+        tokio::task::spawn_blocking(move || sync::load_cached(&loader))
+            .await
+            .map_err(|e| store_err(e.to_string()))?
+            .map_err(store_err)?;
+
+        let listen = ctx.config.api.listen;
+        let listener =
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| AgentError::Listen {
+                    addr: listen,
+                    reason: e.to_string(),
+                })?;
+        let api_addr = listener.local_addr().map_err(|e| AgentError::Listen {
+            addr: listen,
+            reason: e.to_string(),
+        })?;
+        let (shutdown, watcher) = watch::channel(false);
+        let (client, events) = rumqttc::AsyncClient::new(sync::mqtt_options(&ctx), 64);
+        let (manifests_tx, manifests_rx) = mpsc::channel(256);
+        let tasks = vec![
+            tokio::spawn(api::serve(listener, ctx.clone(), watcher.clone())),
+            tokio::spawn(sync::run_mqtt(
+                ctx.clone(),
+                client.clone(),
+                events,
+                manifests_tx,
+                watcher,
+            )),
+            tokio::spawn(sync::run_installer(
+                ctx.clone(),
+                client.clone(),
+                manifests_rx,
+            )),
+        ];
+        tracing::info!(device = %ctx.config.device.id, %api_addr, "agent started");
+        Ok(AgentHandle {
+            api_addr,
+            device_id: ctx.config.device.id.to_string(),
+            data_dir,
+            ctx,
+            mqtt: client,
+            shutdown,
+            tasks,
+        })
+    }
+}
+
+impl AgentHandle {
+    /// The agent's status now (what it publishes).
+    pub fn status(&self) -> DeviceStatus {
+        sync::status(&self.ctx)
+    }
+
+    /// The active version of `model`, if it serves.
+    pub fn active_version(&self, model: &str) -> Option<u64> {
+        self.ctx
+            .store
+            .slots
+            .read()
+            .ok()?
+            .get(model)?
+            .active
+            .as_ref()
+            .map(|s| s.version.version)
+    }
+
+    /// Publishes an offline status, stops serving, and flushes the store.
+    pub async fn shutdown(self) {
+        let mut status = sync::status(&self.ctx);
+        status.health = outpost_shared::Health::Offline;
+        if let (Ok(topic), Ok(bytes)) = (
+            outpost_shared::Topic::device_status(&status.device_id),
+            status.to_cbor(),
+        ) {
+            let _ = self
+                .mqtt
+                .try_publish(topic.name(), rumqttc::QoS::AtLeastOnce, true, bytes);
+        }
+        let _ = self.shutdown.send(true);
+        let _ = self.mqtt.try_disconnect();
+        let mut tasks = self.tasks;
+        // The installer ends when the MQTT task (its sender) ends.
+        for task in tasks.drain(..) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        }
+        self.ctx.offload.close();
+        if let Err(e) = self.ctx.store.db.flush_async().await {
+            tracing::error!(error = %e, "could not flush the store");
+        }
+    }
+}

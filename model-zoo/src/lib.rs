@@ -164,7 +164,7 @@ fn intent_classifier(seed: u64) -> ModelProto {
         DataType::Int64,
         &[batch, Dim::Symbol("tokens")],
     );
-    let table = g.random("token_embedding", &[VOCABULARY, 64], 0.5);
+    let table = g.random("token_embedding", &[VOCABULARY, 64], 1.0);
     let vectors = g.node(
         "Gather",
         &[&table, &tokens],
@@ -180,7 +180,7 @@ fn intent_classifier(seed: u64) -> ModelProto {
     let hidden = g.dense(&bag, "mlp.0", 64, 128, Some("Relu"), 1.0);
     // A larger gain on the head spreads the logits, so some answers are confident and some are
     // not: that is what the cascade demo needs.
-    let logits = g.dense(&hidden, "head", 128, INTENTS.len(), None, 6.0);
+    let logits = g.dense(&hidden, "head", 128, INTENTS.len(), None, 16.0);
     g.node(
         "Softmax",
         &[&logits],

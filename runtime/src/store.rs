@@ -50,6 +50,11 @@ impl ChunkStore {
         Ok(true)
     }
 
+    /// Whether a chunk is stored (without reading it).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.path(id).is_file()
+    }
+
     /// A chunk's bytes, verified against its id; `None` when absent or damaged on disk.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let bytes = fs::read(self.path(id)).ok()?;

@@ -206,3 +206,73 @@ fn from_tract(name: &str, value: &tp::TValue) -> Result<Tensor, String> {
     };
     tensor.map_err(|e| e.to_string())
 }
+
+/// A loaded model with its signature: what an engine runs.
+#[derive(Debug, Clone)]
+pub struct TractModel {
+    plan: Plan,
+    /// The inputs, in the model's order.
+    pub inputs: Vec<TensorSpec>,
+    /// The outputs, in the model's order.
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// Why a run failed: the caller's inputs, or the model itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunError {
+    /// The inputs do not fit the signature.
+    Input(String),
+    /// The model failed on valid-looking inputs.
+    Model(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Input(m) | RunError::Model(m) => f.write_str(m),
+        }
+    }
+}
+
+impl TractModel {
+    /// Loads and optimises an ONNX model.
+    pub fn load(bytes: &[u8]) -> Result<Self, String> {
+        let (plan, inputs, outputs) = load(bytes)?;
+        Ok(Self {
+            plan,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Checks `inputs` against the signature and runs the model.
+    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
+        let ordered = check_inputs(&self.inputs, inputs).map_err(RunError::Input)?;
+        run(&self.plan, &ordered, &self.outputs).map_err(RunError::Model)
+    }
+
+    /// Inputs of batch 1 (dynamic dimensions 1) filled with zeros, to warm the model up.
+    pub fn zero_inputs(&self) -> Result<Vec<Tensor>, String> {
+        self.inputs
+            .iter()
+            .map(|s| {
+                let shape: Vec<u64> = s
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => *n,
+                        Dim::Dynamic => 1,
+                    })
+                    .collect();
+                let n = outpost_shared::tensor::element_count(&shape).ok_or("shape overflows")?
+                    as usize;
+                let size = s
+                    .datatype
+                    .element_size()
+                    .ok_or("BYTES inputs cannot be warmed up")?;
+                Tensor::from_bytes(s.name.clone(), s.datatype, shape, vec![0; n * size])
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+}

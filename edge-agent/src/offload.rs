@@ -1,0 +1,241 @@
+//! The agent's QUIC client to its coordinators: one connection reused for every request, the
+//! configured coordinators tried in order (failover), each verified against the fleet CA with
+//! this device's certificate (mutual TLS), keep-alive so an idle connection does not silently die.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use firmware_config::{AgentConfig, HostPort};
+use outpost_shared::frame::{self, HEADER_BYTES, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use outpost_shared::{ChunkId, ErrorKind, Request, Response, Tensor};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::Mutex;
+
+/// Why an offloaded request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum OffloadError {
+    /// No coordinator could be reached.
+    #[error("no coordinator is reachable: {0}")]
+    Unreachable(String),
+    /// The coordinator is at capacity.
+    #[error("the coordinator is busy; retry in {0} ms")]
+    Busy(u32),
+    /// The coordinator answered with an error.
+    #[error("the coordinator refused: {message}")]
+    Refused {
+        /// Its kind.
+        kind: ErrorKind,
+        /// Its message.
+        message: String,
+    },
+    /// The answer was not what the protocol allows.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// The QUIC client; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct OffloadClient {
+    endpoint: quinn::Endpoint,
+    coordinators: Vec<HostPort>,
+    connection: Arc<Mutex<Option<quinn::Connection>>>,
+}
+
+fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pem::parse(text)
+        .map(pem::Pem::into_contents)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl OffloadClient {
+    /// A client for `config`'s coordinators, with its device certificate and fleet CA.
+    pub fn new(config: &AgentConfig) -> Result<Self, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(read_pem(&config.fleet.ca)?))
+            .map_err(|e| format!("fleet CA: {e}"))?;
+        let cert = CertificateDer::from(read_pem(&config.device.certificate)?);
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(read_pem(&config.device.key)?));
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![cert], key)
+            .map_err(|e| format!("device certificate: {e}"))?;
+        tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(5)));
+        transport.stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024));
+        transport.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
+        client.transport_config(Arc::new(transport));
+        let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| format!("QUIC client: {e}"))?;
+        endpoint.set_default_client_config(client);
+        Ok(Self {
+            endpoint,
+            coordinators: config.coordinator.addresses.clone(),
+            connection: Arc::default(),
+        })
+    }
+
+    /// The live connection, or a new one to the first coordinator that answers.
+    async fn connection(&self) -> Result<quinn::Connection, OffloadError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let mut failures = Vec::new();
+        for coordinator in &self.coordinators {
+            match self.connect(coordinator).await {
+                Ok(c) => {
+                    tracing::info!(%coordinator, "connected to coordinator");
+                    *slot = Some(c.clone());
+                    return Ok(c);
+                }
+                Err(e) => failures.push(format!("{coordinator}: {e}")),
+            }
+        }
+        Err(OffloadError::Unreachable(failures.join("; ")))
+    }
+
+    async fn connect(&self, coordinator: &HostPort) -> Result<quinn::Connection, String> {
+        let addrs = tokio::net::lookup_host((coordinator.host.as_str(), coordinator.port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut last = String::from("no address");
+        for addr in addrs {
+            let connecting = match self.endpoint.connect(addr, &coordinator.host) {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+                Ok(Ok(c)) => {
+                    // Check the protocol version once per connection.
+                    let hello = Request::Hello {
+                        protocol: PROTOCOL_VERSION,
+                        agent_version: env!("CARGO_PKG_VERSION").into(),
+                    };
+                    match exchange(&c, &hello).await {
+                        Ok(r) if matches!(r.first(), Some(Response::Hello { .. })) => return Ok(c),
+                        Ok(r) => last = format!("unexpected answer to hello: {r:?}"),
+                        Err(e) => last = e.to_string(),
+                    }
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "timed out".into(),
+            }
+        }
+        Err(last)
+    }
+
+    /// One request on a new stream of the shared connection; reconnects (once) if it had died.
+    async fn call(&self, request: &Request) -> Result<Vec<Response>, OffloadError> {
+        let connection = self.connection().await?;
+        match exchange(&connection, request).await {
+            Ok(r) => Ok(r),
+            Err(OffloadError::Unreachable(_)) => {
+                *self.connection.lock().await = None;
+                let connection = self.connection().await?;
+                exchange(&connection, request).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fetches chunks; returns those the coordinator had (each verified against its id).
+    pub async fn get_chunks(
+        &self,
+        ids: Vec<ChunkId>,
+    ) -> Result<Vec<(ChunkId, Vec<u8>)>, OffloadError> {
+        let responses = self.call(&Request::GetChunks { ids }).await?;
+        let mut out = Vec::new();
+        for response in responses {
+            match response {
+                Response::Chunk { id, data } => {
+                    id.verify(&data)
+                        .map_err(|e| OffloadError::Protocol(e.to_string()))?;
+                    out.push((id, data));
+                }
+                Response::ChunkMissing { id } => {
+                    tracing::warn!(chunk = %id, "the coordinator lacks a chunk")
+                }
+                Response::Error { kind, message } => {
+                    return Err(OffloadError::Refused { kind, message });
+                }
+                other => return Err(OffloadError::Protocol(format!("unexpected {other:?}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `model` on the coordinator.
+    pub async fn infer(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        inputs: Vec<Tensor>,
+    ) -> Result<(u64, Vec<Tensor>), OffloadError> {
+        let request = Request::Infer {
+            model: model.into(),
+            version,
+            inputs,
+            outputs: vec![],
+        };
+        match self.call(&request).await?.into_iter().next() {
+            Some(Response::Inferred {
+                version, outputs, ..
+            }) => Ok((version, outputs)),
+            Some(Response::Busy { retry_after_ms }) => Err(OffloadError::Busy(retry_after_ms)),
+            Some(Response::Error { kind, message }) => Err(OffloadError::Refused { kind, message }),
+            other => Err(OffloadError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"agent shutting down");
+    }
+}
+
+async fn exchange(
+    connection: &quinn::Connection,
+    request: &Request,
+) -> Result<Vec<Response>, OffloadError> {
+    let lost = |e: &dyn std::fmt::Display| OffloadError::Unreachable(e.to_string());
+    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
+    let bytes = frame::encode(request, MAX_FRAME_BYTES)
+        .map_err(|e| OffloadError::Protocol(e.to_string()))?;
+    send.write_all(&bytes).await.map_err(|e| lost(&e))?;
+    send.finish().map_err(|e| lost(&e))?;
+    let mut out = Vec::new();
+    loop {
+        let mut header = [0u8; HEADER_BYTES];
+        match recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(out),
+            Err(e) => return Err(lost(&e)),
+        }
+        let len = frame::body_len(header, MAX_FRAME_BYTES)
+            .map_err(|e| OffloadError::Protocol(e.to_string()))?;
+        let mut body = vec![0u8; len];
+        recv.read_exact(&mut body).await.map_err(|e| lost(&e))?;
+        out.push(
+            frame::decode_body(&body, MAX_FRAME_BYTES)
+                .map_err(|e| OffloadError::Protocol(e.to_string()))?,
+        );
+    }
+}

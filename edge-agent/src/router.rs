@@ -1,0 +1,262 @@
+//! Where an inference runs, by the version's placement: on the device, on the coordinator, or
+//! both (cascade: the rows the local model is unsure of go to the cloud and are merged back in
+//! order). When the cloud is unreachable, a model with a local engine is answered locally.
+
+use std::sync::atomic::Ordering;
+
+use outpost_runtime::tract::RunError;
+use outpost_shared::{ErrorKind, Placement, Tensor};
+
+use crate::Context;
+use crate::offload::OffloadError;
+use crate::state::Serving;
+
+/// An answer and where its rows ran.
+#[derive(Debug)]
+pub struct Answer {
+    /// The version that answered.
+    pub version: u64,
+    /// The outputs.
+    pub outputs: Vec<Tensor>,
+    /// Rows answered on the device.
+    pub rows_local: u64,
+    /// Rows answered by the coordinator.
+    pub rows_cloud: u64,
+    /// Why the cloud was skipped, when it was.
+    pub note: Option<String>,
+}
+
+/// Why an inference failed.
+#[derive(Debug)]
+pub enum RouteError {
+    /// The inputs are wrong (400).
+    BadInput(String),
+    /// It cannot be answered now (503).
+    Unavailable(String),
+    /// Something failed (500).
+    Failed(String),
+}
+
+fn rows(inputs: &[Tensor]) -> u64 {
+    inputs
+        .first()
+        .and_then(|t| t.shape().first().copied())
+        .unwrap_or(1)
+}
+
+async fn run_local(serving: &Serving, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RouteError> {
+    let Some(engine) = serving.engine.clone() else {
+        return Err(RouteError::Unavailable(
+            "the model has no local engine".into(),
+        ));
+    };
+    tokio::task::spawn_blocking(move || engine.run(&inputs))
+        .await
+        .map_err(|e| RouteError::Failed(e.to_string()))?
+        .map_err(|e| match e {
+            RunError::Input(m) => RouteError::BadInput(m),
+            RunError::Model(m) => RouteError::BadInput(m),
+        })
+}
+
+fn cloud_error(e: OffloadError) -> RouteError {
+    match e {
+        OffloadError::Refused {
+            kind: ErrorKind::InvalidInput,
+            message,
+        } => RouteError::BadInput(message),
+        OffloadError::Unreachable(m) => RouteError::Unavailable(format!(
+            "the model runs in the cloud and no coordinator is reachable: {m}"
+        )),
+        other => RouteError::Unavailable(other.to_string()),
+    }
+}
+
+/// Runs `inputs` where the placement says.
+pub(crate) async fn infer(
+    ctx: &Context,
+    model: &str,
+    serving: &Serving,
+    inputs: Vec<Tensor>,
+) -> Result<Answer, RouteError> {
+    let version = serving.version.version;
+    let n = rows(&inputs);
+    let counters = &ctx.store.counters;
+    match &serving.version.placement {
+        Placement::Local => {
+            let outputs = run_local(serving, inputs).await?;
+            counters.local.fetch_add(1, Ordering::Relaxed);
+            Ok(Answer {
+                version,
+                outputs,
+                rows_local: n,
+                rows_cloud: 0,
+                note: None,
+            })
+        }
+        Placement::Cloud => {
+            check(serving, &inputs)?;
+            let (version, outputs) = ctx
+                .offload
+                .infer(model, Some(version), inputs)
+                .await
+                .map_err(cloud_error)?;
+            counters.offloaded.fetch_add(1, Ordering::Relaxed);
+            Ok(Answer {
+                version,
+                outputs,
+                rows_local: 0,
+                rows_cloud: n,
+                note: None,
+            })
+        }
+        Placement::Cascade { output, threshold } => {
+            let mut outputs = run_local(serving, inputs.clone()).await?;
+            counters.local.fetch_add(1, Ordering::Relaxed);
+            let unsure = unsure_rows(&outputs, output, *threshold).map_err(RouteError::Failed)?;
+            if unsure.is_empty() {
+                return Ok(Answer {
+                    version,
+                    outputs,
+                    rows_local: n,
+                    rows_cloud: 0,
+                    note: None,
+                });
+            }
+            let subset = inputs
+                .iter()
+                .map(|t| select_rows(t, &unsure))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(RouteError::Failed)?;
+            match ctx.offload.infer(model, Some(version), subset).await {
+                Ok((_, cloud)) => {
+                    for out in &mut outputs {
+                        if let Some(c) = cloud.iter().find(|c| c.name() == out.name()) {
+                            *out = replace_rows(out, &unsure, c).map_err(RouteError::Failed)?;
+                        }
+                    }
+                    counters.offloaded.fetch_add(1, Ordering::Relaxed);
+                    let cloud_rows = unsure.len() as u64;
+                    Ok(Answer {
+                        version,
+                        outputs,
+                        rows_local: n - cloud_rows,
+                        rows_cloud: cloud_rows,
+                        note: None,
+                    })
+                }
+                // Unsure answers are still answers: serve them, and say why the cloud was skipped.
+                Err(e) => Ok(Answer {
+                    version,
+                    outputs,
+                    rows_local: n,
+                    rows_cloud: 0,
+                    note: Some(e.to_string()),
+                }),
+            }
+        }
+    }
+}
+
+/// For a cloud-only model, check the inputs here so a bad request gets a 400 even offline.
+fn check(serving: &Serving, inputs: &[Tensor]) -> Result<(), RouteError> {
+    outpost_runtime::tract::check_inputs(&serving.version.inputs, inputs)
+        .map(|_| ())
+        .map_err(RouteError::BadInput)
+}
+
+/// The rows whose largest value on `output` is below `threshold`.
+fn unsure_rows(outputs: &[Tensor], output: &str, threshold: f32) -> Result<Vec<usize>, String> {
+    let t = outputs
+        .iter()
+        .find(|t| t.name() == output)
+        .ok_or_else(|| format!("the model gave no output {output:?}"))?;
+    let values = t.to_values::<f32>().map_err(|e| e.to_string())?;
+    let n = t.shape().first().copied().unwrap_or(1) as usize;
+    let width = values.len().checked_div(n).unwrap_or(0);
+    Ok((0..n)
+        .filter(|&r| {
+            values[r * width..(r + 1) * width]
+                .iter()
+                .copied()
+                .fold(f32::MIN, f32::max)
+                < threshold
+        })
+        .collect())
+}
+
+fn row_bytes(t: &Tensor) -> Result<usize, String> {
+    t.datatype()
+        .element_size()
+        .ok_or("BYTES tensors cannot be split by rows")?;
+    let n = t.shape().first().copied().unwrap_or(1) as usize;
+    Ok(t.data().len().checked_div(n).unwrap_or(0))
+}
+
+/// The given rows (outermost dimension) of `t`.
+fn select_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor, String> {
+    let per_row = row_bytes(t)?;
+    let mut data = Vec::with_capacity(per_row * rows.len());
+    for &r in rows {
+        data.extend_from_slice(&t.data()[r * per_row..(r + 1) * per_row]);
+    }
+    let mut shape = t.shape().to_vec();
+    if let Some(first) = shape.first_mut() {
+        *first = rows.len() as u64;
+    }
+    Tensor::from_bytes(t.name(), t.datatype(), shape, data).map_err(|e| e.to_string())
+}
+
+/// `t` with the given rows replaced by the rows of `with`, in order.
+fn replace_rows(t: &Tensor, rows: &[usize], with: &Tensor) -> Result<Tensor, String> {
+    let per_row = row_bytes(t)?;
+    if with.datatype() != t.datatype() || with.data().len() != per_row * rows.len() {
+        return Err(format!(
+            "the cloud's {:?} does not fit the local one",
+            t.name()
+        ));
+    }
+    let mut data = t.data().to_vec();
+    for (i, &r) in rows.iter().enumerate() {
+        data[r * per_row..(r + 1) * per_row]
+            .copy_from_slice(&with.data()[i * per_row..(i + 1) * per_row]);
+    }
+    Tensor::from_bytes(t.name(), t.datatype(), t.shape().to_vec(), data).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_selected_and_merged_back_in_order() {
+        let t = Tensor::from_values(
+            "p",
+            vec![4, 2],
+            &[0.9f32, 0.1, 0.5, 0.5, 0.2, 0.8, 0.45, 0.55],
+        )
+        .unwrap();
+        let unsure = unsure_rows(std::slice::from_ref(&t), "p", 0.6).unwrap();
+        assert_eq!(unsure, vec![1, 3]);
+        let picked = select_rows(&t, &unsure).unwrap();
+        assert_eq!(
+            picked.to_values::<f32>().unwrap(),
+            vec![0.5, 0.5, 0.45, 0.55]
+        );
+        let cloud = Tensor::from_values("p", vec![2, 2], &[1.0f32, 0.0, 0.0, 1.0]).unwrap();
+        let merged = replace_rows(&t, &unsure, &cloud).unwrap();
+        assert_eq!(
+            merged.to_values::<f32>().unwrap(),
+            vec![0.9, 0.1, 1.0, 0.0, 0.2, 0.8, 0.0, 1.0]
+        );
+        let ids = Tensor::from_values("ids", vec![4], &[10i64, 11, 12, 13]).unwrap();
+        assert_eq!(
+            select_rows(&ids, &unsure)
+                .unwrap()
+                .to_values::<i64>()
+                .unwrap(),
+            vec![11, 13]
+        );
+        assert!(replace_rows(&t, &unsure, &ids).is_err());
+    }
+}

@@ -1,0 +1,175 @@
+//! What the agent serves and keeps: the loaded models (in memory) and their durable record (sled:
+//! the last accepted release and the active and previous versions of each model; the bytes are
+//! chunk files).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+
+use outpost_runtime::ChunkStore;
+use outpost_runtime::tract::TractModel;
+use outpost_shared::{Manifest, ModelVersion, Placement, Target, Variant, cbor};
+use serde::{Deserialize, Serialize};
+
+const RECORD_LIMIT: usize = 64 * 1024 * 1024;
+
+/// One version of a model, ready to answer.
+#[derive(Debug)]
+pub struct Serving {
+    /// The version and its signature, placement and variants.
+    pub version: ModelVersion,
+    /// The local engine; `None` for a cloud-only model.
+    pub engine: Option<TractModel>,
+}
+
+/// A model's slot: what serves now, what served before, and what went wrong last.
+#[derive(Debug, Clone, Default)]
+pub struct Slot {
+    /// Serving now.
+    pub active: Option<Arc<Serving>>,
+    /// Kept for rollback.
+    pub previous: Option<Arc<Serving>>,
+    /// Being fetched or loaded.
+    pub pending: Option<u64>,
+    /// Why the last release was not installed (or was refused).
+    pub last_error: Option<String>,
+}
+
+/// The durable record of a model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Record {
+    /// The last release accepted (verified when received).
+    pub manifest: Option<Manifest>,
+    /// The active version.
+    pub active: Option<ModelVersion>,
+    /// The previous version.
+    pub previous: Option<ModelVersion>,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Inferences answered on the device.
+    pub local: AtomicU64,
+    /// Inferences (or rows) answered by the coordinator.
+    pub offloaded: AtomicU64,
+    /// Failed inferences.
+    pub errors: AtomicU64,
+    /// Refused manifests.
+    pub rejected: AtomicU64,
+    /// Chunks fetched.
+    pub chunks: AtomicU64,
+    /// Bytes fetched.
+    pub bytes: AtomicU64,
+}
+
+/// Models in memory and on disk.
+#[derive(Debug)]
+pub struct Store {
+    /// In memory, by name.
+    pub slots: RwLock<BTreeMap<String, Slot>>,
+    /// sled: name → [`Record`].
+    pub records: sled::Tree,
+    /// The database (flushed after every change).
+    pub db: sled::Db,
+    /// Model bytes.
+    pub chunks: ChunkStore,
+    /// Counters.
+    pub counters: Counters,
+}
+
+/// The variant a device runs locally, if any.
+pub fn local_variant(version: &ModelVersion) -> Option<&Variant> {
+    if version.placement == Placement::Cloud {
+        return None;
+    }
+    version
+        .variant(Target::EdgeInt8)
+        .or_else(|| version.variant(Target::EdgeFp32))
+}
+
+impl Store {
+    /// The record of `model`.
+    pub fn record(&self, model: &str) -> Result<Record, String> {
+        match self.records.get(model).map_err(|e| e.to_string())? {
+            Some(bytes) => {
+                cbor::decode("model record", &bytes, RECORD_LIMIT).map_err(|e| e.to_string())
+            }
+            None => Ok(Record::default()),
+        }
+    }
+
+    /// Writes `record` and flushes, so it survives a crash.
+    pub fn save(&self, model: &str, record: &Record) -> Result<(), String> {
+        let bytes =
+            cbor::encode("model record", record, RECORD_LIMIT).map_err(|e| e.to_string())?;
+        self.records
+            .insert(model, bytes)
+            .map_err(|e| e.to_string())?;
+        self.db.flush().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Every record.
+    pub fn records(&self) -> Result<Vec<(String, Record)>, String> {
+        self.records
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(|e| e.to_string())?;
+                let record =
+                    cbor::decode("model record", &v, RECORD_LIMIT).map_err(|e| e.to_string())?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), record))
+            })
+            .collect()
+    }
+
+    /// Assembles a variant from stored chunks and checks its digest.
+    pub fn assemble(&self, variant: &Variant) -> Result<Vec<u8>, String> {
+        let mut bytes = Vec::with_capacity(usize::try_from(variant.size).unwrap_or(0));
+        for c in &variant.chunks {
+            let data = self
+                .chunks
+                .get(&c.id)
+                .ok_or_else(|| format!("chunk {} is missing", c.id))?;
+            bytes.extend_from_slice(&data);
+        }
+        variant.digest.verify(&bytes).map_err(|e| e.to_string())?;
+        Ok(bytes)
+    }
+
+    /// Loads a version for serving: its local engine (warmed up), or none for cloud-only.
+    pub fn load(&self, version: &ModelVersion) -> Result<Serving, String> {
+        let engine = match local_variant(version) {
+            Some(variant) => {
+                let bytes = self.assemble(variant)?;
+                let model = TractModel::load(&bytes)?;
+                let warm = model.zero_inputs()?;
+                // Warm-up with zeros; a model that cannot run them is not worth serving.
+                model
+                    .run(&warm)
+                    .map_err(|e| format!("warm-up failed: {e}"))?;
+                Some(model)
+            }
+            None => None,
+        };
+        Ok(Serving {
+            version: version.clone(),
+            engine,
+        })
+    }
+
+    /// Deletes chunks that no active or previous version references.
+    pub fn collect_garbage(&self) -> Result<usize, String> {
+        let mut keep = std::collections::HashSet::new();
+        for (_, record) in self.records()? {
+            for v in record.active.iter().chain(record.previous.iter()) {
+                for variant in &v.variants {
+                    keep.extend(variant.chunks.iter().map(|c| c.id));
+                }
+            }
+        }
+        self.chunks
+            .retain(|id| keep.contains(id))
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,413 @@
+//! Coordinator and agents in one process over real QUIC, MQTT (the embedded broker), sled and
+//! tract: sync, local / cloud / cascade inference through the Open Inference Protocol API,
+//! upgrades, refused releases, offline serving, restart from cache.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use cloud_coordinator::{Coordinator, CoordinatorHandle};
+use edge_agent::{Agent, AgentHandle};
+use firmware_config::{AgentConfig, CoordinatorConfig};
+use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_runtime::tract::TractModel;
+use outpost_shared::Tensor;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, Value) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let _ = stream.write_all(body).await;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
+    )
+}
+
+async fn push(c: &CoordinatorHandle, name: &str, query: &str, body: &[u8]) -> Value {
+    let auth = format!("Authorization: Bearer {}\r\n", c.admin_token);
+    let (status, reply) = http(
+        c.admin_addr,
+        "POST",
+        &format!("/v1/models/{name}?{query}"),
+        &auth,
+        body,
+    )
+    .await;
+    assert_eq!(status, 201, "push {name}: {reply}");
+    reply
+}
+
+fn coordinator_config(dir: &std::path::Path) -> CoordinatorConfig {
+    let mut config = CoordinatorConfig::default();
+    config.storage.data_dir = dir.join("coordinator");
+    config.quic.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.listen = Some("127.0.0.1:0".parse().unwrap());
+    config
+}
+
+fn agent_config(c: &CoordinatorHandle, dir: &std::path::Path) -> AgentConfig {
+    let mut config = AgentConfig::load(c.dev_agent_config.as_ref().unwrap()).unwrap();
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.storage.data_dir = Some(dir.join("agent"));
+    config
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ranker_request(batch: usize) -> (Value, Vec<Tensor>) {
+    let features: Vec<f32> = (0..batch * 32)
+        .map(|i| ((i * 7 % 13) as f32) / 13.0)
+        .collect();
+    let ids: Vec<i64> = (0..batch as i64).map(|i| (i * 97) % 10_000).collect();
+    let tensors = vec![
+        Tensor::from_values("user_features", vec![batch as u64, 32], &features).unwrap(),
+        Tensor::from_values("item_ids", vec![batch as u64], &ids).unwrap(),
+    ];
+    let body = json!({ "id": "r1", "inputs": tensors.iter().map(|t| t.to_json().unwrap()).collect::<Vec<_>>() });
+    (body, tensors)
+}
+
+async fn infer(agent: &AgentHandle, model: &str, body: &Value) -> (u16, Value) {
+    http(
+        agent.api_addr,
+        "POST",
+        &format!("/v2/models/{model}/infer"),
+        "Content-Type: application/json\r\n",
+        body.to_string().as_bytes(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_sync_serve_upgrade_and_keep_serving_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(coordinator_config(dir.path()))
+        .await
+        .unwrap();
+    let ranker_v1 = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    push(&coordinator, "video-ranker", "placement=local", &ranker_v1).await;
+    push(
+        &coordinator,
+        "music-two-tower",
+        "placement=cloud",
+        &DemoModel::MusicTwoTower.bytes(DEFAULT_SEED),
+    )
+    .await;
+    push(
+        &coordinator,
+        "intent-classifier",
+        "placement=cascade:intent_probs:0.6",
+        &DemoModel::IntentClassifier.bytes(DEFAULT_SEED),
+    )
+    .await;
+
+    let agent = Agent::start(agent_config(&coordinator, dir.path()))
+        .await
+        .unwrap();
+    until("the agent to serve all three models", || {
+        ["video-ranker", "music-two-tower", "intent-classifier"]
+            .iter()
+            .all(|m| agent.active_version(m) == Some(1))
+    })
+    .await;
+
+    // Local inference equals tract in-process on the same bytes.
+    let (body, tensors) = ranker_request(5);
+    let (status, reply) = infer(&agent, "video-ranker", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["id"], "r1");
+    assert_eq!(reply["model_version"], "1");
+    let expected = TractModel::load(&ranker_v1).unwrap().run(&tensors).unwrap();
+    let got: Vec<f32> =
+        serde_json::from_value::<outpost_shared::JsonTensor>(reply["outputs"][0].clone())
+            .map(|j| Tensor::from_json(&j).unwrap().to_values::<f32>().unwrap())
+            .unwrap();
+    assert_eq!(got, expected[0].to_values::<f32>().unwrap());
+
+    // A cloud-placement model is answered over QUIC.
+    let user = Tensor::from_values("user_features", vec![2, 24], &[0.5f32; 48]).unwrap();
+    let tracks = Tensor::from_values("track_ids", vec![2], &[1i64, 2]).unwrap();
+    let music = json!({ "inputs": [user.to_json().unwrap(), tracks.to_json().unwrap()] });
+    let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["parameters"]["rows_cloud"], 2);
+
+    // The cascade sends the unsure rows to the cloud and says how many.
+    let tokens: Vec<i64> = (0..64 * 8).map(|i| (i * 7919) % 8000).collect();
+    let intents = json!({ "inputs": [Tensor::from_values("token_ids", vec![64, 8], &tokens).unwrap().to_json().unwrap()] });
+    let (status, reply) = infer(&agent, "intent-classifier", &intents).await;
+    assert_eq!(status, 200, "{reply}");
+    let (local, cloud) = (
+        reply["parameters"]["rows_local"].as_u64().unwrap(),
+        reply["parameters"]["rows_cloud"].as_u64().unwrap(),
+    );
+    assert_eq!(local + cloud, 64);
+    assert!(
+        cloud > 0 && local > 0,
+        "local {local}, cloud {cloud}: the demo should have both"
+    );
+
+    // Bad requests get the right 4xx with reasons.
+    let (mut wrong_shape, _) = ranker_request(2);
+    wrong_shape["inputs"][0]["shape"] = json!([4, 16]);
+    let (status, reply) = infer(&agent, "video-ranker", &wrong_shape).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("user_features"),
+        "{reply}"
+    );
+    let (mut wrong_type, _) = ranker_request(2);
+    wrong_type["inputs"][1]["datatype"] = json!("FP32");
+    let (status, reply) = infer(&agent, "video-ranker", &wrong_type).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("item_ids"),
+        "{reply}"
+    );
+    let (status, _) = infer(&agent, "no-such-model", &body).await;
+    assert_eq!(status, 404);
+    let (status, reply) = http(
+        agent.api_addr,
+        "POST",
+        "/v2/models/video-ranker/infer",
+        "",
+        b"{not json",
+    )
+    .await;
+    assert_eq!(status, 400, "{reply}");
+    let (status, _) = http(
+        agent.api_addr,
+        "POST",
+        "/v2/models/video-ranker/versions/9/infer",
+        "",
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let big = vec![b' '; edge_agent::api::MAX_BODY + 1];
+    let (status, _) = http(
+        agent.api_addr,
+        "POST",
+        "/v2/models/video-ranker/infer",
+        "",
+        &big,
+    )
+    .await;
+    assert_eq!(status, 413);
+
+    // Metadata in the protocol's shape.
+    let (status, meta) = http(agent.api_addr, "GET", "/v2/models/video-ranker", "", b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        meta["inputs"][1],
+        json!({ "name": "item_ids", "datatype": "INT64", "shape": [-1] })
+    );
+
+    // Push v2: the agent switches and keeps v1 as previous.
+    push(
+        &coordinator,
+        "video-ranker",
+        "placement=local",
+        &DemoModel::VideoRanker.bytes(7),
+    )
+    .await;
+    until("version 2", || {
+        agent.active_version("video-ranker") == Some(2)
+    })
+    .await;
+    let status = agent.status();
+    let ranker = status
+        .models
+        .iter()
+        .find(|m| m.model == "video-ranker")
+        .unwrap();
+    assert_eq!((ranker.active, ranker.previous), (Some(2), Some(1)));
+    let (status_code, _) = http(
+        agent.api_addr,
+        "POST",
+        "/v2/models/video-ranker/versions/1/infer",
+        "",
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        status_code, 200,
+        "the previous version still answers by version"
+    );
+
+    // Coordinator gone: local models keep serving, the cloud-only one gets 503 with the reason.
+    coordinator.shutdown().await;
+    let (status, _) = infer(&agent, "video-ranker", &body).await;
+    assert_eq!(status, 200);
+    let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+    assert_eq!(status, 503, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("no coordinator is reachable"),
+        "{reply}"
+    );
+
+    // A restarted agent serves from its cache before any network.
+    let config = agent_config_from(&agent, dir.path());
+    agent.shutdown().await;
+    let again = Agent::start(config).await.unwrap();
+    assert_eq!(again.active_version("video-ranker"), Some(2));
+    let (status, _) = infer(&again, "video-ranker", &body).await;
+    assert_eq!(status, 200);
+    again.shutdown().await;
+}
+
+fn agent_config_from(agent: &AgentHandle, dir: &std::path::Path) -> AgentConfig {
+    let fleet = dir.join("coordinator/dev-fleet/devices/dev-0001/agent.toml");
+    let mut config = AgentConfig::load(&fleet).unwrap();
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.storage.data_dir = Some(agent.data_dir.clone());
+    config
+}
+
+async fn mqtt_client(
+    c: &CoordinatorHandle,
+    id: &str,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let mut options = rumqttc::MqttOptions::new(id, c.mqtt.host.clone(), c.mqtt.port);
+    options.set_max_packet_size(8 << 20, 8 << 20);
+    rumqttc::AsyncClient::new(options, 16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_and_stale_releases_are_refused_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(coordinator_config(dir.path()))
+        .await
+        .unwrap();
+    push(
+        &coordinator,
+        "video-ranker",
+        "",
+        &DemoModel::VideoRanker.bytes(1),
+    )
+    .await;
+
+    // Keep release 1 as the broker has it, to replay it later.
+    let topic = "outpost/v1/models/video-ranker/manifest";
+    let (client, mut events) = mqtt_client(&coordinator, "observer").await;
+    client
+        .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let release_1 = loop {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = events.poll().await {
+            break p.payload.to_vec();
+        }
+    };
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+
+    let agent = Agent::start(agent_config(&coordinator, dir.path()))
+        .await
+        .unwrap();
+    until("version 1", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    push(
+        &coordinator,
+        "video-ranker",
+        "",
+        &DemoModel::VideoRanker.bytes(2),
+    )
+    .await;
+    until("version 2", || {
+        agent.active_version("video-ranker") == Some(2)
+    })
+    .await;
+
+    // A release signed by another fleet's key, for a "newer" version.
+    let other = tempfile::tempdir().unwrap();
+    let plan = firmware_config::FleetPlan::numbered(
+        "evil",
+        1,
+        vec!["localhost:1".parse().unwrap()],
+        "localhost:1".parse().unwrap(),
+    )
+    .unwrap();
+    firmware_config::provision(&plan, other.path()).unwrap();
+    let key = pem::parse(std::fs::read_to_string(other.path().join("fleet-signing.key")).unwrap())
+        .unwrap();
+    let evil = outpost_shared::ManifestSigner::from_pkcs8(key.contents()).unwrap();
+    let mut forged = ManifestVerifierFor::trusting(&agent_config(&coordinator, dir.path()))
+        .verify_cbor(&release_1, now())
+        .unwrap();
+    forged.release = 99;
+    forged.stable.version = 99;
+    let forged = evil.sign(&forged).unwrap().to_cbor().unwrap();
+
+    let rejected = agent.status().counters.manifests_rejected;
+    for payload in [forged, release_1, Vec::new()] {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    until("three refusals", || {
+        agent.status().counters.manifests_rejected >= rejected + 3
+    })
+    .await;
+    assert_eq!(
+        agent.active_version("video-ranker"),
+        Some(2),
+        "a refused release changed nothing"
+    );
+    let status = agent.status();
+    let last = status.last_error.unwrap_or_default();
+    assert!(!last.is_empty());
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
+
+struct ManifestVerifierFor;
+
+impl ManifestVerifierFor {
+    fn trusting(config: &AgentConfig) -> outpost_shared::ManifestVerifier {
+        outpost_shared::ManifestVerifier::new(config.fleet.manifest_keys.clone())
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
