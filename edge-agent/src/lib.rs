@@ -96,6 +96,7 @@ impl Agent {
             chunks,
             counters: Default::default(),
         });
+        check_identity(&config)?;
         let offload = offload::OffloadClient::new(&config).map_err(AgentError::Identity)?;
         let verifier = ManifestVerifier::new(config.fleet.manifest_keys.clone());
         let ctx = Arc::new(Context {
@@ -154,6 +155,25 @@ impl Agent {
             tasks,
         })
     }
+}
+
+/// The device id is the one in its certificate: a config naming another is refused.
+fn check_identity(config: &AgentConfig) -> Result<(), AgentError> {
+    let path = &config.device.certificate;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AgentError::Identity(format!("{}: {e}", path.display())))?;
+    let der =
+        pem::parse(text).map_err(|e| AgentError::Identity(format!("{}: {e}", path.display())))?;
+    let id = firmware_config::device_id_from_certificate(der.contents())
+        .map_err(|e| AgentError::Identity(e.to_string()))?;
+    if id != config.device.id {
+        return Err(AgentError::Identity(format!(
+            "the config says device {:?} but its certificate names {:?}",
+            config.device.id.as_str(),
+            id.as_str()
+        )));
+    }
+    Ok(())
 }
 
 impl AgentHandle {

@@ -266,6 +266,28 @@ async fn agents_sync_serve_upgrade_and_keep_serving_offline() {
         "the previous version still answers by version"
     );
 
+    // Rollback: a new version (3) with version 1's content; the agent follows and answers as v1.
+    let auth = format!("Authorization: Bearer {}\r\n", coordinator.admin_token);
+    let (code, reply) = http(
+        coordinator.admin_addr,
+        "POST",
+        "/v1/models/video-ranker/rollback?to=1",
+        &auth,
+        b"",
+    )
+    .await;
+    assert_eq!(code, 201, "{reply}");
+    until("version 3", || {
+        agent.active_version("video-ranker") == Some(3)
+    })
+    .await;
+    let (_, reply) = infer(&agent, "video-ranker", &ranker_request(5).0).await;
+    let got: Vec<f32> =
+        serde_json::from_value::<outpost_shared::JsonTensor>(reply["outputs"][0].clone())
+            .map(|j| Tensor::from_json(&j).unwrap().to_values::<f32>().unwrap())
+            .unwrap();
+    assert_eq!(got, expected[0].to_values::<f32>().unwrap());
+
     // Coordinator gone: local models keep serving, the cloud-only one gets 503 with the reason.
     coordinator.shutdown().await;
     let (status, _) = infer(&agent, "video-ranker", &body).await;
@@ -284,7 +306,7 @@ async fn agents_sync_serve_upgrade_and_keep_serving_offline() {
     let config = agent_config_from(&agent, dir.path());
     agent.shutdown().await;
     let again = Agent::start(config).await.unwrap();
-    assert_eq!(again.active_version("video-ranker"), Some(2));
+    assert_eq!(again.active_version("video-ranker"), Some(3));
     let (status, _) = infer(&again, "video-ranker", &body).await;
     assert_eq!(status, 200);
     again.shutdown().await;
@@ -296,6 +318,37 @@ fn agent_config_from(agent: &AgentHandle, dir: &std::path::Path) -> AgentConfig 
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     config.storage.data_dir = Some(agent.data_dir.clone());
     config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_download_fetches_only_the_missing_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(coordinator_config(dir.path()))
+        .await
+        .unwrap();
+    let bytes = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    push(&coordinator, "video-ranker", "", &bytes).await;
+    let spans = outpost_shared::chunk::split(&bytes);
+    assert!(spans.len() >= 4, "{} chunks", spans.len());
+
+    // What an interrupted download left behind: the first half of the chunks.
+    let config = agent_config(&coordinator, dir.path());
+    let store = outpost_runtime::ChunkStore::open(&config.data_dir().join("chunks")).unwrap();
+    let kept = spans.len() / 2;
+    for span in &spans[..kept] {
+        store.put(&span.id, span.bytes(&bytes)).unwrap();
+    }
+    let agent = Agent::start(config).await.unwrap();
+    until("version 1", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    let counters = agent.status().counters;
+    assert_eq!(counters.chunks_fetched, (spans.len() - kept) as u64);
+    let missing_bytes: usize = spans[kept..].iter().map(|s| s.len).sum();
+    assert_eq!(counters.bytes_fetched, missing_bytes as u64);
+    agent.shutdown().await;
+    coordinator.shutdown().await;
 }
 
 async fn mqtt_client(
@@ -410,4 +463,17 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_is_the_device_its_certificate_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(coordinator_config(dir.path()))
+        .await
+        .unwrap();
+    let mut config = agent_config(&coordinator, dir.path());
+    config.device.id = "dev-9999".parse().unwrap();
+    let err = Agent::start(config).await.unwrap_err().to_string();
+    assert!(err.contains("certificate names \"dev-0001\""), "{err}");
+    coordinator.shutdown().await;
 }
