@@ -48,33 +48,13 @@ type Reply = Response<Full<Bytes>>;
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    // Connection tasks live in this set, so shutdown ends them all (and what they hold).
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.changed() => break,
-            accepted = listener.accept() => accepted,
-            Some(_) = connections.join_next() => continue,
-        };
-        let Ok((stream, _)) = accepted else { continue };
+    let handler = move |req| {
         let state = state.clone();
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, &state).await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(error = %e, "admin connection ended");
-            }
-        });
-    }
-    connections.shutdown().await;
+        async move { route(req, &state).await }
+    };
+    outpost_runtime::serve::serve_http(listener, handler, shutdown).await;
 }
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {

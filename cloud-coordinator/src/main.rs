@@ -302,30 +302,10 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         );
         println!("            more devices: cloud-coordinator enroll");
     }
-    wait_for_signal().await;
+    outpost_runtime::serve::wait_for_signal().await;
     println!("shutting down");
     handle.shutdown().await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn encode(text: &str) -> String {

@@ -27,32 +27,13 @@ type Reply = Response<Full<Bytes>>;
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     ctx: Arc<Context>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.changed() => break,
-            accepted = listener.accept() => accepted,
-            Some(_) = connections.join_next() => continue,
-        };
-        let Ok((stream, _)) = accepted else { continue };
+    let handler = move |req| {
         let ctx = ctx.clone();
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, &ctx).await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(error = %e, "API connection ended");
-            }
-        });
-    }
-    connections.shutdown().await;
+        async move { route(req, &ctx).await }
+    };
+    outpost_runtime::serve::serve_http(listener, handler, shutdown).await;
 }
 
 fn reply(status: StatusCode, body: &Value) -> Reply {

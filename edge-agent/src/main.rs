@@ -54,7 +54,7 @@ fn main() -> std::process::ExitCode {
                     "Outpost agent {} serving on http://{}",
                     handle.device_id, handle.api_addr
                 );
-                wait_for_signal().await;
+                outpost_runtime::serve::wait_for_signal().await;
                 handle.shutdown().await;
                 anyhow::Ok(())
             })
@@ -66,17 +66,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        return;
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -1,9 +1,11 @@
 //! What the edge agent and the cloud coordinator both run, with I/O (so not in `shared`):
 //!
 //! - [`store`]: content-addressed chunk files, each written once through a synced temporary file.
+//! - [`serve`]: the HTTP serving loop and signal wait both daemons use.
 //! - [`tract`]: tract-onnx as an engine: load and check a model, read its signature, run it on
 //!   protocol tensors with inputs checked against the signature.
 
+pub mod serve;
 pub mod store;
 pub mod tract;
 

@@ -68,7 +68,7 @@ fn main() -> std::process::ExitCode {
                     "\nReady. Try:\n{}\n\nCtrl-C to stop.",
                     quickstart::curl_examples(running.agents[0].api_addr)
                 );
-                let _ = tokio::signal::ctrl_c().await;
+                outpost_runtime::serve::wait_for_signal().await;
                 println!("stopping");
                 running.shutdown().await;
                 anyhow::Ok(())
