@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use outpost_runtime::serve::{BodyError, read_body};
 use outpost_shared::Placement;
 use tokio::sync::watch;
 
@@ -143,17 +144,10 @@ async fn push(
     query: &HashMap<String, String>,
     state: &AdminState,
 ) -> Reply {
-    // Read the upload before judging the options: answering early and closing would reset the
-    // connection under a client still sending, and it could lose the answer.
-    let body = match Limited::new(req.into_body(), state.max_upload)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+    // Read the upload before judging the options (see `read_body`).
+    let body = match read_body(req.into_body(), state.max_upload).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
@@ -162,7 +156,7 @@ async fn push(
                 ),
             );
         }
-        Err(e) => {
+        Err(BodyError::Unreadable(e)) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 format!("could not read the upload: {e}"),

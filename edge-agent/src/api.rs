@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use outpost_runtime::serve::{BodyError, read_body};
 use outpost_shared::{JsonTensor, Tensor};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -196,10 +197,26 @@ struct RequestedOutput {
 }
 
 async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Option<&str>) -> Reply {
-    if req
+    let binary = req
         .headers()
-        .contains_key("inference-header-content-length")
-    {
+        .contains_key("inference-header-content-length");
+    // Read the body before judging the request (see `read_body`).
+    let body = match read_body(req.into_body(), MAX_BODY).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request is larger than {} MiB", MAX_BODY >> 20),
+            );
+        }
+        Err(BodyError::Unreadable(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the request: {e}"),
+            );
+        }
+    };
+    if binary {
         return error(
             StatusCode::BAD_REQUEST,
             "the binary tensor data extension is not supported yet; send JSON tensors",
@@ -208,24 +225,6 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
     let serving = match find(ctx, name, version) {
         Ok(s) => s,
         Err(r) => return *r,
-    };
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the request is larger than {} MiB", MAX_BODY >> 20),
-            );
-        }
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("could not read the request: {e}"),
-            );
-        }
     };
     let request: InferRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,

@@ -4,7 +4,7 @@
 use std::future::Future;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::sync::watch;
@@ -43,6 +43,31 @@ pub async fn serve_http<H, F>(
         });
     }
     connections.shutdown().await;
+}
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// It is larger than the limit (answer 413).
+    TooLarge,
+    /// The connection failed while reading it (answer 400).
+    Unreadable(String),
+}
+
+/// Reads a whole request body of at most `limit` bytes. Handlers read the body before judging a
+/// request: answering early and closing would reset the connection under a client still
+/// sending, and the client could lose the answer.
+pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(BodyError::TooLarge)
+        }
+        Err(e) => Err(BodyError::Unreadable(e.to_string())),
+    }
 }
 
 /// Waits for Ctrl-C or, on Unix, SIGTERM.
