@@ -3,7 +3,7 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /v1/models/{name}?placement=&rollout=&quantize=&cloud_size=` | push (body: the model file, then the cloud model's `cloud_size` bytes) |
+//! | `POST /v1/models/{name}?placement=&rollout=&quantize=&cloud_size=&samples_size=&dry_run=` | push (body: the model file, then the cloud model's `cloud_size` bytes, then the gate's sample file's `samples_size` bytes) |
 //! | `POST /v1/models/{name}/rollback?to=V` | publish version V's content as a new version |
 //! | `GET /v1/models` | models and versions |
 //! | `GET /v1/fleet` | devices and their last status |
@@ -183,8 +183,9 @@ async fn push(
         }
     };
     let quantize = match query.get("quantize").map(String::as_str) {
-        None | Some("none") => Quantize::None,
-        Some("int8") => Quantize::Int8,
+        None => None,
+        Some("none") => Some(Quantize::None),
+        Some("int8") => Some(Quantize::Int8),
         Some(other) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -192,34 +193,51 @@ async fn push(
             );
         }
     };
-    let cloud_size = match query.get("cloud_size").map(|v| v.parse::<usize>()) {
-        None => None,
-        Some(Ok(n)) => Some(n),
-        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "cloud_size must be a byte count"),
-    };
-    let (model, cloud_model) = match cloud_size {
-        Some(n) if n == 0 || n >= body.len() => {
+    let dry_run = match query.get("dry_run").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!(
-                    "cloud_size {n} does not fit an upload of {} bytes",
-                    body.len()
-                ),
+                format!("dry_run must be true or false, not {other:?}"),
             );
         }
-        Some(n) => (
-            body[..body.len() - n].to_vec(),
-            Some(body[body.len() - n..].to_vec()),
-        ),
-        None => (body.to_vec(), None),
+    };
+    // The body is the model, then the optional cloud model, then the optional sample file: each
+    // optional part is cut from the end by its size.
+    let mut body = body.to_vec();
+    let mut take_tail = |key: &str| -> Result<Option<Vec<u8>>, String> {
+        let Some(text) = query.get(key) else {
+            return Ok(None);
+        };
+        let n: usize = text
+            .parse()
+            .map_err(|_| format!("{key} must be a byte count, not {text:?}"))?;
+        if n == 0 || n >= body.len() {
+            return Err(format!(
+                "{key} {n} does not fit an upload of {} bytes (the model comes first)",
+                body.len()
+            ));
+        }
+        Ok(Some(body.split_off(body.len() - n)))
+    };
+    let samples = match take_tail("samples_size") {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let cloud_model = match take_tail("cloud_size") {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let request = PushRequest {
         name,
-        model,
+        model: body,
         cloud_model,
         placement,
         rollout_percent,
         quantize,
+        samples,
+        dry_run,
     };
     let registry = state.registry.clone();
     let result = tokio::task::spawn_blocking(move || registry.push(request)).await;
@@ -227,14 +245,12 @@ async fn push(
 }
 
 async fn publish(
-    result: Result<
-        Result<(crate::registry::Published, Vec<u8>), RegistryError>,
-        tokio::task::JoinError,
-    >,
+    result: Result<Result<crate::registry::Outcome, RegistryError>, tokio::task::JoinError>,
     state: &AdminState,
 ) -> Reply {
     match result {
-        Ok(Ok((published, signed))) => {
+        Ok(Ok((published, None))) => json(StatusCode::OK, &published),
+        Ok(Ok((published, Some(signed)))) => {
             state.metrics.pushes.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 model = published.model,
@@ -261,7 +277,6 @@ fn registry_error(e: RegistryError) -> Reply {
         RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
         RegistryError::BadModel(_) => StatusCode::UNPROCESSABLE_ENTITY,
         RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
-        RegistryError::NotBuilt(_) => StatusCode::NOT_IMPLEMENTED,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())

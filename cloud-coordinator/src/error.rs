@@ -48,9 +48,6 @@ pub enum RegistryError {
     /// No such model or version.
     #[error("{0}")]
     NotFound(String),
-    /// An option that is not built yet.
-    #[error("{0}")]
-    NotBuilt(String),
     /// Storage failed.
     #[error("storage: {0}")]
     Storage(String),

@@ -106,7 +106,7 @@ impl Coordinator {
             db.clone(),
             chunks,
             trust.signer,
-            config.registry.keep_versions,
+            &config.registry,
         )?);
         let (admin_token, new_admin_token) = admin_token(&data_dir)?;
         let metrics = Arc::new(metrics::Metrics::default());

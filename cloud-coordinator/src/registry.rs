@@ -4,7 +4,7 @@
 //! tree); model bytes live in the [`ChunkStore`]. Writes are serialised by one lock and flushed
 //! before they are announced, so a crash never announces what was not stored.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,13 +12,16 @@ use outpost_shared::cbor;
 use outpost_shared::manifest::Candidate;
 use outpost_shared::{
     ChunkId, Manifest, ManifestSigner, ModelFormat, ModelVersion, Placement, Target, TensorSpec,
-    Variant, chunk,
+    Variant,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::error::RegistryError;
+use firmware_config::RegistrySection;
 use outpost_runtime::ChunkStore;
-use outpost_runtime::tract as onnx;
+use outpost_runtime::accuracy::{self, AccuracyReport, GraphFacts, Tolerance};
+use outpost_runtime::quantize::{self, QuantizeReport};
+use outpost_runtime::tract::TractModel;
 
 const RECORD_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -35,8 +38,13 @@ pub struct PushRequest {
     pub placement: Placement,
     /// The share of devices that get this version first (100: everyone, at once).
     pub rollout_percent: u8,
-    /// Weight quantisation of the edge variant.
-    pub quantize: Quantize,
+    /// Weight quantisation of the edge variant; `None`: int8 whenever devices run the model.
+    pub quantize: Option<Quantize>,
+    /// Inputs for the accuracy gate, as an Open Inference Protocol request body
+    /// (`{"inputs": [...]}`); generated from the signature when absent.
+    pub samples: Option<Vec<u8>>,
+    /// Measure and report, but store and publish nothing.
+    pub dry_run: bool,
 }
 
 /// Weight quantisation of the edge variant.
@@ -44,8 +52,34 @@ pub struct PushRequest {
 pub enum Quantize {
     /// Keep fp32 weights.
     None,
-    /// Weight-only int8 (not built yet).
+    /// Weight-only int8, per output channel, behind the accuracy gate.
     Int8,
+}
+
+/// What making the int8 edge variant did: kept per version, shown by `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EdgeReport {
+    /// Sizes and what was quantised.
+    pub quantize: QuantizeReport,
+    /// The accuracy gate's figures against the fp32 model.
+    pub accuracy: AccuracyReport,
+}
+
+/// How much of a variant devices that run the stable version lack.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Delta {
+    /// The variant.
+    pub target: Target,
+    /// The stable version it is compared with (none: a new model).
+    pub against_version: Option<u64>,
+    /// Its chunks.
+    pub chunks: usize,
+    /// Chunks the stable version's variant does not have.
+    pub new_chunks: usize,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Bytes in those new chunks: what an up-to-date device downloads.
+    pub new_bytes: u64,
 }
 
 /// The answer to a push or rollback.
@@ -59,10 +93,16 @@ pub struct Published {
     pub release: u64,
     /// Whether the version is stable or a candidate.
     pub stage: &'static str,
+    /// True when nothing was stored or announced (`dry_run`).
+    pub dry_run: bool,
     /// Each variant's target and size.
     pub variants: Vec<VariantSummary>,
-    /// Chunks stored by this push that were not stored before.
+    /// Chunks stored by this push that were not stored before (would be, for a dry run).
     pub new_chunks: usize,
+    /// Each variant against the stable version's.
+    pub delta: Vec<Delta>,
+    /// The int8 edge variant's sizes and accuracy, when one was made.
+    pub edge: Option<EdgeReport>,
 }
 
 /// A variant in listings.
@@ -75,6 +115,10 @@ pub struct VariantSummary {
     /// How many chunks.
     pub chunks: usize,
 }
+
+/// What a push or rollback gives: the answer, and the signed manifest to announce (none for a
+/// dry run).
+pub type Outcome = (Published, Option<Vec<u8>>);
 
 /// A model in `GET /v1/models`.
 #[derive(Debug, Clone, Serialize)]
@@ -97,6 +141,8 @@ pub struct ModelSummary {
     pub placement: Placement,
     /// The stable version's variants.
     pub variants: Vec<VariantSummary>,
+    /// The stable version's int8 figures, when its edge variant is int8.
+    pub edge: Option<EdgeReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +153,9 @@ struct ModelRecord {
     stable: u64,
     candidate: Option<(u64, u8, String)>,
     versions: Vec<ModelVersion>,
+    /// Quantisation figures by version (records written before int8 existed have none).
+    #[serde(default)]
+    edge_reports: BTreeMap<u64, EdgeReport>,
 }
 
 impl ModelRecord {
@@ -147,6 +196,7 @@ pub struct Registry {
     chunks: ChunkStore,
     signer: ManifestSigner,
     keep_versions: usize,
+    tolerance: Tolerance,
     write: Mutex<()>,
 }
 
@@ -171,7 +221,7 @@ impl Registry {
         db: sled::Db,
         chunks: ChunkStore,
         signer: ManifestSigner,
-        keep_versions: u32,
+        options: &RegistrySection,
     ) -> Result<Self, sled::Error> {
         Ok(Self {
             models: db.open_tree("models")?,
@@ -179,7 +229,12 @@ impl Registry {
             db,
             chunks,
             signer,
-            keep_versions: keep_versions.max(2) as usize,
+            keep_versions: options.keep_versions.max(2) as usize,
+            tolerance: Tolerance {
+                max_abs_error: options.int8_max_abs_error,
+                min_cosine: options.int8_min_cosine,
+                min_top1_agreement: options.int8_min_top1_agreement,
+            },
             write: Mutex::new(()),
         })
     }
@@ -211,8 +266,9 @@ impl Registry {
             .collect()
     }
 
-    /// Validates, stores, signs and records a new version; returns what to announce.
-    pub fn push(&self, request: PushRequest) -> Result<(Published, Vec<u8>), RegistryError> {
+    /// Validates, optimises, stores, signs and records a new version; returns what happened and
+    /// the signed manifest to announce (none for a dry run).
+    pub fn push(&self, request: PushRequest) -> Result<Outcome, RegistryError> {
         outpost_shared::topic::validate_name(outpost_shared::topic::NameKind::Model, &request.name)
             .map_err(|e| RegistryError::BadRequest(e.to_string()))?;
         if request.rollout_percent > 100 {
@@ -221,21 +277,17 @@ impl Registry {
                 request.rollout_percent
             )));
         }
-        if request.quantize == Quantize::Int8 {
-            return Err(RegistryError::NotBuilt(
-                "int8 quantisation is not built yet (issue 5); push with quantize=none".into(),
-            ));
-        }
-        let (_, inputs, outputs) = onnx::load(&request.model)
+        let model = TractModel::load(&request.model)
             .map_err(|e| RegistryError::BadModel(format!("model: {e}")))?;
+        let (inputs, outputs) = (model.inputs.clone(), model.outputs.clone());
         if let Some(cloud) = &request.cloud_model {
-            let (_, cloud_inputs, cloud_outputs) = onnx::load(cloud)
+            let cloud = TractModel::load(cloud)
                 .map_err(|e| RegistryError::BadModel(format!("cloud model: {e}")))?;
-            if cloud_inputs != inputs || cloud_outputs != outputs {
+            if cloud.inputs != inputs || cloud.outputs != outputs {
                 return Err(RegistryError::BadRequest(format!(
                     "the cloud model's signature differs: it takes {} and gives {}, the model takes {} and gives {}",
-                    describe(&cloud_inputs),
-                    describe(&cloud_outputs),
+                    describe(&cloud.inputs),
+                    describe(&cloud.outputs),
                     describe(&inputs),
                     describe(&outputs)
                 )));
@@ -249,9 +301,30 @@ impl Registry {
                 )));
             }
         }
+        let on_devices = request.placement != Placement::Cloud;
+        let quantize = request.quantize.unwrap_or(if on_devices {
+            Quantize::Int8
+        } else {
+            Quantize::None
+        });
+        if quantize == Quantize::Int8 && !on_devices {
+            return Err(RegistryError::BadRequest(
+                "quantize=int8 makes an edge variant, but placement=cloud runs nothing on devices"
+                    .into(),
+            ));
+        }
+        let (int8_bytes, edge_report) = match quantize {
+            Quantize::Int8 => self.int8_variant(&request, &model)?.unzip(),
+            Quantize::None => (None, None),
+        };
+        drop(model);
+
         let mut sources: Vec<(Target, &[u8])> = Vec::new();
-        if request.placement != Placement::Cloud {
-            sources.push((Target::EdgeFp32, &request.model));
+        if on_devices {
+            match &int8_bytes {
+                Some(bytes) => sources.push((Target::EdgeInt8, bytes)),
+                None => sources.push((Target::EdgeFp32, &request.model)),
+            }
         }
         match (&request.cloud_model, &request.placement) {
             (Some(cloud), _) => sources.push((Target::CloudFp32, cloud)),
@@ -260,25 +333,15 @@ impl Registry {
             }
             (None, Placement::Local) => {}
         }
+        let variants: Vec<(Variant, &[u8])> = sources
+            .iter()
+            .map(|(target, bytes)| (Variant::describe(*target, ModelFormat::Onnx, bytes), *bytes))
+            .collect();
 
         let _guard = self
             .write
             .lock()
             .map_err(|_| RegistryError::Storage("registry lock poisoned".into()))?;
-        let mut new_chunks = 0;
-        let mut variants = Vec::new();
-        for (target, bytes) in sources {
-            for span in chunk::split(bytes) {
-                if self
-                    .chunks
-                    .put(&span.id, span.bytes(bytes))
-                    .map_err(|e| RegistryError::Storage(e.to_string()))?
-                {
-                    new_chunks += 1;
-                }
-            }
-            variants.push(Variant::describe(target, ModelFormat::Onnx, bytes));
-        }
         let mut record = self.record(&request.name)?.unwrap_or(ModelRecord {
             name: request.name.clone(),
             release: 0,
@@ -286,22 +349,150 @@ impl Registry {
             stable: 0,
             candidate: None,
             versions: Vec::new(),
+            edge_reports: BTreeMap::new(),
         });
+        let stable = record.version(record.stable).cloned();
+        let delta: Vec<Delta> = variants
+            .iter()
+            .map(|(v, _)| delta(v, stable.as_ref()))
+            .collect();
         let version = record.next_version;
         let as_candidate = request.rollout_percent < 100 && record.stable > 0;
+
+        if request.dry_run {
+            let mut new: HashSet<ChunkId> = HashSet::new();
+            for (variant, _) in &variants {
+                new.extend(
+                    variant
+                        .chunks
+                        .iter()
+                        .map(|c| c.id)
+                        .filter(|id| !self.chunks.contains(id)),
+                );
+            }
+            let published = Published {
+                model: record.name,
+                version,
+                release: record.release + 1,
+                stage: if as_candidate { "candidate" } else { "stable" },
+                dry_run: true,
+                variants: variants.iter().map(|(v, _)| summary(v)).collect(),
+                new_chunks: new.len(),
+                delta,
+                edge: edge_report,
+            };
+            return Ok((published, None));
+        }
+
+        let mut new_chunks = 0;
+        for (variant, bytes) in &variants {
+            let mut offset = 0usize;
+            for c in &variant.chunks {
+                let end = offset + c.size as usize;
+                let data = bytes.get(offset..end).ok_or_else(|| {
+                    RegistryError::Storage("a chunk runs past its variant".into())
+                })?;
+                if self
+                    .chunks
+                    .put(&c.id, data)
+                    .map_err(|e| RegistryError::Storage(e.to_string()))?
+                {
+                    new_chunks += 1;
+                }
+                offset = end;
+            }
+        }
         record.versions.push(ModelVersion {
             version,
             inputs,
             outputs,
             placement: request.placement,
-            variants,
+            variants: variants.into_iter().map(|(v, _)| v).collect(),
         });
+        if let Some(report) = &edge_report {
+            record.edge_reports.insert(version, report.clone());
+        }
         let stage = self.promote(&mut record, version, as_candidate, request.rollout_percent);
-        self.commit(record, version, stage, new_chunks)
+        let (mut published, signed) = self.commit(record, version, stage, new_chunks)?;
+        published.delta = delta;
+        Ok((published, Some(signed)))
+    }
+
+    /// Quantises the edge model to int8 and runs the accuracy gate; `None` when the model has
+    /// no weight worth quantising (it then ships as fp32).
+    fn int8_variant(
+        &self,
+        request: &PushRequest,
+        fp32: &TractModel,
+    ) -> Result<Option<(Vec<u8>, EdgeReport)>, RegistryError> {
+        let quantized = quantize::quantize_int8(&request.model)
+            .map_err(|e| RegistryError::BadModel(format!("int8: {e}; push with quantize=none")))?;
+        if quantized.report.tensors == 0 {
+            tracing::info!(
+                model = request.name,
+                "no weight with {} or more elements to quantise; the edge variant stays fp32",
+                quantize::MIN_ELEMENTS
+            );
+            return Ok(None);
+        }
+        let int8 = TractModel::load(&quantized.bytes).map_err(|e| {
+            RegistryError::BadModel(format!(
+                "the int8 variant does not load ({e}); push with quantize=none"
+            ))
+        })?;
+        let facts = GraphFacts::read(&request.model).map_err(RegistryError::BadModel)?;
+        let mut classifiers = facts.softmax_outputs.clone();
+        if let Placement::Cascade { output, .. } = &request.placement {
+            classifiers.insert(output.clone());
+        }
+        let report = match &request.samples {
+            Some(file) => {
+                let samples = parse_samples(file)?;
+                accuracy::compare(
+                    fp32,
+                    &int8,
+                    &samples,
+                    &classifiers,
+                    "the operator's samples",
+                )
+                .map_err(|e| RegistryError::BadRequest(format!("sample file: {e}")))?
+            }
+            None => {
+                let samples = accuracy::generate_samples(&fp32.inputs, &facts, SAMPLE_SEED)
+                    .map_err(RegistryError::BadModel)?;
+                accuracy::compare(fp32, &int8, &samples, &classifiers, "generated from the signature")
+                    .map_err(|e| {
+                        RegistryError::BadModel(format!(
+                            "accuracy gate: {e}; give sample inputs (samples) or push with quantize=none"
+                        ))
+                    })?
+            }
+        };
+        let violations = report.violations(&self.tolerance);
+        if !violations.is_empty() {
+            return Err(RegistryError::BadModel(format!(
+                "the int8 variant fails the accuracy gate: {}. Measured: {report}. Push with quantize=none, or raise the tolerance in [registry] of the coordinator's config",
+                violations.join("; ")
+            )));
+        }
+        tracing::info!(
+            model = request.name,
+            fp32_bytes = quantized.report.fp32_bytes,
+            int8_bytes = quantized.report.int8_bytes,
+            accuracy = %report,
+            "int8 edge variant passed the accuracy gate"
+        );
+        Ok(Some((
+            quantized.bytes,
+            EdgeReport {
+                quantize: quantized.report,
+                accuracy: report,
+            },
+        )))
     }
 
     /// Publishes a new version whose content is kept version `to`'s, as stable.
-    pub fn rollback(&self, name: &str, to: u64) -> Result<(Published, Vec<u8>), RegistryError> {
+    pub fn rollback(&self, name: &str, to: u64) -> Result<Outcome, RegistryError> {
         let _guard = self
             .write
             .lock()
@@ -316,9 +507,20 @@ impl Registry {
             ))
         })?;
         let version = record.next_version;
+        let stable = record.version(record.stable).cloned();
+        let delta = old
+            .variants
+            .iter()
+            .map(|v| delta(v, stable.as_ref()))
+            .collect();
+        if let Some(report) = record.edge_reports.get(&to).cloned() {
+            record.edge_reports.insert(version, report);
+        }
         record.versions.push(ModelVersion { version, ..old });
         let stage = self.promote(&mut record, version, false, 100);
-        self.commit(record, version, stage, 0)
+        let (mut published, signed) = self.commit(record, version, stage, 0)?;
+        published.delta = delta;
+        Ok((published, Some(signed)))
     }
 
     fn promote(
@@ -359,7 +561,8 @@ impl Registry {
             else {
                 break;
             };
-            record.versions.remove(i);
+            let gone = record.versions.remove(i);
+            record.edge_reports.remove(&gone.version);
         }
         let manifest = record.manifest(now())?;
         let signed = self
@@ -385,8 +588,11 @@ impl Registry {
             version,
             release: record.release,
             stage,
+            dry_run: false,
             variants: stored.iter().map(summary).collect(),
             new_chunks,
+            delta: Vec::new(),
+            edge: record.edge_reports.get(&version).cloned(),
         };
         Ok((published, bytes))
     }
@@ -440,6 +646,7 @@ impl Registry {
                     outputs: stable.outputs.clone(),
                     placement: stable.placement.clone(),
                     variants: stable.variants.iter().map(summary).collect(),
+                    edge: r.edge_reports.get(&r.stable).cloned(),
                 })
             })
             .collect()
@@ -464,6 +671,7 @@ impl Registry {
         let variant = v
             .variant(Target::CloudFp32)
             .or_else(|| v.variant(Target::EdgeFp32))
+            .or_else(|| v.variant(Target::EdgeInt8))
             .or_else(|| v.variants.first())
             .ok_or_else(|| {
                 RegistryError::NotFound(format!("model {model:?} version {version} has no variant"))
@@ -485,6 +693,62 @@ impl Registry {
     /// A stored chunk.
     pub fn chunk(&self, id: &ChunkId) -> Option<Vec<u8>> {
         self.chunks.get(id)
+    }
+}
+
+/// The seed of generated gate samples: the same model is always measured on the same inputs.
+const SAMPLE_SEED: u64 = 0x6f75_7470_6f73_7431;
+
+/// The operator's sample inputs: an Open Inference Protocol request body.
+fn parse_samples(file: &[u8]) -> Result<Vec<outpost_shared::Tensor>, RegistryError> {
+    #[derive(Deserialize)]
+    struct SampleFile {
+        inputs: Vec<outpost_shared::JsonTensor>,
+    }
+    let bad = |e: String| {
+        RegistryError::BadRequest(format!(
+            "sample file: {e} (expected an inference request body: {{\"inputs\": [...]}})"
+        ))
+    };
+    let parsed: SampleFile = serde_json::from_slice(file).map_err(|e| bad(e.to_string()))?;
+    parsed
+        .inputs
+        .iter()
+        .map(outpost_shared::Tensor::from_json)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// `variant` against the stable version's variant for the same place (any edge variant stands
+/// for another: devices hold one of them).
+fn delta(variant: &Variant, stable: Option<&ModelVersion>) -> Delta {
+    let edge = |t: Target| matches!(t, Target::EdgeInt8 | Target::EdgeFp32);
+    let old = stable.and_then(|s| {
+        s.variant(variant.target)
+            .map(|v| (s.version, v))
+            .or_else(|| {
+                s.variants
+                    .iter()
+                    .find(|v| edge(v.target) && edge(variant.target))
+                    .map(|v| (s.version, v))
+            })
+    });
+    let held: HashSet<ChunkId> = old
+        .map(|(_, v)| v.chunks.iter().map(|c| c.id).collect())
+        .unwrap_or_default();
+    let mut seen = HashSet::new();
+    let fresh: Vec<_> = variant
+        .chunks
+        .iter()
+        .filter(|c| !held.contains(&c.id) && seen.insert(c.id))
+        .collect();
+    Delta {
+        target: variant.target,
+        against_version: old.map(|(v, _)| v),
+        chunks: variant.chunks.len(),
+        new_chunks: fresh.len(),
+        bytes: variant.size,
+        new_bytes: fresh.iter().map(|c| u64::from(c.size)).sum(),
     }
 }
 

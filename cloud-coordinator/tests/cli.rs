@@ -82,7 +82,32 @@ fn serve_push_list_rollback_enroll_and_stop() {
         &config,
     );
     assert!(ok, "{err}");
-    assert!(out.contains("\"version\": 1"), "{out}");
+    assert!(
+        out.contains("published video-ranker version 1 (release 1, stable)")
+            && out.contains("edge-int8")
+            && out.contains("accuracy gate (64 rows, generated from the signature)")
+            && out.contains("score: max abs error"),
+        "{out}"
+    );
+    // A dry run prints the same figures and the delta, and publishes nothing.
+    let (ok, out, err) = run(
+        &[
+            "push",
+            file,
+            "--name",
+            "video-ranker",
+            "--dry-run",
+            "--admin",
+            &admin,
+        ],
+        &config,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("dry run: video-ranker version 2")
+            && out.contains("0 B new against version 1 (0 of"),
+        "{out}"
+    );
     let (ok, _, err) = run(
         &[
             "push",

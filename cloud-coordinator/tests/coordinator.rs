@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_runtime::quantize::quantize_int8;
 use outpost_shared::{
     DeviceStatus, ErrorKind, ManifestVerifier, Request, Response, Target, Tensor, Topic,
 };
@@ -25,6 +26,15 @@ async fn push_announces_a_signed_manifest_and_serves_every_chunk() {
     let reply = c.push("video-ranker", "placement=local", &bytes).await;
     assert_eq!(reply["version"], 1);
     assert_eq!(reply["stage"], "stable");
+    // Devices run it, so the edge variant is int8 by default, and it is deterministic.
+    let int8 = quantize_int8(&bytes).unwrap().bytes;
+    assert_eq!(reply["edge"]["quantize"]["int8_bytes"], int8.len());
+    assert_eq!(reply["delta"][0]["target"], "edge-int8");
+    assert_eq!(
+        reply["delta"][0]["against_version"],
+        serde_json::Value::Null
+    );
+    assert_eq!(reply["delta"][0]["new_bytes"], int8.len());
 
     // A plain MQTT subscriber gets the retained manifest, and it verifies with the fleet key.
     let topic = Topic::manifest("video-ranker").unwrap().name();
@@ -38,8 +48,9 @@ async fn push_announces_a_signed_manifest_and_serves_every_chunk() {
         ),
         ("video-ranker", 1, 1)
     );
-    let variant = manifest.stable.variant(Target::EdgeFp32).unwrap().clone();
-    assert_eq!(variant.size, bytes.len() as u64);
+    assert!(manifest.stable.variant(Target::EdgeFp32).is_none());
+    let variant = manifest.stable.variant(Target::EdgeInt8).unwrap().clone();
+    assert_eq!(variant.size, int8.len() as u64);
     assert_eq!(
         manifest
             .stable
@@ -339,7 +350,14 @@ async fn bad_pushes_and_tokens_are_refused_with_reasons() {
     for (query, status_, needle) in [
         ("placement=edge", 400, "placement"),
         ("rollout=101", 400, "percentage"),
-        ("quantize=int8", 501, "not built yet"),
+        ("quantize=int4", 400, "quantize must be none or int8"),
+        (
+            "placement=cloud&quantize=int8",
+            400,
+            "runs nothing on devices",
+        ),
+        ("dry_run=maybe", 400, "dry_run must be"),
+        ("samples_size=0", 400, "samples_size 0 does not fit"),
         ("placement=cascade:nope:0.5", 400, "not an output"),
     ] {
         let (status, body) = c
@@ -422,8 +440,11 @@ async fn rollback_publishes_a_newer_version_with_old_content() {
     assert_eq!(manifest.release, 4);
     assert_eq!(manifest.stable.version, 4);
     assert!(manifest.candidate.is_none());
-    let digest = manifest.stable.variant(Target::EdgeFp32).unwrap().digest;
-    assert_eq!(digest, outpost_shared::Digest::of(&v1));
+    let digest = manifest.stable.variant(Target::EdgeInt8).unwrap().digest;
+    assert_eq!(
+        digest,
+        outpost_shared::Digest::of(&quantize_int8(&v1).unwrap().bytes)
+    );
 
     let (_, models) = c.admin("GET", "/v1/models", b"").await;
     assert_eq!(models[0]["versions"], serde_json::json!([1, 2, 3, 4]));
@@ -446,11 +467,121 @@ async fn old_versions_and_their_chunks_are_dropped() {
     // Only the kept versions' chunks remain on disk.
     let kept: usize = [2u64, 3]
         .iter()
-        .map(|&s| outpost_shared::chunk::split(&DemoModel::MusicTwoTower.bytes(s)).len())
+        .map(|&s| {
+            let int8 = quantize_int8(&DemoModel::MusicTwoTower.bytes(s)).unwrap();
+            outpost_shared::chunk::split(&int8.bytes).len()
+        })
         .sum();
     let on_disk = walk(&c.handle.data_dir.join("chunks"));
     assert_eq!(on_disk, kept);
     c.handle.shutdown().await;
+}
+
+/// int8 by default, the figures kept and listed, the operator's samples, a dry run that stores
+/// nothing, and a gate that refuses with the figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn int8_variants_pass_a_gate_and_dry_runs_publish_nothing() {
+    let c = start().await;
+    let v1 = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    let reply = c.push("video-ranker", "", &v1).await;
+    let ratio = reply["edge"]["quantize"]["int8_bytes"].as_f64().unwrap()
+        / reply["edge"]["quantize"]["fp32_bytes"].as_f64().unwrap();
+    assert!(ratio <= 0.30, "{reply}");
+    let (_, models) = c.admin("GET", "/v1/models", b"").await;
+    let listed = &models[0];
+    assert_eq!(listed["variants"][0]["target"], "edge-int8");
+    let gate = &listed["edge"]["accuracy"];
+    assert_eq!(gate["samples"], "generated from the signature");
+    assert_eq!(gate["outputs"][0]["name"], "score");
+    assert!(
+        gate["outputs"][0]["max_abs_error"].as_f64().unwrap() < 0.05,
+        "{gate}"
+    );
+    assert!(
+        gate["outputs"][0]["cosine"].as_f64().unwrap() > 0.999,
+        "{gate}"
+    );
+
+    // A dry run of a model whose head was retrained: the figures and the delta, nothing stored.
+    let chunks_before = walk(&c.handle.data_dir.join("chunks"));
+    let mut proto = DemoModel::VideoRanker.build(DEFAULT_SEED);
+    model_zoo::retrain_head(&mut proto, 7);
+    let v2 = prost::Message::encode_to_vec(&proto);
+    let (status, dry) = c
+        .admin("POST", "/v1/models/video-ranker?dry_run=true", &v2)
+        .await;
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["version"], 2);
+    let delta = &dry["delta"][0];
+    assert_eq!(delta["against_version"], 1);
+    assert!(delta["new_chunks"].as_u64().unwrap() >= 1, "{dry}");
+    assert!(
+        delta["new_chunks"].as_u64().unwrap() < delta["chunks"].as_u64().unwrap(),
+        "a retrained head shares the other chunks: {dry}"
+    );
+    assert!(dry["edge"]["accuracy"]["outputs"][0]["cosine"].is_number());
+    let (_, after) = c.admin("GET", "/v1/models", b"").await;
+    assert_eq!(after[0]["versions"], serde_json::json!([1]));
+    assert_eq!(after[0]["release"], 1);
+    assert_eq!(walk(&c.handle.data_dir.join("chunks")), chunks_before);
+
+    // The operator's sample file (an inference request body) replaces generated inputs.
+    let samples = serde_json::json!({"inputs": [
+        {"name": "user_features", "shape": [3, 32], "datatype": "FP32", "data": vec![0.25f32; 96]},
+        {"name": "item_ids", "shape": [3], "datatype": "INT64", "data": [0, 17, 9999]}
+    ]})
+    .to_string();
+    let mut body = v2.clone();
+    body.extend(samples.as_bytes());
+    let query = format!("samples_size={}", samples.len());
+    let reply = c.push("video-ranker", &query, &body).await;
+    assert_eq!(
+        reply["edge"]["accuracy"]["samples"],
+        "the operator's samples"
+    );
+    assert_eq!(reply["edge"]["accuracy"]["rows"], 3);
+    assert_eq!(reply["delta"][0]["against_version"], 1);
+    // Samples that do not fit the signature are refused, naming the input.
+    let bad = r#"{"inputs": [{"name": "user_features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}"#;
+    let mut body = v2.clone();
+    body.extend(bad.as_bytes());
+    let (status, reply) = c
+        .admin(
+            "POST",
+            &format!("/v1/models/video-ranker?samples_size={}", bad.len()),
+            &body,
+        )
+        .await;
+    assert_eq!(status, 400, "{reply}");
+    let message = reply["error"].as_str().unwrap();
+    assert!(
+        message.contains("sample file") && message.contains("user_features"),
+        "{message}"
+    );
+    c.handle.shutdown().await;
+
+    // A gate with no tolerance refuses the int8 variant with the figures, and stores nothing;
+    // quantize=none still publishes fp32.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.registry.int8_max_abs_error = 0.0;
+    let strict = start_with(config, dir).await;
+    let (status, reply) = strict.admin("POST", "/v1/models/video-ranker", &v1).await;
+    assert_eq!(status, 422, "{reply}");
+    let message = reply["error"].as_str().unwrap();
+    assert!(
+        message.contains("fails the accuracy gate")
+            && message.contains("score: max abs error")
+            && message.contains("is over 0"),
+        "{message}"
+    );
+    let (_, models) = strict.admin("GET", "/v1/models", b"").await;
+    assert_eq!(models, serde_json::json!([]));
+    let reply = strict.push("video-ranker", "quantize=none", &v1).await;
+    assert_eq!(reply["variants"][0]["target"], "edge-fp32");
+    assert_eq!(reply["edge"], serde_json::Value::Null);
+    strict.handle.shutdown().await;
 }
 
 fn walk(dir: &std::path::Path) -> usize {

@@ -150,6 +150,17 @@ pub struct RegistrySection {
     /// The largest model upload accepted, MiB.
     #[serde(default = "default_max_upload_mb")]
     pub max_upload_mb: u64,
+    /// The accuracy gate of int8 edge variants: the largest absolute difference of any output
+    /// element from the fp32 model.
+    #[serde(default = "default_int8_max_abs_error")]
+    pub int8_max_abs_error: f64,
+    /// The smallest cosine similarity of any output to the fp32 model's.
+    #[serde(default = "default_int8_min_cosine")]
+    pub int8_min_cosine: f64,
+    /// The smallest share (0–1) of rows whose top-1 class agrees with the fp32 model's, on
+    /// classifier outputs.
+    #[serde(default = "default_int8_min_top1_agreement")]
+    pub int8_min_top1_agreement: f64,
 }
 
 impl Default for RegistrySection {
@@ -157,8 +168,23 @@ impl Default for RegistrySection {
         Self {
             keep_versions: default_keep_versions(),
             max_upload_mb: default_max_upload_mb(),
+            int8_max_abs_error: default_int8_max_abs_error(),
+            int8_min_cosine: default_int8_min_cosine(),
+            int8_min_top1_agreement: default_int8_min_top1_agreement(),
         }
     }
+}
+
+fn default_int8_max_abs_error() -> f64 {
+    0.05
+}
+
+fn default_int8_min_cosine() -> f64 {
+    0.999
+}
+
+fn default_int8_min_top1_agreement() -> f64 {
+    0.9
 }
 
 fn default_keep_versions() -> u32 {
@@ -297,6 +323,26 @@ impl CoordinatorConfig {
         }
         if self.registry.max_upload_mb == 0 {
             problems.push(("registry.max_upload_mb", "must be at least 1".to_owned()));
+        }
+        if !(self.registry.int8_max_abs_error >= 0.0
+            && self.registry.int8_max_abs_error.is_finite())
+        {
+            problems.push((
+                "registry.int8_max_abs_error",
+                "must be a finite number of at least 0".to_owned(),
+            ));
+        }
+        if !(-1.0..=1.0).contains(&self.registry.int8_min_cosine) {
+            problems.push((
+                "registry.int8_min_cosine",
+                "must be between -1 and 1".to_owned(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.registry.int8_min_top1_agreement) {
+            problems.push((
+                "registry.int8_min_top1_agreement",
+                "must be a share between 0 and 1 (0.95 is 95 %)".to_owned(),
+            ));
         }
         if self.inference.workers == 0 {
             problems.push(("inference.workers", "must be at least 1".to_owned()));

@@ -108,18 +108,23 @@ impl DemoModel {
         self.build(seed).encode_to_vec()
     }
 
-    /// Writes `{dir}/{name}.onnx` (through a temporary file and a rename, so a crash never
-    /// leaves a partial model under the final name) and returns its path.
+    /// Writes `{dir}/{name}.onnx` (see [`write_model`]) and returns its path.
     pub fn write(self, seed: u64, dir: &Path) -> std::io::Result<PathBuf> {
-        fs::create_dir_all(dir)?;
-        let path = dir.join(format!("{}.onnx", self.name()));
-        let tmp = dir.join(format!(".{}.onnx.tmp", self.name()));
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(&self.bytes(seed))?;
-        file.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        Ok(path)
+        write_model(dir, self.name(), &self.bytes(seed))
     }
+}
+
+/// Writes `bytes` as `{dir}/{name}.onnx` through a temporary file and a rename, so a crash never
+/// leaves a partial model under the final name; returns its path.
+pub fn write_model(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{name}.onnx"));
+    let tmp = dir.join(format!(".{name}.onnx.tmp"));
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    Ok(path)
 }
 
 /// `[user_features, embedding(item_ids)] → MLP → sigmoid`.
@@ -244,6 +249,34 @@ fn music_two_tower(seed: u64) -> ModelProto {
         "Scores tracks for a user as the dot product of a user and a track embedding.",
         &[("outpost.catalog_items", MUSIC_TRACKS.to_string())],
     )
+}
+
+/// Re-draws the weights of a model's output layer (`head.*`) from `seed`, as a fine-tune that
+/// retrained only the last layer would: every other byte of the file stays the same. Returns
+/// how many tensors changed.
+pub fn retrain_head(model: &mut ModelProto, seed: u64) -> usize {
+    let mut rng = graph::Rng::new(seed);
+    let mut changed = 0;
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    for tensor in &mut graph.initializer {
+        if !tensor.name.starts_with("head.") || tensor.data_type != DataType::Float as i32 {
+            continue;
+        }
+        // Keep each weight's scale: draw within its current largest magnitude.
+        let limit = tensor
+            .raw_data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).abs())
+            .fold(0.0f32, f32::max)
+            .max(1e-3);
+        for b in tensor.raw_data.chunks_exact_mut(4) {
+            b.copy_from_slice(&rng.uniform(limit).to_le_bytes());
+        }
+        changed += 1;
+    }
+    changed
 }
 
 /// The number of weights (initializer elements) in a model.

@@ -31,6 +31,10 @@ enum Command {
         /// music-two-tower.
         #[arg(long = "model", value_name = "NAME")]
         models: Vec<String>,
+        /// Re-draw only the output layer's weights from this seed, as a fine-tune of the last
+        /// layer would (to try delta updates: every other byte stays the same).
+        #[arg(long, value_name = "SEED")]
+        retrain_head: Option<u64>,
     },
     /// List the models.
     List,
@@ -50,7 +54,12 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Write { out, seed, models } => {
+        Command::Write {
+            out,
+            seed,
+            models,
+            retrain_head,
+        } => {
             let chosen = if models.is_empty() {
                 DemoModel::ALL.to_vec()
             } else {
@@ -65,8 +74,12 @@ fn main() -> anyhow::Result<()> {
                     .collect::<anyhow::Result<_>>()?
             };
             for (i, m) in chosen.iter().enumerate() {
-                let path = m
-                    .write(seed, &out)
+                let mut proto = m.build(seed);
+                if let Some(head_seed) = retrain_head {
+                    model_zoo::retrain_head(&mut proto, head_seed);
+                }
+                let bytes = prost::Message::encode_to_vec(&proto);
+                let path = model_zoo::write_model(&out, m.name(), &bytes)
                     .with_context(|| format!("writing {} into {}", m.name(), out.display()))?;
                 let size = std::fs::metadata(&path).map(|md| md.len()).unwrap_or(0);
                 println!(

@@ -4,7 +4,11 @@
 //! - [`serve`]: the HTTP serving loop and signal wait both daemons use.
 //! - [`tract`]: tract-onnx as an engine: load and check a model, read its signature, run it on
 //!   protocol tensors with inputs checked against the signature.
+//! - [`quantize`]: weight-only int8 quantisation as an ONNX rewrite (`DequantizeLinear`).
+//! - [`accuracy`]: the gate that measures a quantised model against the original.
 
+pub mod accuracy;
+pub mod quantize;
 pub mod serve;
 pub mod store;
 pub mod tract;

@@ -10,6 +10,7 @@ use cloud_coordinator::{Coordinator, CoordinatorHandle};
 use edge_agent::{Agent, AgentHandle};
 use firmware_config::{AgentConfig, CoordinatorConfig};
 use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_runtime::quantize::quantize_int8;
 use outpost_runtime::tract::TractModel;
 use outpost_shared::Tensor;
 use serde_json::{Value, json};
@@ -142,13 +143,15 @@ async fn agents_sync_serve_upgrade_and_keep_serving_offline() {
     })
     .await;
 
-    // Local inference equals tract in-process on the same bytes.
+    // Local inference equals tract in-process on the bytes the device holds: the int8 variant
+    // (quantisation is deterministic, so the test can make the same file).
     let (body, tensors) = ranker_request(5);
     let (status, reply) = infer(&agent, "video-ranker", &body).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["id"], "r1");
     assert_eq!(reply["model_version"], "1");
-    let expected = TractModel::load(&ranker_v1).unwrap().run(&tensors).unwrap();
+    let int8 = quantize_int8(&ranker_v1).unwrap().bytes;
+    let expected = TractModel::load(&int8).unwrap().run(&tensors).unwrap();
     let got: Vec<f32> =
         serde_json::from_value::<outpost_shared::JsonTensor>(reply["outputs"][0].clone())
             .map(|j| Tensor::from_json(&j).unwrap().to_values::<f32>().unwrap())
@@ -326,8 +329,9 @@ async fn a_restarted_download_fetches_only_the_missing_chunks() {
     let coordinator = Coordinator::start(coordinator_config(dir.path()))
         .await
         .unwrap();
+    // fp32, for more chunks to split between "already there" and "missing".
     let bytes = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
-    push(&coordinator, "video-ranker", "", &bytes).await;
+    push(&coordinator, "video-ranker", "quantize=none", &bytes).await;
     let spans = outpost_shared::chunk::split(&bytes);
     assert!(spans.len() >= 4, "{} chunks", spans.len());
 
@@ -347,6 +351,45 @@ async fn a_restarted_download_fetches_only_the_missing_chunks() {
     assert_eq!(counters.chunks_fetched, (spans.len() - kept) as u64);
     let missing_bytes: usize = spans[kept..].iter().map(|s| s.len).sum();
     assert_eq!(counters.bytes_fetched, missing_bytes as u64);
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
+
+/// Delta updates: after a fine-tune that retrained only the head of the 20 M-parameter ranker, an
+/// agent downloads a small share of the new int8 variant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrained_head_downloads_only_the_changed_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(coordinator_config(dir.path()))
+        .await
+        .unwrap();
+    let mut proto = DemoModel::VideoRankerXl.build(DEFAULT_SEED);
+    let v1 = prost::Message::encode_to_vec(&proto);
+    let reply = push(&coordinator, "ranker-xl", "placement=local", &v1).await;
+    assert_eq!(reply["variants"][0]["target"], "edge-int8");
+    let agent = Agent::start(agent_config(&coordinator, dir.path()))
+        .await
+        .unwrap();
+    until("version 1", || agent.active_version("ranker-xl") == Some(1)).await;
+    let before = agent.status().counters;
+
+    model_zoo::retrain_head(&mut proto, 42);
+    let v2 = prost::Message::encode_to_vec(&proto);
+    drop(proto);
+    let reply = push(&coordinator, "ranker-xl", "placement=local", &v2).await;
+    drop((v1, v2));
+    until("version 2", || agent.active_version("ranker-xl") == Some(2)).await;
+    let after = agent.status().counters;
+    let fetched = after.bytes_fetched - before.bytes_fetched;
+    let size = reply["variants"][0]["size"].as_u64().unwrap();
+    // The coordinator's delta is what the agent actually downloaded.
+    assert_eq!(reply["delta"][0]["new_bytes"], fetched, "{reply}");
+    assert!(
+        fetched * 10 <= size,
+        "fetched {fetched} of {size} bytes ({:.1} %)",
+        100.0 * fetched as f64 / size as f64
+    );
+    assert!(fetched > 0);
     agent.shutdown().await;
     coordinator.shutdown().await;
 }
