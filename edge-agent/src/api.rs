@@ -10,9 +10,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use outpost_runtime::serve::{BodyError, read_body};
-use outpost_shared::{JsonTensor, Tensor};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use outpost_shared::oip::{self, InferRequest};
+use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
 use crate::Context;
@@ -57,7 +56,7 @@ async fn route(req: Request<Incoming>, ctx: &Context) -> Reply {
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["v2"]) => reply(
             StatusCode::OK,
-            &json!({ "name": "outpost-edge-agent", "version": env!("CARGO_PKG_VERSION"), "extensions": [] }),
+            &json!({ "name": "outpost-edge-agent", "version": env!("CARGO_PKG_VERSION"), "extensions": [oip::EXTENSION] }),
         ),
         (Method::GET, ["v2", "health", "live"]) => reply(StatusCode::OK, &json!({ "live": true })),
         (Method::GET, ["v2", "health", "ready"]) => {
@@ -183,23 +182,11 @@ fn ready(ctx: &Context, name: &str, version: Option<&str>) -> Reply {
     }
 }
 
-#[derive(Deserialize)]
-struct InferRequest {
-    id: Option<String>,
-    inputs: Vec<JsonTensor>,
-    #[serde(default)]
-    outputs: Vec<RequestedOutput>,
-}
-
-#[derive(Deserialize)]
-struct RequestedOutput {
-    name: String,
-}
-
 async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Option<&str>) -> Reply {
-    let binary = req
+    let header_length = req
         .headers()
-        .contains_key("inference-header-content-length");
+        .get(oip::HEADER_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()));
     // Read the body before judging the request (see `read_body`).
     let body = match read_body(req.into_body(), MAX_BODY).await {
         Ok(b) => b,
@@ -216,64 +203,80 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
             );
         }
     };
-    if binary {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "the binary tensor data extension is not supported yet; send JSON tensors",
-        );
-    }
+    let header_length = match header_length {
+        None => None,
+        Some(Some(n)) => Some(n),
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "Inference-Header-Content-Length must be a byte count",
+            );
+        }
+    };
     let serving = match find(ctx, name, version) {
         Ok(s) => s,
         Err(r) => return *r,
     };
-    let request: InferRequest = match serde_json::from_slice(&body) {
+    let mut request = match InferRequest::parse(&body, header_length) {
         Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("malformed inference request: {e}"),
-            );
-        }
-    };
-    let inputs = match request
-        .inputs
-        .iter()
-        .map(Tensor::from_json)
-        .collect::<Result<Vec<_>, _>>()
-    {
-        Ok(i) => i,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    if let Some(unknown) = request
+        .outputs
+        .iter()
+        .find(|o| !serving.version.outputs.iter().any(|s| s.name == o.name))
+    {
+        let names: Vec<&str> = serving
+            .version
+            .outputs
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unknown output {:?} (the model gives {})",
+                unknown.name,
+                names.join(", ")
+            ),
+        );
+    }
+    let inputs = std::mem::take(&mut request.inputs);
     match router::infer(ctx, name, &serving, inputs).await {
         Ok(answer) => {
-            let mut outputs = Vec::new();
-            for t in answer.outputs {
-                if !request.outputs.is_empty()
-                    && !request.outputs.iter().any(|o| o.name == t.name())
-                {
-                    continue;
+            let mut parameters = Map::new();
+            parameters.insert("rows_local".into(), json!(answer.rows_local));
+            parameters.insert("rows_cloud".into(), json!(answer.rows_cloud));
+            if let Some(note) = answer.note {
+                parameters.insert("fallback".into(), Value::String(note));
+            }
+            let mut fields = Map::new();
+            fields.insert("model_name".into(), json!(name));
+            fields.insert("model_version".into(), json!(answer.version.to_string()));
+            if let Some(id) = &request.id {
+                fields.insert("id".into(), json!(id));
+            }
+            fields.insert("parameters".into(), Value::Object(parameters));
+            let chosen = request.select(&answer.outputs);
+            match oip::encode_response(fields, &chosen) {
+                Ok(encoded) => {
+                    let mut r = Response::new(Full::new(Bytes::from(encoded.body)));
+                    let content_type = match encoded.header_length {
+                        Some(n) => {
+                            r.headers_mut()
+                                .insert(oip::HEADER_LENGTH, hyper::header::HeaderValue::from(n));
+                            "application/octet-stream"
+                        }
+                        None => "application/json",
+                    };
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static(content_type),
+                    );
+                    r
                 }
-                match t.to_json() {
-                    Ok(j) => outputs.push(j),
-                    Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
-            let mut body = json!({
-                "model_name": name,
-                "model_version": answer.version.to_string(),
-                "outputs": outputs,
-                "parameters": { "rows_local": answer.rows_local, "rows_cloud": answer.rows_cloud },
-            });
-            if let (Some(id), Some(map)) = (request.id, body.as_object_mut()) {
-                map.insert("id".into(), Value::String(id));
-            }
-            if let (Some(note), Some(params)) = (
-                answer.note,
-                body.get_mut("parameters").and_then(Value::as_object_mut),
-            ) {
-                params.insert("fallback".into(), Value::String(note));
-            }
-            reply(StatusCode::OK, &body)
         }
         Err(e) => {
             ctx.store.counters.errors.fetch_add(1, Ordering::Relaxed);

@@ -8,6 +8,7 @@
 //! - [`manifest`]: model releases, their ed25519 signatures and the rules for accepting one.
 //! - [`status`]: what an agent reports about itself on its status topic.
 //! - [`frame`]: the QUIC request/response frames (length-prefixed CBOR).
+//! - [`oip`]: Open Inference Protocol v2 inference bodies, JSON and binary tensor data.
 //! - [`topic`]: MQTT topic names and the names they carry.
 //! - [`chunk`]: content-defined chunking and content digests.
 //! - [`cbor`]: bounded CBOR encoding and decoding shared by all of the above.
@@ -17,6 +18,7 @@ pub mod chunk;
 pub mod frame;
 pub mod hex;
 pub mod manifest;
+pub mod oip;
 pub mod status;
 pub mod tensor;
 pub mod topic;

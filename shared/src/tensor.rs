@@ -406,26 +406,7 @@ impl Tensor {
     /// the shape, the element count and every element's type and range. `data` may be flat or
     /// nested (row-major) arrays.
     pub fn from_json(json: &JsonTensor) -> Result<Self, TensorError> {
-        let name = json.name.clone();
-        let datatype: DataType =
-            json.datatype
-                .parse()
-                .map_err(|source| TensorError::UnknownDatatype {
-                    tensor: name.clone(),
-                    source,
-                })?;
-        let bad_shape = |reason| TensorError::BadShape {
-            tensor: name.clone(),
-            shape: json.shape.clone(),
-            reason,
-        };
-        let shape = json
-            .shape
-            .iter()
-            .map(|&d| u64::try_from(d).map_err(|_| bad_shape("dimensions must not be negative")))
-            .collect::<Result<Vec<u64>, _>>()?;
-        let expected =
-            element_count(&shape).ok_or_else(|| bad_shape("its element count overflows"))?;
+        let (name, datatype, shape, expected) = json.header()?;
         let Value::Array(_) = &json.data else {
             return Err(TensorError::DataNotArray {
                 tensor: name,
@@ -453,6 +434,13 @@ impl Tensor {
                 }
             })?;
         }
+        Self::from_bytes(name, datatype, shape, data)
+    }
+
+    /// Reads a tensor whose header (name, datatype, shape) is JSON and whose elements came as
+    /// raw bytes (the binary tensor data extension), checking the length against the shape.
+    pub fn from_binary(json: &JsonTensor, data: Vec<u8>) -> Result<Self, TensorError> {
+        let (name, datatype, shape, _) = json.header()?;
         Self::from_bytes(name, datatype, shape, data)
     }
 
@@ -545,8 +533,37 @@ pub struct JsonTensor {
     /// Optional per-tensor parameters, passed through untouched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<serde_json::Map<String, Value>>,
-    /// The elements, flat or nested in row-major order.
+    /// The elements, flat or nested in row-major order; absent (null) when they travel as
+    /// binary data after the JSON (see [`crate::oip`]).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
     pub data: Value,
+}
+
+impl JsonTensor {
+    /// The checked name, datatype, shape and element count.
+    fn header(&self) -> Result<(String, DataType, Vec<u64>, u64), TensorError> {
+        let name = self.name.clone();
+        let datatype: DataType =
+            self.datatype
+                .parse()
+                .map_err(|source| TensorError::UnknownDatatype {
+                    tensor: name.clone(),
+                    source,
+                })?;
+        let bad_shape = |reason| TensorError::BadShape {
+            tensor: name.clone(),
+            shape: self.shape.clone(),
+            reason,
+        };
+        let shape = self
+            .shape
+            .iter()
+            .map(|&d| u64::try_from(d).map_err(|_| bad_shape("dimensions must not be negative")))
+            .collect::<Result<Vec<u64>, _>>()?;
+        let count =
+            element_count(&shape).ok_or_else(|| bad_shape("its element count overflows"))?;
+        Ok((name, datatype, shape, count))
+    }
 }
 
 /// The Rust types that map onto a fixed-size [`DataType`].

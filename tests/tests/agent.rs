@@ -45,6 +45,28 @@ async fn http(
     )
 }
 
+/// A request whose answer is kept as bytes: the status, the response head, the body.
+async fn http_raw(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&response[..split]).to_lowercase();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head, response[split + 4..].to_vec())
+}
+
 async fn push(c: &CoordinatorHandle, name: &str, query: &str, body: &[u8]) -> Value {
     let auth = format!("Authorization: Bearer {}\r\n", c.admin_token);
     let (status, reply) = http(
@@ -157,6 +179,59 @@ async fn agents_sync_serve_upgrade_and_keep_serving_offline() {
             .map(|j| Tensor::from_json(&j).unwrap().to_values::<f32>().unwrap())
             .unwrap();
     assert_eq!(got, expected[0].to_values::<f32>().unwrap());
+
+    // The binary tensor data extension, laid out as Triton's HTTP client sends it: a JSON
+    // header, then the raw inputs; outputs come back raw after a JSON header too.
+    let (_, v2) = http(agent.api_addr, "GET", "/v2", "", b"").await;
+    assert_eq!(v2["extensions"], json!(["binary_tensor_data"]));
+    let header = json!({
+        "inputs": tensors.iter().map(|t| json!({
+            "name": t.name(), "shape": t.shape(), "datatype": t.datatype().as_str(),
+            "parameters": { "binary_data_size": t.data().len() }
+        })).collect::<Vec<_>>(),
+        "parameters": { "binary_data_output": true }
+    })
+    .to_string();
+    let mut binary_body = header.clone().into_bytes();
+    for t in &tensors {
+        binary_body.extend_from_slice(t.data());
+    }
+    let (status, head, reply) = http_raw(
+        agent.api_addr,
+        "/v2/models/video-ranker/infer",
+        &format!("Inference-Header-Content-Length: {}\r\n", header.len()),
+        &binary_body,
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+    let json_len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("inference-header-content-length:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&reply[..json_len]).unwrap();
+    assert_eq!(answer["outputs"][0]["parameters"]["binary_data_size"], 20);
+    assert_eq!(
+        &reply[json_len..],
+        expected[0].data(),
+        "the same scores, raw"
+    );
+    // A binary size that does not match the bytes sent is a 400 that says so.
+    let (status, _, reply) = http_raw(
+        agent.api_addr,
+        "/v2/models/video-ranker/infer",
+        &format!("Inference-Header-Content-Length: {}\r\n", header.len()),
+        &binary_body[..binary_body.len() - 4],
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        String::from_utf8_lossy(&reply).contains("binary_data_size"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
 
     // A cloud-placement model is answered over QUIC.
     let user = Tensor::from_values("user_features", vec![2, 24], &[0.5f32; 48]).unwrap();

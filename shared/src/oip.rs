@@ -1,0 +1,375 @@
+//! Open Inference Protocol v2 inference bodies, with the binary tensor data extension that
+//! Triton's and KServe's HTTP clients use by default.
+//!
+//! With the extension, a body is a JSON header of `Inference-Header-Content-Length` bytes, then
+//! the raw little-endian elements of every tensor whose `parameters.binary_data_size` is set, in
+//! the order the tensors appear in the header (BYTES elements each with a 4-byte little-endian
+//! length). Outputs travel the same way when the request asks for it: `parameters.binary_data`
+//! on a requested output, or `parameters.binary_data_output` on the request for all outputs.
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::tensor::{JsonTensor, Tensor, TensorError};
+
+/// The header that gives the JSON part's length.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// The name of the extension, as `GET /v2` lists it.
+pub const EXTENSION: &str = "binary_tensor_data";
+
+/// Why an inference body cannot be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OipError {
+    /// The JSON part is malformed.
+    #[error("malformed inference request: {0}")]
+    Json(String),
+    /// `Inference-Header-Content-Length` does not fit the body.
+    #[error("Inference-Header-Content-Length is {header} but the body has only {body} bytes")]
+    HeaderLength {
+        /// The header's value.
+        header: usize,
+        /// The body's length.
+        body: usize,
+    },
+    /// The binary part's length differs from the sum of `binary_data_size`.
+    #[error(
+        "the inputs declare {declared} bytes of binary data (binary_data_size), but {actual} follow the JSON"
+    )]
+    BinaryLength {
+        /// The sum of the declared sizes.
+        declared: u64,
+        /// The bytes after the JSON.
+        actual: usize,
+    },
+    /// A tensor's `binary_data_size` is not a byte count, or comes with `data` as well.
+    #[error("input {tensor:?}: {reason}")]
+    BadInput {
+        /// The tensor.
+        tensor: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A tensor's content is wrong.
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+}
+
+/// An inference request, its tensors read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferRequest {
+    /// The request id, echoed in the response.
+    pub id: Option<String>,
+    /// The inputs.
+    pub inputs: Vec<Tensor>,
+    /// The outputs asked for (empty: all).
+    pub outputs: Vec<RequestedOutput>,
+    /// Whether outputs not otherwise asked for come as binary data.
+    pub binary_output: bool,
+}
+
+/// An output the client asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestedOutput {
+    /// Its name.
+    pub name: String,
+    /// Whether it comes as binary data.
+    pub binary: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawRequest {
+    id: Option<String>,
+    inputs: Vec<JsonTensor>,
+    #[serde(default)]
+    outputs: Vec<RawOutput>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize)]
+struct RawOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Option<bool> {
+    parameters.and_then(|p| p.get(key)).and_then(Value::as_bool)
+}
+
+impl InferRequest {
+    /// Reads a request body; `header_length` is `Inference-Header-Content-Length` when the
+    /// request carried it.
+    pub fn parse(body: &[u8], header_length: Option<usize>) -> Result<Self, OipError> {
+        let json_len = header_length.unwrap_or(body.len());
+        let (json, mut binary) = match (body.get(..json_len), body.get(json_len..)) {
+            (Some(j), Some(b)) => (j, b),
+            _ => {
+                return Err(OipError::HeaderLength {
+                    header: json_len,
+                    body: body.len(),
+                });
+            }
+        };
+        let raw: RawRequest =
+            serde_json::from_slice(json).map_err(|e| OipError::Json(e.to_string()))?;
+        let mut sizes = Vec::with_capacity(raw.inputs.len());
+        for input in &raw.inputs {
+            let size = input
+                .parameters
+                .as_ref()
+                .and_then(|p| p.get("binary_data_size"));
+            let size = match size {
+                None => None,
+                Some(v) => Some(v.as_u64().ok_or_else(|| OipError::BadInput {
+                    tensor: input.name.clone(),
+                    reason: "binary_data_size must be a byte count",
+                })?),
+            };
+            match (size, input.data.is_null()) {
+                (Some(_), false) => {
+                    return Err(OipError::BadInput {
+                        tensor: input.name.clone(),
+                        reason: "give either data or binary_data_size, not both",
+                    });
+                }
+                (None, true) => {
+                    return Err(OipError::BadInput {
+                        tensor: input.name.clone(),
+                        reason: "has no data (give data, or binary_data_size and binary data after the JSON)",
+                    });
+                }
+                _ => {}
+            }
+            sizes.push(size);
+        }
+        let declared: u64 = sizes.iter().flatten().sum();
+        if declared != binary.len() as u64 {
+            return Err(OipError::BinaryLength {
+                declared,
+                actual: binary.len(),
+            });
+        }
+        let mut inputs = Vec::with_capacity(raw.inputs.len());
+        for (input, size) in raw.inputs.iter().zip(sizes) {
+            let tensor = match size {
+                Some(n) => {
+                    // The sizes add up to the binary part, so each fits.
+                    let (data, rest) = binary.split_at(usize::try_from(n).unwrap_or(usize::MAX));
+                    binary = rest;
+                    Tensor::from_binary(input, data.to_vec())?
+                }
+                None => Tensor::from_json(input)?,
+            };
+            inputs.push(tensor);
+        }
+        Ok(InferRequest {
+            id: raw.id,
+            inputs,
+            outputs: raw
+                .outputs
+                .into_iter()
+                .map(|o| RequestedOutput {
+                    binary: flag(o.parameters.as_ref(), "binary_data"),
+                    name: o.name,
+                })
+                .collect(),
+            binary_output: flag(raw.parameters.as_ref(), "binary_data_output").unwrap_or(false),
+        })
+    }
+
+    /// The outputs to send, and whether each goes as binary data: those asked for, in the
+    /// model's order, or all of them.
+    pub fn select<'a>(&self, outputs: &'a [Tensor]) -> Vec<(&'a Tensor, bool)> {
+        outputs
+            .iter()
+            .filter_map(|t| {
+                if self.outputs.is_empty() {
+                    return Some((t, self.binary_output));
+                }
+                self.outputs
+                    .iter()
+                    .find(|o| o.name == t.name())
+                    .map(|o| (t, o.binary.unwrap_or(self.binary_output)))
+            })
+            .collect()
+    }
+}
+
+/// A response body, and the JSON part's length when some outputs are binary (the value of
+/// `Inference-Header-Content-Length`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedResponse {
+    /// The body.
+    pub body: Vec<u8>,
+    /// The JSON part's length, when binary data follows it.
+    pub header_length: Option<usize>,
+}
+
+/// Encodes a response: `fields` (model name, version, id, parameters) plus `outputs`, each as
+/// JSON or as binary data after the JSON.
+pub fn encode_response(
+    mut fields: Map<String, Value>,
+    outputs: &[(&Tensor, bool)],
+) -> Result<EncodedResponse, TensorError> {
+    let mut binary = Vec::new();
+    let mut json_outputs = Vec::with_capacity(outputs.len());
+    for (tensor, as_binary) in outputs {
+        if *as_binary {
+            let mut parameters = Map::new();
+            parameters.insert("binary_data_size".into(), json!(tensor.data().len()));
+            json_outputs.push(json!({
+                "name": tensor.name(),
+                "datatype": tensor.datatype().as_str(),
+                "shape": tensor.shape(),
+                "parameters": parameters,
+            }));
+            binary.extend_from_slice(tensor.data());
+        } else {
+            json_outputs.push(serde_json::to_value(tensor.to_json()?).unwrap_or_default());
+        }
+    }
+    fields.insert("outputs".into(), Value::Array(json_outputs));
+    let mut body = Value::Object(fields).to_string().into_bytes();
+    if !outputs.iter().any(|(_, b)| *b) {
+        return Ok(EncodedResponse {
+            body,
+            header_length: None,
+        });
+    }
+    let header_length = body.len();
+    body.extend_from_slice(&binary);
+    Ok(EncodedResponse {
+        body,
+        header_length: Some(header_length),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any body and header length gives a request or an error, never a panic; a request
+        /// cut anywhere in its binary part is refused.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256), len in proptest::option::of(0usize..300)) {
+            let _ = InferRequest::parse(&body, len);
+        }
+
+        #[test]
+        fn truncated_binary_parts_are_refused(cut in 1usize..14) {
+            let (body, len) = binary_request();
+            prop_assert!(InferRequest::parse(&body[..body.len() - cut], Some(len)).is_err());
+        }
+    }
+
+    fn binary_request() -> (Vec<u8>, usize) {
+        let header = json!({
+            "id": "7",
+            "inputs": [
+                {"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}},
+                {"name": "ids", "shape": [1], "datatype": "INT64", "data": [5]},
+                {"name": "s", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": true}}, {"name": "z"}]
+        })
+        .to_string();
+        let mut body = header.clone().into_bytes();
+        body.extend(1.5f32.to_le_bytes());
+        body.extend((-2.0f32).to_le_bytes());
+        body.extend(2u32.to_le_bytes());
+        body.extend(b"hi");
+        (body, header.len())
+    }
+
+    #[test]
+    fn reads_binary_and_json_inputs_in_order() {
+        let (body, len) = binary_request();
+        let r = InferRequest::parse(&body, Some(len)).unwrap();
+        assert_eq!(r.id.as_deref(), Some("7"));
+        assert_eq!(r.inputs[0].to_values::<f32>().unwrap(), vec![1.5, -2.0]);
+        assert_eq!(r.inputs[1].to_values::<i64>().unwrap(), vec![5]);
+        assert_eq!(r.inputs[2].byte_strings().unwrap(), vec![b"hi".as_slice()]);
+        assert_eq!(r.outputs[0].binary, Some(true));
+        assert_eq!(r.outputs[1].binary, None);
+    }
+
+    #[test]
+    fn refuses_inconsistent_binary_bodies_with_reasons() {
+        let (body, len) = binary_request();
+        let cases = [
+            (&body[..body.len() - 1], Some(len), "declare 14 bytes"),
+            (
+                &body[..],
+                Some(body.len() + 1),
+                "Inference-Header-Content-Length",
+            ),
+            (&body[..], None, "malformed"),
+            (&body[..], Some(len - 1), "malformed"),
+        ];
+        for (body, len, needle) in cases {
+            let e = InferRequest::parse(body, len).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        // A binary FP32 input whose size does not fit its shape names the tensor.
+        let header = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
+        let mut body = header.as_bytes().to_vec();
+        body.extend(1f32.to_le_bytes());
+        let e = InferRequest::parse(&body, Some(header.len()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"x\"") && e.contains("8 bytes"), "{e}");
+        for (input, needle) in [
+            (
+                r#"{"name":"x","shape":[1],"datatype":"FP32","data":[1],"parameters":{"binary_data_size":4}}"#,
+                "not both",
+            ),
+            (
+                r#"{"name":"x","shape":[1],"datatype":"FP32"}"#,
+                "has no data",
+            ),
+            (
+                r#"{"name":"x","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":-4}}"#,
+                "byte count",
+            ),
+        ] {
+            let body = format!(r#"{{"inputs":[{input}]}}"#);
+            let e = InferRequest::parse(body.as_bytes(), None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn binary_outputs_follow_the_json_header() {
+        let y = Tensor::from_values("y", vec![2], &[1.0f32, 2.0]).unwrap();
+        let z = Tensor::from_values("z", vec![1], &[3i64]).unwrap();
+        let (body, len) = binary_request();
+        let request = InferRequest::parse(&body, Some(len)).unwrap();
+        let both = [y.clone(), z.clone()];
+        let chosen = request.select(&both);
+        assert_eq!(chosen, vec![(&y, true), (&z, false)]);
+        let mut fields = Map::new();
+        fields.insert("model_name".into(), json!("m"));
+        let encoded = encode_response(fields, &chosen).unwrap();
+        let n = encoded.header_length.unwrap();
+        let head: Value = serde_json::from_slice(&encoded.body[..n]).unwrap();
+        assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert!(head["outputs"][0].get("data").is_none());
+        assert_eq!(head["outputs"][1]["data"], json!([3]));
+        assert_eq!(&encoded.body[n..], y.data());
+
+        // Without the extension the response is plain JSON.
+        let all_json = encode_response(Map::new(), &[(&z, false)]).unwrap();
+        assert_eq!(all_json.header_length, None);
+        let plain: Value = serde_json::from_slice(&all_json.body).unwrap();
+        assert_eq!(plain["outputs"][0]["data"], json!([3]));
+    }
+}
