@@ -95,6 +95,10 @@ impl Agent {
             db,
             chunks,
             counters: Default::default(),
+            engine_options: outpost_runtime::tract::TractOptions {
+                threads: engine_threads(config.profile().inference_threads),
+                ..Default::default()
+            },
         });
         check_identity(&config)?;
         let offload = offload::OffloadClient::new(&config).map_err(AgentError::Identity)?;
@@ -219,4 +223,10 @@ impl AgentHandle {
             tracing::error!(error = %e, "could not flush the store");
         }
     }
+}
+
+/// The profile's inference threads, at most the CPUs present.
+fn engine_threads(wanted: u32) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    usize::try_from(wanted).unwrap_or(1).clamp(1, cpus)
 }

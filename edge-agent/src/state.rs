@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
-use outpost_runtime::ChunkStore;
-use outpost_runtime::tract::TractModel;
+use outpost_runtime::tract::{TractModel, TractOptions};
+use outpost_runtime::{ChunkStore, Engine};
 use outpost_shared::{Manifest, ModelVersion, Placement, Target, Variant, cbor};
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +19,7 @@ pub struct Serving {
     /// The version and its signature, placement and variants.
     pub version: ModelVersion,
     /// The local engine; `None` for a cloud-only model.
-    pub engine: Option<TractModel>,
+    pub engine: Option<Arc<dyn Engine>>,
 }
 
 /// A model's slot: what serves now, what served before, and what went wrong last.
@@ -76,6 +76,8 @@ pub struct Store {
     pub chunks: ChunkStore,
     /// Counters.
     pub counters: Counters,
+    /// How local models run (threads from the device profile).
+    pub engine_options: TractOptions,
 }
 
 /// The variant a device runs locally, if any.
@@ -142,12 +144,10 @@ impl Store {
         let engine = match local_variant(version) {
             Some(variant) => {
                 let bytes = self.assemble(variant)?;
-                let model = TractModel::load(&bytes)?;
-                let warm = model.zero_inputs()?;
-                // Warm-up with zeros; a model that cannot run them is not worth serving.
-                model
-                    .run(&warm)
-                    .map_err(|e| format!("warm-up failed: {e}"))?;
+                let model: Arc<dyn Engine> =
+                    Arc::new(TractModel::load_with(&bytes, self.engine_options)?);
+                // A model that cannot run zeros is not worth serving.
+                model.warm_up()?;
                 Some(model)
             }
             None => None,

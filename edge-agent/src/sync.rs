@@ -311,11 +311,7 @@ pub(crate) fn status(ctx: &Context) -> DeviceStatus {
 
 /// The engine that runs a version.
 pub(crate) fn engine_name(serving: &Serving) -> &'static str {
-    if serving.engine.is_some() {
-        "tract"
-    } else {
-        "cloud"
-    }
+    serving.engine.as_ref().map_or("cloud", |e| e.name())
 }
 
 pub(crate) async fn publish_status(ctx: &Context, client: &AsyncClient) {

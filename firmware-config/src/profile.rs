@@ -45,6 +45,8 @@ pub struct Profile {
     pub storage_budget_mb: u64,
     /// The largest single model variant the device accepts, MiB.
     pub max_model_mb: u64,
+    /// Threads for one local inference's matrix products (capped by the CPUs present).
+    pub inference_threads: u32,
     /// GPU use.
     pub gpu: GpuPreference,
     /// Offload policy on battery.
@@ -59,6 +61,7 @@ impl DeviceClass {
                 memory_budget_mb: 512,
                 storage_budget_mb: 1024,
                 max_model_mb: 64,
+                inference_threads: 2,
                 gpu: GpuPreference::Prefer,
                 on_battery: BatteryPolicy::Offload,
             },
@@ -66,6 +69,7 @@ impl DeviceClass {
                 memory_budget_mb: 2048,
                 storage_budget_mb: 8192,
                 max_model_mb: 512,
+                inference_threads: 4,
                 gpu: GpuPreference::Prefer,
                 on_battery: BatteryPolicy::AsPlaced,
             },
@@ -73,6 +77,7 @@ impl DeviceClass {
                 memory_budget_mb: 8192,
                 storage_budget_mb: 65536,
                 max_model_mb: 4096,
+                inference_threads: 8,
                 gpu: GpuPreference::Prefer,
                 on_battery: BatteryPolicy::AsPlaced,
             },
@@ -90,6 +95,8 @@ pub struct ProfileOverrides {
     pub storage_budget_mb: Option<u64>,
     /// Overrides [`Profile::max_model_mb`].
     pub max_model_mb: Option<u64>,
+    /// Overrides [`Profile::inference_threads`].
+    pub inference_threads: Option<u32>,
     /// Overrides [`Profile::gpu`].
     pub gpu: Option<GpuPreference>,
     /// Overrides [`Profile::on_battery`].
@@ -103,6 +110,7 @@ impl ProfileOverrides {
             memory_budget_mb: self.memory_budget_mb.unwrap_or(base.memory_budget_mb),
             storage_budget_mb: self.storage_budget_mb.unwrap_or(base.storage_budget_mb),
             max_model_mb: self.max_model_mb.unwrap_or(base.max_model_mb),
+            inference_threads: self.inference_threads.unwrap_or(base.inference_threads),
             gpu: self.gpu.unwrap_or(base.gpu),
             on_battery: self.on_battery.unwrap_or(base.on_battery),
         }
@@ -114,6 +122,10 @@ impl ProfileOverrides {
             ("profile.memory_budget_mb", self.memory_budget_mb),
             ("profile.storage_budget_mb", self.storage_budget_mb),
             ("profile.max_model_mb", self.max_model_mb),
+            (
+                "profile.inference_threads",
+                self.inference_threads.map(u64::from),
+            ),
         ]
         .into_iter()
         .filter(|(_, v)| *v == Some(0))

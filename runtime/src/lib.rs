@@ -4,13 +4,16 @@
 //! - [`serve`]: the HTTP serving loop and signal wait both daemons use.
 //! - [`tract`]: tract-onnx as an engine: load and check a model, read its signature, run it on
 //!   protocol tensors with inputs checked against the signature.
+//! - [`engine`]: the [`Engine`] trait every local engine implements (tract now).
 //! - [`quantize`]: weight-only int8 quantisation as an ONNX rewrite (`DequantizeLinear`).
 //! - [`accuracy`]: the gate that measures a quantised model against the original.
 
 pub mod accuracy;
+pub mod engine;
 pub mod quantize;
 pub mod serve;
 pub mod store;
 pub mod tract;
 
+pub use engine::Engine;
 pub use store::ChunkStore;

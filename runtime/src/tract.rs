@@ -1,18 +1,33 @@
 //! tract-onnx behind the coordinator: checking that an uploaded model runs, reading its
 //! signature, and running it on protocol tensors.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use outpost_shared::{DataType, Dim, Tensor, TensorSpec};
 use tract_onnx::prelude::{
     self as tp, DatumType, Framework as _, InferenceModelExt as _, IntoRunnable as _,
 };
+use tract_onnx::tract_core::tract_linalg::multithread::{Executor, multithread_tract_scope};
 
 /// A model ready to run.
 pub type Plan = Arc<tp::TypedRunnableModel>;
 
 /// Loads an ONNX model and optimises it for running; the error quotes tract's reason.
 pub fn load(bytes: &[u8]) -> Result<(Plan, Vec<TensorSpec>, Vec<TensorSpec>), String> {
+    let (typed, inputs, outputs) = typed(bytes)?;
+    Ok((optimise(typed)?, inputs, outputs))
+}
+
+fn optimise(typed: tp::TypedModel) -> Result<Plan, String> {
+    typed
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| format!("tract cannot run the model: {}", chain(&e)))
+}
+
+/// The model typed (decluttered, symbols kept) and its signature.
+fn typed(bytes: &[u8]) -> Result<(tp::TypedModel, Vec<TensorSpec>, Vec<TensorSpec>), String> {
     if bytes.is_empty() {
         return Err("the file is empty".into());
     }
@@ -34,11 +49,10 @@ pub fn load(bytes: &[u8]) -> Result<(Plan, Vec<TensorSpec>, Vec<TensorSpec>), St
         .iter()
         .map(|o| spec(&typed, *o))
         .collect::<Result<Vec<_>, _>>()?;
-    let plan = typed
-        .into_optimized()
-        .and_then(|m| m.into_runnable())
-        .map_err(|e| format!("tract cannot run the model: {}", chain(&e)))?;
-    Ok((plan, inputs, outputs))
+    let typed = typed
+        .into_decluttered()
+        .map_err(|e| format!("tract cannot simplify the model: {}", chain(&e)))?;
+    Ok((typed, inputs, outputs))
 }
 
 fn chain(e: &tp::TractError) -> String {
@@ -140,11 +154,24 @@ pub fn check_inputs<'a>(
 /// Runs `plan` on `inputs` (already checked), naming outputs after `outputs`. A panic inside
 /// tract (it panics on some bad inputs, such as an out-of-range Gather index) becomes an error.
 pub fn run(plan: &Plan, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Result<Vec<Tensor>, String> {
+    run_on(plan, inputs, outputs, None)
+}
+
+fn run_on(
+    plan: &Plan,
+    inputs: &[&Tensor],
+    outputs: &[TensorSpec],
+    executor: Option<&Executor>,
+) -> Result<Vec<Tensor>, String> {
     let values = inputs
         .iter()
         .map(|t| to_tract(t))
         .collect::<Result<tp::TVec<_>, _>>()?;
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(values)))
+    let go = || match executor {
+        Some(pool) => multithread_tract_scope(pool.clone(), || plan.run(values)),
+        None => plan.run(values),
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(go))
         .map_err(|_| "the model failed on these inputs (an index out of range?)".to_owned())?
         .map_err(|e| format!("the model failed: {}", chain(&e)))?;
     result
@@ -207,14 +234,71 @@ fn from_tract(name: &str, value: &tp::TValue) -> Result<Tensor, String> {
     tensor.map_err(|e| e.to_string())
 }
 
+/// How a [`TractModel`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TractOptions {
+    /// Threads for matrix products (1: the calling thread only).
+    pub threads: usize,
+    /// Input shapes (values of the model's symbolic dimensions, such as the batch size) that
+    /// get their own plan, optimised for exactly that shape; 0 runs every call on the symbolic
+    /// plan.
+    pub shape_plans: usize,
+}
+
+impl Default for TractOptions {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            shape_plans: 4,
+        }
+    }
+}
+
 /// A loaded model with its signature: what an engine runs.
-#[derive(Debug, Clone)]
+///
+/// Symbolic dimensions (a dynamic batch, a sequence length) cost tract 10–45 % (FINDINGS.md).
+/// So every call runs on a plan for its exact shape when one is ready; a shape seen for the first
+/// time runs on the symbolic plan while its own plan is optimised on a background thread, so no
+/// call waits for an optimisation. Up to [`TractOptions::shape_plans`] shapes keep a plan; the
+/// least recently used one makes room.
+#[derive(Debug)]
 pub struct TractModel {
-    plan: Plan,
     /// The inputs, in the model's order.
     pub inputs: Vec<TensorSpec>,
     /// The outputs, in the model's order.
     pub outputs: Vec<TensorSpec>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    generic: Plan,
+    /// The decluttered model to specialise, when it has symbolic input dimensions.
+    typed: Option<tp::TypedModel>,
+    /// Where each symbol of the inputs is: (input, dimension, symbol).
+    symbols: Vec<(usize, usize, tp::Symbol)>,
+    shapes: Mutex<ShapePlans>,
+    max_shapes: usize,
+    executor: Option<Executor>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("symbols", &self.symbols.len())
+            .field("max_shapes", &self.max_shapes)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct ShapePlans {
+    /// (symbol values, plan, last use).
+    ready: Vec<(Vec<i64>, Plan, u64)>,
+    /// Being optimised now.
+    pending: Vec<Vec<i64>>,
+    /// Shapes whose optimisation failed (they stay on the symbolic plan).
+    failed: Vec<Vec<i64>>,
+    tick: u64,
 }
 
 /// Why a run failed: the caller's inputs, or the model itself.
@@ -235,44 +319,156 @@ impl std::fmt::Display for RunError {
 }
 
 impl TractModel {
-    /// Loads and optimises an ONNX model.
+    /// Loads and optimises an ONNX model with the default options.
     pub fn load(bytes: &[u8]) -> Result<Self, String> {
-        let (plan, inputs, outputs) = load(bytes)?;
+        Self::load_with(bytes, TractOptions::default())
+    }
+
+    /// Loads and optimises an ONNX model.
+    pub fn load_with(bytes: &[u8], options: TractOptions) -> Result<Self, String> {
+        let (typed, inputs, outputs) = typed(bytes)?;
+        let mut symbols = Vec::new();
+        for (i, outlet) in typed
+            .input_outlets()
+            .map_err(|e| chain(&e))?
+            .iter()
+            .enumerate()
+        {
+            let fact = typed.outlet_fact(*outlet).map_err(|e| chain(&e))?;
+            for (d, dim) in fact.shape.iter().enumerate() {
+                if let tp::TDim::Sym(symbol) = dim {
+                    symbols.push((i, d, symbol.clone()));
+                }
+            }
+        }
+        let specialise = !symbols.is_empty() && options.shape_plans > 0;
+        let generic = optimise(typed.clone())?;
+        let executor = (options.threads > 1)
+            .then(|| Executor::multithread_with_name(options.threads, "outpost-tract"));
         Ok(Self {
-            plan,
             inputs,
             outputs,
+            inner: Arc::new(Inner {
+                generic,
+                typed: specialise.then_some(typed),
+                symbols,
+                shapes: Mutex::new(ShapePlans::default()),
+                max_shapes: options.shape_plans,
+                executor,
+            }),
         })
     }
 
     /// Checks `inputs` against the signature and runs the model.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
         let ordered = check_inputs(&self.inputs, inputs).map_err(RunError::Input)?;
-        run(&self.plan, &ordered, &self.outputs).map_err(RunError::Model)
+        let plan = self.plan_for(&ordered);
+        run_on(&plan, &ordered, &self.outputs, self.inner.executor.as_ref())
+            .map_err(RunError::Model)
+    }
+
+    /// The shapes that have their own plan now: the values of the symbolic input dimensions,
+    /// each symbol once, in the order the inputs first use them.
+    pub fn shape_plans(&self) -> Vec<Vec<i64>> {
+        self.inner
+            .shapes
+            .lock()
+            .map(|s| s.ready.iter().map(|(k, _, _)| k.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The plan for these inputs' shape, or the symbolic plan while there is none (starting
+    /// its optimisation if there is room).
+    fn plan_for(&self, inputs: &[&Tensor]) -> Plan {
+        let inner = &self.inner;
+        let Some(typed) = &inner.typed else {
+            return inner.generic.clone();
+        };
+        let mut key = Vec::with_capacity(inner.symbols.len());
+        let mut values = HashMap::new();
+        for (i, d, symbol) in &inner.symbols {
+            let Some(&n) = inputs.get(*i).and_then(|t| t.shape().get(*d)) else {
+                return inner.generic.clone();
+            };
+            let n = i64::try_from(n).unwrap_or(i64::MAX);
+            match values.insert(symbol.clone(), n) {
+                None => key.push(n),
+                Some(old) if old == n => {}
+                // One symbol in two places with two values: the symbolic plan reports it.
+                Some(_) => return inner.generic.clone(),
+            }
+        }
+        let Ok(mut shapes) = inner.shapes.lock() else {
+            return inner.generic.clone();
+        };
+        shapes.tick += 1;
+        let tick = shapes.tick;
+        if let Some(entry) = shapes.ready.iter_mut().find(|(k, _, _)| *k == key) {
+            entry.2 = tick;
+            return entry.1.clone();
+        }
+        if shapes.pending.contains(&key)
+            || shapes.failed.contains(&key)
+            || !shapes.pending.is_empty()
+        {
+            // One optimisation at a time: it competes with serving for the CPU.
+            return inner.generic.clone();
+        }
+        shapes.pending.push(key.clone());
+        drop(shapes);
+        let typed = typed.clone();
+        let weak = Arc::downgrade(inner);
+        let spawned = std::thread::Builder::new()
+            .name("outpost-tract-plan".into())
+            .spawn(move || {
+                let subs = values
+                    .into_iter()
+                    .map(|(s, n)| (s, tp::TDim::Val(n)))
+                    .collect();
+                let plan = typed
+                    .set_symbols(&subs)
+                    .map_err(|e| chain(&e))
+                    .and_then(optimise);
+                let Some(inner) = weak.upgrade() else { return };
+                let Ok(mut shapes) = inner.shapes.lock() else {
+                    return;
+                };
+                shapes.pending.retain(|k| *k != key);
+                match plan {
+                    Ok(plan) => {
+                        if shapes.ready.len() >= inner.max_shapes {
+                            if let Some(oldest) = shapes
+                                .ready
+                                .iter()
+                                .enumerate()
+                                .min_by_key(|(_, e)| e.2)
+                                .map(|(i, _)| i)
+                            {
+                                shapes.ready.swap_remove(oldest);
+                            }
+                        }
+                        let tick = shapes.tick;
+                        shapes.ready.push((key, plan, tick));
+                    }
+                    Err(e) => {
+                        tracing::debug!(
+                            error = e,
+                            "no plan for this shape; the symbolic plan serves it"
+                        );
+                        shapes.failed.push(key);
+                    }
+                }
+            });
+        if spawned.is_err() {
+            if let Ok(mut shapes) = inner.shapes.lock() {
+                shapes.pending.clear();
+            }
+        }
+        inner.generic.clone()
     }
 
     /// Inputs of batch 1 (dynamic dimensions 1) filled with zeros, to warm the model up.
     pub fn zero_inputs(&self) -> Result<Vec<Tensor>, String> {
-        self.inputs
-            .iter()
-            .map(|s| {
-                let shape: Vec<u64> = s
-                    .shape
-                    .iter()
-                    .map(|d| match d {
-                        Dim::Fixed(n) => *n,
-                        Dim::Dynamic => 1,
-                    })
-                    .collect();
-                let n = outpost_shared::tensor::element_count(&shape).ok_or("shape overflows")?
-                    as usize;
-                let size = s
-                    .datatype
-                    .element_size()
-                    .ok_or("BYTES inputs cannot be warmed up")?;
-                Tensor::from_bytes(s.name.clone(), s.datatype, shape, vec![0; n * size])
-                    .map_err(|e| e.to_string())
-            })
-            .collect()
+        crate::engine::zero_inputs(&self.inputs)
     }
 }

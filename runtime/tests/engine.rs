@@ -1,0 +1,83 @@
+//! The tract engine's shape plans and threads give the symbolic plan's answers.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_runtime::Engine;
+use outpost_runtime::tract::{TractModel, TractOptions};
+use outpost_shared::Tensor;
+
+fn tokens(batch: u64, width: u64) -> Vec<Tensor> {
+    let ids: Vec<i64> = (0..batch * width)
+        .map(|i| (i as i64 * 7919) % 8000)
+        .collect();
+    vec![Tensor::from_values("token_ids", vec![batch, width], &ids).unwrap()]
+}
+
+fn probs(model: &TractModel, inputs: &[Tensor]) -> Vec<f32> {
+    model.run(inputs).unwrap()[0].to_values::<f32>().unwrap()
+}
+
+fn wait_for_plan(model: &TractModel, shape: &[i64]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !model.shape_plans().iter().any(|s| s == shape) {
+        assert!(Instant::now() < deadline, "no plan for {shape:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_close(a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+}
+
+#[test]
+fn a_shape_gets_its_own_plan_and_the_same_answers() {
+    let bytes = DemoModel::IntentClassifier.bytes(DEFAULT_SEED);
+    let model = TractModel::load_with(
+        &bytes,
+        TractOptions {
+            threads: 2,
+            shape_plans: 1,
+        },
+    )
+    .unwrap();
+    assert_eq!(model.name(), "tract");
+    model.warm_up().unwrap();
+    let reference = TractModel::load_with(
+        &bytes,
+        TractOptions {
+            threads: 1,
+            shape_plans: 0,
+        },
+    )
+    .unwrap();
+
+    // The first call of a shape runs on the symbolic plan and starts its own.
+    let a = tokens(3, 5);
+    let first = probs(&model, &a);
+    assert_close(&first, &probs(&reference, &a));
+    wait_for_plan(&model, &[3, 5]);
+    assert_close(&probs(&model, &a), &first);
+
+    // One plan kept: a new shape replaces it.
+    let b = tokens(2, 9);
+    let expected = probs(&reference, &b);
+    assert_close(&probs(&model, &b), &expected);
+    wait_for_plan(&model, &[2, 9]);
+    assert_eq!(model.shape_plans(), vec![vec![2, 9]]);
+    assert_close(&probs(&model, &b), &expected);
+    assert!(reference.shape_plans().is_empty());
+}
+
+#[test]
+fn warm_up_prepares_the_batch_of_one_plan() {
+    let bytes = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    let model = TractModel::load(&bytes).unwrap();
+    model.warm_up().unwrap();
+    // video-ranker's batch is its one symbol: batch 1 gets a plan.
+    wait_for_plan(&model, &[1]);
+}
