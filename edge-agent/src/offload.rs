@@ -1,10 +1,15 @@
 //! The agent's QUIC client to its coordinators: one connection reused for every request, the
 //! configured coordinators tried in order (failover), each verified against the fleet CA with
 //! this device's certificate (mutual TLS), keep-alive so an idle connection does not silently die.
+//!
+//! After every coordinator failed, the next attempt waits a jittered, exponentially growing delay
+//! (250 ms doubling to 30 s, each drawn from half to one and a half times that); calls in between
+//! fail at once with the last reason, so a cascade falls back to the device without waiting on
+//! connection timeouts. The first call after the delay reconnects; success resets it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use firmware_config::{AgentConfig, HostPort};
 use outpost_shared::frame::{self, HEADER_BYTES, MAX_FRAME_BYTES, PROTOCOL_VERSION};
@@ -40,7 +45,45 @@ pub enum OffloadError {
 pub struct OffloadClient {
     endpoint: quinn::Endpoint,
     coordinators: Vec<HostPort>,
-    connection: Arc<Mutex<Option<quinn::Connection>>>,
+    link: Arc<Mutex<Link>>,
+}
+
+/// The shared connection and the state of reconnecting.
+#[derive(Debug, Default)]
+struct Link {
+    connection: Option<quinn::Connection>,
+    /// Connection rounds that failed in a row.
+    failures: u32,
+    /// No attempt before this.
+    retry_at: Option<Instant>,
+    /// Why the last round failed.
+    last_error: String,
+}
+
+/// The first delay after a failed round.
+const BACKOFF_START: Duration = Duration::from_millis(250);
+/// The longest delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The delay after `failures` failed rounds in a row, scaled by `jitter` in `[0, 1)`: the
+/// exponential delay times a factor from 0.5 to 1.5, so a fleet that lost its coordinator at
+/// the same moment does not come back at the same moment.
+pub fn backoff(failures: u32, jitter: f64) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    let base = BACKOFF_START
+        .saturating_mul(1u32 << doublings)
+        .min(BACKOFF_MAX);
+    base.mul_f64(0.5 + jitter.clamp(0.0, 1.0))
+}
+
+/// A jitter in `[0, 1)` from the clock's nanoseconds: spread, not secrecy, is what it is for.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    // Mix the bits so consecutive calls do not give neighbouring values.
+    let mixed = u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
+    mixed as f64 / (1u64 << 53) as f64
 }
 
 fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, String> {
@@ -82,30 +125,55 @@ impl OffloadClient {
         Ok(Self {
             endpoint,
             coordinators: config.coordinator.addresses.clone(),
-            connection: Arc::default(),
+            link: Arc::default(),
         })
     }
 
-    /// The live connection, or a new one to the first coordinator that answers.
+    /// The live connection, or a new one to the first coordinator that answers (unless the
+    /// last round failed and its back-off delay has not passed).
     async fn connection(&self) -> Result<quinn::Connection, OffloadError> {
-        let mut slot = self.connection.lock().await;
-        if let Some(c) = slot.as_ref() {
+        let mut link = self.link.lock().await;
+        if let Some(c) = link.connection.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
+            }
+            link.connection = None;
+        }
+        if let Some(at) = link.retry_at {
+            let now = Instant::now();
+            if now < at {
+                return Err(OffloadError::Unreachable(format!(
+                    "{} (next attempt in {:.1} s)",
+                    link.last_error,
+                    (at - now).as_secs_f64()
+                )));
             }
         }
         let mut failures = Vec::new();
         for coordinator in &self.coordinators {
             match self.connect(coordinator).await {
                 Ok(c) => {
-                    tracing::info!(%coordinator, "connected to coordinator");
-                    *slot = Some(c.clone());
+                    tracing::info!(%coordinator, after_failures = link.failures, "connected to coordinator");
+                    *link = Link {
+                        connection: Some(c.clone()),
+                        ..Link::default()
+                    };
                     return Ok(c);
                 }
                 Err(e) => failures.push(format!("{coordinator}: {e}")),
             }
         }
-        Err(OffloadError::Unreachable(failures.join("; ")))
+        link.failures = link.failures.saturating_add(1);
+        let delay = backoff(link.failures, jitter());
+        link.retry_at = Some(Instant::now() + delay);
+        link.last_error = failures.join("; ");
+        tracing::debug!(
+            failures = link.failures,
+            ?delay,
+            error = link.last_error,
+            "no coordinator reachable"
+        );
+        Err(OffloadError::Unreachable(link.last_error.clone()))
     }
 
     async fn connect(&self, coordinator: &HostPort) -> Result<quinn::Connection, String> {
@@ -147,7 +215,8 @@ impl OffloadClient {
         match exchange(&connection, request).await {
             Ok(r) => Ok(r),
             Err(OffloadError::Unreachable(_)) => {
-                *self.connection.lock().await = None;
+                // The connection died under us: drop it and try once more now.
+                self.link.lock().await.connection = None;
                 let connection = self.connection().await?;
                 exchange(&connection, request).await
             }
@@ -237,5 +306,23 @@ async fn exchange(
             frame::decode_body(&body, MAX_FRAME_BYTES)
                 .map_err(|e| OffloadError::Protocol(e.to_string()))?,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_with_jitter_around_it() {
+        assert_eq!(backoff(1, 0.5), Duration::from_millis(250));
+        assert_eq!(backoff(2, 0.5), Duration::from_millis(500));
+        assert_eq!(backoff(5, 0.5), Duration::from_secs(4));
+        assert_eq!(backoff(9, 0.5), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX, 0.5), BACKOFF_MAX);
+        assert_eq!(backoff(3, 0.0), Duration::from_millis(500));
+        assert_eq!(backoff(3, 1.0), Duration::from_millis(1500));
+        let j = jitter();
+        assert!((0.0..1.0).contains(&j));
     }
 }

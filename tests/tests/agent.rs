@@ -430,6 +430,76 @@ async fn a_restarted_download_fetches_only_the_missing_chunks() {
     coordinator.shutdown().await;
 }
 
+/// A coordinator that goes away and comes back on the same address is found again without
+/// restarting the agent: cloud calls answer again and new releases are fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reconnects_to_a_restarted_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(coordinator_config(dir.path()))
+        .await
+        .unwrap();
+    push(
+        &coordinator,
+        "music-two-tower",
+        "placement=cloud",
+        &DemoModel::MusicTwoTower.bytes(DEFAULT_SEED),
+    )
+    .await;
+    let agent = Agent::start(agent_config(&coordinator, dir.path()))
+        .await
+        .unwrap();
+    until("the cloud model", || {
+        agent.active_version("music-two-tower") == Some(1)
+    })
+    .await;
+    let user = Tensor::from_values("user_features", vec![1, 24], &[0.5f32; 24]).unwrap();
+    let tracks = Tensor::from_values("track_ids", vec![1], &[3i64]).unwrap();
+    let music = json!({ "inputs": [user.to_json().unwrap(), tracks.to_json().unwrap()] });
+    let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+    assert_eq!(status, 200, "{reply}");
+
+    // Down: the cloud-only model answers 503 with the reason.
+    let (quic, mqtt) = (coordinator.quic_addr, coordinator.mqtt.clone());
+    coordinator.shutdown().await;
+    let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+    assert_eq!(status, 503, "{reply}");
+
+    // Back on the same QUIC address and data. The embedded broker of the first one cannot be
+    // stopped in-process (rumqttd has no API for it), so the second uses it as an external one;
+    // the agent's MQTT session is untouched and only QUIC has to come back.
+    let mut config = coordinator_config(dir.path());
+    config.quic.listen = quic;
+    config.mqtt.listen = None;
+    config.mqtt.external = Some(mqtt);
+    let again = Coordinator::start(config).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{reply}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not reconnect: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    push(
+        &again,
+        "video-ranker",
+        "placement=local",
+        &DemoModel::VideoRanker.bytes(DEFAULT_SEED),
+    )
+    .await;
+    until("a release of the restarted coordinator", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    agent.shutdown().await;
+    again.shutdown().await;
+}
+
 /// Delta updates: after a fine-tune that retrained only the head of the 20 M-parameter ranker, an
 /// agent downloads a small share of the new int8 variant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
