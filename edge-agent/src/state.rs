@@ -158,6 +158,31 @@ impl Store {
         })
     }
 
+    /// The bytes of model chunks this device would keep once `variant` becomes the active
+    /// version of `model`: its active version turns previous, its previous is dropped, every
+    /// other model keeps both. A chunk shared by versions counts once.
+    pub fn bytes_kept_after(&self, model: &str, variant: &Variant) -> Result<u64, String> {
+        let mut kept: std::collections::HashMap<outpost_shared::ChunkId, u32> =
+            std::collections::HashMap::new();
+        let mut add = |v: &Variant| {
+            for c in &v.chunks {
+                kept.insert(c.id, c.size);
+            }
+        };
+        add(variant);
+        for (name, record) in self.records()? {
+            let versions: Vec<&ModelVersion> = if name == model {
+                record.active.iter().collect()
+            } else {
+                record.active.iter().chain(record.previous.iter()).collect()
+            };
+            for v in versions.into_iter().filter_map(local_variant) {
+                add(v);
+            }
+        }
+        Ok(kept.values().map(|&n| u64::from(n)).sum())
+    }
+
     /// Deletes chunks that no active or previous version references.
     pub fn collect_garbage(&self) -> Result<usize, String> {
         let mut keep = std::collections::HashSet::new();

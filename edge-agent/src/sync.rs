@@ -170,6 +170,22 @@ async fn install(ctx: &Arc<Context>, payload: &[u8]) -> Result<(), (Option<Strin
                 limit >> 20
             )));
         }
+        let budget = ctx
+            .config
+            .profile()
+            .storage_budget_mb
+            .saturating_mul(1 << 20);
+        let kept = store
+            .bytes_kept_after(&model, variant)
+            .map_err(|e| fail(e.to_string()))?;
+        if kept > budget {
+            return Err(fail(format!(
+                "version {} does not fit the storage budget: with it, this device would keep {:.1} MB of models (the active and previous version of each), over its {} MB (profile.storage_budget_mb)",
+                target.version,
+                kept as f64 / 1e6,
+                budget >> 20
+            )));
+        }
         let missing: Vec<_> = variant
             .chunks
             .iter()

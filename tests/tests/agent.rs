@@ -500,6 +500,52 @@ async fn the_agent_reconnects_to_a_restarted_coordinator() {
     again.shutdown().await;
 }
 
+/// A release that would take the device over its storage budget is refused, and the status says
+/// why; the version it had keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_storage_budget_refuses_what_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(coordinator_config(dir.path()))
+        .await
+        .unwrap();
+    let mut config = agent_config(&coordinator, dir.path());
+    config.profile.storage_budget_mb = Some(1);
+    let agent = Agent::start(config).await.unwrap();
+    // fp32 video-ranker: 662 KB of the 1 MiB budget.
+    let fp32 = |seed| DemoModel::VideoRanker.bytes(seed);
+    push(&coordinator, "video-ranker", "quantize=none", &fp32(1)).await;
+    until("version 1", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    // A second fp32 version would keep both (active and previous): 1.3 MB.
+    push(&coordinator, "video-ranker", "quantize=none", &fp32(2)).await;
+    let refused = |agent: &AgentHandle| {
+        agent
+            .status()
+            .models
+            .iter()
+            .find(|m| m.model == "video-ranker")
+            .and_then(|m| m.last_error.clone())
+    };
+    until("the refusal in the status", || refused(&agent).is_some()).await;
+    let why = refused(&agent).unwrap();
+    assert!(
+        why.contains("storage budget") && why.contains("profile.storage_budget_mb"),
+        "{why}"
+    );
+    assert_eq!(agent.active_version("video-ranker"), Some(1));
+    // The int8 version fits beside version 1.
+    push(&coordinator, "video-ranker", "", &fp32(3)).await;
+    until("version 3", || {
+        agent.active_version("video-ranker") == Some(3)
+    })
+    .await;
+    assert_eq!(refused(&agent), None);
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
+
 /// Delta updates: after a fine-tune that retrained only the head of the 20 M-parameter ranker, an
 /// agent downloads a small share of the new int8 variant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
