@@ -1,8 +1,10 @@
-//! `outpost`: the quickstart (`up`). The fleet simulator and benchmarks are not built yet.
+//! `outpost`: the quickstart (`up`) and the benchmarks (`bench`). The fleet simulator is not
+//! built yet.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use outpost::bench::{self, BenchOptions};
 use outpost::quickstart::{self, Options};
 
 #[derive(Parser)]
@@ -29,8 +31,17 @@ enum Command {
     },
     /// Simulate a fleet (not built yet).
     Sim,
-    /// Benchmarks (not built yet).
-    Bench,
+    /// Measure the agent against its baselines, side by side in one run: local API vs the
+    /// engine in-process, idle memory, push-to-serving for 1, 10 and 100 agents. Build with
+    /// --release.
+    Bench {
+        /// Calls per latency figure.
+        #[arg(long, default_value_t = 1000)]
+        calls: usize,
+        /// Agent counts for push-to-serving.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+        agents: Vec<u32>,
+    },
 }
 
 #[allow(clippy::print_stdout, clippy::print_stderr)]
@@ -38,10 +49,14 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let (agents, port, data) = match cli.command {
         Command::Up { agents, port, data } => (agents, port, data),
-        Command::Sim | Command::Bench => {
-            eprintln!(
-                "error: `outpost sim` and `outpost bench` are not built yet; `outpost up` is"
-            );
+        Command::Bench { calls, agents } => {
+            return run_bench(BenchOptions {
+                calls: calls.max(1),
+                agents,
+            });
+        }
+        Command::Sim => {
+            eprintln!("error: `outpost sim` (the fleet simulator) is not built yet");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -74,6 +89,27 @@ fn main() -> std::process::ExitCode {
                 anyhow::Ok(())
             })
         });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+fn run_bench(options: BenchOptions) -> std::process::ExitCode {
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: a debug build; run `cargo run --release -p outpost -- bench` for figures"
+        );
+    }
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(bench::run(&options, |line| println!("{line}"))));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -88,23 +88,7 @@ pub async fn up(options: &Options, mut progress: impl FnMut(&str)) -> anyhow::Re
         coordinator.quic_addr, coordinator.admin_addr, coordinator.mqtt
     ));
 
-    let fleet_config_path = coordinator
-        .fleet_config
-        .clone()
-        .context("the coordinator is not in dev mode")?;
-    let fleet_config = CoordinatorConfig::load(&fleet_config_path)?;
-    let authority = FleetAuthority::load(&fleet_config)?;
-    let fleet_dir = fleet_config_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let template = AgentConfig::load(
-        coordinator
-            .dev_agent_config
-            .as_ref()
-            .context("no dev agent config")?,
-    )?;
-
+    let fleet = DevFleet::of(&coordinator)?;
     for (name, query, model, cloud) in demo_pushes() {
         let mut body = model.bytes(DEFAULT_SEED);
         let mut query = query.to_owned();
@@ -133,32 +117,19 @@ pub async fn up(options: &Options, mut progress: impl FnMut(&str)) -> anyhow::Re
 
     let mut agents = Vec::new();
     for i in 0..options.agents {
-        let id: DeviceId = format!("dev-{:04}", i + 1).parse()?;
-        let path = fleet_dir
-            .join("devices")
-            .join(id.as_str())
-            .join("agent.toml");
-        if !path.exists() {
-            authority.enroll(
-                &id,
-                &template.coordinator.addresses,
-                &template.mqtt.broker,
-                &fleet_dir,
-            )?;
-        }
-        let mut config = AgentConfig::load(&path)?;
         // Port 0 picks a free port for each agent.
         let port = if options.first_port == 0 {
             0
         } else {
             options.first_port.saturating_add(i)
         };
-        config.api.listen = SocketAddr::from(([127, 0, 0, 1], port));
-        config.storage.data_dir = Some(options.data_dir.join(format!("agent-{id}")));
-        let agent = Agent::start(config)
-            .await
-            .with_context(|| format!("starting agent {id}"))?;
-        progress(&format!("agent {id}: http://{}", agent.api_addr));
+        let agent = fleet
+            .start_agent(u32::from(i) + 1, port, &options.data_dir)
+            .await?;
+        progress(&format!(
+            "agent {}: http://{}",
+            agent.device_id, agent.api_addr
+        ));
         agents.push(agent);
     }
 
@@ -199,6 +170,68 @@ pub async fn up(options: &Options, mut progress: impl FnMut(&str)) -> anyhow::Re
     })
 }
 
+/// A dev-mode coordinator's fleet, to enroll and start agents in this process.
+#[derive(Debug)]
+pub struct DevFleet {
+    authority: FleetAuthority,
+    dir: PathBuf,
+    template: AgentConfig,
+}
+
+impl DevFleet {
+    /// The fleet of a coordinator running in dev mode.
+    pub fn of(coordinator: &CoordinatorHandle) -> anyhow::Result<Self> {
+        let config_path = coordinator
+            .fleet_config
+            .clone()
+            .context("the coordinator is not in dev mode")?;
+        let config = CoordinatorConfig::load(&config_path)?;
+        Ok(Self {
+            authority: FleetAuthority::load(&config)?,
+            dir: config_path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            template: AgentConfig::load(
+                coordinator
+                    .dev_agent_config
+                    .as_ref()
+                    .context("no dev agent config")?,
+            )?,
+        })
+    }
+
+    /// Starts agent `dev-{n:04}` (enrolled on first use, with its own device certificate) with
+    /// its API on `port` (0: any) and data in `data_dir/agent-{id}`.
+    pub async fn start_agent(
+        &self,
+        n: u32,
+        port: u16,
+        data_dir: &Path,
+    ) -> anyhow::Result<AgentHandle> {
+        let id: DeviceId = format!("dev-{n:04}").parse()?;
+        let path = self
+            .dir
+            .join("devices")
+            .join(id.as_str())
+            .join("agent.toml");
+        if !path.exists() {
+            self.authority.enroll(
+                &id,
+                &self.template.coordinator.addresses,
+                &self.template.mqtt.broker,
+                &self.dir,
+            )?;
+        }
+        let mut config = AgentConfig::load(&path)?;
+        config.api.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        config.storage.data_dir = Some(data_dir.join(format!("agent-{id}")));
+        Agent::start(config)
+            .await
+            .with_context(|| format!("starting agent {id}"))
+    }
+}
+
 /// Ready-to-paste curl commands for the first agent.
 pub fn curl_examples(api: SocketAddr) -> String {
     let features: Vec<String> = (0..32)
@@ -213,7 +246,8 @@ pub fn curl_examples(api: SocketAddr) -> String {
     )
 }
 
-async fn admin(
+/// A POST to the admin API; the status and body.
+pub(crate) async fn admin(
     addr: SocketAddr,
     token: &str,
     path: &str,

@@ -1,0 +1,288 @@
+//! `outpost bench`: the agent measured against its baselines, side by side in one run.
+//!
+//! - Local inference: the agent's Open Inference Protocol API (JSON, and the binary tensor
+//!   extension) against the same engine called in-process, on `video-ranker` with 1 and 256
+//!   candidates; p50 and p99 over a fixed number of calls on one keep-alive connection.
+//! - Idle memory: the growth of this process's resident set when one agent starts with no model.
+//! - Push to serving: from a push to every agent serving the new version, for 1, 10 and 100
+//!   agents in this process (one coordinator, its embedded broker).
+//!
+//! Everything runs on loopback in a temporary folder; run it with `--release`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use cloud_coordinator::{Coordinator, CoordinatorHandle};
+use edge_agent::AgentHandle;
+use firmware_config::CoordinatorConfig;
+use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_runtime::quantize::quantize_int8;
+use outpost_runtime::tract::{TractModel, TractOptions};
+use outpost_shared::Tensor;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+
+use crate::quickstart::{DevFleet, admin};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Calls per latency figure.
+    pub calls: usize,
+    /// Agent counts for push-to-serving.
+    pub agents: Vec<u32>,
+}
+
+/// Runs every benchmark; `report` gets the result lines.
+pub async fn run(options: &BenchOptions, mut report: impl FnMut(&str)) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = CoordinatorConfig::default();
+    config.storage.data_dir = dir.path().join("coordinator");
+    config.quic.listen = "127.0.0.1:0".parse()?;
+    config.admin.listen = "127.0.0.1:0".parse()?;
+    config.mqtt.listen = Some("127.0.0.1:0".parse()?);
+    let coordinator = Coordinator::start(config).await?;
+    let fleet = DevFleet::of(&coordinator)?;
+
+    // Idle memory first, before anything else grows the process.
+    let before = resident_kib();
+    let first = fleet.start_agent(1, 0, dir.path()).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    match (before, resident_kib()) {
+        (Some(b), Some(a)) => report(&format!(
+            "agent idle, no model: +{:.1} MiB resident (this process: {:.1} → {:.1} MiB)",
+            a.saturating_sub(b) as f64 / 1024.0,
+            b as f64 / 1024.0,
+            a as f64 / 1024.0
+        )),
+        _ => report("agent idle, no model: resident memory is only read on Linux"),
+    }
+
+    let ranker = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    push(&coordinator, "video-ranker", &ranker).await?;
+    wait_until_serving(std::slice::from_ref(&first), "video-ranker", 1).await?;
+    latency(&first, &ranker, options.calls, &mut report).await?;
+
+    let mut agents = vec![first];
+    for (round, &count) in options.agents.iter().enumerate() {
+        while agents.len() < count as usize {
+            let n = agents.len() as u32 + 1;
+            agents.push(fleet.start_agent(n, 0, dir.path()).await?);
+        }
+        let serving = &agents[..count as usize];
+        // New content each round, so every agent fetches and loads it.
+        let model = DemoModel::VideoRanker.bytes(DEFAULT_SEED + 1 + round as u64);
+        let version = round as u64 + 1;
+        let started = Instant::now();
+        push(&coordinator, "push-bench", &model).await?;
+        let pushed = started.elapsed();
+        wait_until_serving(serving, "push-bench", version).await?;
+        report(&format!(
+            "push to serving, {count:>3} agents: {:>7.1} ms (of which the push answered in {:.1} ms)",
+            started.elapsed().as_secs_f64() * 1e3,
+            pushed.as_secs_f64() * 1e3
+        ));
+    }
+    for agent in agents {
+        agent.shutdown().await;
+    }
+    coordinator.shutdown().await;
+    Ok(())
+}
+
+async fn push(coordinator: &CoordinatorHandle, name: &str, model: &[u8]) -> anyhow::Result<()> {
+    let (status, reply) = admin(
+        coordinator.admin_addr,
+        &coordinator.admin_token,
+        &format!("/v1/models/{name}?placement=local"),
+        model,
+    )
+    .await?;
+    if status != 201 {
+        bail!("pushing {name} failed ({status}): {reply}");
+    }
+    Ok(())
+}
+
+async fn wait_until_serving(
+    agents: &[AgentHandle],
+    model: &str,
+    version: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !agents
+        .iter()
+        .all(|a| a.active_version(model) == Some(version))
+    {
+        if Instant::now() > deadline {
+            bail!("agents did not serve {model} version {version} within 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// The API (JSON and binary) against the engine in-process, same bytes, same options.
+async fn latency(
+    agent: &AgentHandle,
+    ranker: &[u8],
+    calls: usize,
+    report: &mut impl FnMut(&str),
+) -> anyhow::Result<()> {
+    let int8 = quantize_int8(ranker)?.bytes;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let engine = TractModel::load_with(
+        &int8,
+        TractOptions {
+            threads: threads.min(4),
+            ..TractOptions::default()
+        },
+    )
+    .map_err(anyhow::Error::msg)?;
+    let mut client = KeepAlive::connect(agent.api_addr).await?;
+    report(&format!(
+        "local inference, video-ranker int8, {calls} calls each (p50 / p99):"
+    ));
+    for batch in [1u64, 256] {
+        let inputs = ranker_inputs(batch)?;
+        let json = serde_json::json!({
+            "inputs": inputs.iter().map(|t| t.to_json()).collect::<Result<Vec<_>, _>>()?
+        })
+        .to_string();
+        let header = serde_json::json!({
+            "inputs": inputs.iter().map(|t| serde_json::json!({
+                "name": t.name(), "shape": t.shape(), "datatype": t.datatype().as_str(),
+                "parameters": { "binary_data_size": t.data().len() }
+            })).collect::<Vec<_>>(),
+            "parameters": { "binary_data_output": true }
+        })
+        .to_string();
+        let mut binary = header.clone().into_bytes();
+        for t in &inputs {
+            binary.extend_from_slice(t.data());
+        }
+        let path = "/v2/models/video-ranker/infer";
+        let binary_header = format!("Inference-Header-Content-Length: {}\r\n", header.len());
+        // Warm up: both sides optimise a plan for this batch size in the background.
+        for _ in 0..20 {
+            engine.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
+            client.post(path, "", json.as_bytes()).await?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let mut in_process = Vec::with_capacity(calls);
+        let mut api_json = Vec::with_capacity(calls);
+        let mut api_binary = Vec::with_capacity(calls);
+        // Interleaved, so drift (thermal, other load) hits all three alike.
+        for _ in 0..calls {
+            let t = Instant::now();
+            engine.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
+            in_process.push(t.elapsed());
+            let t = Instant::now();
+            client.post(path, "", json.as_bytes()).await?;
+            api_json.push(t.elapsed());
+            let t = Instant::now();
+            client.post(path, &binary_header, &binary).await?;
+            api_binary.push(t.elapsed());
+        }
+        for (what, samples) in [
+            ("in-process engine", &mut in_process),
+            ("API, JSON", &mut api_json),
+            ("API, binary tensors", &mut api_binary),
+        ] {
+            let (p50, p99) = percentiles(samples);
+            report(&format!(
+                "  {batch:>3} candidates  {what:<20} {:>8.3} ms / {:>8.3} ms",
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn ranker_inputs(batch: u64) -> anyhow::Result<Vec<Tensor>> {
+    let features: Vec<f32> = (0..batch * 32)
+        .map(|i| ((i * 7 % 13) as f32) / 13.0)
+        .collect();
+    let ids: Vec<i64> = (0..batch as i64)
+        .map(|i| (i * 97) % model_zoo::CATALOG_ITEMS as i64)
+        .collect();
+    Ok(vec![
+        Tensor::from_values("user_features", vec![batch, 32], &features)?,
+        Tensor::from_values("item_ids", vec![batch], &ids)?,
+    ])
+}
+
+/// p50 and p99 (nearest rank).
+fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len().max(1)) - 1;
+        samples.get(i).copied().unwrap_or_default()
+    };
+    (at(0.50), at(0.99))
+}
+
+/// This process's resident set in KiB (Linux).
+fn resident_kib() -> Option<u64> {
+    let status = std::fs::read_to_string(Path::new("/proc/self/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// One HTTP/1.1 keep-alive connection, as a client library would hold.
+struct KeepAlive {
+    stream: BufReader<tokio::net::TcpStream>,
+    addr: SocketAddr,
+}
+
+impl KeepAlive {
+    async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream: BufReader::new(stream),
+            addr,
+        })
+    }
+
+    /// POSTs `body`; fails unless the answer is 200. Returns the body.
+    async fn post(&mut self, path: &str, headers: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        let stream = self.stream.get_mut();
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        let mut status = String::new();
+        self.stream.read_line(&mut status).await?;
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if self.stream.read_line(&mut line).await? == 0 {
+                bail!("the agent closed the connection");
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().context("content-length")?;
+                }
+            }
+        }
+        let mut answer = vec![0; length];
+        self.stream.read_exact(&mut answer).await?;
+        if status.split_whitespace().nth(1) != Some("200") {
+            bail!("{}: {}", status.trim(), String::from_utf8_lossy(&answer));
+        }
+        Ok(answer)
+    }
+}

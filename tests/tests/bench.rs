@@ -1,0 +1,30 @@
+//! `outpost bench` runs end to end (few calls, few agents) and reports every figure.
+
+#![allow(clippy::unwrap_used)]
+
+use outpost::bench::{self, BenchOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_every_figure() {
+    let mut lines = Vec::new();
+    bench::run(
+        &BenchOptions {
+            calls: 5,
+            agents: vec![1, 3],
+        },
+        |l| lines.push(l.to_owned()),
+    )
+    .await
+    .unwrap();
+    let text = lines.join("\n");
+    for needle in [
+        "agent idle, no model: +",
+        "  1 candidates  in-process engine",
+        "256 candidates  API, JSON",
+        "256 candidates  API, binary tensors",
+        "push to serving,   1 agents",
+        "push to serving,   3 agents",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+}
