@@ -384,20 +384,21 @@ impl TractModel {
         let Some(typed) = &inner.typed else {
             return inner.generic.clone();
         };
-        let mut key = Vec::with_capacity(inner.symbols.len());
-        let mut values = HashMap::new();
+        // Each symbol's value, in first-use order (a handful: a linear scan beats hashing).
+        let mut values: Vec<(&tp::Symbol, i64)> = Vec::with_capacity(inner.symbols.len());
         for (i, d, symbol) in &inner.symbols {
             let Some(&n) = inputs.get(*i).and_then(|t| t.shape().get(*d)) else {
                 return inner.generic.clone();
             };
             let n = i64::try_from(n).unwrap_or(i64::MAX);
-            match values.insert(symbol.clone(), n) {
-                None => key.push(n),
-                Some(old) if old == n => {}
+            match values.iter().find(|(s, _)| *s == symbol) {
+                None => values.push((symbol, n)),
+                Some(&(_, old)) if old == n => {}
                 // One symbol in two places with two values: the symbolic plan reports it.
                 Some(_) => return inner.generic.clone(),
             }
         }
+        let key: Vec<i64> = values.iter().map(|(_, n)| *n).collect();
         let Ok(mut shapes) = inner.shapes.lock() else {
             return inner.generic.clone();
         };
@@ -416,15 +417,15 @@ impl TractModel {
         }
         shapes.pending.push(key.clone());
         drop(shapes);
+        let subs: HashMap<tp::Symbol, tp::TDim> = values
+            .into_iter()
+            .map(|(s, n)| (s.clone(), tp::TDim::Val(n)))
+            .collect();
         let typed = typed.clone();
         let weak = Arc::downgrade(inner);
         let spawned = std::thread::Builder::new()
             .name("outpost-tract-plan".into())
             .spawn(move || {
-                let subs = values
-                    .into_iter()
-                    .map(|(s, n)| (s, tp::TDim::Val(n)))
-                    .collect();
                 let plan = typed
                     .set_symbols(&subs)
                     .map_err(|e| chain(&e))

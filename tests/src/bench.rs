@@ -1,8 +1,9 @@
 //! `outpost bench`: the agent measured against its baselines, side by side in one run.
 //!
 //! - Local inference: the agent's Open Inference Protocol API (JSON, and the binary tensor
-//!   extension) against the same engine called in-process, on `video-ranker` with 1 and 256
-//!   candidates; p50 and p99 over a fixed number of calls on one keep-alive connection.
+//!   extension) against the same engine called in-process, and that engine against itself on its
+//!   symbolic plan only, on `video-ranker` with 1 and 256 candidates; p50 and p99 over a fixed
+//!   number of calls (one keep-alive connection for the API).
 //! - Idle memory: the growth of this process's resident set when one agent starts with no model.
 //! - Push to serving: from a push to every agent serving the new version, for 1, 10 and 100
 //!   agents in this process (one coordinator, its embedded broker).
@@ -140,6 +141,15 @@ async fn latency(
         },
     )
     .map_err(anyhow::Error::msg)?;
+    // The baseline for shape plans: the same engine on its symbolic plan only.
+    let symbolic = TractModel::load_with(
+        &int8,
+        TractOptions {
+            threads: threads.min(4),
+            shape_plans: 0,
+        },
+    )
+    .map_err(anyhow::Error::msg)?;
     let mut client = KeepAlive::connect(agent.api_addr).await?;
     report(&format!(
         "local inference, video-ranker int8, {calls} calls each (p50 / p99):"
@@ -167,11 +177,13 @@ async fn latency(
         // Warm up: both sides optimise a plan for this batch size in the background.
         for _ in 0..20 {
             engine.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
+            symbolic.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
             client.post(path, "", json.as_bytes()).await?;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
 
         let mut in_process = Vec::with_capacity(calls);
+        let mut in_process_symbolic = Vec::with_capacity(calls);
         let mut api_json = Vec::with_capacity(calls);
         let mut api_binary = Vec::with_capacity(calls);
         // Interleaved, so drift (thermal, other load) hits all three alike.
@@ -179,6 +191,9 @@ async fn latency(
             let t = Instant::now();
             engine.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
             in_process.push(t.elapsed());
+            let t = Instant::now();
+            symbolic.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
+            in_process_symbolic.push(t.elapsed());
             let t = Instant::now();
             client.post(path, "", json.as_bytes()).await?;
             api_json.push(t.elapsed());
@@ -188,6 +203,7 @@ async fn latency(
         }
         for (what, samples) in [
             ("in-process engine", &mut in_process),
+            ("in-process, symbolic", &mut in_process_symbolic),
             ("API, JSON", &mut api_json),
             ("API, binary tensors", &mut api_binary),
         ] {

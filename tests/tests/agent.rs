@@ -500,6 +500,49 @@ async fn the_agent_reconnects_to_a_restarted_coordinator() {
     again.shutdown().await;
 }
 
+/// Coordinators are tried in the configured order: a dead first one does not stop the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_first_coordinator_fails_over_to_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(coordinator_config(dir.path()))
+        .await
+        .unwrap();
+    push(
+        &coordinator,
+        "music-two-tower",
+        "placement=cloud",
+        &DemoModel::MusicTwoTower.bytes(DEFAULT_SEED),
+    )
+    .await;
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = agent_config(&coordinator, dir.path());
+    let live = config.coordinator.addresses[0].clone();
+    config.coordinator.addresses = vec![
+        firmware_config::HostPort {
+            host: "127.0.0.1".into(),
+            port: dead,
+        },
+        live,
+    ];
+    let agent = Agent::start(config).await.unwrap();
+    until("the cloud model", || {
+        agent.active_version("music-two-tower") == Some(1)
+    })
+    .await;
+    let user = Tensor::from_values("user_features", vec![1, 24], &[0.5f32; 24]).unwrap();
+    let tracks = Tensor::from_values("track_ids", vec![1], &[3i64]).unwrap();
+    let music = json!({ "inputs": [user.to_json().unwrap(), tracks.to_json().unwrap()] });
+    let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["parameters"]["rows_cloud"], 1);
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
+
 /// A release that would take the device over its storage budget is refused, and the status says
 /// why; the version it had keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,7 @@ async fn bench_reports_every_figure() {
     for needle in [
         "agent idle, no model: +",
         "  1 candidates  in-process engine",
+        "  1 candidates  in-process, symbolic",
         "256 candidates  API, JSON",
         "256 candidates  API, binary tensors",
         "push to serving,   1 agents",
