@@ -21,7 +21,7 @@ use firmware_config::RegistrySection;
 use outpost_runtime::ChunkStore;
 use outpost_runtime::accuracy::{self, AccuracyReport, GraphFacts, Tolerance};
 use outpost_runtime::quantize::{self, QuantizeReport};
-use outpost_runtime::tract::TractModel;
+use outpost_runtime::tract::{TractModel, TractOptions};
 
 const RECORD_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -277,11 +277,11 @@ impl Registry {
                 request.rollout_percent
             )));
         }
-        let model = TractModel::load(&request.model)
+        let model = TractModel::load_with(&request.model, CHECK_ONLY)
             .map_err(|e| RegistryError::BadModel(format!("model: {e}")))?;
         let (inputs, outputs) = (model.inputs.clone(), model.outputs.clone());
         if let Some(cloud) = &request.cloud_model {
-            let cloud = TractModel::load(cloud)
+            let cloud = TractModel::load_with(cloud, CHECK_ONLY)
                 .map_err(|e| RegistryError::BadModel(format!("cloud model: {e}")))?;
             if cloud.inputs != inputs || cloud.outputs != outputs {
                 return Err(RegistryError::BadRequest(format!(
@@ -435,7 +435,7 @@ impl Registry {
             );
             return Ok(None);
         }
-        let int8 = TractModel::load(&quantized.bytes).map_err(|e| {
+        let int8 = TractModel::load_with(&quantized.bytes, CHECK_ONLY).map_err(|e| {
             RegistryError::BadModel(format!(
                 "the int8 variant does not load ({e}); push with quantize=none"
             ))
@@ -695,6 +695,13 @@ impl Registry {
         self.chunks.get(id)
     }
 }
+
+/// Models loaded at push run a few times (the gate) and are dropped: no per-shape plans, whose
+/// optimisation would only compete with the push for the CPU.
+const CHECK_ONLY: TractOptions = TractOptions {
+    threads: 1,
+    shape_plans: 0,
+};
 
 /// The seed of generated gate samples: the same model is always measured on the same inputs.
 const SAMPLE_SEED: u64 = 0x6f75_7470_6f73_7431;

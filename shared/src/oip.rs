@@ -145,10 +145,14 @@ impl InferRequest {
             }
             sizes.push(size);
         }
-        let declared: u64 = sizes.iter().flatten().sum();
-        if declared != binary.len() as u64 {
+        // Checked: sizes come from the client, and a wrapped sum must not pass for a match.
+        let declared = sizes
+            .iter()
+            .flatten()
+            .try_fold(0u64, |total, &n| total.checked_add(n));
+        if declared != Some(binary.len() as u64) {
             return Err(OipError::BinaryLength {
-                declared,
+                declared: declared.unwrap_or(u64::MAX),
                 actual: binary.len(),
             });
         }
@@ -156,8 +160,14 @@ impl InferRequest {
         for (input, size) in raw.inputs.iter().zip(sizes) {
             let tensor = match size {
                 Some(n) => {
-                    // The sizes add up to the binary part, so each fits.
-                    let (data, rest) = binary.split_at(usize::try_from(n).unwrap_or(usize::MAX));
+                    // The sizes add up to the binary part, so each fits; checked all the same.
+                    let n = usize::try_from(n).unwrap_or(usize::MAX);
+                    let (Some(data), Some(rest)) = (binary.get(..n), binary.get(n..)) else {
+                        return Err(OipError::BinaryLength {
+                            declared: n as u64,
+                            actual: binary.len(),
+                        });
+                    };
                     binary = rest;
                     Tensor::from_binary(input, data.to_vec())?
                 }
@@ -325,6 +335,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"x\"") && e.contains("8 bytes"), "{e}");
+        // Sizes whose sum wraps around must not pass for the bytes sent.
+        let half = u64::MAX / 2 + 1;
+        let header = format!(
+            r#"{{"inputs":[{{"name":"a","shape":[1],"datatype":"UINT8","parameters":{{"binary_data_size":{half}}}}},{{"name":"b","shape":[1],"datatype":"UINT8","parameters":{{"binary_data_size":{half}}}}}]}}"#
+        );
+        let e = InferRequest::parse(header.as_bytes(), Some(header.len()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("binary_data_size"), "{e}");
         for (input, needle) in [
             (
                 r#"{"name":"x","shape":[1],"datatype":"FP32","data":[1],"parameters":{"binary_data_size":4}}"#,
