@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use outpost_shared::{DataType, Dim, Tensor, TensorSpec};
+use outpost_shared::{DataType, Tensor, TensorSpec};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tract_onnx::pb::ModelProto;
@@ -196,16 +196,7 @@ pub fn generate_samples(
     specs
         .iter()
         .map(|s| {
-            let shape: Vec<u64> = s
-                .shape
-                .iter()
-                .enumerate()
-                .map(|(i, d)| match d {
-                    Dim::Fixed(n) => *n,
-                    Dim::Dynamic if i == 0 => SAMPLE_ROWS,
-                    Dim::Dynamic => SAMPLE_WIDTH,
-                })
-                .collect();
+            let shape = crate::engine::concrete_shape(s, SAMPLE_ROWS, SAMPLE_WIDTH);
             let n = outpost_shared::tensor::element_count(&shape)
                 .and_then(|n| usize::try_from(n).ok())
                 .filter(|&n| n <= 1 << 24)
@@ -378,6 +369,7 @@ impl XorShift {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outpost_shared::Dim;
 
     fn output(name: &str, err: f64, cos: f64, top1: Option<f64>) -> OutputAccuracy {
         OutputAccuracy {

@@ -47,19 +47,26 @@ impl Engine for TractModel {
     }
 }
 
+/// `spec`'s shape with its dynamic dimensions set: the first to `first` (the batch), the others
+/// to `rest`.
+pub fn concrete_shape(spec: &TensorSpec, first: u64, rest: u64) -> Vec<u64> {
+    spec.shape
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match d {
+            Dim::Fixed(n) => *n,
+            Dim::Dynamic if i == 0 => first,
+            Dim::Dynamic => rest,
+        })
+        .collect()
+}
+
 /// Zero-filled inputs for `specs`, dynamic dimensions 1.
 pub fn zero_inputs(specs: &[TensorSpec]) -> Result<Vec<Tensor>, String> {
     specs
         .iter()
         .map(|s| {
-            let shape: Vec<u64> = s
-                .shape
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n,
-                    Dim::Dynamic => 1,
-                })
-                .collect();
+            let shape = concrete_shape(s, 1, 1);
             let n = outpost_shared::tensor::element_count(&shape)
                 .and_then(|n| usize::try_from(n).ok())
                 .ok_or_else(|| format!("input {:?}: the shape overflows", s.name))?;

@@ -430,10 +430,8 @@ async fn a_restarted_download_fetches_only_the_missing_chunks() {
     coordinator.shutdown().await;
 }
 
-/// A coordinator that goes away and comes back on the same address is found again without
-/// restarting the agent: cloud calls answer again and new releases are fetched.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_reconnects_to_a_restarted_coordinator() {
+/// A coordinator in a temp folder that serves `music-two-tower` from the cloud.
+async fn coordinator_with_cloud_music() -> (tempfile::TempDir, CoordinatorHandle) {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(coordinator_config(dir.path()))
         .await
@@ -445,6 +443,21 @@ async fn the_agent_reconnects_to_a_restarted_coordinator() {
         &DemoModel::MusicTwoTower.bytes(DEFAULT_SEED),
     )
     .await;
+    (dir, coordinator)
+}
+
+/// One row for `music-two-tower`, as an inference request body.
+fn music_request() -> Value {
+    let user = Tensor::from_values("user_features", vec![1, 24], &[0.5f32; 24]).unwrap();
+    let tracks = Tensor::from_values("track_ids", vec![1], &[3i64]).unwrap();
+    json!({ "inputs": [user.to_json().unwrap(), tracks.to_json().unwrap()] })
+}
+
+/// A coordinator that goes away and comes back on the same address is found again without
+/// restarting the agent: cloud calls answer again and new releases are fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reconnects_to_a_restarted_coordinator() {
+    let (dir, coordinator) = coordinator_with_cloud_music().await;
     let agent = Agent::start(agent_config(&coordinator, dir.path()))
         .await
         .unwrap();
@@ -452,9 +465,7 @@ async fn the_agent_reconnects_to_a_restarted_coordinator() {
         agent.active_version("music-two-tower") == Some(1)
     })
     .await;
-    let user = Tensor::from_values("user_features", vec![1, 24], &[0.5f32; 24]).unwrap();
-    let tracks = Tensor::from_values("track_ids", vec![1], &[3i64]).unwrap();
-    let music = json!({ "inputs": [user.to_json().unwrap(), tracks.to_json().unwrap()] });
+    let music = music_request();
     let (status, reply) = infer(&agent, "music-two-tower", &music).await;
     assert_eq!(status, 200, "{reply}");
 
@@ -503,17 +514,7 @@ async fn the_agent_reconnects_to_a_restarted_coordinator() {
 /// Coordinators are tried in the configured order: a dead first one does not stop the agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_first_coordinator_fails_over_to_the_next() {
-    let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(coordinator_config(dir.path()))
-        .await
-        .unwrap();
-    push(
-        &coordinator,
-        "music-two-tower",
-        "placement=cloud",
-        &DemoModel::MusicTwoTower.bytes(DEFAULT_SEED),
-    )
-    .await;
+    let (dir, coordinator) = coordinator_with_cloud_music().await;
     let dead = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -533,9 +534,7 @@ async fn a_dead_first_coordinator_fails_over_to_the_next() {
         agent.active_version("music-two-tower") == Some(1)
     })
     .await;
-    let user = Tensor::from_values("user_features", vec![1, 24], &[0.5f32; 24]).unwrap();
-    let tracks = Tensor::from_values("track_ids", vec![1], &[3i64]).unwrap();
-    let music = json!({ "inputs": [user.to_json().unwrap(), tracks.to_json().unwrap()] });
+    let music = music_request();
     let (status, reply) = infer(&agent, "music-two-tower", &music).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["parameters"]["rows_cloud"], 1);
