@@ -167,7 +167,12 @@ fn metadata(ctx: &Context, name: &str, version: Option<&str>) -> Reply {
                     "platform": "onnx",
                     "inputs": specs(&s.version.inputs),
                     "outputs": specs(&s.version.outputs),
-                    "parameters": { "engine": crate::sync::engine_name(&s), "placement": s.version.placement },
+                    "parameters": {
+                        "engine": crate::sync::engine_name(&s),
+                        "placement": s.version.placement,
+                        "adapter": s.adapter,
+                        "gpu_fallback": s.gpu_fallback,
+                    },
                 }),
             )
         }

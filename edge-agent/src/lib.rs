@@ -35,6 +35,9 @@ pub enum AgentError {
     /// The device's trust material cannot be used.
     #[error("device identity: {0}")]
     Identity(String),
+    /// `engine = "gpu"`, and no GPU adapter can be used.
+    #[error("engine = \"gpu\": {0}")]
+    Gpu(String),
     /// The API could not listen.
     #[error("the local API cannot listen on {addr}: {reason}")]
     Listen {
@@ -89,6 +92,11 @@ impl Agent {
             .map_err(|e| store_err(e.to_string()))?;
         let chunks = outpost_runtime::ChunkStore::open(&data_dir.join("chunks"))
             .map_err(|e| store_err(e.to_string()))?;
+        let choice = config.engine;
+        let preference = config.profile().gpu;
+        let gpu = tokio::task::spawn_blocking(move || choose_gpu(choice, preference))
+            .await
+            .map_err(|e| AgentError::Gpu(e.to_string()))??;
         let store = Arc::new(state::Store {
             slots: RwLock::default(),
             records,
@@ -99,6 +107,7 @@ impl Agent {
                 threads: engine_threads(config.profile().inference_threads),
                 ..Default::default()
             },
+            gpu,
         });
         check_identity(&config)?;
         let offload = offload::OffloadClient::new(&config).map_err(AgentError::Identity)?;
@@ -229,4 +238,37 @@ impl AgentHandle {
 fn engine_threads(wanted: u32) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     usize::try_from(wanted).unwrap_or(1).clamp(1, cpus)
+}
+
+/// The GPU local models may use, from the config's `engine` and the profile's `gpu`.
+fn choose_gpu(
+    choice: firmware_config::EngineChoice,
+    preference: firmware_config::GpuPreference,
+) -> Result<state::LocalGpu, AgentError> {
+    use firmware_config::EngineChoice;
+    use firmware_config::GpuPreference;
+    use outpost_gpu::{GpuContext, GpuOptions};
+    match (choice, preference) {
+        (EngineChoice::Cpu, _) => Ok(state::LocalGpu::Absent(
+            "the agent config sets engine = \"cpu\"".into(),
+        )),
+        (EngineChoice::Auto, GpuPreference::Never) => Ok(state::LocalGpu::Absent(
+            "the device profile sets gpu = \"never\"".into(),
+        )),
+        (EngineChoice::Auto, GpuPreference::Prefer) => {
+            Ok(match GpuContext::new(GpuOptions::default()) {
+                Ok(gpu) => state::LocalGpu::Ready(gpu),
+                Err(e) => {
+                    tracing::info!(reason = %e, "no GPU for local models; they run on tract");
+                    state::LocalGpu::Absent(e)
+                }
+            })
+        }
+        (EngineChoice::Gpu, _) => GpuContext::new(GpuOptions {
+            allow_software: true,
+            ..GpuOptions::default()
+        })
+        .map(state::LocalGpu::Ready)
+        .map_err(AgentError::Gpu),
+    }
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
+use outpost_gpu::{GpuContext, GpuModel};
 use outpost_runtime::tract::{TractModel, TractOptions};
 use outpost_runtime::{ChunkStore, Engine};
 use outpost_shared::{Manifest, ModelVersion, Placement, Target, Variant, cbor};
@@ -20,6 +21,19 @@ pub struct Serving {
     pub version: ModelVersion,
     /// The local engine; `None` for a cloud-only model.
     pub engine: Option<Arc<dyn Engine>>,
+    /// The GPU adapter running it (`"name (backend)"`), when the engine is the GPU.
+    pub adapter: Option<String>,
+    /// Why a locally run model is not on the GPU.
+    pub gpu_fallback: Option<String>,
+}
+
+/// The GPU this agent may use, or why it uses none.
+#[derive(Debug, Clone)]
+pub enum LocalGpu {
+    /// Models go to the GPU when its kernels cover them.
+    Ready(Arc<GpuContext>),
+    /// Every local model runs on tract, for this reason.
+    Absent(String),
 }
 
 /// A model's slot: what serves now, what served before, and what went wrong last.
@@ -76,8 +90,10 @@ pub struct Store {
     pub chunks: ChunkStore,
     /// Counters.
     pub counters: Counters,
-    /// How local models run (threads from the device profile).
+    /// How local models run on tract (threads from the device profile).
     pub engine_options: TractOptions,
+    /// The GPU, if local models may use one.
+    pub gpu: LocalGpu,
 }
 
 /// The variant a device runs locally, if any.
@@ -141,20 +157,45 @@ impl Store {
 
     /// Loads a version for serving: its local engine (warmed up), or none for cloud-only.
     pub fn load(&self, version: &ModelVersion) -> Result<Serving, String> {
-        let engine = match local_variant(version) {
-            Some(variant) => {
-                let bytes = self.assemble(variant)?;
-                let model: Arc<dyn Engine> =
-                    Arc::new(TractModel::load_with(&bytes, self.engine_options)?);
-                // A model that cannot run zeros is not worth serving.
-                model.warm_up()?;
-                Some(model)
-            }
-            None => None,
+        let Some(variant) = local_variant(version) else {
+            return Ok(Serving {
+                version: version.clone(),
+                engine: None,
+                adapter: None,
+                gpu_fallback: None,
+            });
         };
+        let bytes = self.assemble(variant)?;
+        let fallback = match &self.gpu {
+            LocalGpu::Ready(gpu) => match GpuModel::load(&bytes, Arc::clone(gpu)) {
+                // The warm-up also proves the GPU runs it before it serves.
+                Ok(model) => match model.warm_up() {
+                    Ok(()) => {
+                        let a = model.adapter();
+                        return Ok(Serving {
+                            version: version.clone(),
+                            adapter: Some(format!("{} ({})", a.name, a.backend)),
+                            engine: Some(Arc::new(model)),
+                            gpu_fallback: None,
+                        });
+                    }
+                    Err(e) => format!("the GPU failed the warm-up: {e}"),
+                },
+                Err(e) => e.to_string(),
+            },
+            LocalGpu::Absent(why) => why.clone(),
+        };
+        if matches!(self.gpu, LocalGpu::Ready(_)) {
+            tracing::info!(version = version.version, reason = %fallback, "running on tract, not the GPU");
+        }
+        let model: Arc<dyn Engine> = Arc::new(TractModel::load_with(&bytes, self.engine_options)?);
+        // A model that cannot run zeros is not worth serving.
+        model.warm_up()?;
         Ok(Serving {
             version: version.clone(),
-            engine,
+            engine: Some(model),
+            adapter: None,
+            gpu_fallback: Some(fallback),
         })
     }
 

@@ -297,6 +297,8 @@ pub(crate) fn status(ctx: &Context) -> DeviceStatus {
                     previous: slot.previous.as_ref().map(|s| s.version.version),
                     pending: slot.pending,
                     engine: slot.active.as_ref().map(|s| engine_name(s).to_owned()),
+                    adapter: slot.active.as_ref().and_then(|s| s.adapter.clone()),
+                    gpu_fallback: slot.active.as_ref().and_then(|s| s.gpu_fallback.clone()),
                     last_error: slot.last_error.clone(),
                 })
                 .collect()

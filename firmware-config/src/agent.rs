@@ -17,6 +17,10 @@ use crate::{FileKind, check_file, load_toml};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
+    /// What runs local models: `auto` (the GPU when it has a hardware adapter and covers the
+    /// model, else tract on the CPU), `gpu` (any adapter, a CPU-emulated one included), `cpu`.
+    #[serde(default)]
+    pub engine: EngineChoice,
     /// The device's identity.
     pub device: DeviceSection,
     /// What the device trusts.
@@ -38,6 +42,20 @@ pub struct AgentConfig {
     /// Overrides of the device class's profile.
     #[serde(default)]
     pub profile: ProfileOverrides,
+}
+
+/// `engine`: what runs local models.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// The GPU when a hardware adapter exists (not lavapipe or another CPU emulation, which is
+    /// slower than tract) and the device profile allows it; per model, when its ops are covered.
+    #[default]
+    Auto,
+    /// The GPU on any adapter, a software one included; the agent does not start without one.
+    Gpu,
+    /// tract on the CPU only.
+    Cpu,
 }
 
 /// `[device]`: the device's identity.

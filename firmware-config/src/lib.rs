@@ -16,8 +16,8 @@ mod types;
 use std::path::Path;
 
 pub use agent::{
-    AgentConfig, AgentStorage, ApiSection, CoordinatorEndpoints, DeviceSection, FleetTrust,
-    MqttBroker, SyncSection,
+    AgentConfig, AgentStorage, ApiSection, CoordinatorEndpoints, DeviceSection, EngineChoice,
+    FleetTrust, MqttBroker, SyncSection,
 };
 pub use coordinator::{
     AdminSection, CoordinatorConfig, CoordinatorMqtt, CoordinatorStorage, FleetMaterial,

@@ -1,5 +1,6 @@
 //! A small ONNX graph builder over tract's protobuf structs, and the seeded generator that fills
-//! the weights. Initializers are stored as little-endian `raw_data` in the order they are made,
+//! the weights. Public so tests elsewhere (the GPU engine's single-op graphs) build models the
+//! same way. Initializers are stored as little-endian `raw_data` in the order they are made,
 //! so the same seed always gives the same bytes.
 
 use tract_onnx::pb::{
@@ -12,18 +13,18 @@ use tract_onnx::pb::{
 };
 
 /// The ONNX opset the demo models use.
-pub(crate) const OPSET: i64 = 13;
+pub const OPSET: i64 = 13;
 
 /// SplitMix64: tiny, fast, and the same on every platform.
 #[derive(Debug, Clone)]
-pub(crate) struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
+    pub fn new(seed: u64) -> Self {
         Rng(seed)
     }
 
-    pub(crate) fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -32,7 +33,7 @@ impl Rng {
     }
 
     /// Uniform in `[-limit, limit)`.
-    pub(crate) fn uniform(&mut self, limit: f32) -> f32 {
+    pub fn uniform(&mut self, limit: f32) -> f32 {
         // 24 random bits give every representable step of an f32 in [0, 1).
         let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
         (unit * 2.0 - 1.0) * limit
@@ -41,12 +42,14 @@ impl Rng {
 
 /// A tensor dimension in a model's signature.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Dim {
+pub enum Dim {
     Fixed(usize),
     Symbol(&'static str),
 }
 
-pub(crate) struct GraphBuilder {
+/// Builds an ONNX graph node by node; [`GraphBuilder::finish`] makes the model.
+#[derive(Debug)]
+pub struct GraphBuilder {
     rng: Rng,
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
@@ -56,7 +59,7 @@ pub(crate) struct GraphBuilder {
 }
 
 impl GraphBuilder {
-    pub(crate) fn new(seed: u64) -> Self {
+    pub fn new(seed: u64) -> Self {
         GraphBuilder {
             rng: Rng::new(seed),
             nodes: Vec::new(),
@@ -67,17 +70,17 @@ impl GraphBuilder {
         }
     }
 
-    pub(crate) fn input(&mut self, name: &str, elem: DataType, dims: &[Dim]) -> String {
+    pub fn input(&mut self, name: &str, elem: DataType, dims: &[Dim]) -> String {
         self.inputs.push(value_info(name, elem, dims));
         name.to_owned()
     }
 
-    pub(crate) fn output(&mut self, name: &str, elem: DataType, dims: &[Dim]) {
+    pub fn output(&mut self, name: &str, elem: DataType, dims: &[Dim]) {
         self.outputs.push(value_info(name, elem, dims));
     }
 
     /// An f32 initializer drawn uniformly from `[-limit, limit)`.
-    pub(crate) fn random(&mut self, name: &str, dims: &[usize], limit: f32) -> String {
+    pub fn random(&mut self, name: &str, dims: &[usize], limit: f32) -> String {
         let count: usize = dims.iter().product();
         let mut raw = Vec::with_capacity(count * 4);
         for _ in 0..count {
@@ -86,8 +89,24 @@ impl GraphBuilder {
         self.initializer(name, DataType::Float, dims, raw)
     }
 
+    /// An output whose shape is left to shape inference.
+    pub fn output_any(&mut self, name: &str, elem: DataType) {
+        let mut info = value_info(name, elem, &[]);
+        if let Some(TypeValue::TensorType(t)) = info.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            t.shape = None;
+        }
+        self.outputs.push(info);
+    }
+
+    /// An f32 initializer with the given values.
+    pub fn floats(&mut self, name: &str, dims: &[usize], values: &[f32]) -> String {
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, DataType::Float, dims, raw)
+    }
+
     /// An i64 initializer (axes and the like).
-    pub(crate) fn ints(&mut self, name: &str, values: &[i64]) -> String {
+    pub fn ints(&mut self, name: &str, values: &[i64]) -> String {
         let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.initializer(name, DataType::Int64, &[values.len()], raw)
     }
@@ -110,7 +129,7 @@ impl GraphBuilder {
     }
 
     /// Adds a node; returns its (single) output's name, `out` or a fresh one.
-    pub(crate) fn node(
+    pub fn node(
         &mut self,
         op: &str,
         inputs: &[&str],
@@ -135,7 +154,7 @@ impl GraphBuilder {
 
     /// `x · W + b` with Glorot-uniform `W` of shape `[fan_in, fan_out]` (output channels last),
     /// then `activation` if any.
-    pub(crate) fn dense(
+    pub fn dense(
         &mut self,
         x: &str,
         name: &str,
@@ -155,7 +174,7 @@ impl GraphBuilder {
         }
     }
 
-    pub(crate) fn finish(self, name: &str, doc: &str, metadata: &[(&str, String)]) -> ModelProto {
+    pub fn finish(self, name: &str, doc: &str, metadata: &[(&str, String)]) -> ModelProto {
         ModelProto {
             ir_version: 8,
             opset_import: vec![OperatorSetIdProto {
@@ -186,7 +205,7 @@ impl GraphBuilder {
     }
 }
 
-pub(crate) fn int_attr(name: &str, value: i64) -> AttributeProto {
+pub fn int_attr(name: &str, value: i64) -> AttributeProto {
     AttributeProto {
         name: name.to_owned(),
         r#type: AttributeType::Int as i32,
@@ -195,11 +214,31 @@ pub(crate) fn int_attr(name: &str, value: i64) -> AttributeProto {
     }
 }
 
-pub(crate) fn ints_attr(name: &str, values: &[i64]) -> AttributeProto {
+pub fn ints_attr(name: &str, values: &[i64]) -> AttributeProto {
     AttributeProto {
         name: name.to_owned(),
         r#type: AttributeType::Ints as i32,
         ints: values.to_vec(),
+        ..AttributeProto::default()
+    }
+}
+
+/// A float attribute.
+pub fn float_attr(name: &str, value: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.to_owned(),
+        r#type: AttributeType::Float as i32,
+        f: value,
+        ..AttributeProto::default()
+    }
+}
+
+/// A string attribute.
+pub fn string_attr(name: &str, value: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.to_owned(),
+        r#type: AttributeType::String as i32,
+        s: value.as_bytes().to_vec(),
         ..AttributeProto::default()
     }
 }

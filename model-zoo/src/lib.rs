@@ -10,7 +10,7 @@
 //!
 //! The weights are random (Glorot-uniform): the models show shapes, sizes and speed, not taste.
 
-mod graph;
+pub mod graph;
 
 use std::fs;
 use std::io::Write as _;

@@ -52,8 +52,14 @@ pub struct ModelStatus {
     pub previous: Option<u64>,
     /// The version being fetched or loaded, if any.
     pub pending: Option<u64>,
-    /// Which engine runs it (`"tract"`, `"wgpu: <adapter>"`, `"cloud"`).
+    /// Which engine runs it (`"tract"`, `"wgpu"`, `"cloud"`).
     pub engine: Option<String>,
+    /// The GPU adapter running it, with its backend (`"NVIDIA H200 (Vulkan)"`), when on `wgpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// Why a locally run model is not on the GPU (no adapter, an op without a kernel…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_fallback: Option<String>,
     /// Why the model is not as it should be (refused manifest, no space, engine fallback…).
     pub last_error: Option<String>,
 }
@@ -128,17 +134,23 @@ mod tests {
             proptest::option::of(any::<u64>()),
             proptest::option::of("[a-z:]{0,20}"),
             proptest::option::of(".{0,40}"),
+            proptest::option::of(".{0,20}"),
+            proptest::option::of(".{0,40}"),
         )
-            .prop_map(|(model, active, previous, pending, engine, last_error)| {
-                ModelStatus {
-                    model,
-                    active,
-                    previous,
-                    pending,
-                    engine,
-                    last_error,
-                }
-            })
+            .prop_map(
+                |(model, active, previous, pending, engine, last_error, adapter, gpu_fallback)| {
+                    ModelStatus {
+                        model,
+                        active,
+                        previous,
+                        pending,
+                        engine,
+                        adapter,
+                        gpu_fallback,
+                        last_error,
+                    }
+                },
+            )
     }
 
     proptest! {

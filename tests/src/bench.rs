@@ -33,10 +33,21 @@ pub struct BenchOptions {
     pub calls: usize,
     /// Agent counts for push-to-serving.
     pub agents: Vec<u32>,
+    /// Only the GPU-against-tract figures.
+    pub gpu_only: bool,
 }
 
 /// Runs every benchmark; `report` gets the result lines.
 pub async fn run(options: &BenchOptions, mut report: impl FnMut(&str)) -> anyhow::Result<()> {
+    let calls = options.calls;
+    let gpu =
+        || async move { tokio::task::spawn_blocking(move || gpu_against_tract(calls)).await? };
+    if options.gpu_only {
+        for line in gpu().await? {
+            report(&line);
+        }
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let mut config = CoordinatorConfig::default();
     config.storage.data_dir = dir.path().join("coordinator");
@@ -89,6 +100,10 @@ pub async fn run(options: &BenchOptions, mut report: impl FnMut(&str)) -> anyhow
         agent.shutdown().await;
     }
     coordinator.shutdown().await;
+    // Last, so the GPU's driver threads and memory do not colour the figures above.
+    for line in gpu().await? {
+        report(&line);
+    }
     Ok(())
 }
 
@@ -216,6 +231,82 @@ async fn latency(
         }
     }
     Ok(())
+}
+
+/// The GPU engine against tract on video-ranker int8, 1, 64 and 1024 candidates, interleaved
+/// call by call. Any adapter is used (a software one only shows the GPU path's overhead).
+fn gpu_against_tract(calls: usize) -> anyhow::Result<Vec<String>> {
+    use outpost_gpu::{GpuContext, GpuModel, GpuOptions};
+    let mut lines = Vec::new();
+    let bytes =
+        outpost_runtime::quantize::quantize_int8(&DemoModel::VideoRanker.bytes(DEFAULT_SEED))?
+            .bytes;
+    let cpu = outpost_runtime::tract::TractModel::load(&bytes).map_err(anyhow::Error::msg)?;
+    let mut engines: Vec<(String, Box<dyn outpost_runtime::Engine>)> = Vec::new();
+    for dot4 in [false, true] {
+        let options = GpuOptions {
+            allow_software: true,
+            dot4,
+            weight_block_bytes: None,
+        };
+        match GpuContext::new(options) {
+            Ok(ctx) if dot4 && !ctx.adapter().dot4 => {}
+            Ok(ctx) => {
+                let a = ctx.adapter().clone();
+                let gpu = GpuModel::load(&bytes, ctx)?;
+                if !dot4 {
+                    lines.push(format!(
+                        "GPU adapter: {} ({}, {}); weights on the GPU: {} bytes",
+                        a.name,
+                        a.backend,
+                        a.device_type,
+                        gpu.weight_bytes()
+                    ));
+                }
+                let label = if dot4 {
+                    "wgpu, int8 x int8 (dot4)"
+                } else {
+                    "wgpu, int8 unpacked"
+                };
+                engines.push((label.to_owned(), Box::new(gpu)));
+            }
+            Err(e) => {
+                lines.push(format!("GPU: none usable ({e})"));
+                return Ok(lines);
+            }
+        }
+    }
+    engines.push(("tract (CPU, 1 thread)".to_owned(), Box::new(cpu)));
+    lines.push(format!(
+        "GPU vs tract, video-ranker int8, {calls} calls each (p50 / p99):"
+    ));
+    for batch in [1u64, 64, 1024] {
+        let inputs = ranker_inputs(batch)?;
+        // Warm up every engine (shapes prepared, tract's shape plan optimised).
+        for (_, e) in &engines {
+            for _ in 0..20 {
+                e.run(&inputs).map_err(anyhow::Error::msg)?;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(calls); engines.len()];
+        for _ in 0..calls {
+            for (i, (_, e)) in engines.iter().enumerate() {
+                let t = Instant::now();
+                e.run(&inputs).map_err(anyhow::Error::msg)?;
+                samples[i].push(t.elapsed());
+            }
+        }
+        for ((label, _), s) in engines.iter().zip(&mut samples) {
+            let (p50, p99) = percentiles(s);
+            lines.push(format!(
+                "  {batch:>4} candidates  {label:<28} {:>8.3} ms / {:>8.3} ms",
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3
+            ));
+        }
+    }
+    Ok(lines)
 }
 
 fn ranker_inputs(batch: u64) -> anyhow::Result<Vec<Tensor>> {

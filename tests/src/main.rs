@@ -41,6 +41,9 @@ enum Command {
         /// Agent counts for push-to-serving.
         #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
         agents: Vec<u32>,
+        /// Only the GPU engine against tract (video-ranker, 1, 64 and 1024 candidates).
+        #[arg(long)]
+        gpu_only: bool,
     },
 }
 
@@ -49,10 +52,15 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let (agents, port, data) = match cli.command {
         Command::Up { agents, port, data } => (agents, port, data),
-        Command::Bench { calls, agents } => {
+        Command::Bench {
+            calls,
+            agents,
+            gpu_only,
+        } => {
             return run_bench(BenchOptions {
                 calls: calls.max(1),
                 agents,
+                gpu_only,
             });
         }
         Command::Sim => {

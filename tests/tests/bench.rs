@@ -11,6 +11,7 @@ async fn bench_reports_every_figure() {
         &BenchOptions {
             calls: 5,
             agents: vec![1, 3],
+            gpu_only: false,
         },
         |l| lines.push(l.to_owned()),
     )
@@ -25,6 +26,11 @@ async fn bench_reports_every_figure() {
         "256 candidates  API, binary tensors",
         "push to serving,   1 agents",
         "push to serving,   3 agents",
+        "GPU adapter: ",
+        "GPU vs tract, video-ranker int8",
+        "   1 candidates  wgpu, int8 unpacked",
+        "1024 candidates  wgpu, int8 unpacked",
+        "1024 candidates  tract (CPU, 1 thread)",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
