@@ -53,8 +53,8 @@ pub struct GpuContext {
     pub(crate) limits: wgpu::Limits,
     pub(crate) weight_block_bytes: u64,
     pipelines: HashMap<Kernel, wgpu::ComputePipeline>,
-    /// Errors wgpu reported outside a scope (validation, out of memory, device lost).
-    errors: Arc<Mutex<Vec<String>>>,
+    /// Why the device was lost, once it is: every later call fails with it.
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -84,35 +84,41 @@ impl GpuContext {
     /// Opens the best adapter present (discrete, integrated, virtual; native APIs before GL),
     /// or says why none will do. `WGPU_BACKEND` narrows the backends.
     pub fn new(options: GpuOptions) -> Result<Arc<Self>, String> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        // Native APIs first; GL (whose EGL probe is slow and noisy without a display) only if
+        // they offer nothing usable. WGPU_BACKEND, when set, decides alone.
+        let from_env = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        let tiers = if std::env::var_os("WGPU_BACKEND").is_some() {
+            vec![from_env.backends]
+        } else {
+            vec![wgpu::Backends::PRIMARY, wgpu::Backends::SECONDARY]
+        };
         let mut seen = Vec::new();
-        let mut usable = Vec::new();
-        for adapter in adapters {
-            let info = adapter.get_info();
-            let label = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
-            let compute = adapter
-                .get_downlevel_capabilities()
-                .flags
-                .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS);
-            let limits = adapter.limits();
-            if !compute {
-                seen.push(format!("{label}: no compute shaders"));
-            } else if limits.max_storage_buffers_per_shader_stage < STORAGE_BINDINGS {
-                seen.push(format!(
-                    "{label}: binds {} storage buffers, the kernels need {STORAGE_BINDINGS}",
-                    limits.max_storage_buffers_per_shader_stage
-                ));
-            } else if info.device_type == wgpu::DeviceType::Cpu && !options.allow_software {
-                seen.push(format!("{label}: emulated on the CPU (tract is faster)"));
-            } else {
-                seen.push(label);
-                usable.push(adapter);
+        let mut chosen = None;
+        for backends in tiers {
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+            desc.backends = backends;
+            let instance = wgpu::Instance::new(desc);
+            let mut usable = Vec::new();
+            for adapter in pollster::block_on(instance.enumerate_adapters(backends)) {
+                match unusable(&adapter, options) {
+                    Some(why) => seen.push(why),
+                    None => {
+                        let info = adapter.get_info();
+                        seen.push(format!(
+                            "{} ({:?}, {:?})",
+                            info.name, info.backend, info.device_type
+                        ));
+                        usable.push(adapter);
+                    }
+                }
+            }
+            usable.sort_by_key(|a| rank(&a.get_info()));
+            if let Some(adapter) = usable.into_iter().next() {
+                chosen = Some((instance, adapter));
+                break;
             }
         }
-        usable.sort_by_key(|a| rank(&a.get_info()));
-        let Some(adapter) = usable.into_iter().next() else {
+        let Some((instance, adapter)) = chosen else {
             return Err(if seen.is_empty() {
                 "no GPU adapter found (no Vulkan, Metal, DX12 or GL driver)".to_owned()
             } else {
@@ -131,19 +137,17 @@ impl GpuContext {
         }))
         .map_err(|e| format!("{}: cannot open the device: {e}", info.name))?;
 
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&errors);
+        // Calls catch their own errors in scopes; anything else is logged, never a panic (wgpu's
+        // default handler panics).
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            tracing::warn!(error = %e, "GPU error");
-            if let Ok(mut errors) = sink.lock() {
-                errors.push(e.to_string());
-            }
+            tracing::warn!(error = %e, "GPU error outside a call");
         }));
-        let sink = Arc::clone(&errors);
+        let lost = Arc::new(Mutex::new(None));
+        let sink = Arc::clone(&lost);
         device.set_device_lost_callback(move |reason, message| {
             tracing::warn!(?reason, message, "GPU device lost");
-            if let Ok(mut errors) = sink.lock() {
-                errors.push(format!("the GPU device was lost ({reason:?}): {message}"));
+            if let Ok(mut lost) = sink.lock() {
+                *lost = Some(format!("the GPU device was lost ({reason:?}): {message}"));
             }
         });
 
@@ -193,7 +197,7 @@ impl GpuContext {
             limits,
             weight_block_bytes,
             pipelines,
-            errors,
+            lost,
         }))
     }
 
@@ -215,12 +219,32 @@ impl GpuContext {
             .min(self.limits.max_buffer_size)
     }
 
-    /// Takes the errors wgpu reported since the last call.
-    pub(crate) fn take_errors(&self) -> Vec<String> {
-        self.errors
-            .lock()
-            .map(|mut e| std::mem::take(&mut *e))
-            .unwrap_or_default()
+    /// Why the device was lost, if it was.
+    pub(crate) fn lost(&self) -> Option<String> {
+        self.lost.lock().ok().and_then(|l| l.clone())
+    }
+}
+
+/// Why `adapter` will not do, if it will not.
+fn unusable(adapter: &wgpu::Adapter, options: GpuOptions) -> Option<String> {
+    let info = adapter.get_info();
+    let label = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
+    let limits = adapter.limits();
+    if !adapter
+        .get_downlevel_capabilities()
+        .flags
+        .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+    {
+        Some(format!("{label}: no compute shaders"))
+    } else if limits.max_storage_buffers_per_shader_stage < STORAGE_BINDINGS {
+        Some(format!(
+            "{label}: binds {} storage buffers, the kernels need {STORAGE_BINDINGS}",
+            limits.max_storage_buffers_per_shader_stage
+        ))
+    } else if info.device_type == wgpu::DeviceType::Cpu && !options.allow_software {
+        Some(format!("{label}: emulated on the CPU (tract is faster)"))
+    } else {
+        None
     }
 }
 

@@ -100,6 +100,8 @@ pub(crate) enum WeightData {
 pub(crate) struct Table {
     pub dims: Vec<usize>,
     pub data: TableData,
+    /// The axis gathered along.
+    pub axis: usize,
 }
 
 #[derive(Debug)]
@@ -775,6 +777,9 @@ impl Importer {
             "Concat" => {
                 let axis = attr_int(node, "axis")
                     .ok_or_else(|| node_unsupported(node, "no axis attribute".into()))?;
+                if node.input.is_empty() {
+                    return Err(node_unsupported(node, "no inputs".into()));
+                }
                 let xs = (0..node.input.len())
                     .map(|i| self.f32_input(node, i))
                     .collect::<Result<Vec<_>, _>>()?;
@@ -1116,6 +1121,9 @@ impl Importer {
                 ));
             };
             self.graph.id_bounds[root].push(dims[a as usize]);
+            if let GatherSource::Table(t) = data {
+                self.graph.tables[t].axis = a as usize;
+            }
         } else {
             return Err(node_unsupported(
                 node,
@@ -1131,7 +1139,11 @@ impl Importer {
     }
 
     fn add_table(&mut self, dims: Vec<usize>, data: TableData) -> usize {
-        self.graph.tables.push(Table { dims, data });
+        self.graph.tables.push(Table {
+            dims,
+            data,
+            axis: 0,
+        });
         self.graph.tables.len() - 1
     }
 
@@ -1288,8 +1300,8 @@ fn fuse(g: &mut Graph) {
                     Origin::Const(c) => {
                         let c = &g.consts[c];
                         let n = g.weights[weight].n;
-                        (c.data.len() == n && c.dims.iter().rev().skip(1).all(|&d| d == 1))
-                            .then(|| c.data.clone())
+                        // A bias of rank 1: one of higher rank could add dimensions.
+                        (c.data.len() == n && c.dims.len() <= 1).then(|| c.data.clone())
                     }
                     _ => None,
                 };

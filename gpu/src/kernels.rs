@@ -78,9 +78,12 @@ impl Kernel {
             Kernel::QuantizeRows => QUANTIZE_ROWS,
             Kernel::MatMulDot4 => MATMUL_DOT4,
         };
+        let four = |name: &str, source: &str| FOUR.replace("NAME", name).replace("SRC", source);
         let body = body
             .replace("GATHER_HEAD", GATHER_HEAD)
-            .replace("MATMUL_TAIL", MATMUL_TAIL);
+            .replace("MATMUL_TAIL", MATMUL_TAIL)
+            .replace("FOUR_A", &four("four_a", "a"))
+            .replace("FOUR_W", &four("four_w", "w"));
         format!("{COMMON}\n{body}")
     }
 }
@@ -351,11 +354,59 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
 /// Shared by the matrix products: p: [M, K, block_n, n0, N, act, has_bias, K4]; output
 /// y[m, n0 + n] for n in the block; the weight block is laid out one output channel per row.
+/// Each thread computes a 4 × 4 tile (4 rows of A, 4 output channels), so every weight word and
+/// every activation read serves four products; rows and channels past the end are clamped for
+/// reading and skipped for writing. The tile is unrolled by hand: dynamically indexed local
+/// arrays spill to memory on some drivers (lavapipe among them).
 const MATMUL_TAIL: &str = r"
 fn finish(m: u32, n: u32, acc: f32) {
     var v = acc;
     if (p[6] != 0u) { v += bias[p[3] + n]; }
     y[m * p[4] + p[3] + n] = apply(p[5], v);
+}
+
+// Writes row m of a tile: channels n..n+4 of the block, those that exist.
+fn store_row(m: u32, n: u32, v: vec4<f32>) {
+    if (m >= p[0]) { return; }
+    let bn = p[2];
+    finish(m, n, v.x);
+    if (n + 1u < bn) { finish(m, n + 1u, v.y); }
+    if (n + 2u < bn) { finish(m, n + 2u, v.z); }
+    if (n + 3u < bn) { finish(m, n + 3u, v.w); }
+}
+
+// The tile of thread i, or (rows, 0) past the last tile.
+fn tile(i: u32) -> vec2<u32> {
+    let tiles_n = (p[2] + 3u) / 4u;
+    if (i >= ((p[0] + 3u) / 4u) * tiles_n) { return vec2<u32>(p[0], 0u); }
+    return vec2<u32>((i / tiles_n) * 4u, (i % tiles_n) * 4u);
+}
+
+// Row r of the tile, clamped to the last row.
+fn row(t: vec2<u32>, r: u32) -> u32 {
+    return min(t.x + r, p[0] - 1u);
+}
+
+// Channel c of the tile, clamped to the block's last channel.
+fn channel(t: vec2<u32>, c: u32) -> u32 {
+    return min(t.y + c, p[2] - 1u);
+}
+";
+
+/// Four f32 of row `r` of a row-major [rows, K] array from column 4j, zero past K.
+const FOUR: &str = r"
+fn NAME(r: u32, j: u32) -> vec4<f32> {
+    let k_len = p[1];
+    let k = j * 4u;
+    let base = r * k_len + k;
+    if (k + 4u <= k_len) {
+        return vec4<f32>(SRC[base], SRC[base + 1u], SRC[base + 2u], SRC[base + 3u]);
+    }
+    var v = vec4<f32>(0.0);
+    if (k < k_len) { v.x = SRC[base]; }
+    if (k + 1u < k_len) { v.y = SRC[base + 1u]; }
+    if (k + 2u < k_len) { v.z = SRC[base + 2u]; }
+    return v;
 }
 ";
 
@@ -366,18 +417,29 @@ const MATMUL_F32: &str = r"
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 MATMUL_TAIL
+FOUR_A
+FOUR_W
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let i = linear_index(wid, nwg, lid);
-    let bn = p[2];
-    if (i >= p[0] * bn) { return; }
-    let m = i / bn;
-    let n = i % bn;
-    let k_len = p[1];
-    var acc = 0.0;
-    for (var k = 0u; k < k_len; k++) { acc += a[m * k_len + k] * w[n * k_len + k]; }
-    finish(m, n, acc);
+    let t = tile(linear_index(wid, nwg, lid));
+    if (t.x >= p[0]) { return; }
+    let r0 = row(t, 0u); let r1 = row(t, 1u); let r2 = row(t, 2u); let r3 = row(t, 3u);
+    let c0 = channel(t, 0u); let c1 = channel(t, 1u); let c2 = channel(t, 2u); let c3 = channel(t, 3u);
+    var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0);
+    for (var j = 0u; j < p[7]; j++) {
+        let w0 = four_w(c0, j); let w1 = four_w(c1, j); let w2 = four_w(c2, j); let w3 = four_w(c3, j);
+        let a0 = four_a(r0, j); let a1 = four_a(r1, j); let a2 = four_a(r2, j); let a3 = four_a(r3, j);
+        acc0 += vec4<f32>(dot(a0, w0), dot(a0, w1), dot(a0, w2), dot(a0, w3));
+        acc1 += vec4<f32>(dot(a1, w0), dot(a1, w1), dot(a1, w2), dot(a1, w3));
+        acc2 += vec4<f32>(dot(a2, w0), dot(a2, w1), dot(a2, w2), dot(a2, w3));
+        acc3 += vec4<f32>(dot(a3, w0), dot(a3, w1), dot(a3, w2), dot(a3, w3));
+    }
+    store_row(t.x, t.y, acc0);
+    store_row(t.x + 1u, t.y, acc1);
+    store_row(t.x + 2u, t.y, acc2);
+    store_row(t.x + 3u, t.y, acc3);
 }
 ";
 
@@ -389,29 +451,32 @@ const MATMUL_Q8: &str = r"
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<storage, read> scale: array<f32>;
 MATMUL_TAIL
+FOUR_A
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let i = linear_index(wid, nwg, lid);
-    let bn = p[2];
-    if (i >= p[0] * bn) { return; }
-    let m = i / bn;
-    let n = i % bn;
-    let k_len = p[1];
+    let t = tile(linear_index(wid, nwg, lid));
+    if (t.x >= p[0]) { return; }
     let k4 = p[7];
-    let row = m * k_len;
-    var acc = 0.0;
-    let whole = k_len / 4u;
-    for (var j = 0u; j < whole; j++) {
-        let k = row + j * 4u;
-        let av = vec4<f32>(a[k], a[k + 1u], a[k + 2u], a[k + 3u]);
-        acc += dot(av, (unpack_i8(w[n * k4 + j])));
+    let r0 = row(t, 0u); let r1 = row(t, 1u); let r2 = row(t, 2u); let r3 = row(t, 3u);
+    let c0 = channel(t, 0u); let c1 = channel(t, 1u); let c2 = channel(t, 2u); let c3 = channel(t, 3u);
+    var acc0 = vec4<f32>(0.0); var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0); var acc3 = vec4<f32>(0.0);
+    for (var j = 0u; j < k4; j++) {
+        let w0 = unpack_i8(w[c0 * k4 + j]); let w1 = unpack_i8(w[c1 * k4 + j]);
+        let w2 = unpack_i8(w[c2 * k4 + j]); let w3 = unpack_i8(w[c3 * k4 + j]);
+        let a0 = four_a(r0, j); let a1 = four_a(r1, j); let a2 = four_a(r2, j); let a3 = four_a(r3, j);
+        acc0 += vec4<f32>(dot(a0, w0), dot(a0, w1), dot(a0, w2), dot(a0, w3));
+        acc1 += vec4<f32>(dot(a1, w0), dot(a1, w1), dot(a1, w2), dot(a1, w3));
+        acc2 += vec4<f32>(dot(a2, w0), dot(a2, w1), dot(a2, w2), dot(a2, w3));
+        acc3 += vec4<f32>(dot(a3, w0), dot(a3, w1), dot(a3, w2), dot(a3, w3));
     }
-    if (whole < k4) {
-        var wv = (unpack_i8(w[n * k4 + whole]));
-        for (var c = 0u; c < k_len % 4u; c++) { acc += a[row + whole * 4u + c] * wv[c]; }
-    }
-    finish(m, n, acc * scale[p[3] + n]);
+    let n0 = p[3];
+    let s = vec4<f32>(scale[n0 + c0], scale[n0 + c1], scale[n0 + c2], scale[n0 + c3]);
+    store_row(t.x, t.y, acc0 * s);
+    store_row(t.x + 1u, t.y, acc1 * s);
+    store_row(t.x + 2u, t.y, acc2 * s);
+    store_row(t.x + 3u, t.y, acc3 * s);
 }
 ";
 
@@ -446,7 +511,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 }
 ";
 
-/// int8 × int8 with `dot4I8Packed`: activations quantised per row by [`QUANTIZE_ROWS`].
+/// int8 × int8 with `dot4I8Packed`: activations quantised per row by [`QUANTIZE_ROWS`]
+/// (qa[m * K4 + j], one scale per row in qs).
 const MATMUL_DOT4: &str = r"
 @group(0) @binding(1) var<storage, read> qa: array<u32>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
@@ -455,17 +521,34 @@ const MATMUL_DOT4: &str = r"
 @group(0) @binding(5) var<storage, read> scale: array<f32>;
 @group(0) @binding(6) var<storage, read> qs: array<f32>;
 MATMUL_TAIL
+fn dots(x: u32, w0: u32, w1: u32, w2: u32, w3: u32) -> vec4<i32> {
+    return vec4<i32>(dot4I8Packed(x, w0), dot4I8Packed(x, w1), dot4I8Packed(x, w2),
+                     dot4I8Packed(x, w3));
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let i = linear_index(wid, nwg, lid);
-    let bn = p[2];
-    if (i >= p[0] * bn) { return; }
-    let m = i / bn;
-    let n = i % bn;
+    let t = tile(linear_index(wid, nwg, lid));
+    if (t.x >= p[0]) { return; }
     let k4 = p[7];
-    var acc = 0;
-    for (var j = 0u; j < k4; j++) { acc += dot4I8Packed(qa[m * k4 + j], w[n * k4 + j]); }
-    finish(m, n, f32(acc) * qs[m] * scale[p[3] + n]);
+    let r0 = row(t, 0u); let r1 = row(t, 1u); let r2 = row(t, 2u); let r3 = row(t, 3u);
+    let c0 = channel(t, 0u); let c1 = channel(t, 1u); let c2 = channel(t, 2u); let c3 = channel(t, 3u);
+    var acc0 = vec4<i32>(0); var acc1 = vec4<i32>(0);
+    var acc2 = vec4<i32>(0); var acc3 = vec4<i32>(0);
+    for (var j = 0u; j < k4; j++) {
+        let w0 = w[c0 * k4 + j]; let w1 = w[c1 * k4 + j];
+        let w2 = w[c2 * k4 + j]; let w3 = w[c3 * k4 + j];
+        acc0 += dots(qa[r0 * k4 + j], w0, w1, w2, w3);
+        acc1 += dots(qa[r1 * k4 + j], w0, w1, w2, w3);
+        acc2 += dots(qa[r2 * k4 + j], w0, w1, w2, w3);
+        acc3 += dots(qa[r3 * k4 + j], w0, w1, w2, w3);
+    }
+    let n0 = p[3];
+    let s = vec4<f32>(scale[n0 + c0], scale[n0 + c1], scale[n0 + c2], scale[n0 + c3]);
+    store_row(t.x, t.y, vec4<f32>(acc0) * s * qs[r0]);
+    store_row(t.x + 1u, t.y, vec4<f32>(acc1) * s * qs[r1]);
+    store_row(t.x + 2u, t.y, vec4<f32>(acc2) * s * qs[r2]);
+    store_row(t.x + 3u, t.y, vec4<f32>(acc3) * s * qs[r3]);
 }
 ";

@@ -125,8 +125,10 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// The element count, saturating (any count that large is refused against the binding limit
+/// before it is used).
 fn product(dims: &[usize]) -> usize {
-    dims.iter().product()
+    dims.iter().fold(1usize, |n, &d| n.saturating_mul(d))
 }
 
 fn u32_of(n: usize, what: &str) -> Result<u32, String> {
@@ -235,7 +237,8 @@ impl GpuModel {
             } else {
                 // Split along axis 0; a block starts on a word boundary, so keep rows × inner
                 // a multiple of 4 elements for int8 (each block is packed from its own start).
-                if row_bytes > block_bytes {
+                // Blocks are ranges of the gathered axis: only axis 0 keeps them contiguous.
+                if row_bytes > block_bytes || t.axis != 0 {
                     return Err(too_big(&format!("table {i}"), total));
                 }
                 let per_block = (block_bytes / row_bytes.max(1)).max(1);
@@ -362,6 +365,15 @@ impl GpuModel {
             let shape = self.infer(step, &shapes).map_err(RunError::Input)?;
             shapes[step.out()] = shape;
         }
+        let max_binding = self.ctx.max_binding();
+        for shape in &shapes {
+            let bytes = product(shape).saturating_mul(4);
+            if bytes as u64 > max_binding {
+                return Err(RunError::Input(format!(
+                    "these inputs need a {shape:?} tensor ({bytes} bytes); the GPU binds at most {max_binding} bytes (send fewer rows per call)"
+                )));
+            }
+        }
 
         // Where every value lives: views share their input's buffer.
         let mut loc: Vec<Option<Loc>> = vec![None; g.values.len()];
@@ -456,13 +468,10 @@ impl GpuModel {
                 }
             }
         }
-        let max_binding = self.ctx.max_binding();
-        for (s, &bytes) in slot_bytes.iter().enumerate() {
-            if bytes as u64 > max_binding {
-                return Err(RunError::Input(format!(
-                    "these inputs need a {bytes}-byte intermediate tensor; the GPU binds at most {max_binding} bytes (send fewer rows per call) [slot {s}]"
-                )));
-            }
+        if let Some(bytes) = slot_bytes.iter().find(|&&b| b as u64 > max_binding) {
+            return Err(RunError::Input(format!(
+                "these inputs need a {bytes}-byte scratch buffer; the GPU binds at most {max_binding} bytes (send fewer rows per call)"
+            )));
         }
 
         // Dispatches.
@@ -482,7 +491,8 @@ impl GpuModel {
 
         // Buffers and bind groups.
         let device = &self.ctx.device;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let invalid = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let buffers: Vec<wgpu::Buffer> = physical
             .iter()
             .map(|&bytes| {
@@ -568,7 +578,12 @@ impl GpuModel {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = pollster::block_on(invalid.pop()) {
+            return Err(RunError::Model(format!(
+                "preparing these shapes on the GPU: {e}"
+            )));
+        }
+        if let Some(e) = pollster::block_on(out_of_memory.pop()) {
             return Err(RunError::Model(format!("GPU memory for these shapes: {e}")));
         }
         Ok(Plan {
@@ -681,7 +696,7 @@ impl GpuModel {
                             "Concat on axis {a}: shapes {first:?} and {s:?} do not fit"
                         ));
                     }
-                    out[a] += s[a];
+                    out[a] = out[a].saturating_add(s[a]);
                 }
                 out
             }
@@ -992,9 +1007,14 @@ impl GpuModel {
     }
 
     fn execute(&self, plan: &Plan, data: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, RunError> {
+        if let Some(lost) = self.ctx.lost() {
+            return Err(RunError::Model(lost));
+        }
         let device = &self.ctx.device;
         let queue = &self.ctx.queue;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        // Scopes catch this call's errors only (they are per thread), not another model's.
+        let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let invalid = device.push_error_scope(wgpu::ErrorFilter::Validation);
         for (buffer, bytes) in plan.inputs.iter().zip(data) {
             if let Some(b) = buffer {
                 queue.write_buffer(&plan.buffers[*b], 0, bytes);
@@ -1031,40 +1051,52 @@ impl GpuModel {
         plan.readback.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| RunError::Model(format!("waiting for the GPU: {e}")))?;
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(RunError::Model(format!("the GPU refused the work: {e}")));
-        }
-        let errors = self.ctx.take_errors();
-        if !errors.is_empty() {
-            return Err(RunError::Model(errors.join("; ")));
-        }
-        match rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(RunError::Model(format!("reading the outputs back: {e}"))),
-            Err(_) => {
-                return Err(RunError::Model(
-                    "the GPU never answered the read-back".into(),
-                ));
+        let outcome = 'read: {
+            if let Err(e) = device.poll(wgpu::PollType::wait_indefinitely()) {
+                break 'read Err(RunError::Model(format!("waiting for the GPU: {e}")));
             }
-        }
-        let outputs = {
-            let view = plan
-                .readback
-                .get_mapped_range(..)
-                .map_err(|e| RunError::Model(format!("reading the outputs back: {e}")))?;
-            plan.outputs
+            if let Some(e) = pollster::block_on(invalid.pop()) {
+                break 'read Err(RunError::Model(format!("the GPU refused the work: {e}")));
+            }
+            if let Some(e) = pollster::block_on(out_of_memory.pop()) {
+                break 'read Err(RunError::Model(format!("the GPU ran out of memory: {e}")));
+            }
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    break 'read Err(RunError::Model(format!("reading the outputs back: {e}")));
+                }
+                Err(_) => {
+                    break 'read Err(RunError::Model(
+                        "the GPU never answered the read-back".into(),
+                    ));
+                }
+            }
+            let view = match plan.readback.get_mapped_range(..) {
+                Ok(view) => view,
+                Err(e) => {
+                    break 'read Err(RunError::Model(format!("reading the outputs back: {e}")));
+                }
+            };
+            Ok(plan
+                .outputs
                 .iter()
                 .map(|(_, shape, offset)| {
                     let start = *offset as usize;
                     view[start..start + product(shape) * 4].to_vec()
                 })
-                .collect()
+                .collect())
         };
+        // Always: a read-back left mapped would fail every later call of this shape.
         plan.readback.unmap();
-        Ok(outputs)
+        outcome
+    }
+
+    /// Drops the prepared plan of `shapes` (after a failure, so the next call starts afresh).
+    fn forget(&self, shapes: &[Vec<usize>]) {
+        if let Ok(mut prepared) = self.prepared.lock() {
+            prepared.shapes.retain(|(s, _, _)| s != shapes);
+        }
     }
 }
 
@@ -1108,7 +1140,14 @@ impl Engine for GpuModel {
                 .prepared
                 .lock()
                 .map_err(|_| RunError::Model("an earlier call failed while running".into()))?;
-            self.execute(&plan, &data)?
+            self.execute(&plan, &data)
+        };
+        let outputs = match outputs {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                self.forget(&shapes);
+                return Err(e);
+            }
         };
         outputs
             .into_iter()

@@ -203,6 +203,17 @@ fn op_cases() -> Vec<Case> {
             UNPACKED,
         ),
         case(
+            // A bias of rank 3 broadcasts the product up a dimension: not fused, same shape.
+            "MatMul + rank-3 bias",
+            single(&[5], |g, x| {
+                let w = g.random("w", &[5, 3], 1.0);
+                let xw = g.node("MatMul", &[x, &w], None, vec![]);
+                let b = g.random("b", &[1, 1, 3], 1.0);
+                g.node("Add", &[&xw, &b], None, vec![])
+            }),
+            UNPACKED,
+        ),
+        case(
             "Gemm int8 transB alpha beta",
             int8(&single(&[33], |g, x| {
                 let b = g.random("b", &[40, 33], 0.3);
@@ -304,7 +315,7 @@ fn op_cases() -> Vec<Case> {
             UNPACKED,
         ),
         case(
-            "Reshape/Unsqueeze/Squeeze/Flatten",
+            "Reshape/Unsqueeze/Squeeze/Flatten/Dropout/Cast",
             single(&[12], |g, x| {
                 let shape = g.ints("shape", &[0, 3, 4]);
                 let r = g.node("Reshape", &[x, &shape], None, vec![]);
@@ -312,20 +323,42 @@ fn op_cases() -> Vec<Case> {
                 let u = g.node("Unsqueeze", &[&r, &one], None, vec![]);
                 let s = g.node("Squeeze", &[&u, &one], None, vec![]);
                 let f = g.node("Flatten", &[&s], None, vec![int_attr("axis", 1)]);
-                g.node("Relu", &[&f], None, vec![])
+                let d = g.node("Dropout", &[&f], None, vec![]);
+                let c = g.node("Cast", &[&d], None, vec![int_attr("to", 1)]);
+                g.node("Relu", &[&c], None, vec![])
             }),
             UNPACKED,
         ),
     ];
-    for op in ["Relu", "Sigmoid", "Tanh", "Erf"] {
+    // Element-wise functions over [-4, 4).
+    // (case, [(op, Gelu's approximate)], tolerance)
+    type Chain = &'static [(&'static str, Option<&'static str>)];
+    let functions: [(&'static str, Chain, f32); 9] = [
+        ("Relu", &[("Relu", None)], UNPACKED),
+        ("Sigmoid", &[("Sigmoid", None)], UNPACKED),
+        ("Tanh", &[("Tanh", None)], UNPACKED),
+        ("Erf", &[("Erf", None)], ERF),
+        ("Gelu", &[("Gelu", None)], ERF),
+        ("Gelu approximate=tanh", &[("Gelu", Some("tanh"))], UNPACKED),
+        ("Neg", &[("Neg", None)], UNPACKED),
+        ("Exp", &[("Exp", None)], UNPACKED),
+        ("Abs then Sqrt", &[("Abs", None), ("Sqrt", None)], UNPACKED),
+    ];
+    for (name, ops, tolerance) in functions {
         cases.push(case(
-            op,
+            name,
             single(&[13], |g, x| {
                 let four = g.floats("four", &[], &[4.0]);
-                let wide = g.node("Mul", &[x, &four], None, vec![]);
-                g.node(op, &[&wide], None, vec![])
+                let mut v = g.node("Mul", &[x, &four], None, vec![]);
+                for (op, approximate) in ops {
+                    let attrs = approximate
+                        .map(|a| vec![string_attr("approximate", a)])
+                        .unwrap_or_default();
+                    v = g.node(op, &[&v], None, attrs);
+                }
+                v
             }),
-            if op == "Erf" { ERF } else { UNPACKED },
+            tolerance,
         ));
     }
     // Embedding lookups: an f32 table (under the int8 size threshold) and an int8 one.
@@ -373,7 +406,18 @@ fn packed_dot_products_stay_within_the_stated_tolerance() {
         ctx.adapter()
     );
     check(&zoo_cases(), &ctx, |_| DOT4);
+    // Odd K (37, 33: a partial last word) and single rows through the packed path.
+    check(&op_cases(), &ctx, |c| {
+        if c.name.starts_with("MatMul int8") || c.name.starts_with("Gemm int8") {
+            DOT4_RAW
+        } else {
+            c.tolerance
+        }
+    });
 }
+
+/// The same on raw matrix products (outputs of magnitude up to ~5).
+const DOT4_RAW: f32 = 2e-2;
 
 /// The int8-activation path's tolerance on the demo models (probabilities and scores in [0, 1]).
 const DOT4: f32 = 5e-2;
@@ -456,6 +500,36 @@ fn an_op_without_a_kernel_is_named() {
     }
     let garbage = GpuModel::load(b"not a model", context(false, None)).unwrap_err();
     assert!(matches!(garbage, ImportError::Invalid(_)), "{garbage:?}");
+    let empty = single(&[4], |g, _| {
+        g.node("Concat", &[], None, vec![int_attr("axis", 0)])
+    });
+    match GpuModel::load(&empty, context(false, None)) {
+        Err(ImportError::Unsupported { op, reason, .. }) => {
+            assert_eq!(op, "Concat");
+            assert!(reason.contains("no inputs"), "{reason}");
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    // A table too large for one binding splits along axis 0 only: gathered on axis 1, it stays
+    // on tract.
+    let mut g = GraphBuilder::new(5);
+    let ids = g.input("ids", Onnx::Int64, &[batch()]);
+    let table = g.random("table", &[256, 4], 1.0);
+    g.node(
+        "Gather",
+        &[&table, &ids],
+        Some("y"),
+        vec![int_attr("axis", 1)],
+    );
+    g.output_any("y", Onnx::Float);
+    let bytes = g.finish("gather1", "", &[]).encode_to_vec();
+    assert!(GpuModel::load(&bytes, context(false, None)).is_ok());
+    match GpuModel::load(&bytes, context(false, Some(1024))) {
+        Err(ImportError::Unsupported { reason, .. }) => {
+            assert!(reason.contains("cannot be split"), "{reason}")
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
 }
 
 #[test]
