@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use firmware_config::{
-    AgentConfig, BatteryPolicy, ConfigKind, CoordinatorConfig, DeviceClass, FleetPlan,
-    GpuPreference, HostPort,
+    AgentConfig, BatteryPolicy, ConfigKind, CoordinatorConfig, DeviceClass, EngineChoice,
+    FleetPlan, GpuPreference, HostPort,
 };
 
 const KEY: &str = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
@@ -35,6 +35,27 @@ fn a_minimal_agent_config_gets_the_defaults() {
     assert_eq!(config.data_dir(), Path::new("outpost-data/agent-dev-1"));
     assert_eq!(config.profile(), DeviceClass::Phone.profile());
     assert!(config.sync.models.is_empty());
+    assert_eq!(config.engine, EngineChoice::Auto);
+}
+
+#[test]
+fn the_engine_is_chosen_at_the_top_of_the_file() {
+    for (value, choice) in [
+        ("auto", EngineChoice::Auto),
+        ("gpu", EngineChoice::Gpu),
+        ("cpu", EngineChoice::Cpu),
+    ] {
+        let text = format!("engine = \"{value}\"\n{}", agent_toml(""));
+        let config = AgentConfig::from_toml(Path::new("agent.toml"), &text).unwrap();
+        assert_eq!(config.engine, choice);
+    }
+    let msg = agent_error(&format!("engine = \"gpux\"\n{}", agent_toml("")));
+    assert!(
+        msg.starts_with(
+            "agent.toml:1:10: unknown value \"gpux\" for engine, did you mean \"gpu\"?"
+        ),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -92,9 +92,10 @@ impl Kernel {
 pub(crate) const WORKGROUP: u32 = 64;
 
 /// The largest absolute error of the shaders' `erf` (and so `Gelu`), which WGSL lacks: the
-/// Abramowitz & Stegun 7.1.26 approximation is within 1.5e-7 in exact arithmetic, and f32
-/// evaluation adds the rest. The tests check it against an f64 reference over [-6, 6].
-pub const ERF_MAX_ERROR: f32 = 5e-7;
+/// Abramowitz & Stegun 7.1.26 approximation is within 1.5e-7 in exact arithmetic; f32
+/// evaluation adds the rest, and WGSL lets `exp` be off by 3 ulp or more (4.8e-7 in all was
+/// measured on lavapipe). The tests check it against an f64 reference over [-6, 6].
+pub const ERF_MAX_ERROR: f32 = 1e-6;
 
 /// Element-wise functions, by the code [`crate::import`] gives them; also the activation fused
 /// into a matrix product.
