@@ -263,6 +263,26 @@ enum Ref {
 /// A dequantised constant: dims, int8 values, scales, the scales' axis.
 type Q8Parts = (Vec<usize>, Vec<i8>, Vec<f32>, usize);
 
+impl Ref {
+    /// A `Q8` as f32 (dims, values), for a use that cannot take int8; other kinds as they are
+    /// (only called on `Q8`).
+    fn dequantized(self) -> (Vec<usize>, Vec<f32>) {
+        match self {
+            Ref::Q8 {
+                dims,
+                q,
+                scale,
+                axis,
+            } => {
+                let data = dequantize(&dims, &q, &scale, axis);
+                (dims, data)
+            }
+            Ref::F32(dims, data) => (dims, data),
+            Ref::Value(_) | Ref::Ints => (Vec::new(), Vec::new()),
+        }
+    }
+}
+
 struct Importer {
     opset: i64,
     graph: Graph,
@@ -616,13 +636,8 @@ impl Importer {
                 format!("input {name:?} is an integer tensor; the GPU computes on f32 only"),
             )),
             Ref::F32(dims, data) => Ok(self.const_value(name, dims, data)),
-            Ref::Q8 {
-                dims,
-                q,
-                scale,
-                axis,
-            } => {
-                let data = dequantize(&dims, &q, &scale, axis);
+            q8 @ Ref::Q8 { .. } => {
+                let (dims, data) = q8.dequantized();
                 Ok(self.const_value(name, dims, data))
             }
         }
@@ -919,15 +934,7 @@ impl Importer {
                 let scale = scale.iter().map(|s| s * alpha).collect();
                 return Ok(self.add_weight(k, n, WeightData::Q8 { q, scale }));
             }
-            Ref::Q8 {
-                dims,
-                q,
-                scale,
-                axis,
-            } => {
-                let data = dequantize(&dims, &q, &scale, axis);
-                (dims, data)
-            }
+            q8 @ Ref::Q8 { .. } => q8.dequantized(),
             Ref::F32(dims, data) => (dims, data),
             Ref::Value(_) | Ref::Ints => {
                 return Err(node_unsupported(

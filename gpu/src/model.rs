@@ -1006,7 +1006,11 @@ impl GpuModel {
         Ok(())
     }
 
-    fn execute(&self, plan: &Plan, data: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, RunError> {
+    fn execute(
+        &self,
+        plan: &Plan,
+        data: &[std::borrow::Cow<'_, [u8]>],
+    ) -> Result<Vec<Vec<u8>>, RunError> {
         if let Some(lost) = self.ctx.lost() {
             return Err(RunError::Model(lost));
         }
@@ -1126,9 +1130,10 @@ impl Engine for GpuModel {
                 .map_err(|_| {
                     RunError::Input(format!("input {:?}: a dimension overflows", t.name()))
                 })?;
+            // f32 inputs go to the GPU as they are; ids are narrowed to i32.
             let bytes = match self.graph.values[self.graph.input_values[i]].dtype {
-                DType::F32 => t.data().to_vec(),
-                DType::I32 => ids_to_i32(t, &self.graph.id_bounds[i])?,
+                DType::F32 => std::borrow::Cow::Borrowed(t.data()),
+                DType::I32 => std::borrow::Cow::Owned(ids_to_i32(t, &self.graph.id_bounds[i])?),
             };
             shapes.push(shape);
             data.push(bytes);
