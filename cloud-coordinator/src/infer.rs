@@ -1,18 +1,18 @@
 //! Offloaded inference: a fixed set of worker threads fed by a bounded queue. A full queue is
 //! answered `Busy` at once; memory never grows with load.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outpost_shared::{ErrorKind, Tensor, TensorSpec};
+use outpost_runtime::tract::{TractModel, TractOptions};
+use outpost_runtime::{Engine, RunError, ShapePlans};
+use outpost_shared::{ErrorKind, Tensor};
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use outpost_runtime::tract::{self as onnx, Plan};
 
 /// A finished inference: the version that ran and its outputs, or why it failed.
 pub type Outcome = Result<(u64, Vec<Tensor>), (ErrorKind, String)>;
@@ -42,8 +42,19 @@ impl std::fmt::Debug for InferencePool {
     }
 }
 
-/// Loaded plans by (model, version), shared by the workers.
-type Plans = Mutex<HashMap<(String, u64), (Plan, Vec<TensorSpec>, Vec<TensorSpec>)>>;
+/// Loaded models by (model, version), shared by the workers; the least recently used one is
+/// dropped past [`LOADED_MODELS`].
+type Plans = Mutex<ShapePlans<(String, u64), Arc<dyn Engine>>>;
+
+/// Model versions kept loaded for offloaded calls (a stable and a candidate of a few models).
+const LOADED_MODELS: usize = 16;
+
+/// How the workers run a model: one thread each (the pool is the parallelism), and a plan per
+/// recurring batch size.
+const WORKER_ENGINE: TractOptions = TractOptions {
+    threads: 1,
+    shape_plans: 4,
+};
 
 /// The worker threads, to stop at shutdown.
 #[derive(Debug)]
@@ -72,7 +83,7 @@ impl InferencePool {
     ) -> (Self, Workers) {
         let (queue, jobs) = sync_channel::<Job>(depth as usize);
         let jobs = Arc::new(Mutex::new(jobs));
-        let plans: Arc<Plans> = Arc::default();
+        let plans: Arc<Plans> = Arc::new(Mutex::new(ShapePlans::new(LOADED_MODELS)));
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for i in 0..workers.max(1) {
@@ -149,22 +160,26 @@ fn run_job(
             .map_err(|e| (ErrorKind::UnknownModel, e.to_string()))?,
     };
     let key = (job.model.clone(), version);
-    let cached = plans.lock().ok().and_then(|p| p.get(&key).cloned());
-    let (plan, inputs, outputs) = match cached {
-        Some(entry) => entry,
+    let cached = plans.lock().ok().and_then(|mut p| p.get(&key));
+    let engine = match cached {
+        Some(engine) => engine,
         None => {
             let bytes = registry
                 .serving_bytes(&job.model, version)
                 .map_err(|e| (ErrorKind::UnknownModel, e.to_string()))?;
-            let entry = onnx::load(&bytes).map_err(|e| (ErrorKind::Internal, e))?;
+            let engine: Arc<dyn Engine> = Arc::new(
+                TractModel::load_with(&bytes, WORKER_ENGINE)
+                    .map_err(|e| (ErrorKind::Internal, e.to_string()))?,
+            );
             if let Ok(mut p) = plans.lock() {
-                p.insert(key, entry.clone());
+                p.insert(key, Arc::clone(&engine));
             }
-            entry
+            engine
         }
     };
-    let ordered =
-        onnx::check_inputs(&inputs, &job.inputs).map_err(|e| (ErrorKind::InvalidInput, e))?;
-    let out = onnx::run(&plan, &ordered, &outputs).map_err(|e| (ErrorKind::InvalidInput, e))?;
+    let out = engine.run(&job.inputs).map_err(|e| match e {
+        RunError::Input(m) => (ErrorKind::InvalidInput, m),
+        other => (ErrorKind::Internal, other.to_string()),
+    })?;
     Ok((version, out))
 }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use outpost_runtime::Backoff;
 use outpost_shared::{DeviceStatus, Topic, topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
@@ -125,6 +126,10 @@ impl Announcer {
     }
 }
 
+/// The first wait after the broker connection fails, and the longest.
+const RECONNECT_START: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
 async fn run_events(
     mut events: EventLoop,
     announcer: Announcer,
@@ -132,7 +137,7 @@ async fn run_events(
     fleet: FleetView,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(RECONNECT_START, RECONNECT_MAX);
     // Announcing tasks live here, so shutdown ends them (and the registry they hold).
     let mut announcing = tokio::task::JoinSet::new();
     loop {
@@ -146,7 +151,7 @@ async fn run_events(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(100);
+                backoff.succeed();
                 tracing::info!("connected to the MQTT broker; announcing every release");
                 // Publishing waits for the event loop; do it from another task.
                 let (announcer, registry) = (announcer.clone(), registry.clone());
@@ -196,15 +201,15 @@ async fn run_events(
             },
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection failed");
+                let delay = backoff.fail();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed");
                 tokio::select! {
                     _ = shutdown.changed() => {
                         announcing.shutdown().await;
                         return;
                     }
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -676,18 +676,9 @@ impl Registry {
             .ok_or_else(|| {
                 RegistryError::NotFound(format!("model {model:?} version {version} has no variant"))
             })?;
-        let mut bytes = Vec::with_capacity(usize::try_from(variant.size).unwrap_or(0));
-        for c in &variant.chunks {
-            let data = self
-                .chunk(&c.id)
-                .ok_or_else(|| RegistryError::Storage(format!("chunk {} is missing", c.id)))?;
-            bytes.extend_from_slice(&data);
-        }
-        variant
-            .digest
-            .verify(&bytes)
-            .map_err(|e| RegistryError::Storage(e.to_string()))?;
-        Ok(bytes)
+        self.chunks
+            .assemble(variant)
+            .map_err(|e| RegistryError::Storage(e.to_string()))
     }
 
     /// A stored chunk.

@@ -4,16 +4,23 @@
 //! - [`serve`]: the HTTP serving loop and signal wait both daemons use.
 //! - [`tract`]: tract-onnx as an engine: load and check a model, read its signature, run it on
 //!   protocol tensors with inputs checked against the signature.
-//! - [`engine`]: the [`Engine`] trait every local engine implements (tract now).
+//! - [`engine`]: the [`Engine`] trait every engine implements, its typed [`RunError`] and the
+//!   input checks all engines share.
+//! - [`plans`]: the per-shape plan cache both engines keep.
+//! - [`backoff`]: the one jittered exponential back-off between retries.
 //! - [`quantize`]: weight-only int8 quantisation as an ONNX rewrite (`DequantizeLinear`).
 //! - [`accuracy`]: the gate that measures a quantised model against the original.
 
 pub mod accuracy;
+pub mod backoff;
 pub mod engine;
+pub mod plans;
 pub mod quantize;
 pub mod serve;
 pub mod store;
 pub mod tract;
 
-pub use engine::Engine;
-pub use store::ChunkStore;
+pub use backoff::Backoff;
+pub use engine::{Engine, RunError};
+pub use plans::ShapePlans;
+pub use store::{AssembleError, ChunkStore};

@@ -5,9 +5,21 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use outpost_shared::ChunkId;
+use outpost_shared::{ChunkId, Variant};
 
-/// The coordinator's chunk files.
+/// Why a variant could not be assembled from stored chunks.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AssembleError {
+    /// A chunk is not stored, or its file is damaged (it fails its digest).
+    #[error("chunk {0} is missing or damaged")]
+    Missing(ChunkId),
+    /// The chunks are all there, but together they are not the variant's bytes.
+    #[error("the assembled variant fails its digest: {0}")]
+    Digest(String),
+}
+
+/// Chunk files, the agent's and the coordinator's.
 #[derive(Debug, Clone)]
 pub struct ChunkStore {
     dir: PathBuf,
@@ -65,6 +77,22 @@ impl ChunkStore {
                 None
             }
         }
+    }
+
+    /// A variant's bytes from its stored chunks, checked against the variant's digest.
+    pub fn assemble(&self, variant: &Variant) -> Result<Vec<u8>, AssembleError> {
+        // The declared size is only a hint (capped): the chunks decide what is allocated.
+        let hint = usize::try_from(variant.size).unwrap_or(0).min(1 << 30);
+        let mut bytes = Vec::with_capacity(hint);
+        for c in &variant.chunks {
+            let data = self.get(&c.id).ok_or(AssembleError::Missing(c.id))?;
+            bytes.extend_from_slice(&data);
+        }
+        variant
+            .digest
+            .verify(&bytes)
+            .map_err(|e| AssembleError::Digest(e.to_string()))?;
+        Ok(bytes)
     }
 
     /// Deletes every stored chunk for which `keep` is false; returns how many were deleted.

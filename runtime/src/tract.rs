@@ -1,7 +1,7 @@
-//! tract-onnx behind the coordinator: checking that an uploaded model runs, reading its
-//! signature, and running it on protocol tensors.
+//! tract-onnx as an [`Engine`]: loading and checking a model, reading its signature, and running
+//! it on protocol tensors, each recurring input shape on a plan optimised for it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use outpost_shared::{DataType, Dim, Tensor, TensorSpec};
@@ -10,48 +10,62 @@ use tract_onnx::prelude::{
 };
 use tract_onnx::tract_core::tract_linalg::multithread::{Executor, multithread_tract_scope};
 
-/// A model ready to run.
-pub type Plan = Arc<tp::TypedRunnableModel>;
+use crate::engine::{Engine, RunError, check_inputs};
+use crate::plans::ShapePlans;
 
-/// Loads an ONNX model and optimises it for running; the error quotes tract's reason.
-pub fn load(bytes: &[u8]) -> Result<(Plan, Vec<TensorSpec>, Vec<TensorSpec>), String> {
-    let (typed, inputs, outputs) = typed(bytes)?;
-    Ok((optimise(typed)?, inputs, outputs))
+/// A model ready to run.
+type Plan = Arc<tp::TypedRunnableModel>;
+
+/// Why tract cannot load a model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// No bytes at all.
+    #[error("the file is empty")]
+    Empty,
+    /// The bytes are not an ONNX model tract can parse.
+    #[error("not an ONNX model tract can read: {0}")]
+    Unreadable(String),
+    /// tract reads the model but cannot type, simplify or optimise it, or its signature has a
+    /// type Outpost does not carry.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
-fn optimise(typed: tp::TypedModel) -> Result<Plan, String> {
+fn optimise(typed: tp::TypedModel) -> Result<Plan, LoadError> {
     typed
         .into_optimized()
         .and_then(|m| m.into_runnable())
-        .map_err(|e| format!("tract cannot run the model: {}", chain(&e)))
+        .map_err(|e| LoadError::Unsupported(format!("tract cannot run the model: {}", chain(&e))))
 }
 
 /// The model typed (decluttered, symbols kept) and its signature.
-fn typed(bytes: &[u8]) -> Result<(tp::TypedModel, Vec<TensorSpec>, Vec<TensorSpec>), String> {
+fn typed(bytes: &[u8]) -> Result<(tp::TypedModel, Vec<TensorSpec>, Vec<TensorSpec>), LoadError> {
     if bytes.is_empty() {
-        return Err("the file is empty".into());
+        return Err(LoadError::Empty);
     }
     let model = tract_onnx::onnx()
         .model_for_read(&mut &bytes[..])
-        .map_err(|e| format!("not an ONNX model tract can read: {}", chain(&e)))?;
-    let typed = model
-        .into_typed()
-        .map_err(|e| format!("tract cannot analyse the model: {}", chain(&e)))?;
+        .map_err(|e| LoadError::Unreadable(chain(&e)))?;
+    let typed = model.into_typed().map_err(|e| {
+        LoadError::Unsupported(format!("tract cannot analyse the model: {}", chain(&e)))
+    })?;
+    let unsupported = |e: tp::TractError| LoadError::Unsupported(chain(&e));
     let inputs = typed
         .input_outlets()
-        .map_err(|e| chain(&e))?
+        .map_err(unsupported)?
         .iter()
         .map(|o| spec(&typed, *o))
         .collect::<Result<Vec<_>, _>>()?;
     let outputs = typed
         .output_outlets()
-        .map_err(|e| chain(&e))?
+        .map_err(unsupported)?
         .iter()
         .map(|o| spec(&typed, *o))
         .collect::<Result<Vec<_>, _>>()?;
-    let typed = typed
-        .into_decluttered()
-        .map_err(|e| format!("tract cannot simplify the model: {}", chain(&e)))?;
+    let typed = typed.into_decluttered().map_err(|e| {
+        LoadError::Unsupported(format!("tract cannot simplify the model: {}", chain(&e)))
+    })?;
     Ok((typed, inputs, outputs))
 }
 
@@ -60,16 +74,18 @@ fn chain(e: &tp::TractError) -> String {
     parts.join(": ")
 }
 
-fn spec(model: &tp::TypedModel, outlet: tp::OutletId) -> Result<TensorSpec, String> {
-    let fact = model.outlet_fact(outlet).map_err(|e| chain(&e))?;
+fn spec(model: &tp::TypedModel, outlet: tp::OutletId) -> Result<TensorSpec, LoadError> {
+    let fact = model
+        .outlet_fact(outlet)
+        .map_err(|e| LoadError::Unsupported(chain(&e)))?;
     let name = model
         .outlet_label(outlet)
         .map_or_else(|| model.node(outlet.node).name.clone(), str::to_owned);
     let datatype = from_datum(fact.datum_type).ok_or_else(|| {
-        format!(
+        LoadError::Unsupported(format!(
             "{name:?} has type {:?}, which Outpost does not carry",
             fact.datum_type
-        )
+        ))
     })?;
     let shape = fact
         .shape
@@ -102,82 +118,33 @@ fn from_datum(dt: DatumType) -> Option<DataType> {
     })
 }
 
-/// Checks inputs against the signature: every input present once, right type, right rank and
-/// fixed dimensions. Returns them in the model's input order.
-pub fn check_inputs<'a>(
-    specs: &[TensorSpec],
-    inputs: &'a [Tensor],
-) -> Result<Vec<&'a Tensor>, String> {
-    for t in inputs {
-        if !specs.iter().any(|s| s.name == t.name()) {
-            let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-            return Err(format!(
-                "unknown input {:?} (the model takes {})",
-                t.name(),
-                names.join(", ")
-            ));
-        }
-    }
-    specs
-        .iter()
-        .map(|s| {
-            let mut matching = inputs.iter().filter(|t| t.name() == s.name);
-            let t = matching
-                .next()
-                .ok_or_else(|| format!("input {:?} is missing", s.name))?;
-            if matching.next().is_some() {
-                return Err(format!("input {:?} is given twice", s.name));
-            }
-            if t.datatype() != s.datatype {
-                return Err(format!(
-                    "input {:?} must be {}, not {}",
-                    s.name,
-                    s.datatype,
-                    t.datatype()
-                ));
-            }
-            let fits = t.shape().len() == s.shape.len()
-                && s.shape.iter().zip(t.shape()).all(|(d, &n)| d.accepts(n));
-            if !fits {
-                let want: Vec<i64> = s.shape.iter().map(|&d| i64::from(d)).collect();
-                return Err(format!(
-                    "input {:?} has shape {:?}, but the model takes {want:?} (-1: any)",
-                    s.name,
-                    t.shape()
-                ));
-            }
-            Ok(t)
-        })
-        .collect()
-}
-
 /// Runs `plan` on `inputs` (already checked), naming outputs after `outputs`. A panic inside
 /// tract (it panics on some bad inputs, such as an out-of-range Gather index) becomes an error.
-pub fn run(plan: &Plan, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Result<Vec<Tensor>, String> {
-    run_on(plan, inputs, outputs, None)
-}
-
 fn run_on(
     plan: &Plan,
     inputs: &[&Tensor],
     outputs: &[TensorSpec],
     executor: Option<&Executor>,
-) -> Result<Vec<Tensor>, String> {
+) -> Result<Vec<Tensor>, RunError> {
     let values = inputs
         .iter()
         .map(|t| to_tract(t))
-        .collect::<Result<tp::TVec<_>, _>>()?;
+        .collect::<Result<tp::TVec<_>, _>>()
+        .map_err(RunError::Input)?;
     let go = || match executor {
         Some(pool) => multithread_tract_scope(pool.clone(), || plan.run(values)),
         None => plan.run(values),
     };
+    // tract panics on inputs outside the model's domain (an id past a table's end).
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(go))
-        .map_err(|_| "the model failed on these inputs (an index out of range?)".to_owned())?
-        .map_err(|e| format!("the model failed: {}", chain(&e)))?;
+        .map_err(|_| {
+            RunError::Input("the model failed on these inputs (an index out of range?)".to_owned())
+        })?
+        .map_err(|e| RunError::Model(format!("the model failed: {}", chain(&e))))?;
     result
         .iter()
         .zip(outputs)
-        .map(|(value, spec)| from_tract(&spec.name, value))
+        .map(|(value, spec)| from_tract(&spec.name, value).map_err(RunError::Model))
         .collect()
 }
 
@@ -276,8 +243,7 @@ struct Inner {
     typed: Option<tp::TypedModel>,
     /// Where each symbol of the inputs is: (input, dimension, symbol).
     symbols: Vec<(usize, usize, tp::Symbol)>,
-    shapes: Mutex<ShapePlans>,
-    max_shapes: usize,
+    shapes: Mutex<Specialised>,
     executor: Option<Executor>,
 }
 
@@ -285,56 +251,41 @@ impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inner")
             .field("symbols", &self.symbols.len())
-            .field("max_shapes", &self.max_shapes)
             .finish_non_exhaustive()
     }
 }
 
-#[derive(Default)]
-struct ShapePlans {
-    /// (symbol values, plan, last use).
-    ready: Vec<(Vec<i64>, Plan, u64)>,
+/// The plans optimised for one shape each, keyed by the values of the input symbols.
+struct Specialised {
+    ready: ShapePlans<Vec<i64>, Plan>,
     /// Being optimised now.
-    pending: Vec<Vec<i64>>,
-    /// Shapes whose optimisation failed (they stay on the symbolic plan).
-    failed: Vec<Vec<i64>>,
-    tick: u64,
+    pending: Option<Vec<i64>>,
+    /// Shapes whose optimisation failed (they stay on the symbolic plan); the oldest are
+    /// forgotten past [`FAILED_SHAPES`], so they are tried again one day.
+    failed: VecDeque<Vec<i64>>,
 }
 
-/// Why a run failed: the caller's inputs, or the model itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RunError {
-    /// The inputs do not fit the signature.
-    Input(String),
-    /// The model failed on valid-looking inputs.
-    Model(String),
-}
-
-impl std::fmt::Display for RunError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RunError::Input(m) | RunError::Model(m) => f.write_str(m),
-        }
-    }
-}
+/// Shapes remembered as failing to specialise.
+const FAILED_SHAPES: usize = 16;
 
 impl TractModel {
     /// Loads and optimises an ONNX model with the default options.
-    pub fn load(bytes: &[u8]) -> Result<Self, String> {
+    pub fn load(bytes: &[u8]) -> Result<Self, LoadError> {
         Self::load_with(bytes, TractOptions::default())
     }
 
     /// Loads and optimises an ONNX model.
-    pub fn load_with(bytes: &[u8], options: TractOptions) -> Result<Self, String> {
+    pub fn load_with(bytes: &[u8], options: TractOptions) -> Result<Self, LoadError> {
         let (typed, inputs, outputs) = typed(bytes)?;
+        let unsupported = |e: tp::TractError| LoadError::Unsupported(chain(&e));
         let mut symbols = Vec::new();
         for (i, outlet) in typed
             .input_outlets()
-            .map_err(|e| chain(&e))?
+            .map_err(unsupported)?
             .iter()
             .enumerate()
         {
-            let fact = typed.outlet_fact(*outlet).map_err(|e| chain(&e))?;
+            let fact = typed.outlet_fact(*outlet).map_err(unsupported)?;
             for (d, dim) in fact.shape.iter().enumerate() {
                 if let tp::TDim::Sym(symbol) = dim {
                     symbols.push((i, d, symbol.clone()));
@@ -352,8 +303,11 @@ impl TractModel {
                 generic,
                 typed: specialise.then_some(typed),
                 symbols,
-                shapes: Mutex::new(ShapePlans::default()),
-                max_shapes: options.shape_plans,
+                shapes: Mutex::new(Specialised {
+                    ready: ShapePlans::new(options.shape_plans),
+                    pending: None,
+                    failed: VecDeque::new(),
+                }),
                 executor,
             }),
         })
@@ -361,10 +315,9 @@ impl TractModel {
 
     /// Checks `inputs` against the signature and runs the model.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
-        let ordered = check_inputs(&self.inputs, inputs).map_err(RunError::Input)?;
+        let ordered = check_inputs(&self.inputs, inputs)?;
         let plan = self.plan_for(&ordered);
         run_on(&plan, &ordered, &self.outputs, self.inner.executor.as_ref())
-            .map_err(RunError::Model)
     }
 
     /// The shapes that have their own plan now: the values of the symbolic input dimensions,
@@ -373,7 +326,7 @@ impl TractModel {
         self.inner
             .shapes
             .lock()
-            .map(|s| s.ready.iter().map(|(k, _, _)| k.clone()).collect())
+            .map(|s| s.ready.keys().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -399,23 +352,18 @@ impl TractModel {
             }
         }
         let key: Vec<i64> = values.iter().map(|(_, n)| *n).collect();
+        // A poisoned lock means a plan thread panicked: serve on the symbolic plan.
         let Ok(mut shapes) = inner.shapes.lock() else {
             return inner.generic.clone();
         };
-        shapes.tick += 1;
-        let tick = shapes.tick;
-        if let Some(entry) = shapes.ready.iter_mut().find(|(k, _, _)| *k == key) {
-            entry.2 = tick;
-            return entry.1.clone();
+        if let Some(plan) = shapes.ready.get(key.as_slice()) {
+            return plan;
         }
-        if shapes.pending.contains(&key)
-            || shapes.failed.contains(&key)
-            || !shapes.pending.is_empty()
-        {
-            // One optimisation at a time: it competes with serving for the CPU.
+        // One optimisation at a time: it competes with serving for the CPU.
+        if shapes.pending.is_some() || shapes.failed.contains(&key) {
             return inner.generic.clone();
         }
-        shapes.pending.push(key.clone());
+        shapes.pending = Some(key.clone());
         drop(shapes);
         let subs: HashMap<tp::Symbol, tp::TDim> = values
             .into_iter()
@@ -428,48 +376,57 @@ impl TractModel {
             .spawn(move || {
                 let plan = typed
                     .set_symbols(&subs)
-                    .map_err(|e| chain(&e))
+                    .map_err(|e| LoadError::Unsupported(chain(&e)))
                     .and_then(optimise);
                 let Some(inner) = weak.upgrade() else { return };
                 let Ok(mut shapes) = inner.shapes.lock() else {
                     return;
                 };
-                shapes.pending.retain(|k| *k != key);
+                shapes.pending = None;
                 match plan {
                     Ok(plan) => {
-                        if shapes.ready.len() >= inner.max_shapes {
-                            if let Some(oldest) = shapes
-                                .ready
-                                .iter()
-                                .enumerate()
-                                .min_by_key(|(_, e)| e.2)
-                                .map(|(i, _)| i)
-                            {
-                                shapes.ready.swap_remove(oldest);
-                            }
-                        }
-                        let tick = shapes.tick;
-                        shapes.ready.push((key, plan, tick));
+                        shapes.ready.insert(key, plan);
                     }
                     Err(e) => {
                         tracing::debug!(
-                            error = e,
+                            error = %e,
                             "no plan for this shape; the symbolic plan serves it"
                         );
-                        shapes.failed.push(key);
+                        if shapes.failed.len() >= FAILED_SHAPES {
+                            shapes.failed.pop_front();
+                        }
+                        shapes.failed.push_back(key);
                     }
                 }
             });
         if spawned.is_err() {
             if let Ok(mut shapes) = inner.shapes.lock() {
-                shapes.pending.clear();
+                shapes.pending = None;
             }
         }
         inner.generic.clone()
     }
 
     /// Inputs of batch 1 (dynamic dimensions 1) filled with zeros, to warm the model up.
-    pub fn zero_inputs(&self) -> Result<Vec<Tensor>, String> {
+    pub fn zero_inputs(&self) -> Result<Vec<Tensor>, RunError> {
         crate::engine::zero_inputs(&self.inputs)
+    }
+}
+
+impl Engine for TractModel {
+    fn name(&self) -> &'static str {
+        "tract"
+    }
+
+    fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[TensorSpec] {
+        &self.outputs
+    }
+
+    fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
+        TractModel::run(self, inputs)
     }
 }
