@@ -42,7 +42,7 @@ pub fn start_embedded_broker(addr: SocketAddr) -> Result<SocketAddr, Coordinator
         next_connection_delay_ms: 1,
         connections: rumqttd::ConnectionSettings {
             connection_timeout_ms: 60_000,
-            max_payload_size: outpost_shared::manifest::MAX_MANIFEST_BYTES + 64 * 1024,
+            max_payload_size: outpost_shared::signing::MAX_MANIFEST_BYTES + 64 * 1024,
             max_inflight_count: 100,
             auth: None,
             external_auth: None,
@@ -101,7 +101,7 @@ impl Announcer {
         let id = format!("outpost-coordinator-{}", std::process::id());
         let mut options = MqttOptions::new(id, host, port);
         options.set_keep_alive(Duration::from_secs(15));
-        let limit = outpost_shared::manifest::MAX_MANIFEST_BYTES + 64 * 1024;
+        let limit = outpost_shared::signing::MAX_MANIFEST_BYTES + 64 * 1024;
         options.set_max_packet_size(limit, limit);
         let (client, mut events) = AsyncClient::new(options, 256);
         events.network_options.set_tcp_nodelay(true);

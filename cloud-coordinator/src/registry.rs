@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use outpost_shared::cbor;
-use outpost_shared::manifest::Candidate;
+use outpost_shared::release::Candidate;
 use outpost_shared::{
     ChunkId, Manifest, ManifestSigner, ModelFormat, ModelVersion, Placement, Target, TensorSpec,
     Variant,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use outpost_shared::manifest::check_forward;
+use outpost_shared::rollout::check_forward;
 use outpost_shared::{DeviceStatus, Health, ModelStatus, Topic, topic};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch};
@@ -38,7 +38,7 @@ pub(crate) fn mqtt_options(ctx: &Context) -> MqttOptions {
         broker.port,
     );
     options.set_keep_alive(Duration::from_secs(15));
-    let limit = outpost_shared::manifest::MAX_MANIFEST_BYTES + 64 * 1024;
+    let limit = outpost_shared::signing::MAX_MANIFEST_BYTES + 64 * 1024;
     options.set_max_packet_size(limit, limit);
     if let (Ok(topic), Ok(offline)) = (
         Topic::device_status(&id),

@@ -4,31 +4,40 @@
 //! This crate does no I/O, spawns no tasks and knows nothing of sled, tract or wgpu (see
 //! DESIGN.md). The agent and the coordinator move bytes and call into it:
 //!
-//! - [`tensor`]: typed tensors and their Open Inference Protocol v2 JSON form.
-//! - [`manifest`]: model releases, their ed25519 signatures and the rules for accepting one.
+//! - [`tensor`]: typed tensors as a datatype, a shape and little-endian bytes.
+//! - [`release`]: model releases (manifests): versions, tensor specs, placement, variants and
+//!   the rules a release must keep.
+//! - [`signing`]: ed25519 keys, signed manifests, and the signer and verifier.
+//! - [`rollout`]: which version each device runs, and which release may replace which.
 //! - [`status`]: what an agent reports about itself on its status topic.
 //! - [`frame`]: the QUIC request/response frames (length-prefixed CBOR).
-//! - [`oip`]: Open Inference Protocol v2 inference bodies, JSON and binary tensor data.
+//! - [`oip`]: Open Inference Protocol v2: tensors' JSON form, and inference bodies with JSON and
+//!   binary tensor data.
 //! - [`topic`]: MQTT topic names and the names they carry.
 //! - [`chunk`]: content-defined chunking and content digests.
 //! - [`cbor`]: bounded CBOR encoding and decoding shared by all of the above.
+//! - [`hex`]: lowercase hex text for digests and keys.
 
 pub mod cbor;
 pub mod chunk;
 pub mod frame;
 pub mod hex;
-pub mod manifest;
 pub mod oip;
+pub mod release;
+pub mod rollout;
+pub mod signing;
 pub mod status;
 pub mod tensor;
 pub mod topic;
 
 pub use chunk::{ChunkId, ChunkSpan, Digest};
 pub use frame::{ErrorKind, FrameError, Request, Response};
-pub use manifest::{
-    Candidate, Dim, KeyId, Manifest, ManifestError, ManifestSigner, ManifestVerifier, ModelFormat,
-    ModelVersion, Placement, PublicKey, SignedManifest, Target, TensorSpec, Variant,
+pub use oip::JsonTensor;
+pub use release::{
+    Candidate, Dim, Manifest, ManifestError, ModelFormat, ModelVersion, Placement, Target,
+    TensorSpec, Variant,
 };
+pub use signing::{KeyId, ManifestSigner, ManifestVerifier, PublicKey, SignedManifest};
 pub use status::{Counters, DeviceStatus, Health, ModelStatus};
-pub use tensor::{DataType, JsonTensor, Tensor, TensorError};
+pub use tensor::{DataType, Tensor, TensorError};
 pub use topic::{Topic, TopicError};

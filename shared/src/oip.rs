@@ -1,16 +1,23 @@
-//! Open Inference Protocol v2 inference bodies, with the binary tensor data extension that
-//! Triton's and KServe's HTTP clients use by default.
+//! The Open Inference Protocol v2: a tensor's JSON form ([`JsonTensor`]) and inference bodies,
+//! with the binary tensor data extension that Triton's and KServe's HTTP clients use by default.
 //!
 //! With the extension, a body is a JSON header of `Inference-Header-Content-Length` bytes, then
 //! the raw little-endian elements of every tensor whose `parameters.binary_data_size` is set, in
 //! the order the tensors appear in the header (BYTES elements each with a 4-byte little-endian
 //! length). Outputs travel the same way when the request asks for it: `parameters.binary_data`
 //! on a requested output, or `parameters.binary_data_output` on the request for all outputs.
+//!
+//! The JSON form of one tensor, and its checked conversions to and from a [`Tensor`]
+//! ([`Tensor::from_json`], [`Tensor::to_json`]), live in the `json` submodule.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::tensor::{JsonTensor, Tensor, TensorError};
+use crate::tensor::{Tensor, TensorError};
+
+mod json;
+
+pub use json::JsonTensor;
 
 /// The header that gives the JSON part's length.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use firmware_config::{AgentConfig, CoordinatorConfig, FleetPlan};
 use model_zoo::{DEFAULT_SEED, DemoModel};
 use outpost_shared::frame::{self, MAX_FRAME_BYTES};
-use outpost_shared::manifest::check_forward;
+use outpost_shared::rollout::check_forward;
 use outpost_shared::{
     DataType, Dim, Manifest, ManifestSigner, ManifestVerifier, ModelFormat, ModelVersion,
     Placement, Request, Response, Target, TensorSpec, Topic, Variant,
