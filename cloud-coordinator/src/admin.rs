@@ -1,13 +1,16 @@
 //! The admin HTTP API (bearer token): push, rollback, model and fleet listings; plus the
-//! unauthenticated Prometheus `/metrics`.
+//! unauthenticated Prometheus `/metrics`. It also owns the API's wire types: the server
+//! serialises them here and [`AdminClient`](crate::AdminClient) deserialises the same ones.
 //!
-//! | route | what |
-//! |---|---|
-//! | `POST /v1/models/{name}?placement=&rollout=&quantize=&cloud_size=&samples_size=&dry_run=` | push (body: the model file, then the cloud model's `cloud_size` bytes, then the gate's sample file's `samples_size` bytes) |
-//! | `POST /v1/models/{name}/rollback?to=V` | publish version V's content as a new version |
-//! | `GET /v1/models` | models and versions |
-//! | `GET /v1/fleet` | devices and their last status |
-//! | `GET /metrics` | Prometheus metrics |
+//! | route | what | answer (JSON) |
+//! |---|---|---|
+//! | `POST /v1/models/{name}?placement=&rollout=&quantize=&cloud_size=&samples_size=&dry_run=` | push (query: [`PushQuery`]; body: the model file, then the cloud model's `cloud_size` bytes, then the gate's sample file's `samples_size` bytes) | [`Published`]: 201, or 200 for a dry run |
+//! | `POST /v1/models/{name}/rollback?to=V` | publish version V's content as a new version | [`Published`], 201 |
+//! | `GET /v1/models` | models and versions | a list of [`ModelSummary`] |
+//! | `GET /v1/fleet` | devices and their last status | a list of [`DeviceStatus`] |
+//! | `GET /metrics` | Prometheus metrics | text |
+//!
+//! Every refusal is a 4xx or 5xx with an [`ErrorReply`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +28,119 @@ use crate::error::RegistryError;
 use crate::metrics::Metrics;
 use crate::mqtt::{Announcer, FleetView};
 use crate::registry::{PushRequest, Quantize, Registry};
+
+pub use crate::registry::{Delta, EdgeReport, ModelSummary, Published, Stage, VariantSummary};
+pub use outpost_shared::DeviceStatus;
+
+/// The body of every refusal: what went wrong, in words.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorReply {
+    /// The reason.
+    pub error: String,
+}
+
+/// The query of a push, `POST /v1/models/{name}?…`: written by the client, read by the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushQuery {
+    /// Where inference runs (`placement`, default `local`).
+    pub placement: Placement,
+    /// The share of devices that get the version first (`rollout`, default 100).
+    pub rollout_percent: u8,
+    /// The edge variant's weights (`quantize`: `none` or `int8`; default: int8 when devices run
+    /// the model).
+    pub quantize: Option<Quantize>,
+    /// Measure and report only (`dry_run`).
+    pub dry_run: bool,
+    /// The cloud model's size at the end of the body, before the samples (`cloud_size`).
+    pub cloud_size: Option<usize>,
+    /// The gate's sample file's size at the very end of the body (`samples_size`).
+    pub samples_size: Option<usize>,
+}
+
+impl Default for PushQuery {
+    fn default() -> Self {
+        PushQuery {
+            placement: Placement::Local,
+            rollout_percent: 100,
+            quantize: None,
+            dry_run: false,
+            cloud_size: None,
+            samples_size: None,
+        }
+    }
+}
+
+impl PushQuery {
+    /// The query string, without the `?`.
+    pub fn to_query(&self) -> String {
+        let mut query = format!(
+            "placement={}&rollout={}&dry_run={}",
+            encode(&PlacementArg(self.placement.clone()).to_string()),
+            self.rollout_percent,
+            self.dry_run
+        );
+        if let Some(q) = self.quantize {
+            query.push_str(match q {
+                Quantize::None => "&quantize=none",
+                Quantize::Int8 => "&quantize=int8",
+            });
+        }
+        for (key, size) in [
+            ("cloud_size", self.cloud_size),
+            ("samples_size", self.samples_size),
+        ] {
+            if let Some(n) = size {
+                query.push_str(&format!("&{key}={n}"));
+            }
+        }
+        query
+    }
+
+    /// Reads a decoded query; the error names the key and what it must be.
+    pub fn parse(query: &HashMap<String, String>) -> Result<Self, String> {
+        let placement = query
+            .get("placement")
+            .map(String::as_str)
+            .unwrap_or("local")
+            .parse::<PlacementArg>()?
+            .0;
+        let rollout_percent = match query.get("rollout").map(|v| v.parse::<u8>()) {
+            None => 100,
+            Some(Ok(p)) if p <= 100 => p,
+            Some(_) => return Err("rollout must be a percentage from 0 to 100".to_owned()),
+        };
+        let quantize = match query.get("quantize").map(String::as_str) {
+            None => None,
+            Some("none") => Some(Quantize::None),
+            Some("int8") => Some(Quantize::Int8),
+            Some(other) => return Err(format!("quantize must be none or int8, not {other:?}")),
+        };
+        let dry_run = match query.get("dry_run").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => return Err(format!("dry_run must be true or false, not {other:?}")),
+        };
+        let size = |key: &str| -> Result<Option<usize>, String> {
+            query
+                .get(key)
+                .map(|text| {
+                    text.parse()
+                        .map_err(|_| format!("{key} must be a byte count, not {text:?}"))
+                })
+                .transpose()
+        };
+        let samples_size = size("samples_size")?;
+        let cloud_size = size("cloud_size")?;
+        Ok(PushQuery {
+            placement,
+            rollout_percent,
+            quantize,
+            dry_run,
+            cloud_size,
+            samples_size,
+        })
+    }
+}
 
 /// What the admin API needs.
 #[derive(Clone, Debug)]
@@ -70,7 +186,12 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Reply {
-    json(status, &serde_json::json!({ "error": message.into() }))
+    json(
+        status,
+        &ErrorReply {
+            error: message.into(),
+        },
+    )
 }
 
 fn authorized(req: &Request<Incoming>, token: &str) -> bool {
@@ -163,56 +284,17 @@ async fn push(
             );
         }
     };
-    let placement = match query
-        .get("placement")
-        .map(String::as_str)
-        .unwrap_or("local")
-        .parse::<PlacementArg>()
-    {
-        Ok(p) => p.0,
+    let options = match PushQuery::parse(query) {
+        Ok(o) => o,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let rollout_percent = match query.get("rollout").map(|v| v.parse::<u8>()) {
-        None => 100,
-        Some(Ok(p)) if p <= 100 => p,
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "rollout must be a percentage from 0 to 100",
-            );
-        }
-    };
-    let quantize = match query.get("quantize").map(String::as_str) {
-        None => None,
-        Some("none") => Some(Quantize::None),
-        Some("int8") => Some(Quantize::Int8),
-        Some(other) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("quantize must be none or int8, not {other:?}"),
-            );
-        }
-    };
-    let dry_run = match query.get("dry_run").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("dry_run must be true or false, not {other:?}"),
-            );
-        }
     };
     // The body is the model, then the optional cloud model, then the optional sample file: each
     // optional part is cut from the end by its size.
     let mut body = body.to_vec();
-    let mut take_tail = |key: &str| -> Result<Option<Vec<u8>>, String> {
-        let Some(text) = query.get(key) else {
+    let mut take_tail = |key: &str, size: Option<usize>| -> Result<Option<Vec<u8>>, String> {
+        let Some(n) = size else {
             return Ok(None);
         };
-        let n: usize = text
-            .parse()
-            .map_err(|_| format!("{key} must be a byte count, not {text:?}"))?;
         if n == 0 || n >= body.len() {
             return Err(format!(
                 "{key} {n} does not fit an upload of {} bytes (the model comes first)",
@@ -221,11 +303,11 @@ async fn push(
         }
         Ok(Some(body.split_off(body.len() - n)))
     };
-    let samples = match take_tail("samples_size") {
+    let samples = match take_tail("samples_size", options.samples_size) {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let cloud_model = match take_tail("cloud_size") {
+    let cloud_model = match take_tail("cloud_size", options.cloud_size) {
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
@@ -233,11 +315,11 @@ async fn push(
         name,
         model: body,
         cloud_model,
-        placement,
-        rollout_percent,
-        quantize,
+        placement: options.placement,
+        rollout_percent: options.rollout_percent,
+        quantize: options.quantize,
         samples,
-        dry_run,
+        dry_run: options.dry_run,
     };
     let registry = state.registry.clone();
     let result = tokio::task::spawn_blocking(move || registry.push(request)).await;
@@ -336,6 +418,19 @@ fn parse_query(query: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// Percent-encodes everything but `A-Z a-z 0-9 - _ .`, for a query value.
+pub(crate) fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 fn decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -381,6 +476,29 @@ mod tests {
         ] {
             assert!(bad.parse::<PlacementArg>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn push_queries_round_trip() {
+        let query = PushQuery {
+            placement: Placement::Cascade {
+                output: "intent_probs".into(),
+                threshold: 0.7,
+            },
+            rollout_percent: 10,
+            quantize: Some(Quantize::None),
+            dry_run: true,
+            cloud_size: Some(5),
+            samples_size: Some(3),
+        };
+        assert_eq!(
+            PushQuery::parse(&parse_query(&query.to_query())).unwrap(),
+            query
+        );
+        assert_eq!(
+            PushQuery::parse(&parse_query("")).unwrap(),
+            PushQuery::default()
+        );
     }
 
     #[test]

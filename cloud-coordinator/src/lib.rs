@@ -3,9 +3,11 @@
 //!
 //! [`Coordinator::start`] runs everything on the current tokio runtime and returns a
 //! [`CoordinatorHandle`] with the real addresses (port 0 picks a free port), so tests and the
-//! `outpost` tool run coordinators in-process; `main.rs` is a thin CLI over it.
+//! `outpost` tool run coordinators in-process; `main.rs` is a thin CLI over it. [`AdminClient`]
+//! talks to a running coordinator's admin API (over HTTP, in-process or not).
 
 pub mod admin;
+mod admin_client;
 pub mod error;
 mod infer;
 pub mod metrics;
@@ -21,6 +23,7 @@ use std::sync::Arc;
 use firmware_config::{CoordinatorConfig, HostPort};
 use tokio::sync::watch;
 
+pub use admin_client::{AdminClient, AdminError, PushOptions};
 pub use error::{CoordinatorError, RegistryError};
 
 /// The file, in the data folder, holding the admin API's bearer token.

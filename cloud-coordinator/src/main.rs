@@ -3,18 +3,16 @@
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context as _, bail};
-use bytes::Bytes;
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use cloud_coordinator::admin::PlacementArg;
-use cloud_coordinator::{ADMIN_TOKEN_FILE, Coordinator};
-use firmware_config::{CoordinatorConfig, FleetAuthority, HostPort};
-use http_body_util::BodyExt as _;
-use hyper::body::{Body, Frame, SizeHint};
-use hyper::{Method, Request, StatusCode};
+use cloud_coordinator::admin::{PlacementArg, Published, PushQuery};
+use cloud_coordinator::registry::Quantize;
+use cloud_coordinator::{ADMIN_TOKEN_FILE, AdminClient, Coordinator, PushOptions};
+use firmware_config::{CoordinatorConfig, FleetAuthority};
+use outpost_runtime::http::UploadProgress;
 
 #[derive(Parser)]
 #[command(
@@ -124,6 +122,12 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<CoordinatorConfig> {
 }
 
 impl AdminArgs {
+    /// The admin API client these arguments name.
+    fn client(&self) -> anyhow::Result<AdminClient> {
+        let (addr, token) = self.resolve()?;
+        Ok(AdminClient::new(addr, token))
+    }
+
     fn resolve(&self) -> anyhow::Result<(SocketAddr, String)> {
         let config = load_config(self.config.as_deref())?;
         let addr = self.admin.unwrap_or(config.admin.listen);
@@ -179,61 +183,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             admin,
         } => {
-            let (addr, token) = admin.resolve()?;
-            let mut body =
+            let client = admin.client()?.on_upload(upload_progress());
+            let model =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let mut path = format!(
-                "/v1/models/{name}?placement={}&rollout={rollout}&dry_run={dry_run}",
-                encode(&placement.to_string())
-            );
-            if let Some(q) = quantize {
-                path.push_str(&format!("&quantize={q}"));
-            }
-            for (key, extra) in [("cloud_size", cloud), ("samples_size", samples)] {
-                if let Some(extra) = extra {
-                    let bytes = std::fs::read(&extra)
-                        .with_context(|| format!("reading {}", extra.display()))?;
-                    path.push_str(&format!("&{key}={}", bytes.len()));
-                    body.extend(bytes);
-                }
-            }
-            let reply = call(addr, Method::POST, &path, &token, Some(body)).await?;
+            let read = |path: Option<PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
+                path.map(|p| std::fs::read(&p).with_context(|| format!("reading {}", p.display())))
+                    .transpose()
+            };
+            let options = PushOptions {
+                query: PushQuery {
+                    placement: placement.0,
+                    rollout_percent: rollout,
+                    quantize: match quantize.as_deref() {
+                        Some("none") => Some(Quantize::None),
+                        Some(_) => Some(Quantize::Int8),
+                        None => None,
+                    },
+                    dry_run,
+                    ..PushQuery::default()
+                },
+                cloud_model: read(cloud)?,
+                samples: read(samples)?,
+            };
+            let published = client.push(&name, model, &options).await?;
             if json {
-                println!("{reply}");
+                println!("{}", serde_json::to_string_pretty(&published)?);
             } else {
-                print!("{}", summarise_push(&reply)?);
+                print!("{}", summarise_push(&published)?);
             }
             Ok(())
         }
         Command::Rollback { name, to, admin } => {
-            let (addr, token) = admin.resolve()?;
-            println!(
-                "{}",
-                call(
-                    addr,
-                    Method::POST,
-                    &format!("/v1/models/{name}/rollback?to={to}"),
-                    &token,
-                    None
-                )
-                .await?
-            );
+            let published = admin.client()?.rollback(&name, to).await?;
+            println!("{}", serde_json::to_string_pretty(&published)?);
             Ok(())
         }
         Command::Models { admin } => {
-            let (addr, token) = admin.resolve()?;
-            println!(
-                "{}",
-                call(addr, Method::GET, "/v1/models", &token, None).await?
-            );
+            let models = admin.client()?.models().await?;
+            println!("{}", serde_json::to_string_pretty(&models)?);
             Ok(())
         }
         Command::Fleet { admin } => {
-            let (addr, token) = admin.resolve()?;
-            println!(
-                "{}",
-                call(addr, Method::GET, "/v1/fleet", &token, None).await?
-            );
+            let fleet = admin.client()?.fleet().await?;
+            println!("{}", serde_json::to_string_pretty(&fleet)?);
             Ok(())
         }
         Command::Enroll { config, id, out } => {
@@ -263,25 +255,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .context("no free device id")?
                     .parse()?,
             };
-            // New devices reach this coordinator and broker as the fleet's first device does.
-            let template = fleet_dir
-                .join("devices")
-                .join(format!("{}-0001", authority.name()))
-                .join("agent.toml");
-            let (coordinators, mqtt) = match firmware_config::AgentConfig::load(&template) {
-                Ok(agent) => (agent.coordinator.addresses, agent.mqtt.broker),
-                Err(_) => (
-                    vec![HostPort {
-                        host: "localhost".into(),
-                        port: fleet_config.quic.listen.port(),
-                    }],
-                    HostPort {
-                        host: "localhost".into(),
-                        port: 1883,
-                    },
-                ),
-            };
-            let path = authority.enroll(&id, &coordinators, &mqtt, &out)?;
+            let path = authority.enroll_like_first_device(
+                &id,
+                &fleet_dir,
+                fleet_config.quic.listen.port(),
+                &out,
+            )?;
             println!("enrolled device {id}: {}", path.display());
             Ok(())
         }
@@ -331,35 +310,16 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// Calls the admin API; returns the body, or the server's error message as an error.
 /// A push's answer for people: what was (or would be) published, each variant's size and
 /// download against the current version, and the int8 figures.
-fn summarise_push(reply: &str) -> anyhow::Result<String> {
+fn summarise_push(published: &Published) -> anyhow::Result<String> {
     use std::fmt::Write as _;
-    let v: serde_json::Value =
-        serde_json::from_str(reply).context("the coordinator's answer is not JSON")?;
-    let text = |key: &str| v[key].as_str().unwrap_or("?").to_owned();
     let mut out = String::new();
     let what = format!(
         "{} version {} (release {}, {})",
-        text("model"),
-        v["version"],
-        v["release"],
-        text("stage")
+        published.model, published.version, published.release, published.stage
     );
-    if v["dry_run"].as_bool() == Some(true) {
+    if published.dry_run {
         writeln!(
             out,
             "dry run: {what} would be published; nothing was stored or announced"
@@ -367,57 +327,44 @@ fn summarise_push(reply: &str) -> anyhow::Result<String> {
     } else {
         writeln!(out, "published {what}")?;
     }
-    for d in v["delta"].as_array().into_iter().flatten() {
-        let bytes = d["bytes"].as_u64().unwrap_or(0);
-        let new = d["new_bytes"].as_u64().unwrap_or(0);
-        let against = match d["against_version"].as_u64() {
+    for d in &published.delta {
+        let against = match d.against_version {
             Some(old) => format!(
                 "{} new against version {old} ({} of {} chunks, {:.1} %)",
-                size(new),
-                d["new_chunks"],
-                d["chunks"],
-                100.0 * new as f64 / bytes.max(1) as f64
+                size(d.new_bytes),
+                d.new_chunks,
+                d.chunks,
+                100.0 * d.new_bytes as f64 / d.bytes.max(1) as f64
             ),
             None => "all new".to_owned(),
         };
         writeln!(
             out,
             "  {:<10}  {} in {} chunks; {against}",
-            d["target"].as_str().unwrap_or("?"),
-            size(bytes),
-            d["chunks"]
+            d.target.as_str(),
+            size(d.bytes),
+            d.chunks
         )?;
     }
-    if let Some(edge) = v.get("edge").filter(|e| !e.is_null()) {
-        let q = &edge["quantize"];
-        let (fp32, int8) = (
-            q["fp32_bytes"].as_u64().unwrap_or(0),
-            q["int8_bytes"].as_u64().unwrap_or(0),
-        );
+    if let Some(edge) = &published.edge {
+        let q = &edge.quantize;
         writeln!(
             out,
             "  int8: {} weight tensors; {} fp32 -> {} int8 ({:.1} %)",
-            q["tensors"],
-            size(fp32),
-            size(int8),
-            100.0 * int8 as f64 / fp32.max(1) as f64
+            q.tensors,
+            size(q.fp32_bytes),
+            size(q.int8_bytes),
+            100.0 * q.int8_bytes as f64 / q.fp32_bytes.max(1) as f64
         )?;
-        let a = &edge["accuracy"];
-        writeln!(
-            out,
-            "  accuracy gate ({} rows, {}):",
-            a["rows"],
-            a["samples"].as_str().unwrap_or("?")
-        )?;
-        for o in a["outputs"].as_array().into_iter().flatten() {
+        let a = &edge.accuracy;
+        writeln!(out, "  accuracy gate ({} rows, {}):", a.rows, a.samples)?;
+        for o in &a.outputs {
             write!(
                 out,
                 "    {}: max abs error {:.6}, cosine {:.6}",
-                o["name"].as_str().unwrap_or("?"),
-                o["max_abs_error"].as_f64().unwrap_or(f64::NAN),
-                o["cosine"].as_f64().unwrap_or(f64::NAN)
+                o.name, o.max_abs_error, o.cosine
             )?;
-            if let Some(t) = o["top1_agreement"].as_f64() {
+            if let Some(t) = o.top1_agreement {
                 write!(out, ", top-1 agreement {:.1} %", t * 100.0)?;
             }
             out.push('\n');
@@ -434,104 +381,31 @@ fn size(bytes: u64) -> String {
     }
 }
 
-async fn call(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    token: &str,
-    body: Option<Vec<u8>>,
-) -> anyhow::Result<String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| {
-            format!("cannot reach the admin API at {addr} (is the coordinator running?)")
-        })?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let body = Upload::new(body.unwrap_or_default());
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(body)?;
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    if status.is_success() {
-        return Ok(text);
-    }
-    let message = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-        .unwrap_or(text);
-    if status == StatusCode::UNAUTHORIZED {
-        bail!("the coordinator refused the admin token: {message}");
-    }
-    bail!("{status}: {message}")
-}
-
-/// A request body sent in 1 MiB pieces, showing progress on a terminal for big uploads.
-struct Upload {
-    data: Bytes,
-    sent: usize,
-    shown: usize,
-    show: bool,
-}
-
-impl Upload {
-    fn new(data: Vec<u8>) -> Self {
-        let show = data.len() > 4 << 20 && std::io::stderr().is_terminal();
-        Upload {
-            data: Bytes::from(data),
-            sent: 0,
-            shown: 0,
-            show,
+/// Shows a big upload's progress on a terminal: a percentage, then a line once it is all sent.
+fn upload_progress() -> UploadProgress {
+    let show = std::io::stderr().is_terminal();
+    let shown = AtomicU64::new(0);
+    Arc::new(move |sent: u64, total: u64| {
+        if !show || total <= 4 << 20 {
+            return;
         }
-    }
-}
-
-impl Body for Upload {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    #[allow(clippy::print_stderr)]
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        if this.sent >= this.data.len() {
-            if this.show && this.shown < 100 {
+        let percent = sent * 100 / total;
+        let before = shown.load(Ordering::Relaxed);
+        if percent >= before + 5 {
+            #[allow(clippy::print_stderr)]
+            {
+                eprint!("\ruploading {percent:>3}% of {:.1} MB", total as f64 / 1e6);
+            }
+            shown.store(percent, Ordering::Relaxed);
+        }
+        if sent >= total {
+            #[allow(clippy::print_stderr)]
+            {
                 eprintln!(
                     "\ruploaded {:.1} MB, waiting for the coordinator to check and store it",
-                    this.data.len() as f64 / 1e6
+                    total as f64 / 1e6
                 );
-                this.shown = 100;
             }
-            return Poll::Ready(None);
         }
-        let end = (this.sent + (1 << 20)).min(this.data.len());
-        let piece = this.data.slice(this.sent..end);
-        this.sent = end;
-        let percent = this.sent * 100 / this.data.len();
-        if this.show && percent >= this.shown + 5 {
-            eprint!(
-                "\ruploading {percent:>3}% of {:.1} MB",
-                this.data.len() as f64 / 1e6
-            );
-            this.shown = percent;
-        }
-        Poll::Ready(Some(Ok(Frame::data(piece))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.sent >= self.data.len()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact((self.data.len() - self.sent) as u64)
-    }
+    })
 }

@@ -66,7 +66,7 @@ pub struct EdgeReport {
 }
 
 /// How much of a variant devices that run the stable version lack.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delta {
     /// The variant.
     pub target: Target,
@@ -82,8 +82,34 @@ pub struct Delta {
     pub new_bytes: u64,
 }
 
+/// Whether a published version went to every device or to a rollout cohort first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Every device runs it.
+    Stable,
+    /// A share of the devices runs it, the others the stable version.
+    Candidate,
+}
+
+impl Stage {
+    /// `stable` or `candidate`, as the admin API writes it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Stage::Stable => "stable",
+            Stage::Candidate => "candidate",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The answer to a push or rollback.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Published {
     /// The model.
     pub model: String,
@@ -92,7 +118,7 @@ pub struct Published {
     /// The release number of the new manifest.
     pub release: u64,
     /// Whether the version is stable or a candidate.
-    pub stage: &'static str,
+    pub stage: Stage,
     /// True when nothing was stored or announced (`dry_run`).
     pub dry_run: bool,
     /// Each variant's target and size.
@@ -106,7 +132,7 @@ pub struct Published {
 }
 
 /// A variant in listings.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VariantSummary {
     /// Its target.
     pub target: Target,
@@ -121,7 +147,7 @@ pub struct VariantSummary {
 pub type Outcome = (Published, Option<Vec<u8>>);
 
 /// A model in `GET /v1/models`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelSummary {
     /// The model.
     pub name: String,
@@ -374,7 +400,11 @@ impl Registry {
                 model: record.name,
                 version,
                 release: record.release + 1,
-                stage: if as_candidate { "candidate" } else { "stable" },
+                stage: if as_candidate {
+                    Stage::Candidate
+                } else {
+                    Stage::Stable
+                },
                 dry_run: true,
                 variants: variants.iter().map(|(v, _)| summary(v)).collect(),
                 new_chunks: new.len(),
@@ -529,16 +559,16 @@ impl Registry {
         version: u64,
         as_candidate: bool,
         percent: u8,
-    ) -> &'static str {
+    ) -> Stage {
         record.next_version = version + 1;
         record.release += 1;
         if as_candidate {
             record.candidate = Some((version, percent, format!("{}-{version}", record.name)));
-            "candidate"
+            Stage::Candidate
         } else {
             record.stable = version;
             record.candidate = None;
-            "stable"
+            Stage::Stable
         }
     }
 
@@ -546,7 +576,7 @@ impl Registry {
         &self,
         mut record: ModelRecord,
         version: u64,
-        stage: &'static str,
+        stage: Stage,
         new_chunks: usize,
     ) -> Result<(Published, Vec<u8>), RegistryError> {
         // Keep the newest versions, and always the stable and candidate ones.

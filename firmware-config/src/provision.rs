@@ -4,7 +4,8 @@
 //! coordinator certificate for the coordinator's hosts, and one folder per device with its key,
 //! its certificate (naming the device id) and a ready `agent.toml`. The coordinator's dev mode
 //! calls the same code to make its throwaway fleet, and [`FleetAuthority::enroll`] issues more
-//! devices from an existing fleet. Nothing here (or anywhere) makes material that skips
+//! devices from an existing fleet ([`FleetAuthority::enroll_like_first_device`]: with the
+//! addresses its first device has). Nothing here (or anywhere) makes material that skips
 //! verification.
 //!
 //! Layout of a fleet folder:
@@ -352,6 +353,37 @@ impl FleetAuthority {
         let config_path = dir.join(files::AGENT_CONFIG);
         write_file(&config_path, config.as_bytes(), Secrecy::Public)?;
         Ok(config_path)
+    }
+
+    /// Issues device `id` into `out` (see [`FleetAuthority::enroll`]), reaching the coordinators
+    /// and the MQTT broker as the fleet's first device (`{fleet}-0001` in `fleet_dir`) does, so
+    /// a device added to a running fleet needs no addresses. Without that device's config:
+    /// `localhost` on `quic_port`, and MQTT on `localhost:1883`.
+    pub fn enroll_like_first_device(
+        &self,
+        id: &DeviceId,
+        fleet_dir: &Path,
+        quic_port: u16,
+        out: &Path,
+    ) -> Result<PathBuf, ProvisionError> {
+        let first = fleet_dir
+            .join(files::DEVICES)
+            .join(format!("{}-0001", self.name))
+            .join(files::AGENT_CONFIG);
+        let (coordinators, mqtt) = match crate::AgentConfig::load(&first) {
+            Ok(agent) => (agent.coordinator.addresses, agent.mqtt.broker),
+            Err(_) => (
+                vec![HostPort {
+                    host: "localhost".into(),
+                    port: quic_port,
+                }],
+                HostPort {
+                    host: "localhost".into(),
+                    port: 1883,
+                },
+            ),
+        };
+        self.enroll(id, &coordinators, &mqtt, out)
     }
 
     /// A certificate and key (PEM) for a coordinator reachable at `hosts`.

@@ -2,6 +2,7 @@
 //!
 //! - [`store`]: content-addressed chunk files, each written once through a synced temporary file.
 //! - [`serve`]: the HTTP serving loop and signal wait both daemons use.
+//! - [`http`]: the HTTP/1.1 client of the tools and tests (bounded answers, timeouts, typed errors).
 //! - [`tract`]: tract-onnx as an engine: load and check a model, read its signature, run it on
 //!   protocol tensors with inputs checked against the signature.
 //! - [`engine`]: the [`Engine`] trait every engine implements, its typed [`RunError`] and the
@@ -14,6 +15,7 @@
 pub mod accuracy;
 pub mod backoff;
 pub mod engine;
+pub mod http;
 pub mod plans;
 pub mod quantize;
 pub mod serve;

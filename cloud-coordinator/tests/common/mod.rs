@@ -1,5 +1,6 @@
 //! Helpers for the coordinator's tests: a coordinator on free loopback ports in a temp folder,
-//! an admin API client, a QUIC client with a device certificate, an MQTT subscriber.
+//! its typed admin client and a raw admin request (for queries the typed client cannot write),
+//! a QUIC client with a device certificate, an MQTT subscriber.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -8,12 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloud_coordinator::{Coordinator, CoordinatorHandle};
+use cloud_coordinator::admin::Published;
+use cloud_coordinator::{AdminClient, Coordinator, CoordinatorHandle, PushOptions};
 use firmware_config::{AgentConfig, CoordinatorConfig};
+use outpost_runtime::http::{self, HttpClient, Method};
 use outpost_shared::frame::{self, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use outpost_shared::{Request, Response};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 pub struct TestCoordinator {
     pub handle: CoordinatorHandle,
@@ -45,7 +47,13 @@ impl TestCoordinator {
         AgentConfig::load(self.handle.dev_agent_config.as_ref().unwrap()).unwrap()
     }
 
-    pub async fn admin(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    /// The typed admin client.
+    pub fn client(&self) -> AdminClient {
+        AdminClient::of(&self.handle)
+    }
+
+    /// A raw admin request with the token, for what the typed client cannot send.
+    pub async fn admin(&self, method: Method, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
         admin(
             self.handle.admin_addr,
             method,
@@ -56,12 +64,15 @@ impl TestCoordinator {
         .await
     }
 
-    pub async fn push(&self, name: &str, query: &str, body: &[u8]) -> serde_json::Value {
-        let (status, reply) = self
-            .admin("POST", &format!("/v1/models/{name}?{query}"), body)
-            .await;
-        assert_eq!(status, 201, "push failed: {reply}");
-        reply
+    /// Pushes and publishes (not a dry run), or fails the test with the coordinator's reason.
+    pub async fn push(&self, name: &str, options: &PushOptions, body: &[u8]) -> Published {
+        let published = self
+            .client()
+            .push(name, body.to_vec(), options)
+            .await
+            .unwrap_or_else(|e| panic!("push failed: {e}"));
+        assert!(!published.dry_run, "{published:?}");
+        published
     }
 
     pub async fn quic(&self) -> quinn::Connection {
@@ -69,29 +80,22 @@ impl TestCoordinator {
     }
 }
 
-/// A plain HTTP/1.1 request; returns the status and the JSON body (or the text as a string).
+/// An admin request as written, with `token`; returns the status and the JSON body (or the
+/// text as a string).
 pub async fn admin(
     addr: SocketAddr,
-    method: &str,
+    method: Method,
     path: &str,
     token: &str,
     body: &[u8],
 ) -> (u16, serde_json::Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let json =
-        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_owned()));
-    (status, json)
+    let request = http::Request::new(method, path)
+        .bearer(token)
+        .body(body.to_vec());
+    let answer = HttpClient::new(addr).send(request).await.unwrap();
+    let json = serde_json::from_slice(&answer.body)
+        .unwrap_or_else(|_| serde_json::Value::String(answer.text()));
+    (answer.status.as_u16(), json)
 }
 
 fn pem_der(path: &Path) -> Vec<u8> {

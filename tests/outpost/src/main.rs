@@ -1,6 +1,9 @@
 //! `outpost`: the quickstart (`up`) and the benchmarks (`bench`). The fleet simulator is not
 //! built yet.
 
+#[cfg(target_os = "linux")]
+mod runtime_dir;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -50,6 +53,11 @@ enum Command {
 #[allow(clippy::print_stdout, clippy::print_stderr)]
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts and any GPU probe: quiets Mesa's Wayland probe (see the module).
+    #[cfg(target_os = "linux")]
+    if matches!(cli.command, Command::Up { .. } | Command::Bench { .. }) {
+        runtime_dir::ensure();
+    }
     let (agents, port, data) = match cli.command {
         Command::Up { agents, port, data } => (agents, port, data),
         Command::Bench {

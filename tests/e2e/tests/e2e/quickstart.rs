@@ -1,11 +1,10 @@
 //! `outpost up` in-process: two agents converge on every demo model and answer the printed curl
 //! commands' requests.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use firmware_config::CoordinatorConfig;
 use outpost::quickstart::{self, Options};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use outpost_runtime::http::Request;
+use outpost_test_support::http::send;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_every_demo_model_on_every_agent() {
@@ -47,20 +46,12 @@ async fn up_serves_every_demo_model_on_every_agent() {
         let body = line
             .split_once(" -d '")
             .map(|(_, b)| b.trim_end_matches('\'').to_owned());
-        let method = if body.is_some() { "POST" } else { "GET" };
-        let body = body.unwrap_or_default();
-        let mut stream = tokio::net::TcpStream::connect(running.agents[0].api_addr)
-            .await
-            .unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).await.unwrap();
-        stream.write_all(body.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{line}\n{response}");
+        let request = match body {
+            Some(body) => Request::post(path, body),
+            None => Request::get(path),
+        };
+        let answer = send(running.agents[0].api_addr, request).await;
+        assert_eq!(answer.status, 200, "{line}\n{}", answer.text());
     }
     running.shutdown().await;
 }

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use cloud_coordinator::{Coordinator, CoordinatorHandle};
+use cloud_coordinator::{AdminClient, Coordinator, CoordinatorHandle, PushOptions};
 use edge_agent::{Agent, AgentHandle};
 use firmware_config::{AgentConfig, CoordinatorConfig, DeviceId, FleetAuthority};
 use model_zoo::{DEFAULT_SEED, DemoModel};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use outpost_shared::Placement;
 
 /// What `outpost up` starts.
 #[derive(Debug, Clone)]
@@ -26,30 +26,33 @@ pub struct Options {
     pub coordinator: CoordinatorConfig,
 }
 
-/// The models the quickstart pushes: (name, query, model, optional cloud model).
-fn demo_pushes() -> Vec<(&'static str, &'static str, DemoModel, Option<DemoModel>)> {
+/// The models the quickstart pushes: (name, placement, model, optional cloud model).
+fn demo_pushes() -> Vec<(&'static str, Placement, DemoModel, Option<DemoModel>)> {
     vec![
         (
             "video-ranker",
-            "placement=local",
+            Placement::Local,
             DemoModel::VideoRanker,
             Some(DemoModel::VideoRankerXl),
         ),
         (
             "video-ranker-xl",
-            "placement=cloud",
+            Placement::Cloud,
             DemoModel::VideoRankerXl,
             None,
         ),
         (
             "intent-classifier",
-            "placement=cascade%3Aintent_probs%3A0.6",
+            Placement::Cascade {
+                output: "intent_probs".into(),
+                threshold: 0.6,
+            },
             DemoModel::IntentClassifier,
             None,
         ),
         (
             "music-two-tower",
-            "placement=local",
+            Placement::Local,
             DemoModel::MusicTwoTower,
             None,
         ),
@@ -89,28 +92,22 @@ pub async fn up(options: &Options, mut progress: impl FnMut(&str)) -> anyhow::Re
     ));
 
     let fleet = DevFleet::of(&coordinator)?;
-    for (name, query, model, cloud) in demo_pushes() {
-        let mut body = model.bytes(DEFAULT_SEED);
-        let mut query = query.to_owned();
+    let admin = AdminClient::of(&coordinator);
+    for (name, placement, model, cloud) in demo_pushes() {
+        let model = model.bytes(DEFAULT_SEED);
+        let mut options = PushOptions::default().placement(placement);
         if let Some(cloud) = cloud {
-            let extra = cloud.bytes(DEFAULT_SEED);
-            query.push_str(&format!("&cloud_size={}", extra.len()));
-            body.extend(extra);
+            options = options.cloud_model(cloud.bytes(DEFAULT_SEED));
         }
+        let size = model.len() + options.cloud_model.as_ref().map_or(0, Vec::len);
         let started = Instant::now();
-        let (status, reply) = admin(
-            coordinator.admin_addr,
-            &coordinator.admin_token,
-            &format!("/v1/models/{name}?{query}"),
-            &body,
-        )
-        .await?;
-        if status != 201 {
-            bail!("pushing {name} failed ({status}): {reply}");
-        }
+        admin
+            .push(name, model, &options)
+            .await
+            .with_context(|| format!("pushing {name} failed"))?;
         progress(&format!(
             "pushed {name} ({:.1} MB) in {:.1} s",
-            body.len() as f64 / 1e6,
+            size as f64 / 1e6,
             started.elapsed().as_secs_f64()
         ));
     }
@@ -175,7 +172,7 @@ pub async fn up(options: &Options, mut progress: impl FnMut(&str)) -> anyhow::Re
 pub struct DevFleet {
     authority: FleetAuthority,
     dir: PathBuf,
-    template: AgentConfig,
+    quic_port: u16,
 }
 
 impl DevFleet {
@@ -192,12 +189,7 @@ impl DevFleet {
                 .parent()
                 .map(Path::to_path_buf)
                 .unwrap_or_default(),
-            template: AgentConfig::load(
-                coordinator
-                    .dev_agent_config
-                    .as_ref()
-                    .context("no dev agent config")?,
-            )?,
+            quic_port: coordinator.quic_addr.port(),
         })
     }
 
@@ -216,12 +208,8 @@ impl DevFleet {
             .join(id.as_str())
             .join("agent.toml");
         if !path.exists() {
-            self.authority.enroll(
-                &id,
-                &self.template.coordinator.addresses,
-                &self.template.mqtt.broker,
-                &self.dir,
-            )?;
+            self.authority
+                .enroll_like_first_device(&id, &self.dir, self.quic_port, &self.dir)?;
         }
         let mut config = AgentConfig::load(&path)?;
         config.api.listen = SocketAddr::from(([127, 0, 0, 1], port));
@@ -244,29 +232,4 @@ pub fn curl_examples(api: SocketAddr) -> String {
          curl -s http://{api}/v2/models/intent-classifier/infer -d '{{\"inputs\":[{{\"name\":\"token_ids\",\"shape\":[1,6],\"datatype\":\"INT64\",\"data\":[12,873,4410,95,7,3021]}}]}}'\n\
          curl -s http://{api}/v1/status"
     )
-}
-
-/// A POST to the admin API; the status and body.
-pub(crate) async fn admin(
-    addr: SocketAddr,
-    token: &str,
-    path: &str,
-    body: &[u8],
-) -> anyhow::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
 }

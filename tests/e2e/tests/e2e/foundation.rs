@@ -3,8 +3,6 @@
 //! moved as QUIC frames would move them, reassemble into bytes that match the manifest's digest
 //! and that tract runs; a tampered chunk is caught.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,7 +1,5 @@
 //! `outpost bench` runs end to end (few calls, few agents) and reports every figure.
 
-#![allow(clippy::unwrap_used)]
-
 use outpost::bench::{self, BenchOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

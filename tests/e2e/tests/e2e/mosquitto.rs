@@ -1,27 +1,23 @@
 //! The coordinator against a real Mosquitto broker (Debian `mosquitto`, started here on a free
-//! loopback port with TCP_NODELAY and stopped by PID): push, then a plain subscriber receives the
-//! retained manifest and it verifies with the fleet key.
+//! loopback port with TCP_NODELAY and stopped when the test ends): push, then a plain subscriber
+//! receives the retained manifest and it verifies with the fleet key.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cloud_coordinator::Coordinator;
 use firmware_config::{AgentConfig, CoordinatorConfig, HostPort};
 use outpost_shared::{ManifestVerifier, Topic};
+use outpost_test_support::coordinator::{placed, push};
+use outpost_test_support::mqtt::MqttObserver;
+use outpost_test_support::ports::free_tcp_port;
+use outpost_test_support::process::ChildGuard;
 
+/// A Mosquitto broker on a loopback port, stopped on drop.
 struct Mosquitto {
-    child: Child,
+    _child: ChildGuard,
     port: u16,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn mosquitto_binary() -> &'static str {
@@ -36,11 +32,7 @@ fn mosquitto_binary() -> &'static str {
 }
 
 fn start_mosquitto() -> Mosquitto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_tcp_port();
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(
@@ -48,13 +40,13 @@ fn start_mosquitto() -> Mosquitto {
         format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nlog_dest stdout\n"),
     )
     .unwrap();
-    let child = Command::new(mosquitto_binary())
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = ChildGuard::spawn(
+        Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -64,7 +56,7 @@ fn start_mosquitto() -> Mosquitto {
         std::thread::sleep(Duration::from_millis(20));
     }
     Mosquitto {
-        child,
+        _child: child,
         port,
         _dir: dir,
     }
@@ -85,37 +77,22 @@ async fn push_is_announced_through_mosquitto() {
     let handle = Coordinator::start(config).await.unwrap();
     assert!(!handle.embedded_broker);
 
+    // Published (the server's 201), not a dry run.
     let bytes = model_zoo::DemoModel::MusicTwoTower.bytes(model_zoo::DEFAULT_SEED);
-    let status = push(
-        handle.admin_addr,
-        &handle.admin_token,
-        "music-two-tower",
-        &bytes,
-    )
-    .await;
-    assert!(status.starts_with("HTTP/1.1 201"), "{status}");
+    let published = push(&handle, "music-two-tower", &placed("local"), &bytes).await;
+    assert!(!published.dry_run, "{published:?}");
 
     // A subscriber that connects after the push still gets the release (retained).
     let topic = Topic::manifest("music-two-tower").unwrap().name();
-    let mut options = rumqttc::MqttOptions::new("mosquitto-test", "127.0.0.1", broker.port);
-    options.set_max_packet_size(8 << 20, 8 << 20);
-    let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
-    events.network_options.set_tcp_nodelay(true);
-    client
-        .subscribe(&topic, rumqttc::QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let payload = loop {
-        let event = tokio::time::timeout_at(deadline, events.poll())
-            .await
-            .expect("no manifest within 10 s");
-        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = event {
-            if p.topic == topic {
-                break p.payload.to_vec();
-            }
-        }
-    };
+    let mut observer = MqttObserver::new(
+        &HostPort {
+            host: "127.0.0.1".into(),
+            port: broker.port,
+        },
+        "mosquitto-test",
+    );
+    observer.subscribe(&topic).await;
+    let payload = observer.next_message(&topic).await;
     let agent = AgentConfig::load(handle.dev_agent_config.as_ref().unwrap()).unwrap();
     let manifest = ManifestVerifier::new(agent.fleet.manifest_keys)
         .verify_cbor(&payload, now())
@@ -130,20 +107,6 @@ async fn push_is_announced_through_mosquitto() {
         outpost_shared::Digest::of(&int8)
     );
     handle.shutdown().await;
-}
-
-async fn push(addr: std::net::SocketAddr, token: &str, name: &str, body: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST /v1/models/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }
 
 fn now() -> u64 {

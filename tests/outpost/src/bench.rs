@@ -10,21 +10,20 @@
 //!
 //! Everything runs on loopback in a temporary folder; run it with `--release`.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
-use cloud_coordinator::{Coordinator, CoordinatorHandle};
+use anyhow::bail;
+use cloud_coordinator::{AdminClient, Coordinator, CoordinatorHandle, PushOptions};
 use edge_agent::AgentHandle;
 use firmware_config::CoordinatorConfig;
 use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_runtime::http::{Bytes, HttpClient, HttpConnection, Request, StatusCode};
 use outpost_runtime::quantize::quantize_int8;
 use outpost_runtime::tract::{TractModel, TractOptions};
-use outpost_shared::Tensor;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use outpost_shared::{Placement, Tensor};
 
-use crate::quickstart::{DevFleet, admin};
+use crate::quickstart::DevFleet;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -108,16 +107,11 @@ pub async fn run(options: &BenchOptions, mut report: impl FnMut(&str)) -> anyhow
 }
 
 async fn push(coordinator: &CoordinatorHandle, name: &str, model: &[u8]) -> anyhow::Result<()> {
-    let (status, reply) = admin(
-        coordinator.admin_addr,
-        &coordinator.admin_token,
-        &format!("/v1/models/{name}?placement=local"),
-        model,
-    )
-    .await?;
-    if status != 201 {
-        bail!("pushing {name} failed ({status}): {reply}");
-    }
+    let options = PushOptions::default().placement(Placement::Local);
+    AdminClient::of(coordinator)
+        .push(name, model.to_vec(), &options)
+        .await
+        .map_err(|e| anyhow::anyhow!("pushing {name} failed: {e}"))?;
     Ok(())
 }
 
@@ -171,10 +165,12 @@ async fn latency(
     ));
     for batch in [1u64, 256] {
         let inputs = ranker_inputs(batch)?;
-        let json = serde_json::json!({
-            "inputs": inputs.iter().map(|t| t.to_json()).collect::<Result<Vec<_>, _>>()?
-        })
-        .to_string();
+        let json = Bytes::from(
+            serde_json::json!({
+                "inputs": inputs.iter().map(|t| t.to_json()).collect::<Result<Vec<_>, _>>()?
+            })
+            .to_string(),
+        );
         let header = serde_json::json!({
             "inputs": inputs.iter().map(|t| serde_json::json!({
                 "name": t.name(), "shape": t.shape(), "datatype": t.datatype().as_str(),
@@ -187,13 +183,14 @@ async fn latency(
         for t in &inputs {
             binary.extend_from_slice(t.data());
         }
+        let binary = Bytes::from(binary);
         let path = "/v2/models/video-ranker/infer";
-        let binary_header = format!("Inference-Header-Content-Length: {}\r\n", header.len());
+        let binary_header = header.len().to_string();
         // Warm up: both sides optimise a plan for this batch size in the background.
         for _ in 0..20 {
             engine.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
             symbolic.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
-            client.post(path, "", json.as_bytes()).await?;
+            client.post(path, None, json.clone()).await?;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -210,10 +207,12 @@ async fn latency(
             symbolic.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
             in_process_symbolic.push(t.elapsed());
             let t = Instant::now();
-            client.post(path, "", json.as_bytes()).await?;
+            client.post(path, None, json.clone()).await?;
             api_json.push(t.elapsed());
             let t = Instant::now();
-            client.post(path, &binary_header, &binary).await?;
+            client
+                .post(path, Some(&binary_header), binary.clone())
+                .await?;
             api_binary.push(t.elapsed());
         }
         for (what, samples) in [
@@ -343,53 +342,32 @@ fn resident_kib() -> Option<u64> {
 
 /// One HTTP/1.1 keep-alive connection, as a client library would hold.
 struct KeepAlive {
-    stream: BufReader<tokio::net::TcpStream>,
-    addr: SocketAddr,
+    connection: HttpConnection,
 }
 
 impl KeepAlive {
-    async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
+    async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
         Ok(Self {
-            stream: BufReader::new(stream),
-            addr,
+            connection: HttpClient::new(addr).connect().await?,
         })
     }
 
-    /// POSTs `body`; fails unless the answer is 200. Returns the body.
-    async fn post(&mut self, path: &str, headers: &str, body: &[u8]) -> anyhow::Result<Vec<u8>> {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        let stream = self.stream.get_mut();
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body).await?;
-        let mut status = String::new();
-        self.stream.read_line(&mut status).await?;
-        let mut length = 0usize;
-        loop {
-            let mut line = String::new();
-            if self.stream.read_line(&mut line).await? == 0 {
-                bail!("the agent closed the connection");
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse().context("content-length")?;
-                }
-            }
+    /// POSTs `body` as JSON, or as binary tensors after a JSON header of `binary_header` bytes;
+    /// fails unless the answer is 200. Returns the body.
+    async fn post(
+        &mut self,
+        path: &str,
+        binary_header: Option<&str>,
+        body: Bytes,
+    ) -> anyhow::Result<Bytes> {
+        let mut request = Request::post(path, body).header("Content-Type", "application/json");
+        if let Some(length) = binary_header {
+            request = request.header("Inference-Header-Content-Length", length);
         }
-        let mut answer = vec![0; length];
-        self.stream.read_exact(&mut answer).await?;
-        if status.split_whitespace().nth(1) != Some("200") {
-            bail!("{}: {}", status.trim(), String::from_utf8_lossy(&answer));
+        let answer = self.connection.send(request).await?;
+        if answer.status != StatusCode::OK {
+            bail!("{}: {}", answer.status, answer.text());
         }
-        Ok(answer)
+        Ok(answer.body)
     }
 }

@@ -3,142 +3,30 @@
 //! push` published; an agent that does not trust the coordinator's certificate, and a device whose
 //! certificate the fleet did not issue, get nothing.
 //!
-//! `cargo test --workspace` builds the binaries beside this test's; the test fails, naming the
-//! command, when they are missing.
+//! `cargo test --workspace` builds the binaries in the target folder this test runs from
+//! (`outpost_test_support::process::binary` finds them); the test fails, naming the command,
+//! when they are missing.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
-fn binary(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_outpost")).parent().unwrap();
-    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` (cargo test --workspace builds it)",
-        path.display()
-    );
-    path
-}
-
-/// A child process killed when the test ends, its stdout lines on a channel.
-struct Process {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    name: &'static str,
-}
-
-impl Process {
-    fn start(name: &'static str, args: &[&str]) -> Self {
-        let mut child = Command::new(binary(name))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Process { child, lines, name }
-    }
-
-    /// Waits for a line containing `needle`; returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!(
-                    "{} printed no {needle:?} (exit: {:?}):\n{}",
-                    self.name,
-                    self.child.try_wait(),
-                    seen.join("\n")
-                ),
-            }
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn run(name: &str, args: &[&str]) -> String {
-    let out = Command::new(binary(name)).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{name} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use outpost_runtime::http::{Method, Request};
+use outpost_test_support::eventually::eventually_blocking;
+use outpost_test_support::http::blocking;
+use outpost_test_support::ports::{free_tcp_port, free_udp_port};
+use outpost_test_support::process::{Process, run};
 
 fn append(path: &Path, text: &str) {
     let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
     file.write_all(text.as_bytes()).unwrap();
 }
 
-/// A blocking HTTP/1.1 request; the status and body.
-fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
+/// A request to a loopback port (JSON body); the status and body, status 0 when no answer came.
+fn http(port: u16, method: Method, path: &str, body: &str) -> (u16, String) {
+    let request = Request::new(method, path)
+        .header("Content-Type", "application/json")
+        .body(body.to_owned());
+    blocking(port, request)
 }
 
 /// The device folder's agent config, with its API port and data folder set.
@@ -155,7 +43,7 @@ fn agent_config(device_dir: &Path, api: u16, data: &Path) -> PathBuf {
 }
 
 fn status(api: u16) -> serde_json::Value {
-    let (code, body) = http(api, "GET", "/v1/status", "");
+    let (code, body) = http(api, Method::GET, "/v1/status", "");
     assert_eq!(code, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -167,14 +55,6 @@ fn model_error(api: u16, model: &str) -> Option<String> {
         .find(|m| m["model"] == model)?["last_error"]
         .as_str()
         .map(str::to_owned)
-}
-
-fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -286,21 +166,21 @@ fn provisioned_binaries_sync_serve_and_refuse_strangers() {
     assert!(out.contains("published video-ranker version 1"), "{out}");
 
     // The fleet's device syncs and answers.
-    until("the agent to serve video-ranker", || {
-        http(api, "GET", "/v2/models/video-ranker/ready", "").0 == 200
+    eventually_blocking("the agent to serve video-ranker", || {
+        http(api, Method::GET, "/v2/models/video-ranker/ready", "").0 == 200
     });
     let body = serde_json::json!({ "inputs": [
         { "name": "user_features", "shape": [2, 32], "datatype": "FP32", "data": vec![0.1f32; 64] },
         { "name": "item_ids", "shape": [2], "datatype": "INT64", "data": [1, 2] }
     ]})
     .to_string();
-    let (code, reply) = http(api, "POST", "/v2/models/video-ranker/infer", &body);
+    let (code, reply) = http(api, Method::POST, "/v2/models/video-ranker/infer", &body);
     assert_eq!(code, 200, "{reply}");
     let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(reply["outputs"][0]["shape"], serde_json::json!([2, 1]));
 
     // The strangers got the release but not the model, and say why.
-    until("the wrong-CA agent to report its failure", || {
+    eventually_blocking("the wrong-CA agent to report its failure", || {
         model_error(wrong_ca_api, "video-ranker").is_some()
     });
     let why = model_error(wrong_ca_api, "video-ranker").unwrap();
@@ -308,19 +188,19 @@ fn provisioned_binaries_sync_serve_and_refuse_strangers() {
         why.contains("no coordinator is reachable") && why.contains("certificate"),
         "{why}"
     );
-    until("the stranger to report its failure", || {
+    eventually_blocking("the stranger to report its failure", || {
         model_error(stranger_api, "video-ranker").is_some()
     });
     let why = model_error(stranger_api, "video-ranker").unwrap();
     assert!(why.contains("no coordinator is reachable"), "{why}");
     for port in [wrong_ca_api, stranger_api] {
         assert_eq!(
-            http(port, "GET", "/v2/models/video-ranker/ready", "").0,
+            http(port, Method::GET, "/v2/models/video-ranker/ready", "").0,
             503
         );
     }
     // The fleet view (from device status over MQTT) shows the device.
-    until("the device in the fleet view", || {
+    eventually_blocking("the device in the fleet view", || {
         run("cloud-coordinator", &["fleet", "--config", config]).contains("e2e-0001")
     });
     drop((agent, wrong_ca_agent, stranger_agent, coordinator));

@@ -1,0 +1,271 @@
+//! [`AdminClient`]: the typed client of a running coordinator's admin API (push, rollback,
+//! model and fleet listings, metrics), on [`outpost_runtime::http`]. It reads the same wire
+//! types the server writes ([`crate::admin`]); the CLI, the `outpost` tool and the tests use it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use outpost_runtime::http::{
+    HttpClient, HttpError, Limits, Method, Request, Response, StatusCode, UploadProgress,
+};
+use outpost_shared::Placement;
+use serde::de::DeserializeOwned;
+
+use crate::admin::{DeviceStatus, ErrorReply, ModelSummary, Published, PushQuery, encode};
+use crate::registry::Quantize;
+
+/// Why an admin call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The admin API cannot be reached.
+    #[error("cannot reach the admin API at {addr} (is the coordinator running?): {source}")]
+    Connect {
+        /// The address tried.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection failed or timed out after it was made.
+    #[error("the admin API at {addr} did not answer: {source}")]
+    Transport {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: HttpError,
+    },
+    /// The coordinator refused the call, with its reason.
+    #[error("{}", refusal(*status, message))]
+    Status {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The server's message (its `error`, or the body as text).
+        message: String,
+    },
+    /// The answer is not what the admin API sends.
+    #[error("the coordinator's answer to {what} is not what the admin API sends: {reason}")]
+    BadBody {
+        /// The call.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl AdminError {
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            AdminError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+fn refusal(status: StatusCode, message: &str) -> String {
+    if status == StatusCode::UNAUTHORIZED {
+        format!("the coordinator refused the admin token: {message}")
+    } else {
+        format!("{status}: {message}")
+    }
+}
+
+/// What to push with a model file; [`Default`] is a local, int8-when-possible, stable push.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// Placement, rollout, quantisation and dry run (the sizes are set from the files below).
+    pub query: PushQuery,
+    /// A bigger model with the same signature for the coordinator to run.
+    pub cloud_model: Option<Vec<u8>>,
+    /// Inputs for the int8 accuracy gate: an inference request body (`{"inputs": [...]}`).
+    pub samples: Option<Vec<u8>>,
+}
+
+impl PushOptions {
+    /// Where inference runs.
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.query.placement = placement;
+        self
+    }
+
+    /// The share of devices (0–100) that get the version first.
+    pub fn rollout(mut self, percent: u8) -> Self {
+        self.query.rollout_percent = percent;
+        self
+    }
+
+    /// The edge variant's weights.
+    pub fn quantize(mut self, quantize: Quantize) -> Self {
+        self.query.quantize = Some(quantize);
+        self
+    }
+
+    /// Measure and report; publish nothing.
+    pub fn dry_run(mut self) -> Self {
+        self.query.dry_run = true;
+        self
+    }
+
+    /// A bigger model for the coordinator to run.
+    pub fn cloud_model(mut self, bytes: Vec<u8>) -> Self {
+        self.cloud_model = Some(bytes);
+        self
+    }
+
+    /// The accuracy gate's sample file.
+    pub fn samples(mut self, bytes: Vec<u8>) -> Self {
+        self.samples = Some(bytes);
+        self
+    }
+}
+
+/// The typed client of one coordinator's admin API.
+#[derive(Clone)]
+pub struct AdminClient {
+    http: HttpClient,
+    token: String,
+    upload_progress: Option<UploadProgress>,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient")
+            .field("addr", &self.http.addr())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long an admin call may take: a push of a big model is quantised and checked before the
+/// answer.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl AdminClient {
+    /// A client of the admin API at `addr`, with the bearer `token`.
+    pub fn new(addr: SocketAddr, token: impl Into<String>) -> Self {
+        AdminClient {
+            http: HttpClient::new(addr).with_limits(Limits {
+                timeout: ADMIN_TIMEOUT,
+                ..Limits::default()
+            }),
+            token: token.into(),
+            upload_progress: None,
+        }
+    }
+
+    /// The client of an in-process coordinator.
+    pub fn of(coordinator: &crate::CoordinatorHandle) -> Self {
+        AdminClient::new(coordinator.admin_addr, coordinator.admin_token.clone())
+    }
+
+    /// The same client with other limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.http = self.http.with_limits(limits);
+        self
+    }
+
+    /// The same client, telling `progress` as pushes upload.
+    pub fn on_upload(mut self, progress: UploadProgress) -> Self {
+        self.upload_progress = Some(progress);
+        self
+    }
+
+    /// The admin API's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.http.addr()
+    }
+
+    /// Pushes `model` as `name`: the coordinator checks it, stores it as chunks, signs and
+    /// announces a new version (or, for a dry run, only reports).
+    pub async fn push(
+        &self,
+        name: &str,
+        model: Vec<u8>,
+        options: &PushOptions,
+    ) -> Result<Published, AdminError> {
+        let mut body = model;
+        let mut query = options.query.clone();
+        query.cloud_size = options.cloud_model.as_ref().map(Vec::len);
+        query.samples_size = options.samples.as_ref().map(Vec::len);
+        // The body's order is the server's: model, cloud model, samples.
+        for extra in [&options.cloud_model, &options.samples]
+            .into_iter()
+            .flatten()
+        {
+            body.extend_from_slice(extra);
+        }
+        let mut request = Request::post(
+            format!("/v1/models/{}?{}", encode(name), query.to_query()),
+            body,
+        );
+        if let Some(progress) = &self.upload_progress {
+            request = request.on_upload(progress.clone());
+        }
+        self.call(request).await
+    }
+
+    /// Publishes kept version `to` of `name` as a new, stable version.
+    pub async fn rollback(&self, name: &str, to: u64) -> Result<Published, AdminError> {
+        self.call(Request::new(
+            Method::POST,
+            format!("/v1/models/{}/rollback?to={to}", encode(name)),
+        ))
+        .await
+    }
+
+    /// The models and their versions.
+    pub async fn models(&self) -> Result<Vec<ModelSummary>, AdminError> {
+        self.call(Request::get("/v1/models")).await
+    }
+
+    /// The devices and their last status.
+    pub async fn fleet(&self) -> Result<Vec<DeviceStatus>, AdminError> {
+        self.call(Request::get("/v1/fleet")).await
+    }
+
+    /// The Prometheus metrics, as text.
+    pub async fn metrics(&self) -> Result<String, AdminError> {
+        let what = "GET /metrics".to_owned();
+        let answer = self.exchange(Request::get("/metrics")).await?;
+        check(&answer)?;
+        String::from_utf8(answer.body.to_vec()).map_err(|e| AdminError::BadBody {
+            what,
+            reason: e.to_string(),
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(&self, request: Request) -> Result<T, AdminError> {
+        let what = format!("{} {}", request.method, request.path);
+        let answer = self.exchange(request.bearer(&self.token)).await?;
+        check(&answer)?;
+        serde_json::from_slice(&answer.body).map_err(|e| AdminError::BadBody {
+            what,
+            reason: e.to_string(),
+        })
+    }
+
+    async fn exchange(&self, request: Request) -> Result<Response, AdminError> {
+        let addr = self.http.addr();
+        self.http
+            .send(request)
+            .await
+            .map_err(|source| match source {
+                HttpError::Connect { source, .. } => AdminError::Connect { addr, source },
+                source => AdminError::Transport { addr, source },
+            })
+    }
+}
+
+/// A success, or the refusal with the server's message.
+fn check(answer: &Response) -> Result<(), AdminError> {
+    if answer.status.is_success() {
+        return Ok(());
+    }
+    let text = answer.text();
+    let message = serde_json::from_slice::<ErrorReply>(&answer.body)
+        .map(|e| e.error)
+        .unwrap_or(text);
+    Err(AdminError::Status {
+        status: answer.status,
+        message,
+    })
+}

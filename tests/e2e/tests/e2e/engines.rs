@@ -1,0 +1,135 @@
+//! The engine choice (`engine = "auto" | "gpu" | "cpu"`): which engine runs each local model, the
+//! answers it gives against tract, and the status and metadata that say which and why.
+
+use cloud_coordinator::registry::Quantize;
+use edge_agent::{Agent, AgentHandle};
+use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_runtime::quantize::quantize_int8;
+use outpost_runtime::tract::TractModel;
+use outpost_test_support::agent::{agent_config, infer, ranker_request};
+use outpost_test_support::coordinator::{placed, push, start_coordinator};
+use outpost_test_support::eventually::eventually;
+use outpost_test_support::http::get_json;
+use serde_json::json;
+
+/// The engine choice: `engine = "gpu"` runs local models on any adapter (lavapipe in CI) with the
+/// same answers as tract, and a model with an op the GPU lacks falls back to tract naming the op;
+/// `auto` stays off CPU-emulated adapters; `cpu` never touches the GPU. Status and metadata say
+/// which engine runs each model and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_choice_puts_models_on_the_gpu_or_says_why_not() {
+    use firmware_config::EngineChoice;
+    use model_zoo::graph::{Dim, GraphBuilder};
+    use prost::Message as _;
+    use tract_onnx::pb::tensor_proto::DataType as Onnx;
+
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let ranker = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    push(&coordinator, "video-ranker", &placed("local"), &ranker).await;
+    let mut g = GraphBuilder::new(3);
+    let x = g.input("x", Onnx::Float, &[Dim::Symbol("batch"), Dim::Fixed(4)]);
+    g.node("Cos", &[&x], Some("y"), vec![]);
+    g.output("y", Onnx::Float, &[Dim::Symbol("batch"), Dim::Fixed(4)]);
+    let cosine = g.finish("cosine", "no GPU kernel", &[]).encode_to_vec();
+    push(
+        &coordinator,
+        "cosine",
+        &placed("local").quantize(Quantize::None),
+        &cosine,
+    )
+    .await;
+
+    let start = |choice: EngineChoice, name: &str| {
+        let mut config = agent_config(&coordinator, &dir.path().join(name));
+        config.engine = choice;
+        Agent::start(config)
+    };
+    let gpu = start(EngineChoice::Gpu, "gpu").await.unwrap();
+    let auto = start(EngineChoice::Auto, "auto").await.unwrap();
+    let cpu = start(EngineChoice::Cpu, "cpu").await.unwrap();
+    for agent in [&gpu, &auto, &cpu] {
+        eventually("both models", || {
+            agent.active_version("video-ranker") == Some(1)
+                && agent.active_version("cosine") == Some(1)
+        })
+        .await;
+    }
+    let model = |agent: &AgentHandle, name: &str| {
+        agent
+            .status()
+            .models
+            .into_iter()
+            .find(|m| m.model == name)
+            .unwrap()
+    };
+
+    // engine = "gpu": the ranker on the GPU, answering as tract does.
+    let on_gpu = model(&gpu, "video-ranker");
+    assert_eq!(on_gpu.engine.as_deref(), Some("wgpu"), "{on_gpu:?}");
+    assert!(
+        on_gpu.adapter.is_some() && on_gpu.gpu_fallback.is_none(),
+        "{on_gpu:?}"
+    );
+    let (body, tensors) = ranker_request(5);
+    let (status, reply) = infer(&gpu, "video-ranker", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let expected = TractModel::load(&quantize_int8(&ranker).unwrap().bytes)
+        .unwrap()
+        .run(&tensors)
+        .unwrap()[0]
+        .to_values::<f32>()
+        .unwrap();
+    let scores: Vec<f32> = reply["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(scores.len(), 5);
+    for (s, e) in scores.iter().zip(&expected) {
+        assert!((s - e).abs() < 5e-2, "gpu {scores:?} vs tract {expected:?}");
+    }
+    let (_, meta) = get_json(gpu.api_addr, "/v2/models/video-ranker").await;
+    assert_eq!(meta["parameters"]["engine"], "wgpu", "{meta}");
+    assert!(meta["parameters"]["adapter"].is_string(), "{meta}");
+    // An id outside the table is the caller's error, named.
+    let mut bad = body.clone();
+    bad["inputs"][1]["data"][0] = json!(10_000);
+    let (status, reply) = infer(&gpu, "video-ranker", &bad).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("id 10000"),
+        "{reply}"
+    );
+    // No kernel for Cos: tract runs it, and the status names the op.
+    let fallback = model(&gpu, "cosine");
+    assert_eq!(fallback.engine.as_deref(), Some("tract"));
+    assert!(
+        fallback.gpu_fallback.as_deref().unwrap().contains("op Cos"),
+        "{fallback:?}"
+    );
+
+    // engine = "auto": a CPU-emulated adapter is not used (a hardware GPU would be).
+    let auto_model = model(&auto, "video-ranker");
+    match auto_model.engine.as_deref() {
+        Some("tract") => {
+            let why = auto_model.gpu_fallback.unwrap();
+            assert!(
+                why.contains("emulated on the CPU") || why.contains("no "),
+                "{why}"
+            );
+        }
+        Some("wgpu") => assert!(auto_model.adapter.is_some()),
+        other => panic!("{other:?}"),
+    }
+    // engine = "cpu": tract, and says so.
+    let cpu_model = model(&cpu, "video-ranker");
+    assert_eq!(cpu_model.engine.as_deref(), Some("tract"));
+    assert!(cpu_model.gpu_fallback.unwrap().contains("engine = \"cpu\""));
+
+    for agent in [gpu, auto, cpu] {
+        agent.shutdown().await;
+    }
+    coordinator.shutdown().await;
+}

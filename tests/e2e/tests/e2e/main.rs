@@ -1,0 +1,27 @@
+//! Outpost end to end, across crates, processes and networks: one test binary (linking tract and
+//! wgpu is slow), a module per area. The fixtures they share are `outpost-test-support`.
+//!
+//! - [`sync`]: what an agent downloads to serve a release.
+//! - [`inference`]: the agent's inference API (local, cloud, cascade, binary tensors, refusals
+//!   of bad requests), around a model's life on the device: upgrade, rollback, offline, restart.
+//! - [`resilience`]: a coordinator that restarts, a dead coordinator in the list.
+//! - [`refusals`]: releases and identities an agent refuses, and says why.
+//! - [`engines`]: the engine choice (GPU, tract) and what status and metadata say.
+//! - [`foundation`]: the protocol pieces end to end without a network.
+//! - [`processes`]: the three binaries as separate processes, from provisioning output.
+//! - [`mosquitto`]: the coordinator against a real Mosquitto broker.
+//! - [`quickstart`]: `outpost up` in-process.
+//! - [`bench`]: `outpost bench` in-process, briefly.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod bench;
+mod engines;
+mod foundation;
+mod inference;
+mod mosquitto;
+mod processes;
+mod quickstart;
+mod refusals;
+mod resilience;
+mod sync;

@@ -1,0 +1,182 @@
+//! Refusals: what an agent will not take, and says why in its status while the version it has
+//! keeps serving: a release over its storage budget, releases signed by another fleet or older
+//! than what it runs, a certificate naming another device.
+
+use cloud_coordinator::PushOptions;
+use cloud_coordinator::registry::Quantize;
+use edge_agent::{Agent, AgentHandle};
+use firmware_config::AgentConfig;
+use model_zoo::DemoModel;
+use outpost_test_support::agent::agent_config;
+use outpost_test_support::coordinator::{push, start_coordinator};
+use outpost_test_support::eventually::eventually;
+use outpost_test_support::mqtt::MqttObserver;
+
+/// A release that would take the device over its storage budget is refused, and the status says
+/// why; the version it had keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_storage_budget_refuses_what_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let mut config = agent_config(&coordinator, dir.path());
+    config.profile.storage_budget_mb = Some(1);
+    let agent = Agent::start(config).await.unwrap();
+    // fp32 video-ranker: 662 KB of the 1 MiB budget.
+    let fp32 = |seed| DemoModel::VideoRanker.bytes(seed);
+    push(
+        &coordinator,
+        "video-ranker",
+        &PushOptions::default().quantize(Quantize::None),
+        &fp32(1),
+    )
+    .await;
+    eventually("version 1", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    // A second fp32 version would keep both (active and previous): 1.3 MB.
+    push(
+        &coordinator,
+        "video-ranker",
+        &PushOptions::default().quantize(Quantize::None),
+        &fp32(2),
+    )
+    .await;
+    let refused = |agent: &AgentHandle| {
+        agent
+            .status()
+            .models
+            .iter()
+            .find(|m| m.model == "video-ranker")
+            .and_then(|m| m.last_error.clone())
+    };
+    eventually("the refusal in the status", || refused(&agent).is_some()).await;
+    let why = refused(&agent).unwrap();
+    assert!(
+        why.contains("storage budget") && why.contains("profile.storage_budget_mb"),
+        "{why}"
+    );
+    assert_eq!(agent.active_version("video-ranker"), Some(1));
+    // The int8 version fits beside version 1.
+    push(
+        &coordinator,
+        "video-ranker",
+        &PushOptions::default(),
+        &fp32(3),
+    )
+    .await;
+    eventually("version 3", || {
+        agent.active_version("video-ranker") == Some(3)
+    })
+    .await;
+    assert_eq!(refused(&agent), None);
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_and_stale_releases_are_refused_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    push(
+        &coordinator,
+        "video-ranker",
+        &PushOptions::default(),
+        &DemoModel::VideoRanker.bytes(1),
+    )
+    .await;
+
+    // Keep release 1 as the broker has it, to replay it later.
+    let topic = "outpost/v1/models/video-ranker/manifest";
+    let mut observer = MqttObserver::new(&coordinator.mqtt, "observer");
+    observer.subscribe(topic).await;
+    let release_1 = observer.next_message(topic).await;
+    let client = observer.into_publisher();
+
+    let agent = Agent::start(agent_config(&coordinator, dir.path()))
+        .await
+        .unwrap();
+    eventually("version 1", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    push(
+        &coordinator,
+        "video-ranker",
+        &PushOptions::default(),
+        &DemoModel::VideoRanker.bytes(2),
+    )
+    .await;
+    eventually("version 2", || {
+        agent.active_version("video-ranker") == Some(2)
+    })
+    .await;
+
+    // A release signed by another fleet's key, for a "newer" version.
+    let other = tempfile::tempdir().unwrap();
+    let plan = firmware_config::FleetPlan::numbered(
+        "evil",
+        1,
+        vec!["localhost:1".parse().unwrap()],
+        "localhost:1".parse().unwrap(),
+    )
+    .unwrap();
+    firmware_config::provision(&plan, other.path()).unwrap();
+    let key = pem::parse(std::fs::read_to_string(other.path().join("fleet-signing.key")).unwrap())
+        .unwrap();
+    let evil = outpost_shared::ManifestSigner::from_pkcs8(key.contents()).unwrap();
+    let mut forged = ManifestVerifierFor::trusting(&agent_config(&coordinator, dir.path()))
+        .verify_cbor(&release_1, now())
+        .unwrap();
+    forged.release = 99;
+    forged.stable.version = 99;
+    let forged = evil.sign(&forged).unwrap().to_cbor().unwrap();
+
+    let rejected = agent.status().counters.manifests_rejected;
+    for payload in [forged, release_1, Vec::new()] {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    eventually("three refusals", || {
+        agent.status().counters.manifests_rejected >= rejected + 3
+    })
+    .await;
+    assert_eq!(
+        agent.active_version("video-ranker"),
+        Some(2),
+        "a refused release changed nothing"
+    );
+    let status = agent.status();
+    let last = status.last_error.unwrap_or_default();
+    assert!(!last.is_empty());
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
+
+struct ManifestVerifierFor;
+
+impl ManifestVerifierFor {
+    fn trusting(config: &AgentConfig) -> outpost_shared::ManifestVerifier {
+        outpost_shared::ManifestVerifier::new(config.fleet.manifest_keys.clone())
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_is_the_device_its_certificate_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let mut config = agent_config(&coordinator, dir.path());
+    config.device.id = "dev-9999".parse().unwrap();
+    let err = Agent::start(config).await.unwrap_err().to_string();
+    assert!(err.contains("certificate names \"dev-0001\""), "{err}");
+    coordinator.shutdown().await;
+}

@@ -1,0 +1,114 @@
+//! Resilience: an agent whose coordinator goes away and comes back on the same address finds it
+//! again without a restart, and a dead first coordinator in the list fails over to the next.
+
+use std::time::Duration;
+
+use cloud_coordinator::{Coordinator, CoordinatorHandle};
+use edge_agent::Agent;
+use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_test_support::agent::{agent_config, infer, music_request};
+use outpost_test_support::coordinator::{coordinator_config, placed, push, start_coordinator};
+use outpost_test_support::eventually::eventually;
+
+/// A coordinator in a temp folder that serves `music-two-tower` from the cloud.
+async fn coordinator_with_cloud_music() -> (tempfile::TempDir, CoordinatorHandle) {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    push(
+        &coordinator,
+        "music-two-tower",
+        &placed("cloud"),
+        &DemoModel::MusicTwoTower.bytes(DEFAULT_SEED),
+    )
+    .await;
+    (dir, coordinator)
+}
+
+/// A coordinator that goes away and comes back on the same address is found again without
+/// restarting the agent: cloud calls answer again and new releases are fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reconnects_to_a_restarted_coordinator() {
+    let (dir, coordinator) = coordinator_with_cloud_music().await;
+    let agent = Agent::start(agent_config(&coordinator, dir.path()))
+        .await
+        .unwrap();
+    eventually("the cloud model", || {
+        agent.active_version("music-two-tower") == Some(1)
+    })
+    .await;
+    let music = music_request();
+    let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+    assert_eq!(status, 200, "{reply}");
+
+    // Down: the cloud-only model answers 503 with the reason.
+    let (quic, mqtt) = (coordinator.quic_addr, coordinator.mqtt.clone());
+    coordinator.shutdown().await;
+    let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+    assert_eq!(status, 503, "{reply}");
+
+    // Back on the same QUIC address and data. The embedded broker of the first one cannot be
+    // stopped in-process (rumqttd has no API for it), so the second uses it as an external one;
+    // the agent's MQTT session is untouched and only QUIC has to come back.
+    let mut config = coordinator_config(dir.path());
+    config.quic.listen = quic;
+    config.mqtt.listen = None;
+    config.mqtt.external = Some(mqtt);
+    let again = Coordinator::start(config).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{reply}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not reconnect: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    push(
+        &again,
+        "video-ranker",
+        &placed("local"),
+        &DemoModel::VideoRanker.bytes(DEFAULT_SEED),
+    )
+    .await;
+    eventually("a release of the restarted coordinator", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    agent.shutdown().await;
+    again.shutdown().await;
+}
+
+/// Coordinators are tried in the configured order: a dead first one does not stop the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_first_coordinator_fails_over_to_the_next() {
+    let (dir, coordinator) = coordinator_with_cloud_music().await;
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = agent_config(&coordinator, dir.path());
+    let live = config.coordinator.addresses[0].clone();
+    config.coordinator.addresses = vec![
+        firmware_config::HostPort {
+            host: "127.0.0.1".into(),
+            port: dead,
+        },
+        live,
+    ];
+    let agent = Agent::start(config).await.unwrap();
+    eventually("the cloud model", || {
+        agent.active_version("music-two-tower") == Some(1)
+    })
+    .await;
+    let music = music_request();
+    let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["parameters"]["rows_cloud"], 1);
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}

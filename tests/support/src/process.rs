@@ -1,0 +1,117 @@
+//! Child processes for tests that run Outpost's real executables (and Mosquitto): where the
+//! workspace's binaries are, and guards that kill a child when the test ends, however it ends.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The workspace binary `name` (`edge-agent`, `cloud-coordinator`, `firmware-config`, …),
+/// beside this test executable's `deps/` folder in the target folder: `cargo test --workspace`
+/// builds every member's binaries there. Fails the test, naming the command, when it is missing.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/{profile}/deps/e2e-HASH: the binaries are in target/{profile}.
+    let profile_dir = exe
+        .parent()
+        .filter(|d| d.ends_with("deps"))
+        .and_then(Path::parent)
+        .or_else(|| exe.parent())
+        .unwrap();
+    let path = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+/// Runs workspace binary `name` to completion; its stdout. Fails the test, with both outputs, if
+/// it fails.
+pub fn run(name: &str, args: &[&str]) -> String {
+    let out = Command::new(binary(name)).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{name} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A child process killed (and reaped) when dropped.
+#[derive(Debug)]
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Spawns `command`; fails the test if it cannot start.
+    pub fn spawn(command: &mut Command) -> Self {
+        ChildGuard(command.spawn().unwrap())
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A workspace binary running for a test, killed when dropped, its stdout and stderr lines on a
+/// channel.
+#[derive(Debug)]
+pub struct Process {
+    child: ChildGuard,
+    lines: mpsc::Receiver<String>,
+    name: &'static str,
+}
+
+impl Process {
+    /// Starts binary `name` with `args` and `RUST_LOG=info`.
+    pub fn start(name: &'static str, args: &[&str]) -> Self {
+        let mut child = ChildGuard::spawn(
+            Command::new(binary(name))
+                .args(args)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            Box::new(child.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.0.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Process { child, lines, name }
+    }
+
+    /// Waits up to 60 s for a line containing `needle`; returns it. Fails the test with what the
+    /// process printed otherwise.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!(
+                    "{} printed no {needle:?} (exit: {:?}):\n{}",
+                    self.name,
+                    self.child.0.try_wait(),
+                    seen.join("\n")
+                ),
+            }
+        }
+    }
+}
