@@ -114,6 +114,9 @@ struct AdminArgs {
     config: Option<PathBuf>,
 }
 
+/// The log filter when RUST_LOG is unset.
+const DEFAULT_LOG: &str = "info,rumqttd=warn";
+
 fn load_config(path: Option<&Path>) -> anyhow::Result<CoordinatorConfig> {
     match path {
         Some(p) => Ok(CoordinatorConfig::load(p)?),
@@ -271,7 +274,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // rumqttd logs several INFO lines per device connection: at fleet scale that floods the
+            // log, so the embedded broker speaks at warn unless RUST_LOG asks for more.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| DEFAULT_LOG.into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -71,13 +71,21 @@ pub struct Process {
 impl Process {
     /// Starts binary `name` with `args` and `RUST_LOG=info`.
     pub fn start(name: &'static str, args: &[&str]) -> Self {
-        let mut child = ChildGuard::spawn(
-            Command::new(binary(name))
-                .args(args)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        );
+        let mut command = Command::new(binary(name));
+        command.env("RUST_LOG", "info");
+        Self::spawn(name, command.args(args))
+    }
+
+    /// Starts binary `name` with `args` and no `RUST_LOG`: the log a user gets by default.
+    pub fn start_with_default_log(name: &'static str, args: &[&str]) -> Self {
+        let mut command = Command::new(binary(name));
+        command.env_remove("RUST_LOG");
+        Self::spawn(name, command.args(args))
+    }
+
+    fn spawn(name: &'static str, command: &mut Command) -> Self {
+        let mut child =
+            ChildGuard::spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped()));
         let (tx, lines) = mpsc::channel();
         for stream in [
             Box::new(child.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -93,6 +101,11 @@ impl Process {
             });
         }
         Process { child, lines, name }
+    }
+
+    /// The lines printed since the last call (or `wait_for`), without waiting.
+    pub fn printed(&mut self) -> Vec<String> {
+        self.lines.try_iter().collect()
     }
 
     /// Waits up to 60 s for a line containing `needle`; returns it. Fails the test with what the

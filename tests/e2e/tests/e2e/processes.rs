@@ -101,7 +101,10 @@ fn provisioned_binaries_sync_serve_and_refuse_strangers() {
     );
 
     let config = coordinator_toml.to_str().unwrap();
-    let mut coordinator = Process::start("cloud-coordinator", &["serve", "--config", config]);
+    // The default log, as an operator runs it: the embedded broker's per-connection INFO lines
+    // must stay out of it.
+    let mut coordinator =
+        Process::start_with_default_log("cloud-coordinator", &["serve", "--config", config]);
     coordinator.wait_for("admin API:");
 
     // A device of the fleet, as provisioned.
@@ -203,5 +206,12 @@ fn provisioned_binaries_sync_serve_and_refuse_strangers() {
     eventually_blocking("the device in the fleet view", || {
         run("cloud-coordinator", &["fleet", "--config", config]).contains("e2e-0001")
     });
+    // Three devices connected to the embedded broker, and its INFO lines stayed out of the log.
+    let broker_info: Vec<String> = coordinator
+        .printed()
+        .into_iter()
+        .filter(|l| l.contains("INFO") && l.contains("rumqttd"))
+        .collect();
+    assert!(broker_info.is_empty(), "{broker_info:#?}");
     drop((agent, wrong_ca_agent, stranger_agent, coordinator));
 }
