@@ -1,9 +1,10 @@
-//! The local Open Inference Protocol v2 REST API (JSON tensors), plus `/metrics` and
-//! `/v1/status`. Errors are `{"error": "..."}`: 400 for a bad request (naming the input and what
-//! was expected), 404 for an unknown model or version, 503 when a model cannot be served now.
+//! The local Open Inference Protocol v2 REST API (JSON and binary tensors), plus `/metrics` and
+//! `/v1/status`. Each request reads one snapshot of the serving table. Errors are
+//! `{"error": "..."}`: 400 for a bad request (naming the input and what was expected), 404 for an
+//! unknown model or version, 500 when the model fails on a valid request, 503 when a model cannot
+//! be served now (not loaded yet, no coordinator for a cloud model, the device failed).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -15,8 +16,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
 use crate::Context;
+use crate::counters::Counters;
 use crate::router::{self, RouteError};
-use crate::state::Serving;
+use crate::serving::{Models, Serving};
 
 /// The largest request body accepted (64 MiB).
 pub const MAX_BODY: usize = 64 << 20;
@@ -64,7 +66,7 @@ async fn route(req: Request<Incoming>, ctx: &Context) -> Reply {
         }
         (Method::GET, ["v1", "status"]) => reply(
             StatusCode::OK,
-            &serde_json::to_value(crate::sync::status(ctx)).unwrap_or_default(),
+            &serde_json::to_value(ctx.status()).unwrap_or_default(),
         ),
         (Method::GET, ["metrics"]) => metrics(ctx),
         (Method::GET, ["v2", "models", name]) => metadata(ctx, name, None),
@@ -86,16 +88,10 @@ async fn route(req: Request<Incoming>, ctx: &Context) -> Reply {
     }
 }
 
-/// The serving version of `name` (matching `version` if given).
-fn find(ctx: &Context, name: &str, version: Option<&str>) -> Result<Arc<Serving>, Box<Reply>> {
-    let slots = ctx.store.slots.read().map_err(|_| {
-        Box::new(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "state lock poisoned",
-        ))
-    })?;
-    let Some(slot) = slots.get(name) else {
-        let known: Vec<&str> = slots.keys().map(String::as_str).collect();
+/// The serving version of `name` in `models` (matching `version` if given).
+fn find(models: &Models, name: &str, version: Option<&str>) -> Result<Arc<Serving>, Box<Reply>> {
+    let Some(slot) = models.get(name) else {
+        let known: Vec<&str> = models.names().collect();
         return Err(Box::new(error(
             StatusCode::NOT_FOUND,
             format!("unknown model {name:?} (serving: {})", known.join(", ")),
@@ -120,10 +116,9 @@ fn find(ctx: &Context, name: &str, version: Option<&str>) -> Result<Arc<Serving>
                     format!("model {name:?} has no version {v:?}"),
                 ))
             })?;
-            [Some(active), slot.previous.clone()]
-                .into_iter()
-                .flatten()
+            slot.versions()
                 .find(|s| s.version.version == wanted)
+                .cloned()
                 .ok_or_else(|| {
                     Box::new(error(
                         StatusCode::NOT_FOUND,
@@ -142,21 +137,16 @@ fn specs(specs: &[outpost_shared::TensorSpec]) -> Value {
 }
 
 fn metadata(ctx: &Context, name: &str, version: Option<&str>) -> Reply {
-    match find(ctx, name, version) {
+    // One snapshot for the version asked for and the list of versions.
+    let models = ctx.models();
+    match find(&models, name, version) {
         Ok(s) => {
-            let versions: Vec<String> = ctx
-                .store
-                .slots
-                .read()
-                .ok()
-                .and_then(|slots| {
-                    slots.get(name).map(|slot| {
-                        [slot.active.clone(), slot.previous.clone()]
-                            .into_iter()
-                            .flatten()
-                            .map(|s| s.version.version.to_string())
-                            .collect()
-                    })
+            let versions: Vec<String> = models
+                .get(name)
+                .map(|slot| {
+                    slot.versions()
+                        .map(|s| s.version.version.to_string())
+                        .collect()
                 })
                 .unwrap_or_default();
             reply(
@@ -168,7 +158,7 @@ fn metadata(ctx: &Context, name: &str, version: Option<&str>) -> Reply {
                     "inputs": specs(&s.version.inputs),
                     "outputs": specs(&s.version.outputs),
                     "parameters": {
-                        "engine": crate::sync::engine_name(&s),
+                        "engine": s.engine_name(),
                         "placement": s.version.placement,
                         "adapter": s.adapter,
                         "gpu_fallback": s.gpu_fallback,
@@ -181,7 +171,7 @@ fn metadata(ctx: &Context, name: &str, version: Option<&str>) -> Reply {
 }
 
 fn ready(ctx: &Context, name: &str, version: Option<&str>) -> Reply {
-    match find(ctx, name, version) {
+    match find(&ctx.models(), name, version) {
         Ok(_) => reply(StatusCode::OK, &json!({ "name": name, "ready": true })),
         Err(r) => *r,
     }
@@ -218,7 +208,7 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
             );
         }
     };
-    let serving = match find(ctx, name, version) {
+    let serving = match find(&ctx.models(), name, version) {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -284,18 +274,23 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
             }
         }
         Err(e) => {
-            ctx.store.counters.errors.fetch_add(1, Ordering::Relaxed);
-            match e {
-                RouteError::BadInput(m) => error(StatusCode::BAD_REQUEST, m),
-                RouteError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
-                RouteError::Failed(m) => error(StatusCode::INTERNAL_SERVER_ERROR, m),
-            }
+            Counters::count(&ctx.counters.errors);
+            error(status_of(&e), e.to_string())
         }
     }
 }
 
+/// The status code of a failed inference, by whose fault it failed: the one place it is decided.
+fn status_of(e: &RouteError) -> StatusCode {
+    match e {
+        RouteError::BadInput(_) => StatusCode::BAD_REQUEST,
+        RouteError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        RouteError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 fn metrics(ctx: &Context) -> Reply {
-    let c = &ctx.store.counters;
+    let c = ctx.counters.snapshot();
     let text = format!(
         "# HELP outpost_agent_inferences_total Inferences by where they ran.\n# TYPE outpost_agent_inferences_total counter\n\
          outpost_agent_inferences_total{{where=\"local\"}} {}\noutpost_agent_inferences_total{{where=\"cloud\"}} {}\n\
@@ -303,12 +298,12 @@ fn metrics(ctx: &Context) -> Reply {
          # HELP outpost_agent_manifests_rejected_total Releases refused.\n# TYPE outpost_agent_manifests_rejected_total counter\noutpost_agent_manifests_rejected_total {}\n\
          # HELP outpost_agent_chunks_fetched_total Chunks fetched.\n# TYPE outpost_agent_chunks_fetched_total counter\noutpost_agent_chunks_fetched_total {}\n\
          # HELP outpost_agent_bytes_fetched_total Bytes fetched.\n# TYPE outpost_agent_bytes_fetched_total counter\noutpost_agent_bytes_fetched_total {}\n",
-        c.local.load(Ordering::Relaxed),
-        c.offloaded.load(Ordering::Relaxed),
-        c.errors.load(Ordering::Relaxed),
-        c.rejected.load(Ordering::Relaxed),
-        c.chunks.load(Ordering::Relaxed),
-        c.bytes.load(Ordering::Relaxed),
+        c.inferences_local,
+        c.inferences_offloaded,
+        c.inference_errors,
+        c.manifests_rejected,
+        c.chunks_fetched,
+        c.bytes_fetched,
     );
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
@@ -316,4 +311,103 @@ fn metrics(ctx: &Context) -> Reply {
         hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use outpost_runtime::{Engine, RunError};
+    use outpost_shared::{DataType, Dim, ModelVersion, Placement, Tensor, TensorSpec};
+
+    use super::*;
+    use crate::offload::OffloadError;
+
+    /// An engine whose every call fails with one kind of [`RunError`].
+    #[derive(Debug)]
+    struct FailingEngine {
+        inputs: Vec<TensorSpec>,
+        error: RunError,
+    }
+
+    impl Engine for FailingEngine {
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+        fn inputs(&self) -> &[TensorSpec] {
+            &self.inputs
+        }
+        fn outputs(&self) -> &[TensorSpec] {
+            &[]
+        }
+        fn run(&self, _: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
+            Err(self.error.clone())
+        }
+    }
+
+    /// The status an app gets when the local engine fails with `error`.
+    async fn answered(error: RunError) -> (StatusCode, String) {
+        let inputs = vec![TensorSpec {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![Dim::Dynamic, Dim::Fixed(2)],
+        }];
+        let serving = Serving {
+            version: ModelVersion {
+                version: 1,
+                inputs: inputs.clone(),
+                outputs: vec![],
+                placement: Placement::Local,
+                variants: vec![],
+            },
+            engine: Some(Arc::new(FailingEngine { inputs, error })),
+            adapter: None,
+            gpu_fallback: None,
+        };
+        let x = Tensor::from_values("x", vec![1, 2], &[0.5f32, 0.5]).unwrap();
+        let e = router::run_local(&serving, vec![x]).await.unwrap_err();
+        (status_of(&e), e.to_string())
+    }
+
+    #[tokio::test]
+    async fn an_engine_failure_is_answered_by_whose_fault_it_is() {
+        let cases = [
+            (
+                RunError::Input("input \"x\" is out of range".into()),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                RunError::Model("the model failed: NaN".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                RunError::Device("the GPU ran out of memory".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+        ];
+        for (error, want) in cases {
+            let message = error.to_string();
+            let (status, said) = answered(error).await;
+            assert_eq!(status, want, "{message}");
+            assert_eq!(said, message);
+        }
+    }
+
+    #[test]
+    fn only_the_callers_fault_is_a_bad_request() {
+        let bad = router::cloud_error(OffloadError::Refused {
+            kind: outpost_shared::ErrorKind::InvalidInput,
+            message: "input \"x\" is missing".into(),
+        });
+        assert_eq!(status_of(&bad), StatusCode::BAD_REQUEST);
+        let offline = router::cloud_error(OffloadError::Unreachable("timed out".into()));
+        assert_eq!(status_of(&offline), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(offline.to_string().contains("no coordinator is reachable"));
+        assert_eq!(
+            status_of(&RouteError::from(RunError::Model("broken".into()))),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_ne!(
+            status_of(&RouteError::from(RunError::Device("lost".into()))),
+            StatusCode::BAD_REQUEST
+        );
+    }
 }

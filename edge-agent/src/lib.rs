@@ -1,36 +1,67 @@
 //! The Outpost edge agent: answers apps on localhost with the Open Inference Protocol, runs
-//! models on the device (tract), offloads to the coordinator over QUIC, and keeps its models in
-//! sync with the fleet's signed releases over MQTT. It keeps serving from its cache offline.
+//! models on the device (GPU or tract), offloads to the coordinator over QUIC, and keeps its
+//! models in sync with the fleet's signed releases over MQTT. It keeps serving from its cache
+//! offline.
 //!
 //! [`Agent::start`] runs everything on the current tokio runtime and returns an [`AgentHandle`];
 //! `main.rs` is a thin CLI over it, and tests and the `outpost` tool run many agents in one
 //! process.
+//!
+//! The parts, each owning one thing (all private; tests and the `outpost` tool go through
+//! [`Agent`] and [`AgentHandle`], and `api` stays public for [`MAX_BODY`]):
+//!
+//! - `api`: the local HTTP API, and the one mapping of a failed inference to a status code.
+//! - `router`: where a call runs (device, cloud, cascade) and the typed error of a call.
+//! - `offload`: the QUIC client to the coordinators (reused connection, failover, back-off).
+//! - `sync`: the MQTT connection: subscriptions, manifests in, status out.
+//! - `installer`: the one task that changes what serves; it owns the serving table.
+//! - `plan`: the install decision, a pure function of what the installer read.
+//! - `serving`: the serving table and its immutable snapshots.
+//! - `engines`: GPU or tract, and the load of a version from its chunks.
+//! - `store`: the sled records and the chunk files.
+//! - `status`: the device status from one snapshot; `counters`: what it counted.
 
 pub mod api;
-pub mod offload;
-pub mod router;
-pub mod state;
+mod counters;
+mod engines;
+mod installer;
+mod offload;
+mod plan;
+mod router;
+mod serving;
+mod status;
+mod store;
 mod sync;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use firmware_config::AgentConfig;
 use outpost_shared::{DeviceStatus, ManifestVerifier};
 use tokio::sync::{mpsc, watch};
 
+pub use api::MAX_BODY;
+pub use store::StoreError;
+
+use crate::counters::Counters;
+use crate::engines::Engines;
+use crate::installer::Installer;
+use crate::serving::{Models, ServingTable};
+use crate::store::Store;
+
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AgentError {
-    /// The local store could not be opened.
-    #[error("local store in {dir}: {reason}")]
+    /// The local store could not be opened, or its records read.
+    #[error("local store in {dir}: {source}")]
     Store {
         /// The data folder.
         dir: PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        source: StoreError,
     },
     /// The device's trust material cannot be used.
     #[error("device identity: {0}")]
@@ -46,16 +77,37 @@ pub enum AgentError {
         /// Why.
         reason: String,
     },
+    /// A start-up task (choosing the GPU, loading the cached models) ended without an answer.
+    #[error("starting the agent: {0}")]
+    Startup(String),
 }
 
-/// What the agent's tasks share.
+/// What the agent's tasks share. The serving table is not here: the installer owns it, and
+/// this holds the receiver of its snapshots.
 #[derive(Debug)]
 pub(crate) struct Context {
     pub(crate) config: AgentConfig,
-    pub(crate) verifier: ManifestVerifier,
-    pub(crate) store: Arc<state::Store>,
+    pub(crate) store: Arc<Store>,
     pub(crate) offload: offload::OffloadClient,
-    pub(crate) last_error: Mutex<Option<String>>,
+    pub(crate) counters: Counters,
+    models: watch::Receiver<Arc<Models>>,
+}
+
+impl Context {
+    /// The serving table as it stands: one snapshot, unchanged however long it is held.
+    pub(crate) fn models(&self) -> Arc<Models> {
+        Arc::clone(&self.models.borrow())
+    }
+
+    /// The device's status now.
+    pub(crate) fn status(&self) -> DeviceStatus {
+        status::device_status(
+            self.config.device.id.as_str(),
+            &self.models(),
+            &self.counters,
+            status::now(),
+        )
+    }
 }
 
 /// Starts agents.
@@ -81,51 +133,43 @@ impl Agent {
     /// Starts an agent: opens its store and serves its cached models at once, then connects.
     pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
         let data_dir = config.data_dir();
-        let store_err = |reason: String| AgentError::Store {
+        let store_err = |source: StoreError| AgentError::Store {
             dir: data_dir.clone(),
-            reason,
+            source,
         };
-        std::fs::create_dir_all(&data_dir).map_err(|e| store_err(e.to_string()))?;
-        let db = sled::open(data_dir.join("state.sled")).map_err(|e| store_err(e.to_string()))?;
-        let records = db
-            .open_tree("models")
-            .map_err(|e| store_err(e.to_string()))?;
-        let chunks = outpost_runtime::ChunkStore::open(&data_dir.join("chunks"))
-            .map_err(|e| store_err(e.to_string()))?;
+        let store = Arc::new(Store::open(&data_dir).map_err(store_err)?);
         let choice = config.engine;
         let preference = config.profile().gpu;
-        let gpu = tokio::task::spawn_blocking(move || choose_gpu(choice, preference))
+        let gpu = tokio::task::spawn_blocking(move || engines::choose_gpu(choice, preference))
             .await
-            .map_err(|e| AgentError::Gpu(e.to_string()))??;
-        let store = Arc::new(state::Store {
-            slots: RwLock::default(),
-            records,
-            db,
-            chunks,
-            counters: Default::default(),
-            engine_options: outpost_runtime::tract::TractOptions {
-                threads: engine_threads(config.profile().inference_threads),
+            .map_err(|e| AgentError::Startup(e.to_string()))?
+            .map_err(AgentError::Gpu)?;
+        let engines = Engines {
+            gpu,
+            tract: outpost_runtime::tract::TractOptions {
+                threads: engines::engine_threads(config.profile().inference_threads),
                 ..Default::default()
             },
-            gpu,
-        });
+        };
         check_identity(&config)?;
         let offload = offload::OffloadClient::new(&config).map_err(AgentError::Identity)?;
         let verifier = ManifestVerifier::new(config.fleet.manifest_keys.clone());
+        let (table, models) = ServingTable::new();
         let ctx = Arc::new(Context {
             config,
-            verifier,
             store,
             offload,
-            last_error: Mutex::new(None),
+            counters: Counters::default(),
+            models,
         });
 
         // Cached models serve before any network is up.
-        let loader = ctx.clone();
-        tokio::task::spawn_blocking(move || sync::load_cached(&loader))
-            .await
-            .map_err(|e| store_err(e.to_string()))?
-            .map_err(store_err)?;
+        let mut installer = Installer::new(ctx.clone(), verifier, engines, table);
+        let installer =
+            tokio::task::spawn_blocking(move || installer.load_cached().map(|()| installer))
+                .await
+                .map_err(|e| AgentError::Startup(e.to_string()))?
+                .map_err(store_err)?;
 
         let listen = ctx.config.api.listen;
         let listener =
@@ -151,11 +195,7 @@ impl Agent {
                 manifests_tx,
                 watcher,
             )),
-            tokio::spawn(sync::run_installer(
-                ctx.clone(),
-                client.clone(),
-                manifests_rx,
-            )),
+            tokio::spawn(installer.run(client.clone(), manifests_rx)),
         ];
         tracing::info!(device = %ctx.config.device.id, %api_addr, "agent started");
         Ok(AgentHandle {
@@ -192,25 +232,17 @@ fn check_identity(config: &AgentConfig) -> Result<(), AgentError> {
 impl AgentHandle {
     /// The agent's status now (what it publishes).
     pub fn status(&self) -> DeviceStatus {
-        sync::status(&self.ctx)
+        self.ctx.status()
     }
 
     /// The active version of `model`, if it serves.
     pub fn active_version(&self, model: &str) -> Option<u64> {
-        self.ctx
-            .store
-            .slots
-            .read()
-            .ok()?
-            .get(model)?
-            .active
-            .as_ref()
-            .map(|s| s.version.version)
+        self.ctx.models().active_version(model)
     }
 
     /// Publishes an offline status, stops serving, and flushes the store.
     pub async fn shutdown(self) {
-        let mut status = sync::status(&self.ctx);
+        let mut status = self.ctx.status();
         status.health = outpost_shared::Health::Offline;
         if let (Ok(topic), Ok(bytes)) = (
             outpost_shared::Topic::device_status(&status.device_id),
@@ -228,47 +260,8 @@ impl AgentHandle {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
         }
         self.ctx.offload.close();
-        if let Err(e) = self.ctx.store.db.flush_async().await {
+        if let Err(e) = self.ctx.store.flush().await {
             tracing::error!(error = %e, "could not flush the store");
         }
-    }
-}
-
-/// The profile's inference threads, at most the CPUs present.
-fn engine_threads(wanted: u32) -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    usize::try_from(wanted).unwrap_or(1).clamp(1, cpus)
-}
-
-/// The GPU local models may use, from the config's `engine` and the profile's `gpu`.
-fn choose_gpu(
-    choice: firmware_config::EngineChoice,
-    preference: firmware_config::GpuPreference,
-) -> Result<state::LocalGpu, AgentError> {
-    use firmware_config::EngineChoice;
-    use firmware_config::GpuPreference;
-    use outpost_gpu::{GpuContext, GpuOptions};
-    match (choice, preference) {
-        (EngineChoice::Cpu, _) => Ok(state::LocalGpu::Absent(
-            "the agent config sets engine = \"cpu\"".into(),
-        )),
-        (EngineChoice::Auto, GpuPreference::Never) => Ok(state::LocalGpu::Absent(
-            "the device profile sets gpu = \"never\"".into(),
-        )),
-        (EngineChoice::Auto, GpuPreference::Prefer) => {
-            Ok(match GpuContext::new(GpuOptions::default()) {
-                Ok(gpu) => state::LocalGpu::Ready(gpu),
-                Err(e) => {
-                    tracing::info!(reason = %e, "no GPU for local models; they run on tract");
-                    state::LocalGpu::Absent(e)
-                }
-            })
-        }
-        (EngineChoice::Gpu, _) => GpuContext::new(GpuOptions {
-            allow_software: true,
-            ..GpuOptions::default()
-        })
-        .map(state::LocalGpu::Ready)
-        .map_err(AgentError::Gpu),
     }
 }

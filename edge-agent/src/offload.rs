@@ -3,15 +3,17 @@
 //! this device's certificate (mutual TLS), keep-alive so an idle connection does not silently die.
 //!
 //! After every coordinator failed, the next attempt waits a jittered, exponentially growing delay
-//! (250 ms doubling to 30 s, each drawn from half to one and a half times that); calls in between
-//! fail at once with the last reason, so a cascade falls back to the device without waiting on
-//! connection timeouts. The first call after the delay reconnects; success resets it.
+//! (`outpost_runtime::Backoff`: 250 ms doubling to 30 s, each drawn from half to one and a half
+//! times that); calls in between fail at once with the last reason, so a cascade falls back to
+//! the device without waiting on connection timeouts. The first call after the delay
+//! reconnects; success resets it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use firmware_config::{AgentConfig, HostPort};
+use outpost_runtime::Backoff;
 use outpost_shared::frame::{self, HEADER_BYTES, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use outpost_shared::{ChunkId, ErrorKind, Request, Response, Tensor};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -49,41 +51,29 @@ pub struct OffloadClient {
 }
 
 /// The shared connection and the state of reconnecting.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Link {
     connection: Option<quinn::Connection>,
-    /// Connection rounds that failed in a row.
-    failures: u32,
+    /// Connection rounds that failed in a row, and the delay before the next.
+    backoff: Backoff,
     /// No attempt before this.
     retry_at: Option<Instant>,
     /// Why the last round failed.
     last_error: String,
 }
 
-/// The first delay after a failed round.
-const BACKOFF_START: Duration = Duration::from_millis(250);
-/// The longest delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Reconnect delays: 250 ms after the first failed round, doubling to 30 s, jittered.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
-/// The delay after `failures` failed rounds in a row, scaled by `jitter` in `[0, 1)`: the
-/// exponential delay times a factor from 0.5 to 1.5, so a fleet that lost its coordinator at
-/// the same moment does not come back at the same moment.
-pub fn backoff(failures: u32, jitter: f64) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    let base = BACKOFF_START
-        .saturating_mul(1u32 << doublings)
-        .min(BACKOFF_MAX);
-    base.mul_f64(0.5 + jitter.clamp(0.0, 1.0))
-}
-
-/// A jitter in `[0, 1)` from the clock's nanoseconds: spread, not secrecy, is what it is for.
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    // Mix the bits so consecutive calls do not give neighbouring values.
-    let mixed = u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
-    mixed as f64 / (1u64 << 53) as f64
+impl Link {
+    fn new() -> Self {
+        Self {
+            connection: None,
+            backoff: RECONNECT,
+            retry_at: None,
+            last_error: String::new(),
+        }
+    }
 }
 
 fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, String> {
@@ -125,7 +115,7 @@ impl OffloadClient {
         Ok(Self {
             endpoint,
             coordinators: config.coordinator.addresses.clone(),
-            link: Arc::default(),
+            link: Arc::new(Mutex::new(Link::new())),
         })
     }
 
@@ -153,22 +143,21 @@ impl OffloadClient {
         for coordinator in &self.coordinators {
             match self.connect(coordinator).await {
                 Ok(c) => {
-                    tracing::info!(%coordinator, after_failures = link.failures, "connected to coordinator");
-                    *link = Link {
-                        connection: Some(c.clone()),
-                        ..Link::default()
-                    };
+                    tracing::info!(%coordinator, after_failures = link.backoff.failures(), "connected to coordinator");
+                    link.connection = Some(c.clone());
+                    link.backoff.succeed();
+                    link.retry_at = None;
+                    link.last_error.clear();
                     return Ok(c);
                 }
                 Err(e) => failures.push(format!("{coordinator}: {e}")),
             }
         }
-        link.failures = link.failures.saturating_add(1);
-        let delay = backoff(link.failures, jitter());
+        let delay = link.backoff.fail();
         link.retry_at = Some(Instant::now() + delay);
         link.last_error = failures.join("; ");
         tracing::debug!(
-            failures = link.failures,
+            failures = link.backoff.failures(),
             ?delay,
             error = link.last_error,
             "no coordinator reachable"
@@ -306,23 +295,5 @@ async fn exchange(
             frame::decode_body(&body, MAX_FRAME_BYTES)
                 .map_err(|e| OffloadError::Protocol(e.to_string()))?,
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_cap_with_jitter_around_it() {
-        assert_eq!(backoff(1, 0.5), Duration::from_millis(250));
-        assert_eq!(backoff(2, 0.5), Duration::from_millis(500));
-        assert_eq!(backoff(5, 0.5), Duration::from_secs(4));
-        assert_eq!(backoff(9, 0.5), BACKOFF_MAX);
-        assert_eq!(backoff(u32::MAX, 0.5), BACKOFF_MAX);
-        assert_eq!(backoff(3, 0.0), Duration::from_millis(500));
-        assert_eq!(backoff(3, 1.0), Duration::from_millis(1500));
-        let j = jitter();
-        assert!((0.0..1.0).contains(&j));
     }
 }

@@ -1,15 +1,18 @@
 //! Where an inference runs, by the version's placement: on the device, on the coordinator, or
 //! both (cascade: the rows the local model is unsure of go to the cloud and are merged back in
 //! order). When the cloud is unreachable, a model with a local engine is answered locally.
+//!
+//! Every failure becomes one [`RouteError`], by whose fault: the caller's (bad input), the
+//! model's (failed), or the moment's (unavailable: no coordinator, a device that failed); the
+//! API turns its kind into a status code in one place.
 
-use std::sync::atomic::Ordering;
-
-use outpost_runtime::tract::RunError;
+use outpost_runtime::RunError;
 use outpost_shared::{ErrorKind, Placement, Tensor};
 
 use crate::Context;
+use crate::counters::Counters;
 use crate::offload::OffloadError;
-use crate::state::Serving;
+use crate::serving::Serving;
 
 /// An answer and where its rows ran.
 #[derive(Debug)]
@@ -27,14 +30,32 @@ pub struct Answer {
 }
 
 /// Why an inference failed.
-#[derive(Debug)]
-pub enum RouteError {
-    /// The inputs are wrong (400).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum RouteError {
+    /// The inputs are wrong: the caller can fix them (400).
+    #[error("{0}")]
     BadInput(String),
-    /// It cannot be answered now (503).
+    /// It cannot be answered now: no coordinator, or the device running the model failed; a
+    /// later call may succeed (503).
+    #[error("{0}")]
     Unavailable(String),
-    /// Something failed (500).
+    /// The model (or the agent) failed on a valid request (500).
+    #[error("{0}")]
     Failed(String),
+}
+
+impl From<RunError> for RouteError {
+    /// The one mapping of an engine's failure: the inputs 400, the model 500, the device 503.
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Input(m) => RouteError::BadInput(m),
+            RunError::Model(m) => RouteError::Failed(m),
+            RunError::Device(m) => RouteError::Unavailable(m),
+            // A kind added later: not the caller's fault unless it says so.
+            other => RouteError::Failed(other.to_string()),
+        }
+    }
 }
 
 fn rows(inputs: &[Tensor]) -> u64 {
@@ -44,7 +65,11 @@ fn rows(inputs: &[Tensor]) -> u64 {
         .unwrap_or(1)
 }
 
-async fn run_local(serving: &Serving, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RouteError> {
+/// Runs `inputs` on the version's local engine, off the async threads.
+pub(crate) async fn run_local(
+    serving: &Serving,
+    inputs: Vec<Tensor>,
+) -> Result<Vec<Tensor>, RouteError> {
     let Some(engine) = serving.engine.clone() else {
         return Err(RouteError::Unavailable(
             "the model has no local engine".into(),
@@ -53,13 +78,10 @@ async fn run_local(serving: &Serving, inputs: Vec<Tensor>) -> Result<Vec<Tensor>
     tokio::task::spawn_blocking(move || engine.run(&inputs))
         .await
         .map_err(|e| RouteError::Failed(e.to_string()))?
-        .map_err(|e| match e {
-            RunError::Input(m) => RouteError::BadInput(m),
-            RunError::Model(m) => RouteError::BadInput(m),
-        })
+        .map_err(RouteError::from)
 }
 
-fn cloud_error(e: OffloadError) -> RouteError {
+pub(crate) fn cloud_error(e: OffloadError) -> RouteError {
     match e {
         OffloadError::Refused {
             kind: ErrorKind::InvalidInput,
@@ -81,11 +103,11 @@ pub(crate) async fn infer(
 ) -> Result<Answer, RouteError> {
     let version = serving.version.version;
     let n = rows(&inputs);
-    let counters = &ctx.store.counters;
+    let counters = &ctx.counters;
     match &serving.version.placement {
         Placement::Local => {
             let outputs = run_local(serving, inputs).await?;
-            counters.local.fetch_add(1, Ordering::Relaxed);
+            Counters::count(&counters.local);
             Ok(Answer {
                 version,
                 outputs,
@@ -101,7 +123,7 @@ pub(crate) async fn infer(
                 .infer(model, Some(version), inputs)
                 .await
                 .map_err(cloud_error)?;
-            counters.offloaded.fetch_add(1, Ordering::Relaxed);
+            Counters::count(&counters.offloaded);
             Ok(Answer {
                 version,
                 outputs,
@@ -112,7 +134,7 @@ pub(crate) async fn infer(
         }
         Placement::Cascade { output, threshold } => {
             let mut outputs = run_local(serving, inputs.clone()).await?;
-            counters.local.fetch_add(1, Ordering::Relaxed);
+            Counters::count(&counters.local);
             let unsure = unsure_rows(&outputs, output, *threshold).map_err(RouteError::Failed)?;
             if unsure.is_empty() {
                 return Ok(Answer {
@@ -135,7 +157,7 @@ pub(crate) async fn infer(
                             *out = replace_rows(out, &unsure, c).map_err(RouteError::Failed)?;
                         }
                     }
-                    counters.offloaded.fetch_add(1, Ordering::Relaxed);
+                    Counters::count(&counters.offloaded);
                     let cloud_rows = unsure.len() as u64;
                     Ok(Answer {
                         version,
@@ -160,9 +182,8 @@ pub(crate) async fn infer(
 
 /// For a cloud-only model, check the inputs here so a bad request gets a 400 even offline.
 fn check(serving: &Serving, inputs: &[Tensor]) -> Result<(), RouteError> {
-    outpost_runtime::tract::check_inputs(&serving.version.inputs, inputs)
-        .map(|_| ())
-        .map_err(RouteError::BadInput)
+    outpost_runtime::engine::check_inputs(&serving.version.inputs, inputs)?;
+    Ok(())
 }
 
 /// The rows whose largest value on `output` is below `threshold`.

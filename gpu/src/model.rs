@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use outpost_runtime::engine::Engine;
-use outpost_runtime::tract::{RunError, check_inputs};
+use outpost_runtime::engine::{RunError, check_inputs};
 use outpost_shared::{DataType, Tensor, TensorSpec};
 use wgpu::util::DeviceExt;
 
@@ -1118,7 +1118,7 @@ impl Engine for GpuModel {
     }
 
     fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
-        let ordered = check_inputs(&self.graph.inputs, inputs).map_err(RunError::Input)?;
+        let ordered = check_inputs(&self.graph.inputs, inputs)?;
         let mut shapes = Vec::with_capacity(ordered.len());
         let mut data = Vec::with_capacity(ordered.len());
         for (i, t) in ordered.iter().enumerate() {

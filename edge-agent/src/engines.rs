@@ -1,0 +1,139 @@
+//! Which engine runs a local model, and the load of a version: the GPU the agent may use (from
+//! the config's `engine` and the profile's `gpu`), the GPU engine when its kernels cover the
+//! model and it passes a warm-up, tract otherwise; a cloud-only version loads no engine.
+
+use std::sync::Arc;
+
+use firmware_config::{EngineChoice, GpuPreference};
+use outpost_gpu::{GpuContext, GpuModel, GpuOptions};
+use outpost_runtime::tract::{self, TractModel, TractOptions};
+use outpost_runtime::{AssembleError, ChunkStore, Engine, RunError};
+use outpost_shared::{ModelVersion, Placement, Target, Variant};
+
+use crate::serving::Serving;
+
+/// Why a version cannot serve on this device.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// Its bytes are not all here, or they are not the model the release names.
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
+    /// tract cannot load the model.
+    #[error(transparent)]
+    Tract(#[from] tract::LoadError),
+    /// The model loads but cannot run zeros of its own signature.
+    #[error(transparent)]
+    WarmUp(#[from] RunError),
+}
+
+/// The GPU this agent may use, or why it uses none.
+#[derive(Debug, Clone)]
+pub(crate) enum LocalGpu {
+    /// Models go to the GPU when its kernels cover them.
+    Ready(Arc<GpuContext>),
+    /// Every local model runs on tract, for this reason.
+    Absent(String),
+}
+
+/// How this device runs local models.
+#[derive(Debug)]
+pub(crate) struct Engines {
+    /// The GPU, if local models may use one.
+    pub(crate) gpu: LocalGpu,
+    /// How local models run on tract (threads from the device profile).
+    pub(crate) tract: TractOptions,
+}
+
+/// The variant a device runs locally, if any: int8 first, then fp32; none for a cloud-only
+/// version.
+pub(crate) fn local_variant(version: &ModelVersion) -> Option<&Variant> {
+    if version.placement == Placement::Cloud {
+        return None;
+    }
+    version
+        .variant(Target::EdgeInt8)
+        .or_else(|| version.variant(Target::EdgeFp32))
+}
+
+/// The profile's inference threads, at most the CPUs present.
+pub(crate) fn engine_threads(wanted: u32) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    usize::try_from(wanted).unwrap_or(1).clamp(1, cpus)
+}
+
+/// The GPU local models may use, from the config's `engine` and the profile's `gpu`; `Err`
+/// (the reason) only when the config demands a GPU and none can be used. Blocking.
+pub(crate) fn choose_gpu(
+    choice: EngineChoice,
+    preference: GpuPreference,
+) -> Result<LocalGpu, String> {
+    match (choice, preference) {
+        (EngineChoice::Cpu, _) => Ok(LocalGpu::Absent(
+            "the agent config sets engine = \"cpu\"".into(),
+        )),
+        (EngineChoice::Auto, GpuPreference::Never) => Ok(LocalGpu::Absent(
+            "the device profile sets gpu = \"never\"".into(),
+        )),
+        (EngineChoice::Auto, GpuPreference::Prefer) => {
+            Ok(match GpuContext::new(GpuOptions::default()) {
+                Ok(gpu) => LocalGpu::Ready(gpu),
+                Err(e) => {
+                    tracing::info!(reason = %e, "no GPU for local models; they run on tract");
+                    LocalGpu::Absent(e)
+                }
+            })
+        }
+        (EngineChoice::Gpu, _) => GpuContext::new(GpuOptions {
+            allow_software: true,
+            ..GpuOptions::default()
+        })
+        .map(LocalGpu::Ready),
+    }
+}
+
+impl Engines {
+    /// Loads a version for serving from the stored chunks: its local engine (warmed up), or
+    /// none for a cloud-only version. Blocking.
+    pub(crate) fn load(
+        &self,
+        version: &ModelVersion,
+        chunks: &ChunkStore,
+    ) -> Result<Serving, LoadError> {
+        let Some(variant) = local_variant(version) else {
+            return Ok(Serving::cloud_only(version));
+        };
+        let bytes = chunks.assemble(variant)?;
+        let fallback = match &self.gpu {
+            LocalGpu::Ready(gpu) => match GpuModel::load(&bytes, Arc::clone(gpu)) {
+                // The warm-up also proves the GPU runs it before it serves.
+                Ok(model) => match model.warm_up() {
+                    Ok(()) => {
+                        let a = model.adapter();
+                        return Ok(Serving {
+                            version: version.clone(),
+                            adapter: Some(format!("{} ({})", a.name, a.backend)),
+                            engine: Some(Arc::new(model)),
+                            gpu_fallback: None,
+                        });
+                    }
+                    Err(e) => format!("the GPU failed the warm-up: {e}"),
+                },
+                Err(e) => e.to_string(),
+            },
+            LocalGpu::Absent(why) => why.clone(),
+        };
+        if matches!(self.gpu, LocalGpu::Ready(_)) {
+            tracing::info!(version = version.version, reason = %fallback, "running on tract, not the GPU");
+        }
+        let model: Arc<dyn Engine> = Arc::new(TractModel::load_with(&bytes, self.tract)?);
+        // A model that cannot run zeros is not worth serving.
+        model.warm_up()?;
+        Ok(Serving {
+            version: version.clone(),
+            engine: Some(model),
+            adapter: None,
+            gpu_fallback: Some(fallback),
+        })
+    }
+}

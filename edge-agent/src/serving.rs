@@ -1,0 +1,217 @@
+//! What the agent serves: the table of loaded models, by name. The installer owns it
+//! ([`ServingTable`]) and is its only writer; after every change it publishes the whole table as
+//! one immutable snapshot ([`Models`]) on a `watch` channel. The API and the status read a
+//! snapshot, so a reader sees a switch entirely or not at all, and no write can be lost to a
+//! poisoned lock.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use outpost_runtime::Engine;
+use outpost_shared::ModelVersion;
+use tokio::sync::watch;
+
+/// One version of a model, ready to answer.
+#[derive(Debug)]
+pub(crate) struct Serving {
+    /// The version and its signature, placement and variants.
+    pub(crate) version: ModelVersion,
+    /// The local engine; `None` for a cloud-only model.
+    pub(crate) engine: Option<Arc<dyn Engine>>,
+    /// The GPU adapter running it (`"name (backend)"`), when the engine is the GPU.
+    pub(crate) adapter: Option<String>,
+    /// Why a locally run model is not on the GPU.
+    pub(crate) gpu_fallback: Option<String>,
+}
+
+impl Serving {
+    /// A version that runs only in the cloud.
+    pub(crate) fn cloud_only(version: &ModelVersion) -> Self {
+        Self {
+            version: version.clone(),
+            engine: None,
+            adapter: None,
+            gpu_fallback: None,
+        }
+    }
+
+    /// The engine that runs this version, as status and metadata name it.
+    pub(crate) fn engine_name(&self) -> &'static str {
+        self.engine.as_ref().map_or("cloud", |e| e.name())
+    }
+}
+
+/// A model's slot: what serves now, what served before, and what went wrong last.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Slot {
+    /// Serving now.
+    pub(crate) active: Option<Arc<Serving>>,
+    /// Kept for rollback.
+    pub(crate) previous: Option<Arc<Serving>>,
+    /// Being fetched or loaded.
+    pub(crate) pending: Option<u64>,
+    /// Why the last release was not installed (or was refused).
+    pub(crate) last_error: Option<String>,
+}
+
+impl Slot {
+    /// The active and the previous version, in that order, those there are.
+    pub(crate) fn versions(&self) -> impl Iterator<Item = &Arc<Serving>> {
+        self.active.iter().chain(self.previous.iter())
+    }
+}
+
+/// One snapshot of the serving table: every model's slot, and the last refusal of any release.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Models {
+    slots: BTreeMap<String, Slot>,
+    last_error: Option<String>,
+}
+
+impl Models {
+    /// The slot of `model`.
+    pub(crate) fn get(&self, model: &str) -> Option<&Slot> {
+        self.slots.get(model)
+    }
+
+    /// Every slot, by name.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Slot)> {
+        self.slots.iter()
+    }
+
+    /// The names of the models with a slot.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
+        self.slots.keys().map(String::as_str)
+    }
+
+    /// The active version of `model`, if it serves.
+    pub(crate) fn active_version(&self, model: &str) -> Option<u64> {
+        self.get(model)?.active.as_ref().map(|s| s.version.version)
+    }
+
+    /// Why the last release refused (of any model, or unreadable) was refused.
+    pub(crate) fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+}
+
+/// The serving table, owned by the installer: each change makes a new [`Models`] and publishes
+/// it whole.
+#[derive(Debug)]
+pub(crate) struct ServingTable {
+    publish: watch::Sender<Arc<Models>>,
+}
+
+impl ServingTable {
+    /// An empty table, and the receiver readers take snapshots from.
+    pub(crate) fn new() -> (Self, watch::Receiver<Arc<Models>>) {
+        let (publish, snapshots) = watch::channel(Arc::new(Models::default()));
+        (Self { publish }, snapshots)
+    }
+
+    /// The current snapshot.
+    pub(crate) fn snapshot(&self) -> Arc<Models> {
+        Arc::clone(&self.publish.borrow())
+    }
+
+    /// Applies `change` to a copy of the table and publishes it (slots hold `Arc`s: the copy
+    /// is a few pointers per model).
+    fn change(&mut self, change: impl FnOnce(&mut Models)) {
+        let mut next = Models::clone(&self.snapshot());
+        change(&mut next);
+        // `send_replace` stores the snapshot even while no one is subscribed.
+        self.publish.send_replace(Arc::new(next));
+    }
+
+    /// `serving` is the active version of `model`, loaded from the cache at start.
+    pub(crate) fn serve_cached(&mut self, model: &str, serving: Serving) {
+        self.change(|m| {
+            m.slots.entry(model.to_owned()).or_default().active = Some(Arc::new(serving));
+        });
+    }
+
+    /// `version` of `model` is being fetched and loaded.
+    pub(crate) fn pending(&mut self, model: &str, version: u64) {
+        self.change(|m| {
+            m.slots.entry(model.to_owned()).or_default().pending = Some(version);
+        });
+    }
+
+    /// Switches `model` to `serving`: the active version becomes the previous one, in one step.
+    pub(crate) fn switch(&mut self, model: &str, serving: Serving) {
+        self.change(|m| {
+            let slot = m.slots.entry(model.to_owned()).or_default();
+            slot.previous = slot.active.take();
+            slot.active = Some(Arc::new(serving));
+            slot.pending = None;
+            slot.last_error = None;
+        });
+    }
+
+    /// A release was refused, for `model` when it could be read: nothing serves differently,
+    /// and the slot and the status say why.
+    pub(crate) fn refuse(&mut self, model: Option<&str>, why: String) {
+        self.change(|m| {
+            if let Some(model) = model {
+                let slot = m.slots.entry(model.to_owned()).or_default();
+                slot.last_error = Some(why.clone());
+                slot.pending = None;
+            }
+            m.last_error = Some(why);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(v: u64) -> Serving {
+        Serving::cloud_only(&ModelVersion {
+            version: v,
+            inputs: vec![],
+            outputs: vec![],
+            placement: outpost_shared::Placement::Cloud,
+            variants: vec![],
+        })
+    }
+
+    #[test]
+    fn a_snapshot_taken_before_a_switch_keeps_the_table_it_saw() {
+        let (mut table, snapshots) = ServingTable::new();
+        table.serve_cached("m", version(1));
+        let before = Arc::clone(&snapshots.borrow());
+        table.pending("m", 2);
+        table.switch("m", version(2));
+        let after = Arc::clone(&snapshots.borrow());
+        assert_eq!(before.active_version("m"), Some(1));
+        assert!(before.get("m").unwrap().previous.is_none());
+        let slot = after.get("m").unwrap();
+        assert_eq!(after.active_version("m"), Some(2));
+        assert_eq!(slot.previous.as_ref().map(|s| s.version.version), Some(1));
+        assert_eq!(slot.pending, None);
+        let versions: Vec<u64> = slot.versions().map(|s| s.version.version).collect();
+        assert_eq!(versions, vec![2, 1]);
+    }
+
+    #[test]
+    fn a_refusal_is_recorded_and_the_next_switch_clears_it() {
+        let (mut table, snapshots) = ServingTable::new();
+        table.refuse(None, "unsigned".into());
+        assert_eq!(snapshots.borrow().last_error(), Some("unsigned"));
+        assert_eq!(snapshots.borrow().names().count(), 0);
+        table.pending("m", 3);
+        table.refuse(Some("m"), "too big".into());
+        let refused = table.snapshot();
+        let slot = refused.get("m").unwrap();
+        assert_eq!(
+            (slot.pending, slot.last_error.as_deref()),
+            (None, Some("too big"))
+        );
+        table.switch("m", version(4));
+        let slot = table.snapshot().get("m").cloned().unwrap();
+        assert_eq!(slot.last_error, None);
+        // The device's last refusal stays in the status, as before.
+        assert_eq!(table.snapshot().last_error(), Some("too big"));
+    }
+}

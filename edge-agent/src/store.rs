@@ -1,0 +1,174 @@
+//! What the agent keeps on disk: one sled record per model (the last release accepted, the active
+//! and the previous version) and the chunk files that hold the models' bytes. Everything here
+//! can be rebuilt from the chunk files and the retained releases; the record is written and
+//! flushed before what serves changes, so a crash leaves the old version serving.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use outpost_runtime::ChunkStore;
+use outpost_shared::cbor::{self, CborError};
+use outpost_shared::{Manifest, ModelVersion};
+use serde::{Deserialize, Serialize};
+
+/// The largest model record read or written (a release with its chunk lists).
+const RECORD_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Why the local store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The data folder cannot be created or read.
+    #[error("the data folder cannot be used: {0}")]
+    Folder(#[source] std::io::Error),
+    /// The database (`state.sled`) cannot be opened, read or written.
+    #[error("the database (state.sled): {0}")]
+    Database(#[from] sled::Error),
+    /// The chunk files (`chunks/`) cannot be opened, listed or deleted.
+    #[error("the chunk files: {0}")]
+    Chunks(#[source] std::io::Error),
+    /// A model's record cannot be decoded or encoded.
+    #[error("the stored record of model {model:?}: {source}")]
+    Record {
+        /// The model.
+        model: String,
+        /// Why.
+        #[source]
+        source: CborError,
+    },
+}
+
+/// The durable record of a model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Record {
+    /// The last release accepted (verified when received).
+    pub(crate) manifest: Option<Manifest>,
+    /// The active version.
+    pub(crate) active: Option<ModelVersion>,
+    /// The previous version.
+    pub(crate) previous: Option<ModelVersion>,
+}
+
+/// The sled records and the chunk files.
+#[derive(Debug)]
+pub(crate) struct Store {
+    db: sled::Db,
+    /// name → [`Record`].
+    records: sled::Tree,
+    chunks: ChunkStore,
+}
+
+impl Store {
+    /// Opens (creating) the store in the data folder `dir`: `state.sled` and `chunks/`.
+    pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(StoreError::Folder)?;
+        let db = sled::open(dir.join("state.sled"))?;
+        let records = db.open_tree("models")?;
+        let chunks = ChunkStore::open(&dir.join("chunks")).map_err(StoreError::Chunks)?;
+        Ok(Self {
+            db,
+            records,
+            chunks,
+        })
+    }
+
+    /// The chunk files.
+    pub(crate) fn chunks(&self) -> &ChunkStore {
+        &self.chunks
+    }
+
+    /// Writes `record` and flushes, so it survives a crash.
+    pub(crate) fn save(&self, model: &str, record: &Record) -> Result<(), StoreError> {
+        let bytes = cbor::encode("model record", record, RECORD_LIMIT).map_err(|source| {
+            StoreError::Record {
+                model: model.to_owned(),
+                source,
+            }
+        })?;
+        self.records.insert(model, bytes)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Every record, by model name.
+    pub(crate) fn records(&self) -> Result<Vec<(String, Record)>, StoreError> {
+        self.records
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let model = String::from_utf8_lossy(&k).into_owned();
+                let record = decode(&model, &v)?;
+                Ok((model, record))
+            })
+            .collect()
+    }
+
+    /// Deletes chunks that no active or previous version references (any variant).
+    pub(crate) fn collect_garbage(&self) -> Result<usize, StoreError> {
+        let mut keep = HashSet::new();
+        for (_, record) in self.records()? {
+            for v in record.active.iter().chain(record.previous.iter()) {
+                for variant in &v.variants {
+                    keep.extend(variant.chunks.iter().map(|c| c.id));
+                }
+            }
+        }
+        self.chunks
+            .retain(|id| keep.contains(id))
+            .map_err(StoreError::Chunks)
+    }
+
+    /// Writes everything to disk (at shutdown).
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+fn decode(model: &str, bytes: &[u8]) -> Result<Record, StoreError> {
+    cbor::decode("model record", bytes, RECORD_LIMIT).map_err(|source| StoreError::Record {
+        model: model.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_a_reopen_and_garbage_keeps_what_versions_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.records().unwrap().is_empty());
+        let kept = b"kept chunk";
+        let dropped = b"dropped chunk";
+        let kept_id = outpost_shared::ChunkId::of(kept);
+        let dropped_id = outpost_shared::ChunkId::of(dropped);
+        store.chunks().put(&kept_id, kept).unwrap();
+        store.chunks().put(&dropped_id, dropped).unwrap();
+        let version = ModelVersion {
+            version: 1,
+            inputs: vec![],
+            outputs: vec![],
+            placement: outpost_shared::Placement::Local,
+            variants: vec![outpost_shared::Variant::describe(
+                outpost_shared::Target::EdgeInt8,
+                outpost_shared::ModelFormat::Onnx,
+                kept,
+            )],
+        };
+        let record = Record {
+            manifest: None,
+            active: Some(version),
+            previous: None,
+        };
+        store.save("m", &record).unwrap();
+        assert_eq!(store.collect_garbage().unwrap(), 1);
+        assert!(store.chunks().contains(&kept_id));
+        assert!(!store.chunks().contains(&dropped_id));
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.records().unwrap(), vec![("m".to_owned(), record)]);
+    }
+}
