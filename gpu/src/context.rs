@@ -1,8 +1,10 @@
 //! One GPU for the process: the adapter, its device and queue, and the compiled kernels, shared
-//! by every model loaded on it.
+//! by every model loaded on it; and whether the device was lost since.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+use outpost_runtime::engine::RunError;
 
 use crate::kernels::Kernel;
 
@@ -206,10 +208,14 @@ impl GpuContext {
         &self.summary
     }
 
-    pub(crate) fn pipeline(&self, kernel: Kernel) -> Result<&wgpu::ComputePipeline, String> {
-        self.pipelines
-            .get(&kernel)
-            .ok_or_else(|| format!("kernel {} is not available on this adapter", kernel.name()))
+    /// The compiled kernel; one the adapter did not compile is the device's refusal.
+    pub(crate) fn pipeline(&self, kernel: Kernel) -> Result<&wgpu::ComputePipeline, RunError> {
+        self.pipelines.get(&kernel).ok_or_else(|| {
+            RunError::Device(format!(
+                "kernel {} is not available on this adapter",
+                kernel.name()
+            ))
+        })
     }
 
     /// The largest buffer a kernel may bind.
@@ -248,7 +254,8 @@ fn unusable(adapter: &wgpu::Adapter, options: GpuOptions) -> Option<String> {
     }
 }
 
-fn compile(device: &wgpu::Device, kernel: Kernel) -> Result<wgpu::ComputePipeline, String> {
+/// Compiles one kernel, or returns the validation error the device gave.
+fn compile(device: &wgpu::Device, kernel: Kernel) -> Result<wgpu::ComputePipeline, wgpu::Error> {
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let source = kernel.source();
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -264,7 +271,7 @@ fn compile(device: &wgpu::Device, kernel: Kernel) -> Result<wgpu::ComputePipelin
         cache: None,
     });
     match pollster::block_on(scope.pop()) {
-        Some(e) => Err(e.to_string()),
+        Some(e) => Err(e),
         None => Ok(pipeline),
     }
 }

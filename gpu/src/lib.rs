@@ -1,17 +1,30 @@
 //! The GPU engine: int8 ONNX models on wgpu compute shaders (Vulkan, Metal, DX12, GL).
 //!
 //! - [`GpuContext`]: one adapter and device per process, with the WGSL kernels compiled once.
-//! - [`GpuModel`]: a model imported from ONNX ([`import`]) onto those kernels, its weights
-//!   uploaded once (int8 taken from the edge variant's `DequantizeLinear` pattern, or quantised
-//!   per output channel at load), run through [`outpost_runtime::Engine`] like tract.
+//! - [`GpuModel`]: a model imported from ONNX onto those kernels, its weights uploaded once
+//!   (int8 taken from the edge variant's `DequantizeLinear` pattern, or quantised per output
+//!   channel at load), run through [`outpost_runtime::Engine`] like tract.
+//!
+//! The crate reads as its pipeline, a module per stage. At load: `import` (ONNX → `graph`, the
+//! IR) → `fuse` → `upload`. Per input shape, once: `shape` (every value's shape) → `memory`
+//! (values to buffers by liveness) → `lower` (steps to dispatches) → bind groups (`model`).
+//! Per call: write the inputs, submit, read back (`model`). The graph, fusion, shape, memory
+//! and lowering stages are pure and unit-tested without an adapter; the WGSL kernels are in
+//! `kernels/*.wgsl`, assembled by `kernels`.
 //!
 //! A model with an op the kernels do not cover fails to load with
 //! [`ImportError::Unsupported`], naming the op: the agent runs it on tract and says why.
 
 mod context;
+mod fuse;
+mod graph;
 mod import;
 mod kernels;
+mod lower;
+mod memory;
 mod model;
+mod shape;
+mod upload;
 
 pub use context::{AdapterSummary, GpuContext, GpuOptions};
 pub use import::ImportError;

@@ -1,53 +1,43 @@
-//! A model on the GPU: weights uploaded once, and per input shape a prepared list of dispatches
-//! with its buffers and bind groups, so a call writes its inputs, submits once and reads back.
+//! A model on the GPU and how a call runs: the stages in order at load (import, fuse, upload),
+//! and per input shape a prepared plan (shapes, memory, lowering, then the buffers and bind
+//! groups), kept in a [`ShapePlans`] cache, so a call writes its inputs, submits once and reads
+//! back.
+//!
+//! Errors say whose fault a failed call is: the inputs' ([`RunError::Input`]), the model's
+//! ([`RunError::Model`]) or the device's ([`RunError::Device`]: out of memory, lost, refusing
+//! the work, failing the read-back, or a lock poisoned by an earlier failed call).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
-use outpost_runtime::engine::Engine;
-use outpost_runtime::engine::{RunError, check_inputs};
+use outpost_runtime::engine::{Engine, RunError, check_inputs};
+use outpost_runtime::plans::ShapePlans;
 use outpost_shared::{DataType, Tensor, TensorSpec};
-use wgpu::util::DeviceExt;
 
 use crate::context::{AdapterSummary, GpuContext};
-use crate::import::{
-    self, DType, GatherSource, Graph, ImportError, Origin, Step, TableData, View, WeightData,
-};
-use crate::kernels::{Kernel, MAX_RANK, WORKGROUP};
+use crate::graph::{DType, Graph};
+use crate::import::{self, ImportError};
+use crate::kernels::Kernel;
+use crate::memory::{Place, plan_memory};
+use crate::shape::{infer_shapes, product};
+use crate::upload::{Uploaded, storage, upload};
+use crate::{fuse, lower};
 
-/// Input shapes that keep their prepared dispatches (least recently used makes room).
+/// Input shapes that keep their prepared plans (least recently used makes room).
 const PREPARED_SHAPES: usize = 4;
 
-/// The largest K for `dot4I8Packed` sums: 127 · 127 · K must stay within an i32.
-const DOT4_MAX_K: usize = 131_072;
-
-struct GpuWeight {
-    k: usize,
-    n: usize,
-    k4: usize,
-    q8: bool,
-    /// (first output channel, channels, buffer).
-    blocks: Vec<(usize, usize, wgpu::Buffer)>,
-    scale: Option<wgpu::Buffer>,
-    bias: Option<wgpu::Buffer>,
-}
-
-struct GpuTable {
-    dims: Vec<usize>,
-    /// (first row along axis 0, rows, buffer); one block unless the table is split.
-    blocks: Vec<(usize, usize, wgpu::Buffer)>,
-    /// int8 scales: (buffer, stride, channels).
-    scale: Option<(wgpu::Buffer, usize, usize)>,
-}
+/// Plans by the shapes of the model's inputs. `None`: the last call of that shape failed, and
+/// the next one prepares it afresh.
+type Plans = ShapePlans<Vec<Vec<usize>>, Option<Arc<Plan>>>;
 
 /// A model running on a [`GpuContext`].
 pub struct GpuModel {
     ctx: Arc<GpuContext>,
     graph: Graph,
-    consts: Vec<wgpu::Buffer>,
-    weights: Vec<GpuWeight>,
-    tables: Vec<GpuTable>,
-    dummy: wgpu::Buffer,
-    prepared: Mutex<Prepared>,
+    uploaded: Uploaded,
+    /// Also held for the length of a call: one call at a time per model, since a plan's
+    /// buffers are shared by every call of its shape.
+    plans: Mutex<Plans>,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -59,80 +49,30 @@ impl std::fmt::Debug for GpuModel {
     }
 }
 
-#[derive(Default)]
-struct Prepared {
-    shapes: Vec<(Vec<Vec<usize>>, Arc<Plan>, u64)>,
-    tick: u64,
+/// A dispatch with its bind group, ready to record.
+struct BoundDispatch {
+    kernel: Kernel,
+    group: wgpu::BindGroup,
+    /// Workgroups along x and y.
+    grid: (u32, u32),
+}
+
+/// Where an output is read back from.
+struct PlannedOutput {
+    place: Place,
+    shape: Vec<usize>,
+    /// Its offset in the read-back buffer.
+    offset: u64,
 }
 
 /// Everything one input shape needs.
 struct Plan {
     buffers: Vec<wgpu::Buffer>,
-    dispatches: Vec<(Kernel, wgpu::BindGroup, u32, u32)>,
+    dispatches: Vec<BoundDispatch>,
     /// Per model input: its buffer (None when it has no elements).
     inputs: Vec<Option<usize>>,
-    /// Per output: where it is, its shape, its offset in the read-back buffer.
-    outputs: Vec<(Loc, Vec<usize>, u64)>,
+    outputs: Vec<PlannedOutput>,
     readback: wgpu::Buffer,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Loc {
-    Slot(usize),
-    Const(usize),
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Buf {
-    Slot(usize),
-    Const(usize),
-    WeightBlock(usize, usize),
-    WeightScale(usize),
-    WeightBias(usize),
-    TableBlock(usize, usize),
-    TableScale(usize),
-}
-
-struct Dispatch {
-    kernel: Kernel,
-    params: Vec<u32>,
-    bindings: Vec<(u32, Buf)>,
-    threads: usize,
-}
-
-fn storage(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
-    let padded;
-    let contents = if bytes.len() < 4 {
-        padded = [0u8; 4];
-        &padded[..]
-    } else {
-        bytes
-    };
-    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some(label),
-        contents,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-    })
-}
-
-fn pack_i8(q: &[i8]) -> Vec<u8> {
-    let mut bytes: Vec<u8> = q.iter().map(|&v| v as u8).collect();
-    bytes.resize(q.len().div_ceil(4) * 4, 0);
-    bytes
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// The element count, saturating (any count that large is refused against the binding limit
-/// before it is used).
-fn product(dims: &[usize]) -> usize {
-    dims.iter().fold(1usize, |n, &d| n.saturating_mul(d))
-}
-
-fn u32_of(n: usize, what: &str) -> Result<u32, String> {
-    u32::try_from(n).map_err(|_| format!("{what} ({n}) does not fit the GPU's 32-bit indices"))
 }
 
 impl GpuModel {
@@ -140,147 +80,13 @@ impl GpuModel {
     /// keeps the model off the GPU.
     pub fn load(bytes: &[u8], ctx: Arc<GpuContext>) -> Result<Self, ImportError> {
         let mut graph = import::import(bytes)?;
-        let device = &ctx.device;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let block_bytes = usize::try_from(ctx.weight_block_bytes).unwrap_or(usize::MAX);
-        let max_binding = usize::try_from(ctx.max_binding()).unwrap_or(usize::MAX);
-        let too_big = |what: &str, bytes: usize| ImportError::Unsupported {
-            op: "weights".into(),
-            node: what.to_owned(),
-            reason: format!(
-                "{bytes} bytes do not fit one GPU binding ({max_binding} bytes) and cannot be split"
-            ),
-        };
-
-        let consts = graph
-            .consts
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if c.data.len() * 4 > max_binding {
-                    return Err(too_big(&format!("constant {i}"), c.data.len() * 4));
-                }
-                Ok(storage(device, "constant", &f32_bytes(&c.data)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-
-        let mut weights = Vec::new();
-        for (i, w) in graph.weights.iter_mut().enumerate() {
-            let k4 = w.k.div_ceil(4);
-            let (q8, per_channel) = match &w.data {
-                WeightData::Q8 { .. } => (true, k4 * 4),
-                WeightData::F32(_) => (false, w.k * 4),
-            };
-            if per_channel > max_binding {
-                return Err(too_big(&format!("weight {i}"), per_channel));
-            }
-            if w.n == 0 || w.k == 0 {
-                return Err(ImportError::Invalid(format!(
-                    "weight {i} has an empty dimension"
-                )));
-            }
-            let per_block = (block_bytes / per_channel).max(1);
-            let mut blocks = Vec::new();
-            let mut n0 = 0;
-            while n0 < w.n {
-                let nb = per_block.min(w.n - n0);
-                let bytes = match &w.data {
-                    WeightData::Q8 { q, .. } => {
-                        let mut words = Vec::with_capacity(nb * k4 * 4);
-                        for c in n0..n0 + nb {
-                            words.extend(pack_i8(&q[c * w.k..(c + 1) * w.k]));
-                        }
-                        words
-                    }
-                    WeightData::F32(v) => f32_bytes(&v[n0 * w.k..(n0 + nb) * w.k]),
-                };
-                blocks.push((n0, nb, storage(device, "weight", &bytes)));
-                n0 += nb;
-            }
-            let scale = match &w.data {
-                WeightData::Q8 { scale, .. } => Some(storage(device, "scale", &f32_bytes(scale))),
-                WeightData::F32(_) => None,
-            };
-            let bias = w
-                .bias
-                .as_ref()
-                .map(|b| storage(device, "bias", &f32_bytes(b)));
-            weights.push(GpuWeight {
-                k: w.k,
-                n: w.n,
-                k4,
-                q8,
-                blocks,
-                scale,
-                bias,
-            });
-            // The host copy is not needed any more.
-            w.data = WeightData::F32(Vec::new());
-            w.bias = None;
-        }
-
-        let mut tables = Vec::new();
-        for (i, t) in graph.tables.iter_mut().enumerate() {
-            let rows = t.dims.first().copied().unwrap_or(1);
-            let inner = product(&t.dims[1.min(t.dims.len())..]);
-            let (row_bytes, total) = match &t.data {
-                TableData::Q8 { q, .. } => (inner, q.len().div_ceil(4) * 4),
-                TableData::F32(v) => (inner * 4, v.len() * 4),
-            };
-            let mut blocks = Vec::new();
-            if total <= block_bytes {
-                let bytes = match &t.data {
-                    TableData::Q8 { q, .. } => pack_i8(q),
-                    TableData::F32(v) => f32_bytes(v),
-                };
-                blocks.push((0, rows, storage(device, "table", &bytes)));
-            } else {
-                // Split along axis 0; a block starts on a word boundary, so keep rows × inner
-                // a multiple of 4 elements for int8 (each block is packed from its own start).
-                // Blocks are ranges of the gathered axis: only axis 0 keeps them contiguous.
-                if row_bytes > block_bytes || t.axis != 0 {
-                    return Err(too_big(&format!("table {i}"), total));
-                }
-                let per_block = (block_bytes / row_bytes.max(1)).max(1);
-                let mut r0 = 0;
-                while r0 < rows {
-                    let rc = per_block.min(rows - r0);
-                    let bytes = match &t.data {
-                        TableData::Q8 { q, .. } => pack_i8(&q[r0 * inner..(r0 + rc) * inner]),
-                        TableData::F32(v) => f32_bytes(&v[r0 * inner..(r0 + rc) * inner]),
-                    };
-                    blocks.push((r0, rc, storage(device, "table", &bytes)));
-                    r0 += rc;
-                }
-            }
-            let scale = match &t.data {
-                TableData::Q8 { scale, axis, .. } => Some((
-                    storage(device, "table scale", &f32_bytes(scale)),
-                    product(&t.dims[axis + 1..]).max(1),
-                    t.dims[*axis].max(1),
-                )),
-                TableData::F32(_) => None,
-            };
-            tables.push(GpuTable {
-                dims: t.dims.clone(),
-                blocks,
-                scale,
-            });
-            t.data = TableData::F32(Vec::new());
-        }
-        graph.consts.iter_mut().for_each(|c| c.data = Vec::new());
-        let dummy = storage(device, "unused", &[0; 4]);
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(ImportError::Device(format!("uploading the weights: {e}")));
-        }
+        fuse::fuse(&mut graph);
+        let uploaded = upload(&ctx, &mut graph)?;
         Ok(GpuModel {
             ctx,
             graph,
-            consts,
-            weights,
-            tables,
-            dummy,
-            prepared: Mutex::new(Prepared::default()),
+            uploaded,
+            plans: Mutex::new(ShapePlans::new(PREPARED_SHAPES)),
         })
     }
 
@@ -306,65 +112,27 @@ impl GpuModel {
 
     /// Bytes of weights held on the GPU.
     pub fn weight_bytes(&self) -> u64 {
-        let w: u64 = self
-            .weights
-            .iter()
-            .flat_map(|w| w.blocks.iter().map(|b| b.2.size()))
-            .sum();
-        let t: u64 = self
-            .tables
-            .iter()
-            .flat_map(|t| t.blocks.iter().map(|b| b.2.size()))
-            .sum();
-        w + t + self.consts.iter().map(wgpu::Buffer::size).sum::<u64>()
+        self.uploaded.bytes()
     }
 
+    /// The plan for these input shapes, prepared now if there is none.
     fn plan_for(&self, shapes: &[Vec<usize>]) -> Result<Arc<Plan>, RunError> {
-        let mut prepared = self
-            .prepared
+        let mut plans = self
+            .plans
             .lock()
-            .map_err(|_| RunError::Model("an earlier call failed while preparing".into()))?;
-        prepared.tick += 1;
-        let tick = prepared.tick;
-        if let Some(entry) = prepared.shapes.iter_mut().find(|(s, _, _)| s == shapes) {
-            entry.2 = tick;
-            return Ok(Arc::clone(&entry.1));
+            .map_err(|_| RunError::Device("an earlier call failed while preparing".into()))?;
+        if let Some(Some(plan)) = plans.get(shapes) {
+            return Ok(plan);
         }
         let plan = Arc::new(self.prepare(shapes)?);
-        if prepared.shapes.len() >= PREPARED_SHAPES {
-            if let Some(oldest) = prepared
-                .shapes
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, (_, _, t))| *t)
-                .map(|(i, _)| i)
-            {
-                prepared.shapes.swap_remove(oldest);
-            }
-        }
-        prepared
-            .shapes
-            .push((shapes.to_vec(), Arc::clone(&plan), tick));
+        plans.insert(shapes.to_vec(), Some(Arc::clone(&plan)));
         Ok(plan)
     }
 
     /// Shapes, buffers and dispatches for one set of input shapes.
     fn prepare(&self, input_shapes: &[Vec<usize>]) -> Result<Plan, RunError> {
         let g = &self.graph;
-        // Shapes of every value.
-        let mut shapes: Vec<Vec<usize>> = vec![Vec::new(); g.values.len()];
-        for (i, &v) in g.input_values.iter().enumerate() {
-            shapes[v] = input_shapes[i].clone();
-        }
-        for (v, value) in g.values.iter().enumerate() {
-            if let Origin::Const(c) = value.origin {
-                shapes[v] = g.consts[c].dims.clone();
-            }
-        }
-        for step in &g.steps {
-            let shape = self.infer(step, &shapes).map_err(RunError::Input)?;
-            shapes[step.out()] = shape;
-        }
+        let shapes = infer_shapes(g, input_shapes)?;
         let max_binding = self.ctx.max_binding();
         for shape in &shapes {
             let bytes = product(shape).saturating_mul(4);
@@ -374,126 +142,22 @@ impl GpuModel {
                 )));
             }
         }
-
-        // Where every value lives: views share their input's buffer.
-        let mut loc: Vec<Option<Loc>> = vec![None; g.values.len()];
-        // Per virtual slot: bytes, the time it is written, the time of its last read.
-        let mut slot_bytes: Vec<usize> = Vec::new();
-        let mut slot_def: Vec<usize> = Vec::new();
-        let mut slot_last: Vec<usize> = Vec::new();
-        fn new_slot(
-            slots: (&mut Vec<usize>, &mut Vec<usize>, &mut Vec<usize>),
-            bytes: usize,
-            t: usize,
-        ) -> usize {
-            slots.0.push(bytes);
-            slots.1.push(t);
-            slots.2.push(t);
-            slots.0.len() - 1
-        }
-        for (v, value) in g.values.iter().enumerate() {
-            if let Origin::Const(c) = value.origin {
-                loc[v] = Some(Loc::Const(c));
-            }
-        }
-        for &v in &g.input_values {
-            let s = new_slot(
-                (&mut slot_bytes, &mut slot_def, &mut slot_last),
-                product(&shapes[v]) * 4,
-                0,
-            );
-            loc[v] = Some(Loc::Slot(s));
-        }
-        // Step j runs at time j + 1 (inputs are written at time 0).
-        let mut scratch: Vec<Vec<usize>> = Vec::new();
-        for (j, step) in g.steps.iter().enumerate() {
-            let t = j + 1;
-            let out = step.out();
-            loc[out] = match step {
-                Step::View { x, .. } => loc[*x],
-                _ => Some(Loc::Slot(new_slot(
-                    (&mut slot_bytes, &mut slot_def, &mut slot_last),
-                    product(&shapes[out]) * 4,
-                    t,
-                ))),
-            };
-            let mut mine = Vec::new();
-            for bytes in self.scratch_bytes(step, &shapes) {
-                mine.push(new_slot(
-                    (&mut slot_bytes, &mut slot_def, &mut slot_last),
-                    bytes,
-                    t,
-                ));
-            }
-            scratch.push(mine);
-            for v in step.inputs() {
-                if let Some(Loc::Slot(s)) = loc[v] {
-                    slot_last[s] = slot_last[s].max(t);
-                }
-            }
-        }
-        for &v in &g.output_values {
-            if let Some(Loc::Slot(s)) = loc[v] {
-                slot_last[s] = usize::MAX;
-            }
-        }
-        // Physical buffers: reuse a freed one of sufficient size, smallest first.
-        let mut physical: Vec<usize> = Vec::new();
-        let mut assigned = vec![usize::MAX; slot_bytes.len()];
-        let mut free: Vec<usize> = Vec::new();
-        let steps = g.steps.len();
-        for t in 0..=steps {
-            for s in 0..slot_bytes.len() {
-                if slot_def[s] != t {
-                    continue;
-                }
-                let need = slot_bytes[s].max(4);
-                let pick = free
-                    .iter()
-                    .enumerate()
-                    .filter(|&(_, &b)| physical[b] >= need)
-                    .min_by_key(|&(_, &b)| physical[b])
-                    .map(|(i, _)| i);
-                assigned[s] = match pick {
-                    Some(i) => free.swap_remove(i),
-                    None => {
-                        physical.push(need);
-                        physical.len() - 1
-                    }
-                };
-            }
-            for s in 0..slot_bytes.len() {
-                if slot_last[s] == t && assigned[s] != usize::MAX {
-                    free.push(assigned[s]);
-                }
-            }
-        }
-        if let Some(bytes) = slot_bytes.iter().find(|&&b| b as u64 > max_binding) {
+        let lowering = self.uploaded.lowering(self.ctx.summary.dot4);
+        let memory = plan_memory(g, &shapes, &lowering.scratch_bytes(g, &shapes));
+        if memory.largest_request as u64 > max_binding {
             return Err(RunError::Input(format!(
-                "these inputs need a {bytes}-byte scratch buffer; the GPU binds at most {max_binding} bytes (send fewer rows per call)"
+                "these inputs need a {}-byte scratch buffer; the GPU binds at most {max_binding} bytes (send fewer rows per call)",
+                memory.largest_request
             )));
         }
-
-        // Dispatches.
-        let slot = |v: usize| -> Result<Buf, RunError> {
-            match loc[v] {
-                Some(Loc::Slot(s)) => Ok(Buf::Slot(assigned[s])),
-                Some(Loc::Const(c)) => Ok(Buf::Const(c)),
-                None => Err(RunError::Model(format!("value {v} has no storage"))),
-            }
-        };
-        let mut dispatches = Vec::new();
-        for (j, step) in g.steps.iter().enumerate() {
-            let scratch: Vec<Buf> = scratch[j].iter().map(|&s| Buf::Slot(assigned[s])).collect();
-            self.dispatches(step, &shapes, &slot, &scratch, &mut dispatches)
-                .map_err(RunError::Input)?;
-        }
+        let dispatches = lowering.lower(g, &shapes, &memory)?;
 
         // Buffers and bind groups.
         let device = &self.ctx.device;
         let out_of_memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let invalid = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let buffers: Vec<wgpu::Buffer> = physical
+        let buffers: Vec<wgpu::Buffer> = memory
+            .buffer_bytes
             .iter()
             .map(|&bytes| {
                 device.create_buffer(&wgpu::BufferDescriptor {
@@ -507,41 +171,23 @@ impl GpuModel {
             })
             .collect();
         let mut bound = Vec::new();
-        let max_groups = self.ctx.limits.max_compute_workgroups_per_dimension.max(1);
+        let max_groups = self.ctx.limits.max_compute_workgroups_per_dimension;
         for d in dispatches {
-            if d.threads == 0 {
+            let Some(grid) = lower::workgroups(d.threads, max_groups)? else {
                 continue;
-            }
-            let groups = u32_of(d.threads.div_ceil(WORKGROUP as usize), "the thread count")
-                .map_err(RunError::Input)?;
-            let x = groups.min(max_groups);
-            let y = groups.div_ceil(x);
-            if y > max_groups {
-                return Err(RunError::Input(format!(
-                    "{} threads exceed the GPU's dispatch limit",
-                    d.threads
-                )));
-            }
+            };
             let params = storage(device, "params", bytemuck::cast_slice(&d.params));
-            let pipeline = self.ctx.pipeline(d.kernel).map_err(RunError::Model)?;
+            let pipeline = self.ctx.pipeline(d.kernel)?;
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
                 resource: params.as_entire_binding(),
             }];
-            for (binding, buf) in &d.bindings {
-                let buffer = match *buf {
-                    Buf::Slot(i) => &buffers[i],
-                    Buf::Const(c) => &self.consts[c],
-                    Buf::WeightBlock(w, b) => &self.weights[w].blocks[b].2,
-                    Buf::WeightScale(w) => self.weights[w].scale.as_ref().unwrap_or(&self.dummy),
-                    Buf::WeightBias(w) => self.weights[w].bias.as_ref().unwrap_or(&self.dummy),
-                    Buf::TableBlock(t, b) => &self.tables[t].blocks[b].2,
-                    Buf::TableScale(t) => {
-                        self.tables[t].scale.as_ref().map_or(&self.dummy, |s| &s.0)
-                    }
-                };
+            for &(binding, buf) in &d.bindings {
+                let buffer = self.uploaded.buffer(buf, &buffers).ok_or_else(|| {
+                    RunError::Model(format!("{}: {buf:?} names no buffer", d.kernel.name()))
+                })?;
                 entries.push(wgpu::BindGroupEntry {
-                    binding: *binding,
+                    binding,
                     resource: buffer.as_entire_binding(),
                 });
             }
@@ -550,26 +196,31 @@ impl GpuModel {
                 layout: &pipeline.get_bind_group_layout(0),
                 entries: &entries,
             });
-            bound.push((d.kernel, group, x, y));
+            bound.push(BoundDispatch {
+                kernel: d.kernel,
+                group,
+                grid,
+            });
         }
 
         let inputs = g
             .input_values
             .iter()
-            .map(|&v| match loc[v] {
-                Some(Loc::Slot(s)) if slot_bytes[s] > 0 => Some(assigned[s]),
+            .map(|&v| match memory.places[v] {
+                Some(Place::Buffer(b)) if product(&shapes[v]) > 0 => Some(b),
                 _ => None,
             })
             .collect();
         let mut outputs = Vec::new();
         let mut offset = 0u64;
         for &v in &g.output_values {
-            let place = match loc[v] {
-                Some(Loc::Slot(s)) => Loc::Slot(assigned[s]),
-                Some(other) => other,
-                None => return Err(RunError::Model(format!("output value {v} has no storage"))),
-            };
-            outputs.push((place, shapes[v].clone(), offset));
+            let place = memory.places[v]
+                .ok_or_else(|| RunError::Model(format!("output value {v} has no storage")))?;
+            outputs.push(PlannedOutput {
+                place,
+                shape: shapes[v].clone(),
+                offset,
+            });
             offset += (product(&shapes[v]) as u64 * 4).div_ceil(8) * 8;
         }
         let readback = device.create_buffer(&wgpu::BufferDescriptor {
@@ -579,12 +230,14 @@ impl GpuModel {
             mapped_at_creation: false,
         });
         if let Some(e) = pollster::block_on(invalid.pop()) {
-            return Err(RunError::Model(format!(
+            return Err(RunError::Device(format!(
                 "preparing these shapes on the GPU: {e}"
             )));
         }
         if let Some(e) = pollster::block_on(out_of_memory.pop()) {
-            return Err(RunError::Model(format!("GPU memory for these shapes: {e}")));
+            return Err(RunError::Device(format!(
+                "GPU memory for these shapes: {e}"
+            )));
         }
         Ok(Plan {
             buffers,
@@ -595,424 +248,10 @@ impl GpuModel {
         })
     }
 
-    fn scratch_bytes(&self, step: &Step, shapes: &[Vec<usize>]) -> Vec<usize> {
-        match step {
-            Step::MatMul { a, weight, .. } if self.uses_dot4(*weight) => {
-                let w = &self.weights[*weight];
-                let m = product(&shapes[*a]) / w.k.max(1);
-                vec![m * w.k4 * 4, m * 4]
-            }
-            Step::Reduce { x, axes, .. } => {
-                let runs = reduce_runs(&shapes[*x], axes.as_deref()).unwrap_or_default();
-                // Every run but the last writes an intermediate.
-                let mut shape = shapes[*x].clone();
-                let mut out = Vec::new();
-                for (i, (start, len)) in runs.iter().enumerate() {
-                    for d in &mut shape[*start..start + len] {
-                        *d = 1;
-                    }
-                    if i + 1 < runs.len() {
-                        out.push(product(&shape) * 4);
-                    }
-                }
-                out
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    fn uses_dot4(&self, weight: usize) -> bool {
-        let w = &self.weights[weight];
-        self.ctx.summary.dot4 && w.q8 && w.k <= DOT4_MAX_K
-    }
-
-    fn infer(&self, step: &Step, shapes: &[Vec<usize>]) -> Result<Vec<usize>, String> {
-        Ok(match step {
-            Step::MatMul { a, weight, .. } => {
-                let w = &self.weights[*weight];
-                let s = &shapes[*a];
-                match s.last() {
-                    Some(&k) if k == w.k => {
-                        let mut out = s.clone();
-                        if let Some(last) = out.last_mut() {
-                            *last = w.n;
-                        }
-                        out
-                    }
-                    _ => return Err(format!("a matrix product takes [..., {}], got {s:?}", w.k)),
-                }
-            }
-            Step::Binary { a, b, .. } => broadcast(&shapes[*a], &shapes[*b])?,
-            Step::Unary { x, .. } => shapes[*x].clone(),
-            Step::Softmax { x, axis, .. } => {
-                normalize_axis(*axis, shapes[*x].len())?;
-                shapes[*x].clone()
-            }
-            Step::Gather {
-                data, ids, axis, ..
-            } => {
-                let dims = match data {
-                    GatherSource::Table(t) => &self.tables[*t].dims,
-                    GatherSource::Value(v) => &shapes[*v],
-                };
-                let a = normalize_axis(*axis, dims.len())?;
-                let mut out = dims[..a].to_vec();
-                out.extend(&shapes[*ids]);
-                out.extend(&dims[a + 1..]);
-                out
-            }
-            Step::Reduce {
-                x, axes, keep_dims, ..
-            } => {
-                let s = &shapes[*x];
-                let axes = reduce_axes(s.len(), axes.as_deref())?;
-                s.iter()
-                    .enumerate()
-                    .filter_map(|(i, &d)| {
-                        if !axes.contains(&i) {
-                            Some(d)
-                        } else if *keep_dims {
-                            Some(1)
-                        } else {
-                            None
-                        }
-                    })
-                    .collect()
-            }
-            Step::Concat { xs, axis, .. } => {
-                let first = &shapes[xs[0]];
-                let a = normalize_axis(*axis, first.len())?;
-                let mut out = first.clone();
-                out[a] = 0;
-                for &x in xs {
-                    let s = &shapes[x];
-                    let same = s.len() == first.len()
-                        && s.iter()
-                            .zip(first)
-                            .enumerate()
-                            .all(|(i, (p, q))| i == a || p == q);
-                    if !same {
-                        return Err(format!(
-                            "Concat on axis {a}: shapes {first:?} and {s:?} do not fit"
-                        ));
-                    }
-                    out[a] = out[a].saturating_add(s[a]);
-                }
-                out
-            }
-            Step::Transpose { x, perm, .. } => {
-                let s = &shapes[*x];
-                let perm = permutation(perm.as_deref(), s.len())?;
-                perm.iter().map(|&p| s[p]).collect()
-            }
-            Step::View { x, view, .. } => view_shape(view, &shapes[*x])?,
-        })
-    }
-
-    fn dispatches(
-        &self,
-        step: &Step,
-        shapes: &[Vec<usize>],
-        slot: &dyn Fn(usize) -> Result<Buf, RunError>,
-        scratch: &[Buf],
-        out: &mut Vec<Dispatch>,
-    ) -> Result<(), String> {
-        let at = |v: usize| slot(v).map_err(|e| e.to_string());
-        match step {
-            Step::MatMul {
-                a,
-                weight,
-                act,
-                out: y,
-            } => {
-                let w = &self.weights[*weight];
-                let m = product(&shapes[*a]) / w.k.max(1);
-                let (mu, ku, nu, k4) = (
-                    u32_of(m, "rows")?,
-                    u32_of(w.k, "K")?,
-                    u32_of(w.n, "N")?,
-                    u32_of(w.k4, "K")?,
-                );
-                let has_bias = u32::from(w.bias.is_some());
-                let dot4 = self.uses_dot4(*weight);
-                if dot4 {
-                    out.push(Dispatch {
-                        kernel: Kernel::QuantizeRows,
-                        params: vec![mu, ku, k4],
-                        bindings: vec![(1, at(*a)?), (2, scratch[0]), (3, scratch[1])],
-                        threads: m,
-                    });
-                }
-                for (b, (n0, nb, _)) in w.blocks.iter().enumerate() {
-                    let params = vec![
-                        mu,
-                        ku,
-                        u32_of(*nb, "N")?,
-                        u32_of(*n0, "N")?,
-                        nu,
-                        *act,
-                        has_bias,
-                        k4,
-                    ];
-                    let (kernel, bindings) = if dot4 {
-                        (
-                            Kernel::MatMulDot4,
-                            vec![
-                                (1, scratch[0]),
-                                (2, Buf::WeightBlock(*weight, b)),
-                                (3, Buf::WeightBias(*weight)),
-                                (4, at(*y)?),
-                                (5, Buf::WeightScale(*weight)),
-                                (6, scratch[1]),
-                            ],
-                        )
-                    } else if w.q8 {
-                        (
-                            Kernel::MatMulQ8,
-                            vec![
-                                (1, at(*a)?),
-                                (2, Buf::WeightBlock(*weight, b)),
-                                (3, Buf::WeightBias(*weight)),
-                                (4, at(*y)?),
-                                (5, Buf::WeightScale(*weight)),
-                            ],
-                        )
-                    } else {
-                        (
-                            Kernel::MatMulF32,
-                            vec![
-                                (1, at(*a)?),
-                                (2, Buf::WeightBlock(*weight, b)),
-                                (3, Buf::WeightBias(*weight)),
-                                (4, at(*y)?),
-                            ],
-                        )
-                    };
-                    out.push(Dispatch {
-                        kernel,
-                        params,
-                        bindings,
-                        threads: m * nb,
-                    });
-                }
-            }
-            Step::Binary { op, a, b, out: y } => {
-                let shape = &shapes[*y];
-                let rank = shape.len();
-                if rank > MAX_RANK {
-                    return Err(format!(
-                        "rank {rank} broadcasts are not supported on the GPU"
-                    ));
-                }
-                let mut params = vec![u32_of(product(shape), "elements")?, *op, rank as u32];
-                let mut dims = [1u32; MAX_RANK];
-                for (i, &d) in shape.iter().enumerate() {
-                    dims[i] = u32_of(d, "a dimension")?;
-                }
-                params.extend(dims);
-                params.extend(broadcast_strides(&shapes[*a], shape));
-                params.extend(broadcast_strides(&shapes[*b], shape));
-                out.push(Dispatch {
-                    kernel: Kernel::Binary,
-                    params,
-                    bindings: vec![(1, at(*a)?), (2, at(*b)?), (3, at(*y)?)],
-                    threads: product(shape),
-                });
-            }
-            Step::Unary { op, x, out: y } => {
-                let n = product(&shapes[*x]);
-                out.push(Dispatch {
-                    kernel: Kernel::Unary,
-                    params: vec![u32_of(n, "elements")?, *op],
-                    bindings: vec![(1, at(*x)?), (2, at(*y)?)],
-                    threads: n,
-                });
-            }
-            Step::Softmax {
-                x,
-                axis,
-                legacy,
-                out: y,
-            } => {
-                let s = &shapes[*x];
-                let a = normalize_axis(*axis, s.len())?;
-                let (len, inner) = if *legacy {
-                    (product(&s[a..]), 1)
-                } else {
-                    (s[a], product(&s[a + 1..]))
-                };
-                let rows = product(&s[..a]) * inner;
-                out.push(Dispatch {
-                    kernel: Kernel::Softmax,
-                    params: vec![
-                        u32_of(rows, "rows")?,
-                        u32_of(len, "axis")?,
-                        u32_of(inner, "inner")?,
-                    ],
-                    bindings: vec![(1, at(*x)?), (2, at(*y)?)],
-                    threads: if len == 0 { 0 } else { rows },
-                });
-            }
-            Step::Reduce {
-                x,
-                axes,
-                mean,
-                out: y,
-                ..
-            } => {
-                let runs = reduce_runs(&shapes[*x], axes.as_deref())?;
-                let mut shape = shapes[*x].clone();
-                let mut from = at(*x)?;
-                if runs.is_empty() {
-                    // Nothing to reduce (every axis of a scalar): a copy.
-                    let n = product(&shape);
-                    out.push(Dispatch {
-                        kernel: Kernel::Unary,
-                        params: vec![u32_of(n, "elements")?, 0],
-                        bindings: vec![(1, from), (2, at(*y)?)],
-                        threads: n,
-                    });
-                }
-                for (i, &(start, len)) in runs.iter().enumerate() {
-                    let outer = product(&shape[..start]);
-                    let r = product(&shape[start..start + len]);
-                    let inner = product(&shape[start + len..]);
-                    let to = if i + 1 == runs.len() {
-                        at(*y)?
-                    } else {
-                        scratch[i]
-                    };
-                    out.push(Dispatch {
-                        kernel: Kernel::Reduce,
-                        params: vec![
-                            u32_of(outer * inner, "rows")?,
-                            u32_of(r, "axis")?,
-                            u32_of(inner, "inner")?,
-                            u32::from(*mean),
-                        ],
-                        bindings: vec![(1, from), (2, to)],
-                        threads: outer * inner,
-                    });
-                    for d in &mut shape[start..start + len] {
-                        *d = 1;
-                    }
-                    from = to;
-                }
-            }
-            Step::Gather {
-                data,
-                ids,
-                axis,
-                out: y,
-            } => {
-                let GatherSource::Table(t) = data else {
-                    return Err("gathering from a computed tensor".into());
-                };
-                let table = &self.tables[*t];
-                let a = normalize_axis(*axis, table.dims.len())?;
-                let outer = product(&table.dims[..a]);
-                let rows = table.dims[a];
-                let inner = product(&table.dims[a + 1..]);
-                let n_ids = product(&shapes[*ids]);
-                let count = outer * n_ids * inner;
-                let (stride, channels) = table.scale.as_ref().map_or((1, 1), |s| (s.1, s.2));
-                for (b, (r0, rc, _)) in table.blocks.iter().enumerate() {
-                    // A split table is split along axis 0, which is the gathered axis.
-                    let (r0, rc) = if table.blocks.len() == 1 {
-                        (0, rows)
-                    } else {
-                        (*r0, *rc)
-                    };
-                    let params = vec![
-                        u32_of(count, "elements")?,
-                        u32_of(n_ids, "ids")?,
-                        u32_of(inner, "inner")?,
-                        u32_of(rows, "rows")?,
-                        u32_of(r0, "rows")?,
-                        u32_of(rc, "rows")?,
-                        u32_of(stride, "stride")?,
-                        u32_of(channels, "channels")?,
-                    ];
-                    let mut bindings =
-                        vec![(1, Buf::TableBlock(*t, b)), (2, at(*ids)?), (3, at(*y)?)];
-                    let kernel = if table.scale.is_some() {
-                        bindings.push((4, Buf::TableScale(*t)));
-                        Kernel::GatherQ8
-                    } else {
-                        Kernel::GatherF32
-                    };
-                    out.push(Dispatch {
-                        kernel,
-                        params,
-                        bindings,
-                        threads: count,
-                    });
-                }
-            }
-            Step::Concat { xs, axis, out: y } => {
-                let shape = &shapes[*y];
-                let a = normalize_axis(*axis, shape.len())?;
-                let outer = product(&shape[..a]);
-                let inner = product(&shape[a + 1..]);
-                let mut offset = 0;
-                for &x in xs {
-                    let chunk = shapes[x][a] * inner;
-                    out.push(Dispatch {
-                        kernel: Kernel::Concat,
-                        params: vec![
-                            u32_of(outer * chunk, "elements")?,
-                            u32_of(chunk.max(1), "chunk")?,
-                            u32_of(shape[a] * inner, "row")?,
-                            u32_of(offset, "offset")?,
-                        ],
-                        bindings: vec![(1, at(x)?), (2, at(*y)?)],
-                        threads: outer * chunk,
-                    });
-                    offset += chunk;
-                }
-            }
-            Step::Transpose { x, perm, out: y } => {
-                let s = &shapes[*x];
-                if s.len() > MAX_RANK {
-                    return Err(format!(
-                        "rank {} transposes are not supported on the GPU",
-                        s.len()
-                    ));
-                }
-                let perm = permutation(perm.as_deref(), s.len())?;
-                let mut strides = vec![1usize; s.len()];
-                for i in (0..s.len().saturating_sub(1)).rev() {
-                    strides[i] = strides[i + 1] * s[i + 1];
-                }
-                let shape = &shapes[*y];
-                let mut params = vec![u32_of(product(shape), "elements")?, s.len() as u32];
-                let mut dims = [1u32; MAX_RANK];
-                let mut st = [0u32; MAX_RANK];
-                for (i, &p) in perm.iter().enumerate() {
-                    dims[i] = u32_of(shape[i], "a dimension")?;
-                    st[i] = u32_of(strides[p], "a stride")?;
-                }
-                params.extend(dims);
-                params.extend(st);
-                out.push(Dispatch {
-                    kernel: Kernel::Strided,
-                    params,
-                    bindings: vec![(1, at(*x)?), (2, at(*y)?)],
-                    threads: product(shape),
-                });
-            }
-            Step::View { .. } => {}
-        }
-        Ok(())
-    }
-
-    fn execute(
-        &self,
-        plan: &Plan,
-        data: &[std::borrow::Cow<'_, [u8]>],
-    ) -> Result<Vec<Vec<u8>>, RunError> {
+    /// Runs `plan` on the inputs' bytes (in the model's order) and reads the outputs back.
+    fn execute(&self, plan: &Plan, data: &[Cow<'_, [u8]>]) -> Result<Vec<Vec<u8>>, RunError> {
         if let Some(lost) = self.ctx.lost() {
-            return Err(RunError::Model(lost));
+            return Err(RunError::Device(lost));
         }
         let device = &self.ctx.device;
         let queue = &self.ctx.queue;
@@ -1032,23 +271,23 @@ impl GpuModel {
                 label: Some("inference"),
                 timestamp_writes: None,
             });
-            for (kernel, group, x, y) in &plan.dispatches {
-                let pipeline = self.ctx.pipeline(*kernel).map_err(RunError::Model)?;
-                pass.set_pipeline(pipeline);
-                pass.set_bind_group(0, group, &[]);
-                pass.dispatch_workgroups(*x, *y, 1);
+            for d in &plan.dispatches {
+                pass.set_pipeline(self.ctx.pipeline(d.kernel)?);
+                pass.set_bind_group(0, &d.group, &[]);
+                pass.dispatch_workgroups(d.grid.0, d.grid.1, 1);
             }
         }
-        for (place, shape, offset) in &plan.outputs {
-            let bytes = product(shape) as u64 * 4;
+        for output in &plan.outputs {
+            let bytes = product(&output.shape) as u64 * 4;
             if bytes == 0 {
                 continue;
             }
-            let source = match place {
-                Loc::Slot(b) => &plan.buffers[*b],
-                Loc::Const(c) => &self.consts[*c],
-            };
-            encoder.copy_buffer_to_buffer(source, 0, &plan.readback, *offset, bytes);
+            let source = match output.place {
+                Place::Buffer(b) => plan.buffers.get(b),
+                Place::Const(c) => self.uploaded.buffer(lower::Binding::Const(c), &[]),
+            }
+            .ok_or_else(|| RunError::Model("an output names no buffer".into()))?;
+            encoder.copy_buffer_to_buffer(source, 0, &plan.readback, output.offset, bytes);
         }
         queue.submit([encoder.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1057,21 +296,21 @@ impl GpuModel {
         });
         let outcome = 'read: {
             if let Err(e) = device.poll(wgpu::PollType::wait_indefinitely()) {
-                break 'read Err(RunError::Model(format!("waiting for the GPU: {e}")));
+                break 'read Err(RunError::Device(format!("waiting for the GPU: {e}")));
             }
             if let Some(e) = pollster::block_on(invalid.pop()) {
-                break 'read Err(RunError::Model(format!("the GPU refused the work: {e}")));
+                break 'read Err(RunError::Device(format!("the GPU refused the work: {e}")));
             }
             if let Some(e) = pollster::block_on(out_of_memory.pop()) {
-                break 'read Err(RunError::Model(format!("the GPU ran out of memory: {e}")));
+                break 'read Err(RunError::Device(format!("the GPU ran out of memory: {e}")));
             }
             match rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    break 'read Err(RunError::Model(format!("reading the outputs back: {e}")));
+                    break 'read Err(RunError::Device(format!("reading the outputs back: {e}")));
                 }
                 Err(_) => {
-                    break 'read Err(RunError::Model(
+                    break 'read Err(RunError::Device(
                         "the GPU never answered the read-back".into(),
                     ));
                 }
@@ -1079,15 +318,15 @@ impl GpuModel {
             let view = match plan.readback.get_mapped_range(..) {
                 Ok(view) => view,
                 Err(e) => {
-                    break 'read Err(RunError::Model(format!("reading the outputs back: {e}")));
+                    break 'read Err(RunError::Device(format!("reading the outputs back: {e}")));
                 }
             };
             Ok(plan
                 .outputs
                 .iter()
-                .map(|(_, shape, offset)| {
-                    let start = *offset as usize;
-                    view[start..start + product(shape) * 4].to_vec()
+                .map(|output| {
+                    let start = output.offset as usize;
+                    view[start..start + product(&output.shape) * 4].to_vec()
                 })
                 .collect())
         };
@@ -1096,10 +335,12 @@ impl GpuModel {
         outcome
     }
 
-    /// Drops the prepared plan of `shapes` (after a failure, so the next call starts afresh).
+    /// Marks the plan of `shapes` as failed (so the next call of that shape prepares afresh).
     fn forget(&self, shapes: &[Vec<usize>]) {
-        if let Ok(mut prepared) = self.prepared.lock() {
-            prepared.shapes.retain(|(s, _, _)| s != shapes);
+        if let Ok(mut plans) = self.plans.lock() {
+            if plans.contains(shapes) {
+                plans.insert(shapes.to_vec(), None);
+            }
         }
     }
 }
@@ -1132,19 +373,18 @@ impl Engine for GpuModel {
                 })?;
             // f32 inputs go to the GPU as they are; ids are narrowed to i32.
             let bytes = match self.graph.values[self.graph.input_values[i]].dtype {
-                DType::F32 => std::borrow::Cow::Borrowed(t.data()),
-                DType::I32 => std::borrow::Cow::Owned(ids_to_i32(t, &self.graph.id_bounds[i])?),
+                DType::F32 => Cow::Borrowed(t.data()),
+                DType::I32 => Cow::Owned(ids_to_i32(t, &self.graph.id_bounds[i])?),
             };
             shapes.push(shape);
             data.push(bytes);
         }
         let plan = self.plan_for(&shapes)?;
-        // One call at a time per model: the plan's buffers are shared by calls of one shape.
         let outputs = {
-            let _guard = self
-                .prepared
+            let _one_call_at_a_time = self
+                .plans
                 .lock()
-                .map_err(|_| RunError::Model("an earlier call failed while running".into()))?;
+                .map_err(|_| RunError::Device("an earlier call failed while running".into()))?;
             self.execute(&plan, &data)
         };
         let outputs = match outputs {
@@ -1158,8 +398,8 @@ impl Engine for GpuModel {
             .into_iter()
             .zip(&plan.outputs)
             .zip(&self.graph.outputs)
-            .map(|((bytes, (_, shape, _)), spec)| {
-                let shape = shape.iter().map(|&d| d as u64).collect();
+            .map(|((bytes, output), spec)| {
+                let shape = output.shape.iter().map(|&d| d as u64).collect();
                 Tensor::from_bytes(spec.name.clone(), DataType::Fp32, shape, bytes)
                     .map_err(|e| RunError::Model(e.to_string()))
             })
@@ -1204,228 +444,9 @@ fn ids_to_i32(t: &Tensor, bounds: &[usize]) -> Result<Vec<u8>, RunError> {
     Ok(out)
 }
 
-fn normalize_axis(axis: i64, rank: usize) -> Result<usize, String> {
-    let r = rank as i64;
-    let a = if axis < 0 { axis + r } else { axis };
-    if (0..r).contains(&a) {
-        Ok(a as usize)
-    } else {
-        Err(format!("axis {axis} is out of range for rank {rank}"))
-    }
-}
-
-fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
-    let rank = a.len().max(b.len());
-    (0..rank)
-        .map(|i| {
-            let da = if i + a.len() >= rank {
-                a[i + a.len() - rank]
-            } else {
-                1
-            };
-            let db = if i + b.len() >= rank {
-                b[i + b.len() - rank]
-            } else {
-                1
-            };
-            match (da, db) {
-                (x, y) if x == y => Ok(x),
-                (1, y) => Ok(y),
-                (x, 1) => Ok(x),
-                _ => Err(format!("shapes {a:?} and {b:?} do not broadcast")),
-            }
-        })
-        .collect()
-}
-
-/// Strides of `operand` read as `shape` (0 along broadcast dimensions), padded to MAX_RANK.
-fn broadcast_strides(operand: &[usize], shape: &[usize]) -> [u32; MAX_RANK] {
-    let mut out = [0u32; MAX_RANK];
-    let offset = shape.len() - operand.len();
-    let mut stride = 1usize;
-    for i in (0..operand.len()).rev() {
-        if operand[i] != 1 || shape[i + offset] == 1 {
-            out[i + offset] = if operand[i] == 1 { 0 } else { stride as u32 };
-        }
-        stride *= operand[i];
-    }
-    out
-}
-
-fn reduce_axes(rank: usize, axes: Option<&[i64]>) -> Result<Vec<usize>, String> {
-    let mut out = match axes {
-        None => (0..rank).collect(),
-        Some(a) => a
-            .iter()
-            .map(|&x| normalize_axis(x, rank))
-            .collect::<Result<Vec<_>, _>>()?,
-    };
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
-}
-
-/// The reduced axes as runs of consecutive axes: (first, length).
-fn reduce_runs(shape: &[usize], axes: Option<&[i64]>) -> Result<Vec<(usize, usize)>, String> {
-    let axes = reduce_axes(shape.len(), axes)?;
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for a in axes {
-        match runs.last_mut() {
-            Some((start, len)) if *start + *len == a => *len += 1,
-            _ => runs.push((a, 1)),
-        }
-    }
-    Ok(runs)
-}
-
-fn permutation(perm: Option<&[i64]>, rank: usize) -> Result<Vec<usize>, String> {
-    let perm: Vec<usize> = match perm {
-        None => (0..rank).rev().collect(),
-        Some(p) => p
-            .iter()
-            .map(|&x| normalize_axis(x, rank))
-            .collect::<Result<_, _>>()?,
-    };
-    let mut seen = perm.clone();
-    seen.sort_unstable();
-    if seen != (0..rank).collect::<Vec<_>>() {
-        return Err(format!("{perm:?} is not a permutation of {rank} axes"));
-    }
-    Ok(perm)
-}
-
-fn view_shape(view: &View, s: &[usize]) -> Result<Vec<usize>, String> {
-    let count = product(s);
-    Ok(match view {
-        View::Identity => s.to_vec(),
-        View::Reshape { shape, allow_zero } => {
-            let mut out = Vec::with_capacity(shape.len());
-            let mut infer = None;
-            for (i, &d) in shape.iter().enumerate() {
-                match d {
-                    -1 if infer.is_none() => {
-                        infer = Some(i);
-                        out.push(1);
-                    }
-                    0 if !allow_zero => {
-                        out.push(*s.get(i).ok_or("Reshape: 0 beyond the input's rank")?)
-                    }
-                    d if d >= 0 => out.push(d as usize),
-                    _ => return Err(format!("Reshape: bad target {shape:?}")),
-                }
-            }
-            let known = product(&out);
-            if let Some(i) = infer {
-                if known == 0 || count % known != 0 {
-                    return Err(format!("cannot reshape {s:?} to {shape:?}"));
-                }
-                out[i] = count / known;
-            }
-            if product(&out) != count {
-                return Err(format!("cannot reshape {s:?} to {shape:?}"));
-            }
-            out
-        }
-        View::Flatten { axis } => {
-            let r = s.len() as i64;
-            let a = if *axis < 0 { axis + r } else { *axis };
-            if !(0..=r).contains(&a) {
-                return Err(format!("Flatten: axis {axis} for rank {r}"));
-            }
-            let a = a as usize;
-            vec![product(&s[..a]), product(&s[a..])]
-        }
-        View::Squeeze { axes } => match axes {
-            None => s.iter().copied().filter(|&d| d != 1).collect(),
-            Some(axes) => {
-                let axes = reduce_axes(s.len(), Some(axes))?;
-                if let Some(&a) = axes.iter().find(|&&a| s[a] != 1) {
-                    return Err(format!("Squeeze: axis {a} of {s:?} is not 1"));
-                }
-                s.iter()
-                    .enumerate()
-                    .filter(|(i, _)| !axes.contains(i))
-                    .map(|(_, &d)| d)
-                    .collect()
-            }
-        },
-        View::Unsqueeze { axes } => {
-            let rank = s.len() + axes.len();
-            let axes = reduce_axes(rank, Some(axes))?;
-            let mut rest = s.iter();
-            (0..rank)
-                .map(|i| {
-                    if axes.contains(&i) {
-                        1
-                    } else {
-                        rest.next().copied().unwrap_or(1)
-                    }
-                })
-                .collect()
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broadcasting_follows_numpy() {
-        assert_eq!(broadcast(&[4, 1, 3], &[5, 1]), Ok(vec![4, 5, 3]));
-        assert!(broadcast(&[2, 3], &[4, 3]).is_err());
-        assert_eq!(broadcast_strides(&[5, 1], &[4, 5, 3]), [0, 1, 0, 0, 0, 0]);
-        assert_eq!(
-            broadcast_strides(&[4, 5, 3], &[4, 5, 3]),
-            [15, 3, 1, 0, 0, 0]
-        );
-    }
-
-    #[test]
-    fn views_compute_their_shapes() {
-        let r = |shape: &[i64]| View::Reshape {
-            shape: shape.to_vec(),
-            allow_zero: false,
-        };
-        assert_eq!(view_shape(&r(&[0, -1]), &[2, 3, 4]), Ok(vec![2, 12]));
-        assert!(view_shape(&r(&[5, -1]), &[2, 3]).is_err());
-        assert_eq!(
-            view_shape(&View::Flatten { axis: 1 }, &[2, 3, 4]),
-            Ok(vec![2, 12])
-        );
-        assert_eq!(
-            view_shape(
-                &View::Squeeze {
-                    axes: Some(vec![1])
-                },
-                &[2, 1, 4]
-            ),
-            Ok(vec![2, 4])
-        );
-        assert!(
-            view_shape(
-                &View::Squeeze {
-                    axes: Some(vec![0])
-                },
-                &[2, 1]
-            )
-            .is_err()
-        );
-        assert_eq!(
-            view_shape(&View::Unsqueeze { axes: vec![0, -1] }, &[3]),
-            Ok(vec![1, 3, 1])
-        );
-    }
-
-    #[test]
-    fn reductions_group_consecutive_axes() {
-        assert_eq!(reduce_runs(&[2, 3, 4, 5], Some(&[1, 2])), Ok(vec![(1, 2)]));
-        assert_eq!(
-            reduce_runs(&[2, 3, 4, 5], Some(&[0, -1])),
-            Ok(vec![(0, 1), (3, 1)])
-        );
-        assert_eq!(reduce_runs(&[2, 3], None), Ok(vec![(0, 2)]));
-    }
 
     #[test]
     fn ids_are_range_checked_and_narrowed() {

@@ -1,0 +1,34 @@
+// An element-wise binary operation, broadcasting. p: [count, op, rank, shape[6], a_strides[6], b_strides[6]] (a broadcast dimension has
+// stride 0).
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i >= p[0]) { return; }
+    var rest = i;
+    var ia = 0u;
+    var ib = 0u;
+    let rank = p[2];
+    for (var d = 0u; d < rank; d++) {
+        let axis = rank - 1u - d;
+        let c = rest % p[3u + axis];
+        rest = rest / p[3u + axis];
+        ia += c * p[9u + axis];
+        ib += c * p[15u + axis];
+    }
+    let u = a[ia];
+    let v = b[ib];
+    var r: f32;
+    // `BinaryOp::code` (graph.rs).
+    switch p[1] {
+        case 0u: { r = u + v; }
+        case 1u: { r = u - v; }
+        case 2u: { r = u * v; }
+        default: { r = u / v; }
+    }
+    y[i] = r;
+}
