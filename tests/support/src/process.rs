@@ -84,8 +84,7 @@ impl Process {
     }
 
     fn spawn(name: &'static str, command: &mut Command) -> Self {
-        let mut child =
-            ChildGuard::spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped()));
+        let mut child = ChildGuard::spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped()));
         let (tx, lines) = mpsc::channel();
         for stream in [
             Box::new(child.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,

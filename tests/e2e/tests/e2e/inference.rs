@@ -168,7 +168,7 @@ async fn agents_sync_serve_upgrade_and_keep_serving_offline() {
     .await;
     assert_eq!(status, 404);
     // Oversized, written raw: the agent answers before reading it all and closes.
-    let big = edge_agent::api::MAX_BODY + 1;
+    let big = edge_agent::MAX_BODY + 1;
     let mut oversized = format!(
         "POST /v2/models/video-ranker/infer HTTP/1.1\r\nHost: {}\r\nContent-Length: {big}\r\nConnection: close\r\n\r\n",
         agent.api_addr
