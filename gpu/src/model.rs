@@ -26,9 +26,8 @@ use crate::{fuse, lower};
 /// Input shapes that keep their prepared plans (least recently used makes room).
 const PREPARED_SHAPES: usize = 4;
 
-/// Plans by the shapes of the model's inputs. `None`: the last call of that shape failed, and
-/// the next one prepares it afresh.
-type Plans = ShapePlans<Vec<Vec<usize>>, Option<Arc<Plan>>>;
+/// Plans by the shapes of the model's inputs (a failed call drops its shape's plan).
+type Plans = ShapePlans<Vec<Vec<usize>>, Arc<Plan>>;
 
 /// A model running on a [`GpuContext`].
 pub struct GpuModel {
@@ -121,11 +120,11 @@ impl GpuModel {
             .plans
             .lock()
             .map_err(|_| RunError::Device("an earlier call failed while preparing".into()))?;
-        if let Some(Some(plan)) = plans.get(shapes) {
+        if let Some(plan) = plans.get(shapes) {
             return Ok(plan);
         }
         let plan = Arc::new(self.prepare(shapes)?);
-        plans.insert(shapes.to_vec(), Some(Arc::clone(&plan)));
+        plans.insert(shapes.to_vec(), Arc::clone(&plan));
         Ok(plan)
     }
 
@@ -335,12 +334,11 @@ impl GpuModel {
         outcome
     }
 
-    /// Marks the plan of `shapes` as failed (so the next call of that shape prepares afresh).
+    /// Drops the plan of `shapes` after a failed call, so the next call of that shape prepares
+    /// afresh.
     fn forget(&self, shapes: &[Vec<usize>]) {
         if let Ok(mut plans) = self.plans.lock() {
-            if plans.contains(shapes) {
-                plans.insert(shapes.to_vec(), None);
-            }
+            plans.remove(shapes);
         }
     }
 }

@@ -81,6 +81,19 @@ impl<K, P: Clone> ShapePlans<K, P> {
         evicted
     }
 
+    /// Drops the plan for `key` (a failed call may have left it unusable); returns it.
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<P>
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        let i = self
+            .entries
+            .iter()
+            .position(|(k, _, _)| k.borrow() == key)?;
+        Some(self.entries.swap_remove(i).1)
+    }
+
     /// The shapes that have a plan, in no particular order.
     pub fn keys(&self) -> impl Iterator<Item = &K> {
         self.entries.iter().map(|(k, _, _)| k)
@@ -130,6 +143,21 @@ mod tests {
         assert_eq!(plans.insert(vec![1], 10), None);
         assert_eq!(plans.get(&[1][..]), Some(10));
         assert_eq!(plans.len(), 2);
+    }
+
+    #[test]
+    fn a_removed_plan_is_gone_and_frees_its_place() {
+        let mut plans = ShapePlans::new(2);
+        plans.insert(vec![1], 1);
+        plans.insert(vec![2], 2);
+        assert_eq!(plans.remove(&[1][..]), Some(1));
+        assert_eq!(plans.remove(&[1][..]), None);
+        assert_eq!(
+            plans.insert(vec![3], 3),
+            None,
+            "room was made, nothing evicted"
+        );
+        assert_eq!(plans.get(&[2][..]), Some(2));
     }
 
     #[test]
