@@ -11,6 +11,7 @@ use outpost_runtime::{Engine, RunError, ShapePlans};
 use outpost_shared::{ErrorKind, Tensor};
 use tokio::sync::oneshot;
 
+use crate::error::RegistryError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -49,11 +50,11 @@ type Plans = Mutex<ShapePlans<(String, u64), Arc<dyn Engine>>>;
 /// Model versions kept loaded for offloaded calls (a stable and a candidate of a few models).
 const LOADED_MODELS: usize = 16;
 
-/// How the workers run a model: one thread each (the pool is the parallelism), and a plan per
-/// recurring batch size.
+/// How the workers run a model: one thread each (the pool is the parallelism), on the symbolic
+/// plan only (per-shape plans would optimise on threads outside the pool, per loaded model).
 const WORKER_ENGINE: TractOptions = TractOptions {
     threads: 1,
-    shape_plans: 4,
+    shape_plans: 0,
 };
 
 /// The worker threads, to stop at shutdown.
@@ -166,7 +167,10 @@ fn run_job(
         None => {
             let bytes = registry
                 .serving_bytes(&job.model, version)
-                .map_err(|e| (ErrorKind::UnknownModel, e.to_string()))?;
+                .map_err(|e| match e {
+                    RegistryError::NotFound(m) => (ErrorKind::UnknownModel, m),
+                    other => (ErrorKind::Internal, other.to_string()),
+                })?;
             let engine: Arc<dyn Engine> = Arc::new(
                 TractModel::load_with(&bytes, WORKER_ENGINE)
                     .map_err(|e| (ErrorKind::Internal, e.to_string()))?,

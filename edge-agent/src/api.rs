@@ -401,6 +401,13 @@ mod tests {
         let offline = router::cloud_error(OffloadError::Unreachable("timed out".into()));
         assert_eq!(status_of(&offline), StatusCode::SERVICE_UNAVAILABLE);
         assert!(offline.to_string().contains("no coordinator is reachable"));
+        let failed = router::cloud_error(OffloadError::Refused {
+            kind: outpost_shared::ErrorKind::Internal,
+            message: "the model failed".into(),
+        });
+        assert_eq!(status_of(&failed), StatusCode::INTERNAL_SERVER_ERROR);
+        let busy = router::cloud_error(OffloadError::Busy(50));
+        assert_eq!(status_of(&busy), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             status_of(&RouteError::from(RunError::Model("broken".into()))),
             StatusCode::INTERNAL_SERVER_ERROR

@@ -87,6 +87,11 @@ pub(crate) fn cloud_error(e: OffloadError) -> RouteError {
             kind: ErrorKind::InvalidInput,
             message,
         } => RouteError::BadInput(message),
+        // The coordinator's model failed: as a local model failure, 500.
+        OffloadError::Refused {
+            kind: ErrorKind::Internal,
+            message,
+        } => RouteError::Failed(format!("the coordinator's model failed: {message}")),
         OffloadError::Unreachable(m) => RouteError::Unavailable(format!(
             "the model runs in the cloud and no coordinator is reachable: {m}"
         )),

@@ -358,7 +358,8 @@ impl FleetAuthority {
     /// Issues device `id` into `out` (see [`FleetAuthority::enroll`]), reaching the coordinators
     /// and the MQTT broker as the fleet's first device (`{fleet}-0001` in `fleet_dir`) does, so
     /// a device added to a running fleet needs no addresses. Without that device's config:
-    /// `localhost` on `quic_port`, and MQTT on `localhost:1883`.
+    /// `localhost` on `quic_port`, and MQTT on `localhost:1883`; with a config that does not
+    /// load, its errors.
     pub fn enroll_like_first_device(
         &self,
         id: &DeviceId,
@@ -370,9 +371,13 @@ impl FleetAuthority {
             .join(files::DEVICES)
             .join(format!("{}-0001", self.name))
             .join(files::AGENT_CONFIG);
-        let (coordinators, mqtt) = match crate::AgentConfig::load(&first) {
-            Ok(agent) => (agent.coordinator.addresses, agent.mqtt.broker),
-            Err(_) => (
+        // No first device: the defaults. A first device whose config is broken: say so, rather
+        // than hand out addresses that may be wrong.
+        let (coordinators, mqtt) = if first.is_file() {
+            let agent = crate::AgentConfig::load(&first)?;
+            (agent.coordinator.addresses, agent.mqtt.broker)
+        } else {
+            (
                 vec![HostPort {
                     host: "localhost".into(),
                     port: quic_port,
@@ -381,7 +386,7 @@ impl FleetAuthority {
                     host: "localhost".into(),
                     port: 1883,
                 },
-            ),
+            )
         };
         self.enroll(id, &coordinators, &mqtt, out)
     }

@@ -208,10 +208,11 @@ impl GpuContext {
         &self.summary
     }
 
-    /// The compiled kernel; one the adapter did not compile is the device's refusal.
+    /// The compiled kernel. One the adapter did not compile will not appear on a retry: the model
+    /// cannot run here ([`RunError::Model`]; the agent loads it on tract at warm-up).
     pub(crate) fn pipeline(&self, kernel: Kernel) -> Result<&wgpu::ComputePipeline, RunError> {
         self.pipelines.get(&kernel).ok_or_else(|| {
-            RunError::Device(format!(
+            RunError::Model(format!(
                 "kernel {} is not available on this adapter",
                 kernel.name()
             ))

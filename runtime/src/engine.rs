@@ -116,6 +116,9 @@ pub fn concrete_shape(spec: &TensorSpec, first: u64, rest: u64) -> Vec<u64> {
         .collect()
 }
 
+/// The most bytes one warm-up input may take (a model whose batch of 1 needs more is refused).
+pub const MAX_WARM_UP_BYTES: usize = 256 << 20;
+
 /// Zero-filled inputs for `specs`, dynamic dimensions 1. A signature that cannot be filled (a
 /// shape that overflows, text inputs) is [`RunError::Model`].
 pub fn zero_inputs(specs: &[TensorSpec]) -> Result<Vec<Tensor>, RunError> {
@@ -134,7 +137,17 @@ pub fn zero_inputs(specs: &[TensorSpec]) -> Result<Vec<Tensor>, RunError> {
                     s.name
                 ))
             })?;
-            Tensor::from_bytes(s.name.clone(), s.datatype, shape, vec![0; n * size])
+            let bytes = n
+                .checked_mul(size)
+                .filter(|&b| b <= MAX_WARM_UP_BYTES)
+                .ok_or_else(|| {
+                    RunError::Model(format!(
+                        "input {:?}: a batch of 1 is over {} MiB, too large to warm up",
+                        s.name,
+                        MAX_WARM_UP_BYTES >> 20
+                    ))
+                })?;
+            Tensor::from_bytes(s.name.clone(), s.datatype, shape, vec![0; bytes])
                 .map_err(|e| RunError::Model(e.to_string()))
         })
         .collect()

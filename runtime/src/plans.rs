@@ -1,6 +1,7 @@
 //! The per-shape plan cache both engines keep: a plan prepared for one exact input shape is
 //! reused for every call of that shape, and the least recently used shape makes room when the
-//! cache is full. A handful of entries: a linear scan beats hashing at batch 1.
+//! cache is full. A handful of entries: a linear scan beats hashing at batch 1. The coordinator's
+//! worker pool keeps its loaded model versions in one too (keyed by model and version).
 
 use std::borrow::Borrow;
 

@@ -406,11 +406,6 @@ impl TractModel {
         }
         inner.generic.clone()
     }
-
-    /// Inputs of batch 1 (dynamic dimensions 1) filled with zeros, to warm the model up.
-    pub fn zero_inputs(&self) -> Result<Vec<Tensor>, RunError> {
-        crate::engine::zero_inputs(&self.inputs)
-    }
 }
 
 impl Engine for TractModel {
