@@ -27,10 +27,14 @@ fn wait_for_plan(model: &TractModel, shape: &[i64]) {
     }
 }
 
+/// Two plans of one model (symbolic and shape-optimised, one thread or two) may pick other
+/// kernels and sum in another order: their answers agree to this, not bit for bit.
+const PLAN_TOLERANCE: f32 = 1e-5;
+
 fn assert_close(a: &[f32], b: &[f32]) {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b) {
-        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        assert!((x - y).abs() < PLAN_TOLERANCE, "{x} vs {y}");
     }
 }
 
@@ -47,6 +51,9 @@ fn a_shape_gets_its_own_plan_and_the_same_answers() {
     .unwrap();
     assert_eq!(model.name(), "tract");
     model.warm_up().unwrap();
+    // The warm-up's own plan first: one optimisation runs at a time, so a shape met while it
+    // runs would stay on the symbolic plan (a race with the machine's speed otherwise).
+    wait_for_plan(&model, &[1, 1]);
     let reference = TractModel::load_with(
         &bytes,
         TractOptions {
