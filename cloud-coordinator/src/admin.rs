@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use outpost_runtime::serve::{BodyError, read_body};
+use outpost_runtime::serve::{BodyError, BodyLimits, ServeLimits, read_body};
 use outpost_shared::Placement;
 use tokio::sync::watch;
 
@@ -157,6 +157,8 @@ pub struct AdminState {
     pub token: String,
     /// The largest upload, bytes.
     pub max_upload: usize,
+    /// Open admin connections at once.
+    pub max_connections: usize,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -167,11 +169,15 @@ pub async fn serve(
     state: AdminState,
     shutdown: watch::Receiver<bool>,
 ) {
+    let limits = ServeLimits {
+        max_connections: state.max_connections,
+        ..ServeLimits::default()
+    };
     let handler = move |req| {
         let state = state.clone();
         async move { route(req, &state).await }
     };
-    outpost_runtime::serve::serve_http(listener, handler, shutdown).await;
+    outpost_runtime::serve::serve_http(listener, limits, handler, shutdown).await;
 }
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
@@ -266,9 +272,9 @@ async fn push(
     state: &AdminState,
 ) -> Reply {
     // Read the upload before judging the options (see `read_body`).
-    let body = match read_body(req.into_body(), state.max_upload).await {
+    let body = match read_body(req.into_body(), &BodyLimits::up_to(state.max_upload)).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => {
+        Err(BodyError::TooLarge { .. }) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
@@ -277,7 +283,10 @@ async fn push(
                 ),
             );
         }
-        Err(BodyError::Unreadable(e)) => {
+        Err(e @ BodyError::TooSlow { .. }) => {
+            return error(StatusCode::REQUEST_TIMEOUT, e.to_string());
+        }
+        Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 format!("could not read the upload: {e}"),

@@ -177,6 +177,7 @@ impl Coordinator {
             metrics,
             token: admin_token.clone(),
             max_upload,
+            max_connections: usize::try_from(config.admin.max_connections).unwrap_or(1),
         };
         tasks.push(tokio::spawn(admin::serve(listener, state, watcher)));
 

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use outpost_runtime::serve::{BodyError, read_body};
+use outpost_runtime::serve::{BodyError, BodyLimits, ServeLimits, read_body};
 use outpost_shared::oip::{self, InferRequest};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
@@ -31,11 +31,15 @@ pub(crate) async fn serve(
     ctx: Arc<Context>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let limits = ServeLimits {
+        max_connections: usize::try_from(ctx.config.profile().api_connections).unwrap_or(1),
+        ..ServeLimits::default()
+    };
     let handler = move |req| {
         let ctx = ctx.clone();
         async move { route(req, &ctx).await }
     };
-    outpost_runtime::serve::serve_http(listener, handler, shutdown).await;
+    outpost_runtime::serve::serve_http(listener, limits, handler, shutdown).await;
 }
 
 fn reply(status: StatusCode, body: &Value) -> Reply {
@@ -183,15 +187,18 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
         .get(oip::HEADER_LENGTH)
         .map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()));
     // Read the body before judging the request (see `read_body`).
-    let body = match read_body(req.into_body(), MAX_BODY).await {
+    let body = match read_body(req.into_body(), &BodyLimits::up_to(MAX_BODY)).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge) => {
+        Err(BodyError::TooLarge { .. }) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the request is larger than {} MiB", MAX_BODY >> 20),
             );
         }
-        Err(BodyError::Unreadable(e)) => {
+        Err(e @ BodyError::TooSlow { .. }) => {
+            return error(StatusCode::REQUEST_TIMEOUT, e.to_string());
+        }
+        Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 format!("could not read the request: {e}"),
@@ -275,7 +282,15 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
         }
         Err(e) => {
             Counters::count(&ctx.counters.errors);
-            error(status_of(&e), e.to_string())
+            let mut r = error(status_of(&e), e.to_string());
+            if matches!(e, RouteError::Busy(_)) {
+                // Calls of one model take milliseconds to seconds: try again in one.
+                r.headers_mut().insert(
+                    hyper::header::RETRY_AFTER,
+                    hyper::header::HeaderValue::from_static("1"),
+                );
+            }
+            r
         }
     }
 }
@@ -286,6 +301,7 @@ fn status_of(e: &RouteError) -> StatusCode {
         RouteError::BadInput(_) => StatusCode::BAD_REQUEST,
         RouteError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         RouteError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        RouteError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -318,6 +334,8 @@ mod tests {
     use outpost_runtime::{Engine, RunError};
     use outpost_shared::{DataType, Dim, ModelVersion, Placement, Tensor, TensorSpec};
 
+    use outpost_runtime::admission::AdmissionLimits;
+
     use super::*;
     use crate::offload::OffloadError;
 
@@ -343,6 +361,82 @@ mod tests {
         }
     }
 
+    fn local_version(inputs: &[TensorSpec]) -> ModelVersion {
+        ModelVersion {
+            version: 1,
+            inputs: inputs.to_vec(),
+            outputs: vec![],
+            placement: Placement::Local,
+            variants: vec![],
+        }
+    }
+
+    /// An engine whose calls take `ms` milliseconds and answer nothing.
+    #[derive(Debug)]
+    struct SlowEngine {
+        inputs: Vec<TensorSpec>,
+        ms: u64,
+    }
+
+    impl Engine for SlowEngine {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn inputs(&self) -> &[TensorSpec] {
+            &self.inputs
+        }
+        fn outputs(&self) -> &[TensorSpec] {
+            &[]
+        }
+        fn run(&self, _: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
+            std::thread::sleep(std::time::Duration::from_millis(self.ms));
+            Ok(vec![])
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_past_the_models_running_and_waiting_limits_are_busy() {
+        let inputs = vec![TensorSpec {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![Dim::Dynamic],
+        }];
+        let serving = Arc::new(Serving::local(
+            &local_version(&inputs),
+            Some(Arc::new(SlowEngine { inputs, ms: 300 })),
+            AdmissionLimits {
+                running: 2,
+                waiting: 2,
+            },
+        ));
+        let calls: Vec<_> = (0..6)
+            .map(|_| {
+                let serving = Arc::clone(&serving);
+                tokio::spawn(async move {
+                    let x = Tensor::from_values("x", vec![1], &[0.5f32]).unwrap();
+                    router::run_local(&serving, vec![x]).await
+                })
+            })
+            .collect();
+        let mut busy = Vec::new();
+        for call in calls {
+            if let Err(e) = call.await.unwrap() {
+                busy.push(e);
+            }
+        }
+        // Two run, two wait and then run, two are turned away at once.
+        assert_eq!(busy.len(), 2, "{busy:?}");
+        for e in &busy {
+            assert!(matches!(e, RouteError::Busy(_)), "{e:?}");
+            assert_eq!(status_of(e), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(
+                e.to_string()
+                    .contains("2 calls are running and 2 are waiting"),
+                "{e}"
+            );
+        }
+    }
+
     /// The status an app gets when the local engine fails with `error`.
     async fn answered(error: RunError) -> (StatusCode, String) {
         let inputs = vec![TensorSpec {
@@ -350,18 +444,14 @@ mod tests {
             datatype: DataType::Fp32,
             shape: vec![Dim::Dynamic, Dim::Fixed(2)],
         }];
-        let serving = Serving {
-            version: ModelVersion {
-                version: 1,
-                inputs: inputs.clone(),
-                outputs: vec![],
-                placement: Placement::Local,
-                variants: vec![],
+        let serving = Serving::local(
+            &local_version(&inputs),
+            Some(Arc::new(FailingEngine { inputs, error })),
+            AdmissionLimits {
+                running: 1,
+                waiting: 0,
             },
-            engine: Some(Arc::new(FailingEngine { inputs, error })),
-            adapter: None,
-            gpu_fallback: None,
-        };
+        );
         let x = Tensor::from_values("x", vec![1, 2], &[0.5f32, 0.5]).unwrap();
         let e = router::run_local(&serving, vec![x]).await.unwrap_err();
         (status_of(&e), e.to_string())

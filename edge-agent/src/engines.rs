@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use firmware_config::{EngineChoice, GpuPreference};
 use outpost_gpu::{GpuContext, GpuModel, GpuOptions};
+use outpost_runtime::admission::AdmissionLimits;
 use outpost_runtime::tract::{self, TractModel, TractOptions};
 use outpost_runtime::{AssembleError, ChunkStore, Engine, RunError};
 use outpost_shared::{ModelVersion, Placement, Target, Variant};
@@ -43,6 +44,8 @@ pub(crate) struct Engines {
     pub(crate) gpu: LocalGpu,
     /// How local models run on tract (threads from the device profile).
     pub(crate) tract: TractOptions,
+    /// How many calls of one model run and wait at once (from the device profile).
+    pub(crate) admission: AdmissionLimits,
 }
 
 /// The variant a device runs locally, if any: int8 first, then fp32; none for a cloud-only
@@ -109,13 +112,12 @@ impl Engines {
                 // The warm-up also proves the GPU runs it before it serves.
                 Ok(model) => match model.warm_up() {
                     Ok(()) => {
-                        let a = model.adapter();
-                        return Ok(Serving {
-                            version: version.clone(),
-                            adapter: Some(format!("{} ({})", a.name, a.backend)),
-                            engine: Some(Arc::new(model)),
-                            gpu_fallback: None,
-                        });
+                        let adapter =
+                            format!("{} ({})", model.adapter().name, model.adapter().backend);
+                        let mut serving =
+                            Serving::local(version, Some(Arc::new(model)), self.admission);
+                        serving.adapter = Some(adapter);
+                        return Ok(serving);
                     }
                     Err(e) => format!("the GPU failed the warm-up: {e}"),
                 },
@@ -129,11 +131,8 @@ impl Engines {
         let model: Arc<dyn Engine> = Arc::new(TractModel::load_with(&bytes, self.tract)?);
         // A model that cannot run zeros is not worth serving.
         model.warm_up()?;
-        Ok(Serving {
-            version: version.clone(),
-            engine: Some(model),
-            adapter: None,
-            gpu_fallback: Some(fallback),
-        })
+        let mut serving = Serving::local(version, Some(model), self.admission);
+        serving.gpu_fallback = Some(fallback);
+        Ok(serving)
     }
 }

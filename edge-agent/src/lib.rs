@@ -150,6 +150,10 @@ impl Agent {
                 threads: engines::engine_threads(config.profile().inference_threads),
                 ..Default::default()
             },
+            admission: outpost_runtime::admission::AdmissionLimits {
+                running: usize::try_from(config.profile().inference_concurrency).unwrap_or(1),
+                waiting: usize::try_from(config.profile().inference_queue).unwrap_or(0),
+            },
         };
         check_identity(&config)?;
         let offload = offload::OffloadClient::new(&config).map_err(AgentError::Identity)?;

@@ -138,8 +138,21 @@ pub(crate) fn plan_install(
     if !device.follows.is_empty() && !device.follows.contains(&manifest.model) {
         return Ok(Install::Ignore);
     }
-    check_forward(record.manifest.as_ref(), manifest).map_err(Refusal::NotForward)?;
+    // The release already accepted, delivered again (every reconnect and restart does): no
+    // refusal. Installed: nothing to do; not installed yet (an install failed): try again.
+    let redelivered = record.manifest.as_ref() == Some(manifest);
+    if !redelivered {
+        check_forward(record.manifest.as_ref(), manifest).map_err(Refusal::NotForward)?;
+    }
     let target = manifest.version_for(device.id);
+    if redelivered
+        && record
+            .active
+            .as_ref()
+            .is_some_and(|a| a.version == target.version)
+    {
+        return Ok(Install::Ignore);
+    }
     if record
         .active
         .as_ref()
@@ -333,6 +346,25 @@ mod tests {
         ));
         let next = release("m", 6, local(4, &[chunk("b", 10)]));
         assert_eq!(switch_target(plan(&record, &next).unwrap()).0, 4);
+    }
+
+    #[test]
+    fn the_accepted_release_delivered_again_is_no_refusal() {
+        let v3 = local(3, &[chunk("a", 10)]);
+        let accepted = release("m", 5, v3.clone());
+        let installed = Record {
+            manifest: Some(accepted.clone()),
+            active: Some(v3),
+            previous: None,
+        };
+        assert_eq!(plan(&installed, &accepted).unwrap(), Install::Ignore);
+        // Accepted, but its install failed (version 2 still active): delivered again, it is
+        // tried again.
+        let failed = Record {
+            active: Some(local(2, &[chunk("old", 10)])),
+            ..installed
+        };
+        assert_eq!(switch_target(plan(&failed, &accepted).unwrap()).0, 3);
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub(crate) enum RouteError {
     /// The model (or the agent) failed on a valid request (500).
     #[error("{0}")]
     Failed(String),
+    /// Every running slot and waiting place of the model is taken (503 with `Retry-After`).
+    #[error("{0}")]
+    Busy(outpost_runtime::admission::Busy),
 }
 
 impl From<RunError> for RouteError {
@@ -75,6 +78,8 @@ pub(crate) async fn run_local(
             "the model has no local engine".into(),
         ));
     };
+    // Held until the engine is done: bounded running calls, bounded waiting ones.
+    let _slot = serving.admission.enter().await.map_err(RouteError::Busy)?;
     tokio::task::spawn_blocking(move || engine.run(&inputs))
         .await
         .map_err(|e| RouteError::Failed(e.to_string()))?

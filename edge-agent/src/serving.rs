@@ -8,8 +8,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use outpost_runtime::Engine;
+use outpost_runtime::admission::{Admission, AdmissionLimits};
 use outpost_shared::ModelVersion;
 use tokio::sync::watch;
+
+/// A cloud-only version runs nothing locally (the offload client bounds its own calls).
+const CLOUD_ONLY: AdmissionLimits = AdmissionLimits {
+    running: 1,
+    waiting: 0,
+};
 
 /// One version of a model, ready to answer.
 #[derive(Debug)]
@@ -22,16 +29,28 @@ pub(crate) struct Serving {
     pub(crate) adapter: Option<String>,
     /// Why a locally run model is not on the GPU.
     pub(crate) gpu_fallback: Option<String>,
+    /// How many local calls of this version run and wait at once.
+    pub(crate) admission: Admission,
 }
 
 impl Serving {
     /// A version that runs only in the cloud.
     pub(crate) fn cloud_only(version: &ModelVersion) -> Self {
+        Self::local(version, None, CLOUD_ONLY)
+    }
+
+    /// A version answered by `engine` (`None`: in the cloud), within `limits`.
+    pub(crate) fn local(
+        version: &ModelVersion,
+        engine: Option<Arc<dyn Engine>>,
+        limits: AdmissionLimits,
+    ) -> Self {
         Self {
             version: version.clone(),
-            engine: None,
+            engine,
             adapter: None,
             gpu_fallback: None,
+            admission: Admission::new(limits),
         }
     }
 

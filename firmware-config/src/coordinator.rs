@@ -103,14 +103,22 @@ pub struct AdminSection {
     /// Where the admin API listens.
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    /// Open admin connections at once (past it, new ones wait to be accepted).
+    #[serde(default = "default_admin_connections")]
+    pub max_connections: u32,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            max_connections: default_admin_connections(),
         }
     }
+}
+
+const fn default_admin_connections() -> u32 {
+    64
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -320,6 +328,9 @@ impl CoordinatorConfig {
                 "registry.keep_versions",
                 "must be at least 2, so a rollback target is kept".to_owned(),
             ));
+        }
+        if self.admin.max_connections == 0 {
+            problems.push(("admin.max_connections", "must be at least 1".to_owned()));
         }
         if self.registry.max_upload_mb == 0 {
             problems.push(("registry.max_upload_mb", "must be at least 1".to_owned()));

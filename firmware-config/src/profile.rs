@@ -51,6 +51,13 @@ pub struct Profile {
     pub gpu: GpuPreference,
     /// Offload policy on battery.
     pub on_battery: BatteryPolicy,
+    /// Open connections to the local API at once (past it, new ones wait to be accepted).
+    pub api_connections: u32,
+    /// Local inferences of one model running at once.
+    pub inference_concurrency: u32,
+    /// Local inferences of one model waiting for a running slot; past it a call is answered
+    /// 503 with `Retry-After`.
+    pub inference_queue: u32,
 }
 
 impl DeviceClass {
@@ -64,6 +71,9 @@ impl DeviceClass {
                 inference_threads: 2,
                 gpu: GpuPreference::Prefer,
                 on_battery: BatteryPolicy::Offload,
+                api_connections: 64,
+                inference_concurrency: 2,
+                inference_queue: 16,
             },
             DeviceClass::Laptop => Profile {
                 memory_budget_mb: 2048,
@@ -72,6 +82,9 @@ impl DeviceClass {
                 inference_threads: 4,
                 gpu: GpuPreference::Prefer,
                 on_battery: BatteryPolicy::AsPlaced,
+                api_connections: 256,
+                inference_concurrency: 4,
+                inference_queue: 64,
             },
             DeviceClass::EdgeBox => Profile {
                 memory_budget_mb: 8192,
@@ -80,6 +93,9 @@ impl DeviceClass {
                 inference_threads: 8,
                 gpu: GpuPreference::Prefer,
                 on_battery: BatteryPolicy::AsPlaced,
+                api_connections: 512,
+                inference_concurrency: 8,
+                inference_queue: 256,
             },
         }
     }
@@ -101,6 +117,12 @@ pub struct ProfileOverrides {
     pub gpu: Option<GpuPreference>,
     /// Overrides [`Profile::on_battery`].
     pub on_battery: Option<BatteryPolicy>,
+    /// Overrides [`Profile::api_connections`].
+    pub api_connections: Option<u32>,
+    /// Overrides [`Profile::inference_concurrency`].
+    pub inference_concurrency: Option<u32>,
+    /// Overrides [`Profile::inference_queue`].
+    pub inference_queue: Option<u32>,
 }
 
 impl ProfileOverrides {
@@ -113,6 +135,11 @@ impl ProfileOverrides {
             inference_threads: self.inference_threads.unwrap_or(base.inference_threads),
             gpu: self.gpu.unwrap_or(base.gpu),
             on_battery: self.on_battery.unwrap_or(base.on_battery),
+            api_connections: self.api_connections.unwrap_or(base.api_connections),
+            inference_concurrency: self
+                .inference_concurrency
+                .unwrap_or(base.inference_concurrency),
+            inference_queue: self.inference_queue.unwrap_or(base.inference_queue),
         }
     }
 
@@ -125,6 +152,14 @@ impl ProfileOverrides {
             (
                 "profile.inference_threads",
                 self.inference_threads.map(u64::from),
+            ),
+            (
+                "profile.api_connections",
+                self.api_connections.map(u64::from),
+            ),
+            (
+                "profile.inference_concurrency",
+                self.inference_concurrency.map(u64::from),
             ),
         ]
         .into_iter()

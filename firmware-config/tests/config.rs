@@ -319,3 +319,21 @@ fn missing_and_wrong_files_are_reported_at_their_key() {
         );
     }
 }
+
+#[test]
+fn the_api_connection_cap_comes_from_the_class_and_can_be_overridden() {
+    let text = agent_toml("");
+    let config = AgentConfig::from_toml(Path::new("agent.toml"), &text).unwrap();
+    assert_eq!(
+        config.profile().api_connections,
+        config.device.class.profile().api_connections
+    );
+    let text = agent_toml("\n[profile]\napi_connections = 8\n");
+    let config = AgentConfig::from_toml(Path::new("agent.toml"), &text).unwrap();
+    assert_eq!(config.profile().api_connections, 8);
+    let msg = agent_error(&agent_toml("\n[profile]\napi_connections = 0\n"));
+    assert!(
+        msg.contains("profile.api_connections: must be at least 1"),
+        "{msg}"
+    );
+}

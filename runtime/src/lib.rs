@@ -9,10 +9,12 @@
 //!   input checks all engines share.
 //! - [`plans`]: the per-shape plan cache both engines keep.
 //! - [`backoff`]: the one jittered exponential back-off between retries.
+//! - [`admission`]: how many calls of a model run and wait at once; past that, busy.
 //! - [`quantize`]: weight-only int8 quantisation as an ONNX rewrite (`DequantizeLinear`).
 //! - [`accuracy`]: the gate that measures a quantised model against the original.
 
 pub mod accuracy;
+pub mod admission;
 pub mod backoff;
 pub mod engine;
 pub mod http;
