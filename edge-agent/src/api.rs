@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::Context;
 use crate::counters::Counters;
+use crate::guard;
 use crate::router::{self, RouteError};
 use crate::serving::{Models, Serving};
 
@@ -37,9 +38,56 @@ pub(crate) async fn serve(
     };
     let handler = move |req| {
         let ctx = ctx.clone();
-        async move { route(req, &ctx).await }
+        async move { guarded(req, &ctx).await }
     };
     outpost_runtime::serve::serve_http(listener, limits, handler, shutdown).await;
+}
+
+/// The API behind its web-page rules ([`guard`]): refused origins and hosts get 403, allowed
+/// origins get their CORS preflight and headers.
+async fn guarded(req: Request<Incoming>, ctx: &Context) -> Reply {
+    let origin = match guard::check(req.headers(), &ctx.config.api.allowed_origins) {
+        Ok(origin) => origin,
+        Err(refused) => return error(StatusCode::FORBIDDEN, refused.to_string()),
+    };
+    let mut r = if req.method() == Method::OPTIONS {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        r
+    } else {
+        route(req, ctx).await
+    };
+    if let Some(origin) = origin {
+        let h = r.headers_mut();
+        h.insert(hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(
+            hyper::header::VARY,
+            hyper::header::HeaderValue::from_static("Origin"),
+        );
+        h.insert(
+            hyper::header::ACCESS_CONTROL_ALLOW_METHODS,
+            hyper::header::HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            hyper::header::ACCESS_CONTROL_ALLOW_HEADERS,
+            hyper::header::HeaderValue::from_static(
+                "content-type, inference-header-content-length",
+            ),
+        );
+        h.insert(
+            hyper::header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            hyper::header::HeaderValue::from_static("inference-header-content-length"),
+        );
+        h.insert(
+            hyper::header::ACCESS_CONTROL_MAX_AGE,
+            hyper::header::HeaderValue::from_static("600"),
+        );
+    }
+    r
 }
 
 fn reply(status: StatusCode, body: &Value) -> Reply {

@@ -24,6 +24,7 @@
 pub mod api;
 mod counters;
 mod engines;
+mod guard;
 mod installer;
 mod offload;
 mod plan;

@@ -124,12 +124,17 @@ pub struct ApiSection {
     /// Where the API listens.
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
+    /// Web origins (`scheme://host[:port]`) whose pages may call the API; requests from any
+    /// other page are refused. Apps that are not web pages send no origin and need no entry.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ApiSection {
     fn default() -> Self {
         Self {
             listen: default_api_listen(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -250,6 +255,17 @@ impl AgentConfig {
                 "coordinator.addresses".into(),
                 "needs at least one HOST:PORT".into(),
             ));
+        }
+        for origin in &self.api.allowed_origins {
+            let shape_ok = origin.split_once("://").is_some_and(|(scheme, rest)| {
+                !scheme.is_empty() && !rest.is_empty() && !rest.contains('/')
+            });
+            if !shape_ok {
+                problems.push((
+                    "api.allowed_origins".into(),
+                    format!("{origin:?} is not an origin (scheme://host[:port], no path)"),
+                ));
+            }
         }
         for model in &self.sync.models {
             if let Err(e) =

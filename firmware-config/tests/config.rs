@@ -337,3 +337,19 @@ fn the_api_connection_cap_comes_from_the_class_and_can_be_overridden() {
         "{msg}"
     );
 }
+
+#[test]
+fn allowed_origins_must_be_origins() {
+    let text = agent_toml("\n[api]\nallowed_origins = [\"https://app.example\"]\n");
+    let config = AgentConfig::from_toml(Path::new("agent.toml"), &text).unwrap();
+    assert_eq!(config.api.allowed_origins, vec!["https://app.example"]);
+    for bad in ["app.example", "https://app.example/page"] {
+        let msg = agent_error(&agent_toml(&format!(
+            "\n[api]\nallowed_origins = [\"{bad}\"]\n"
+        )));
+        assert!(
+            msg.contains("api.allowed_origins") && msg.contains("is not an origin"),
+            "{msg}"
+        );
+    }
+}

@@ -19,6 +19,15 @@ pub enum AssembleError {
     Digest(String),
 }
 
+/// Syncs a folder's entries to disk (a no-op where folders cannot be opened, as on Windows).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    match fs::File::open(dir) {
+        Ok(d) => d.sync_all(),
+        Err(_) if cfg!(windows) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Chunk files, the agent's and the coordinator's.
 #[derive(Debug, Clone)]
 pub struct ChunkStore {
@@ -55,10 +64,17 @@ impl ChunkStore {
         let mut file = fs::File::create(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)?;
-        }
+        let shard = path.parent().unwrap_or(&self.dir);
+        let new_shard = !shard.exists();
+        fs::create_dir_all(shard)?;
         fs::rename(&tmp, &path)?;
+        // The rename is durable only once the folder that names the chunk is synced (and the
+        // store's folder, when the shard is new): a crash then cannot lose a chunk the caller
+        // was told is stored.
+        sync_dir(shard)?;
+        if new_shard {
+            sync_dir(&self.dir)?;
+        }
         Ok(true)
     }
 

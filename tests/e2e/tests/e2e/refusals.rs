@@ -180,3 +180,67 @@ async fn an_agent_is_the_device_its_certificate_names() {
     assert!(err.contains("certificate names \"dev-0001\""), "{err}");
     coordinator.shutdown().await;
 }
+
+/// The local API is not open to web pages: a page from an origin the config does not list is
+/// refused, its preflight too, and so is a page that rebinds its own name to the device
+/// (a `Host` that is not localhost or an address); a listed origin gets the CORS headers, and
+/// an app that sends no origin is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_pages_reach_the_api_only_from_allowed_origins() {
+    use outpost_runtime::http::{Method, Request};
+    use outpost_test_support::http::send;
+
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let mut config = agent_config(&coordinator, dir.path());
+    config.api.allowed_origins = vec!["https://app.example".into()];
+    let agent = Agent::start(config).await.unwrap();
+    let api = agent.api_addr;
+    let origin = |o: &str| Request::get("/v2/health/ready").header("origin", o);
+
+    // An app (no Origin): served.
+    assert_eq!(
+        send(api, Request::get("/v2/health/ready")).await.status,
+        200
+    );
+    // A page from another origin, its preflight, and a rebound host name: 403, saying why.
+    let evil = send(api, origin("https://evil.example")).await;
+    assert_eq!(evil.status, 403);
+    assert!(
+        evil.text().contains("api.allowed_origins"),
+        "{}",
+        evil.text()
+    );
+    assert!(evil.header("access-control-allow-origin").is_none());
+    let preflight = Request::new(Method::OPTIONS, "/v2/models/m/infer")
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST");
+    assert_eq!(send(api, preflight).await.status, 403);
+    let rebound = Request::get("/v2/health/ready").header("host", "evil.example:8080");
+    let rebound = send(api, rebound).await;
+    assert_eq!(rebound.status, 403);
+    assert!(
+        rebound.text().contains("evil.example"),
+        "{}",
+        rebound.text()
+    );
+    // The allowed origin: served, with the CORS headers; its preflight answered.
+    let app = send(api, origin("https://app.example")).await;
+    assert_eq!(app.status, 200);
+    assert_eq!(
+        app.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let preflight = Request::new(Method::OPTIONS, "/v2/models/m/infer")
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST");
+    let preflight = send(api, preflight).await;
+    assert_eq!(preflight.status, 204);
+    assert!(
+        preflight
+            .header("access-control-allow-methods")
+            .is_some_and(|m| m.contains("POST"))
+    );
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
