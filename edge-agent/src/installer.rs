@@ -5,8 +5,12 @@
 //! assemble, load and warm up, then switch: the record first, flushed, then the table, in one
 //! published snapshot. The previous version keeps serving until the switch.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use outpost_runtime::Backoff;
+use outpost_shared::rollout::check_forward;
 use outpost_shared::{ChunkId, Manifest, ManifestError, ManifestVerifier, ModelVersion};
 use rumqttc::AsyncClient;
 use tokio::sync::mpsc;
@@ -67,6 +71,38 @@ pub enum InstallError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// A failed install waiting for its next try.
+#[derive(Debug)]
+struct Retry {
+    manifest: Manifest,
+    backoff: Backoff,
+    at: tokio::time::Instant,
+}
+
+/// Sleeps until `at` (never returns for `None`; the caller guards that branch).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl InstallError {
+    /// Whether the same release may install on another try: the network, the coordinator, the
+    /// disk or the loading failed, not the release itself.
+    fn can_pass(&self) -> bool {
+        matches!(
+            self,
+            InstallError::Store(_)
+                | InstallError::Fetch(_)
+                | InstallError::Incomplete { .. }
+                | InstallError::StoreChunk(_)
+                | InstallError::Load { .. }
+                | InstallError::Task(_)
+        )
+    }
+}
+
 /// The installer task's state.
 #[derive(Debug)]
 pub(crate) struct Installer {
@@ -118,23 +154,104 @@ impl Installer {
         Ok(())
     }
 
-    /// Installs releases one at a time, publishing the status after each.
+    /// Installs releases one at a time, publishing the status after each. An install that
+    /// failed for a reason that can pass (the network, the coordinator, the disk) is tried again
+    /// after a jittered, growing wait, until it succeeds or a newer release of the model
+    /// replaces it; a refused release is not.
     pub(crate) async fn run(mut self, client: AsyncClient, mut manifests: mpsc::Receiver<Vec<u8>>) {
-        while let Some(payload) = manifests.recv().await {
-            let outcome = match self.verify(&payload) {
-                Ok(manifest) => {
-                    let model = manifest.model.clone();
-                    self.install(manifest).await.map_err(|e| (Some(model), e))
+        // One waiting retry per model at most: the map is bounded by the models followed.
+        let mut retries: HashMap<String, Retry> = HashMap::new();
+        loop {
+            let next = retries.values().map(|r| r.at).min();
+            tokio::select! {
+                payload = manifests.recv() => {
+                    let Some(payload) = payload else { break };
+                    match self.verify(&payload) {
+                        Ok(manifest) => self.offered(manifest, &mut retries).await,
+                        Err(error) => self.refused(None, &error),
+                    }
                 }
-                Err(e) => Err((None, e)),
-            };
-            if let Err((model, error)) = outcome {
-                Counters::count(&self.ctx.counters.rejected);
-                tracing::warn!(model = model.as_deref().unwrap_or("?"), %error, "release not installed");
-                self.table.refuse(model.as_deref(), error.to_string());
+                () = sleep_until_some(next), if next.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    let due: Vec<String> = retries
+                        .iter()
+                        .filter(|(_, r)| r.at <= now)
+                        .map(|(m, _)| m.clone())
+                        .collect();
+                    for model in due {
+                        if let Some(retry) = retries.remove(&model) {
+                            self.attempt(retry.manifest, retry.backoff, &mut retries).await;
+                        }
+                    }
+                }
             }
             crate::sync::publish_status(&self.ctx, &client).await;
         }
+    }
+
+    /// A verified release came: it replaces a waiting retry of its model if it is newer (the
+    /// same release again keeps the retry's back-off; an older one is refused).
+    async fn offered(&mut self, manifest: Manifest, retries: &mut HashMap<String, Retry>) {
+        let model = manifest.model.clone();
+        let backoff = match retries.remove(&model) {
+            Some(waiting) if waiting.manifest == manifest => waiting.backoff,
+            Some(waiting) => {
+                if let Err(e) = check_forward(Some(&waiting.manifest), &manifest) {
+                    Counters::count(&self.ctx.counters.rejected);
+                    tracing::warn!(model, error = %e, "release older than the one being installed");
+                    retries.insert(model, waiting);
+                    return;
+                }
+                self.install_backoff()
+            }
+            None => self.install_backoff(),
+        };
+        self.attempt(manifest, backoff, retries).await;
+    }
+
+    /// Tries to install `manifest`; on a failure that can pass, schedules the next try.
+    async fn attempt(
+        &mut self,
+        manifest: Manifest,
+        mut backoff: Backoff,
+        retries: &mut HashMap<String, Retry>,
+    ) {
+        let model = manifest.model.clone();
+        match self.install(manifest.clone()).await {
+            Ok(()) => {}
+            Err(error) if error.can_pass() => {
+                let delay = backoff.fail();
+                let version = manifest
+                    .version_for(self.ctx.config.device.id.as_str())
+                    .version;
+                tracing::warn!(model, version, %error, retry_in_ms = delay.as_millis() as u64, "install failed; trying again");
+                let at = tokio::time::Instant::now() + delay;
+                self.table
+                    .retry(&model, version, error.to_string(), at.into_std());
+                retries.insert(
+                    model,
+                    Retry {
+                        manifest,
+                        backoff,
+                        at,
+                    },
+                );
+            }
+            Err(error) => self.refused(Some(model), &error),
+        }
+    }
+
+    fn refused(&mut self, model: Option<String>, error: &InstallError) {
+        Counters::count(&self.ctx.counters.rejected);
+        tracing::warn!(model = model.as_deref().unwrap_or("?"), %error, "release not installed");
+        self.table.refuse(model.as_deref(), error.to_string());
+    }
+
+    /// The back-off of a new install: 1 s (or the config's longest wait, if less), doubling to
+    /// `sync.install_retry_max_s`.
+    fn install_backoff(&self) -> Backoff {
+        let max = Duration::from_secs(self.ctx.config.sync.install_retry_max_s.max(1));
+        Backoff::new(Duration::from_secs(1).min(max), max)
     }
 
     fn verify(&self, payload: &[u8]) -> Result<Manifest, InstallError> {

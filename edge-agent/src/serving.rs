@@ -71,6 +71,8 @@ pub(crate) struct Slot {
     pub(crate) pending: Option<u64>,
     /// Why the last release was not installed (or was refused).
     pub(crate) last_error: Option<String>,
+    /// When the pending version's failed install is tried again.
+    pub(crate) retry_at: Option<std::time::Instant>,
 }
 
 impl Slot {
@@ -164,6 +166,19 @@ impl ServingTable {
             slot.active = Some(Arc::new(serving));
             slot.pending = None;
             slot.last_error = None;
+            slot.retry_at = None;
+        });
+    }
+
+    /// Installing `version` of `model` failed for `why`, and is tried again at `at`: what
+    /// serves is unchanged; the slot says what is pending, why, and when it is tried again.
+    pub(crate) fn retry(&mut self, model: &str, version: u64, why: String, at: std::time::Instant) {
+        self.change(|m| {
+            let slot = m.slots.entry(model.to_owned()).or_default();
+            slot.pending = Some(version);
+            slot.last_error = Some(why.clone());
+            slot.retry_at = Some(at);
+            m.last_error = Some(why);
         });
     }
 
@@ -175,6 +190,7 @@ impl ServingTable {
                 let slot = m.slots.entry(model.to_owned()).or_default();
                 slot.last_error = Some(why.clone());
                 slot.pending = None;
+                slot.retry_at = None;
             }
             m.last_error = Some(why);
         });

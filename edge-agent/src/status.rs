@@ -33,6 +33,13 @@ pub(crate) fn device_status(
             adapter: slot.active.as_ref().and_then(|s| s.adapter.clone()),
             gpu_fallback: slot.active.as_ref().and_then(|s| s.gpu_fallback.clone()),
             last_error: slot.last_error.clone(),
+            retry_in_ms: slot.retry_at.map(|at| {
+                u64::try_from(
+                    at.saturating_duration_since(std::time::Instant::now())
+                        .as_millis(),
+                )
+                .unwrap_or(u64::MAX)
+            }),
         })
         .collect();
     let degraded = models.iter().any(|m| m.last_error.is_some());

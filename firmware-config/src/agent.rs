@@ -152,12 +152,29 @@ pub struct AgentStorage {
 }
 
 /// `[sync]`: which models the agent follows.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncSection {
     /// Model names to follow; empty follows every model the fleet publishes.
     #[serde(default)]
     pub models: Vec<String>,
+    /// The longest wait between tries of a failed install, seconds (the first waits 1 s, or
+    /// this if less; each failure doubles it, jittered).
+    #[serde(default = "default_install_retry_max_s")]
+    pub install_retry_max_s: u64,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        Self {
+            models: Vec::new(),
+            install_retry_max_s: default_install_retry_max_s(),
+        }
+    }
+}
+
+const fn default_install_retry_max_s() -> u64 {
+    300
 }
 
 impl AgentConfig {
@@ -254,6 +271,12 @@ impl AgentConfig {
             problems.push((
                 "coordinator.addresses".into(),
                 "needs at least one HOST:PORT".into(),
+            ));
+        }
+        if self.sync.install_retry_max_s == 0 {
+            problems.push((
+                "sync.install_retry_max_s".into(),
+                "must be at least 1".into(),
             ));
         }
         for origin in &self.api.allowed_origins {

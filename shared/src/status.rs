@@ -62,6 +62,10 @@ pub struct ModelStatus {
     pub gpu_fallback: Option<String>,
     /// Why the model is not as it should be (refused manifest, no space, engine fallback…).
     pub last_error: Option<String>,
+    /// When the pending version's failed install is tried again, in milliseconds from the
+    /// status's time; absent when no retry is waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
 }
 
 /// Counters an agent keeps; unknown or missing fields read as zero, so agents and coordinators
@@ -136,9 +140,20 @@ mod tests {
             proptest::option::of(".{0,40}"),
             proptest::option::of(".{0,20}"),
             proptest::option::of(".{0,40}"),
+            proptest::option::of(any::<u64>()),
         )
             .prop_map(
-                |(model, active, previous, pending, engine, last_error, adapter, gpu_fallback)| {
+                |(
+                    model,
+                    active,
+                    previous,
+                    pending,
+                    engine,
+                    last_error,
+                    adapter,
+                    gpu_fallback,
+                    retry_in_ms,
+                )| {
                     ModelStatus {
                         model,
                         active,
@@ -148,6 +163,7 @@ mod tests {
                         adapter,
                         gpu_fallback,
                         last_error,
+                        retry_in_ms,
                     }
                 },
             )

@@ -112,3 +112,87 @@ async fn a_dead_first_coordinator_fails_over_to_the_next() {
     agent.shutdown().await;
     coordinator.shutdown().await;
 }
+
+/// Moves every chunk file out of the coordinator's store (into memory) and returns them, to put
+/// back later.
+fn take_chunks(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut taken = Vec::new();
+    for shard in std::fs::read_dir(dir.join("coordinator/chunks")).unwrap() {
+        let shard = shard.unwrap().path();
+        if !shard.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(&shard).unwrap() {
+            let path = file.unwrap().path();
+            taken.push((path.clone(), std::fs::read(&path).unwrap()));
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    assert!(!taken.is_empty(), "the coordinator stored no chunks");
+    taken
+}
+
+/// An install that fails for a reason that passes (here the coordinator lacks the chunks) is
+/// tried again by itself, with back-off, and the status says it is pending, why, and when the
+/// next try is; once the chunks are back, the agent converges without another push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_install_is_tried_again_until_it_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    push(
+        &coordinator,
+        "video-ranker",
+        &placed("local"),
+        &DemoModel::VideoRanker.bytes(DEFAULT_SEED),
+    )
+    .await;
+    let taken = take_chunks(dir.path());
+
+    let mut config = agent_config(&coordinator, dir.path());
+    config.sync.install_retry_max_s = 1;
+    let agent = Agent::start(config).await.unwrap();
+    eventually("the install to wait for a retry", || {
+        agent
+            .status()
+            .models
+            .iter()
+            .any(|m| m.model == "video-ranker" && m.retry_in_ms.is_some())
+    })
+    .await;
+    let status = agent.status();
+    let model = status
+        .models
+        .iter()
+        .find(|m| m.model == "video-ranker")
+        .unwrap();
+    assert_eq!(model.pending, Some(1));
+    assert_eq!(model.active, None);
+    assert!(
+        model
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("lacks")),
+        "{model:?}"
+    );
+    assert!(model.retry_in_ms.is_some_and(|ms| ms <= 1500), "{model:?}");
+    // A retry is not a refusal.
+    assert_eq!(status.counters.manifests_rejected, 0);
+
+    for (path, bytes) in taken {
+        std::fs::write(path, bytes).unwrap();
+    }
+    eventually("the agent to serve version 1 without a new push", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    let status = agent.status();
+    let model = status
+        .models
+        .iter()
+        .find(|m| m.model == "video-ranker")
+        .unwrap();
+    assert_eq!((model.pending, model.retry_in_ms), (None, None));
+    assert!(model.last_error.is_none(), "{model:?}");
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
