@@ -129,7 +129,8 @@ impl Installer {
     }
 
     /// Loads the cached models at start, before any network is up. A cached version that can no
-    /// longer serve is dropped from its record (the next release brings one). Blocking.
+    /// longer serve (a damaged chunk) gives way to the previous version, when that still loads;
+    /// the release, delivered again at connect, brings it back. Blocking.
     pub(crate) fn load_cached(&mut self) -> Result<(), StoreError> {
         let store = &self.ctx.store;
         for (model, record) in store.records()? {
@@ -142,10 +143,33 @@ impl Installer {
                     tracing::info!(model, version = active.version, "serving from cache");
                 }
                 Err(e) => {
-                    tracing::warn!(model, error = %e, "cached model cannot serve; waiting for the next release");
+                    // The previous version serves meanwhile, if it still loads; the release,
+                    // delivered again at connect, fetches what is damaged (deleted on reading)
+                    // and brings the active version back.
+                    let fallback = record.previous.as_ref().and_then(|previous| {
+                        match self.engines.load(previous, store.chunks()) {
+                            Ok(serving) => Some((previous.clone(), serving)),
+                            Err(e) => {
+                                tracing::warn!(model, version = previous.version, error = %e, "the previous version cannot serve either");
+                                None
+                            }
+                        }
+                    });
+                    let active = match fallback {
+                        Some((previous, serving)) => {
+                            tracing::warn!(model, version = active.version, fallback = previous.version, error = %e, "cached model cannot serve; serving the previous version until it is fetched again");
+                            self.table.serve_cached(&model, serving);
+                            Some(previous)
+                        }
+                        None => {
+                            tracing::warn!(model, error = %e, "cached model cannot serve; waiting for its release");
+                            None
+                        }
+                    };
                     let record = Record {
-                        active: None,
-                        ..record.clone()
+                        active,
+                        previous: None,
+                        manifest: record.manifest.clone(),
                     };
                     store.save(&model, &record)?;
                 }

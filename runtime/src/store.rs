@@ -11,9 +11,15 @@ use outpost_shared::{ChunkId, Variant};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AssembleError {
-    /// A chunk is not stored, or its file is damaged (it fails its digest).
-    #[error("chunk {0} is missing or damaged")]
-    Missing(ChunkId),
+    /// Chunks are not stored, or their files are damaged (they fail their digest; damaged
+    /// files are deleted, so they are fetched again).
+    #[error("{count} chunks are missing or damaged (the first: {first})")]
+    Missing {
+        /// The first missing chunk.
+        first: ChunkId,
+        /// How many are missing.
+        count: usize,
+    },
     /// The chunks are all there, but together they are not the variant's bytes.
     #[error("the assembled variant fails its digest: {0}")]
     Digest(String),
@@ -83,13 +89,18 @@ impl ChunkStore {
         self.path(id).is_file()
     }
 
-    /// A chunk's bytes, verified against its id; `None` when absent or damaged on disk.
+    /// A chunk's bytes, verified against its id; `None` when absent or damaged on disk. A
+    /// damaged file is deleted, so the chunk counts as missing and is fetched again.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        let bytes = fs::read(self.path(id)).ok()?;
+        let path = self.path(id);
+        let bytes = fs::read(&path).ok()?;
         match id.verify(&bytes) {
             Ok(()) => Some(bytes),
             Err(e) => {
-                tracing::error!(chunk = %id, error = %e, "chunk file is damaged");
+                tracing::error!(chunk = %id, error = %e, "chunk file is damaged; deleting it");
+                if let Err(e) = fs::remove_file(&path) {
+                    tracing::warn!(chunk = %id, error = %e, "could not delete a damaged chunk");
+                }
                 None
             }
         }
@@ -100,9 +111,21 @@ impl ChunkStore {
         // The declared size is only a hint (capped): the chunks decide what is allocated.
         let hint = usize::try_from(variant.size).unwrap_or(0).min(1 << 30);
         let mut bytes = Vec::with_capacity(hint);
+        let mut missing: Option<(ChunkId, usize)> = None;
         for c in &variant.chunks {
-            let data = self.get(&c.id).ok_or(AssembleError::Missing(c.id))?;
-            bytes.extend_from_slice(&data);
+            // Every chunk is read, even after one is missing: each damaged file is found (and
+            // deleted) now, so one fetch brings them all back.
+            match self.get(&c.id) {
+                Some(data) if missing.is_none() => bytes.extend_from_slice(&data),
+                Some(_) => {}
+                None => match &mut missing {
+                    Some((_, count)) => *count += 1,
+                    None => missing = Some((c.id, 1)),
+                },
+            }
+        }
+        if let Some((first, count)) = missing {
+            return Err(AssembleError::Missing { first, count });
         }
         variant
             .digest
@@ -135,5 +158,27 @@ impl ChunkStore {
             }
         }
         Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_damaged_chunk_is_deleted_so_it_is_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path()).unwrap();
+        let id = ChunkId::of(b"chunk bytes");
+        assert!(store.put(&id, b"chunk bytes").unwrap());
+        assert_eq!(store.get(&id).as_deref(), Some(&b"chunk bytes"[..]));
+        // A bit flipped on disk.
+        fs::write(store.path(&id), b"chunk bytez").unwrap();
+        assert_eq!(store.get(&id), None);
+        assert!(!store.contains(&id), "the damaged file is gone");
+        assert!(store.put(&id, b"chunk bytes").unwrap(), "stored again");
+        assert!(store.get(&id).is_some());
     }
 }

@@ -83,3 +83,83 @@ async fn a_retrained_head_downloads_only_the_changed_chunks() {
     agent.shutdown().await;
     coordinator.shutdown().await;
 }
+
+/// The chunk files under an agent's store.
+fn chunk_files(dir: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let mut files = std::collections::BTreeSet::new();
+    for shard in std::fs::read_dir(dir).unwrap() {
+        let shard = shard.unwrap().path();
+        if shard.is_dir() {
+            for file in std::fs::read_dir(&shard).unwrap() {
+                files.insert(file.unwrap().path());
+            }
+        }
+    }
+    files
+}
+
+/// A damaged cache never leaves a device with nothing: when the active version's chunks are
+/// damaged on disk at start, the previous version serves at once, the damaged chunks are
+/// deleted and fetched again when the release is delivered again at connect, and the agent
+/// converges on the active version without another push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_cache_serves_the_previous_version_and_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let fp32 = PushOptions::default().quantize(Quantize::None);
+    push(
+        &coordinator,
+        "video-ranker",
+        &fp32,
+        &DemoModel::VideoRanker.bytes(1),
+    )
+    .await;
+    let config = agent_config(&coordinator, dir.path());
+    let chunks_dir = config.data_dir().join("chunks");
+    let agent = Agent::start(config).await.unwrap();
+    eventually("version 1", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    let v1_files = chunk_files(&chunks_dir);
+    push(
+        &coordinator,
+        "video-ranker",
+        &fp32,
+        &DemoModel::VideoRanker.bytes(2),
+    )
+    .await;
+    eventually("version 2", || {
+        agent.active_version("video-ranker") == Some(2)
+    })
+    .await;
+    let restart = outpost_test_support::agent::restart_config(&agent, dir.path());
+    agent.shutdown().await;
+
+    // Damage every chunk only version 2 uses.
+    let damaged: Vec<_> = chunk_files(&chunks_dir)
+        .difference(&v1_files)
+        .cloned()
+        .collect();
+    assert!(!damaged.is_empty());
+    for file in &damaged {
+        std::fs::write(file, b"not the chunk").unwrap();
+    }
+    let agent = Agent::start(restart).await.unwrap();
+    // Never nothing: version 1 serves from the start (or version 2, once healed).
+    let first = agent.active_version("video-ranker");
+    assert!(matches!(first, Some(1 | 2)), "{first:?}");
+    eventually("version 2 again, without a new push", || {
+        agent.active_version("video-ranker") == Some(2)
+    })
+    .await;
+    let counters = agent.status().counters;
+    assert_eq!(
+        counters.chunks_fetched,
+        damaged.len() as u64,
+        "{counters:?}"
+    );
+    assert_eq!(counters.manifests_rejected, 0, "{counters:?}");
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
