@@ -151,7 +151,9 @@ async fn run_events(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.succeed();
+                // Forgotten only once the connection proves stable (a broker that accepts and
+                // drops at once must not be retried at the shortest delay forever).
+                backoff.connected();
                 tracing::info!("connected to the MQTT broker; announcing every release");
                 // Publishing waits for the event loop; do it from another task.
                 let (announcer, registry) = (announcer.clone(), registry.clone());

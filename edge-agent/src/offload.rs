@@ -145,7 +145,7 @@ impl OffloadClient {
                 Ok(c) => {
                     tracing::info!(%coordinator, after_failures = link.backoff.failures(), "connected to coordinator");
                     link.connection = Some(c.clone());
-                    link.backoff.succeed();
+                    link.backoff.connected();
                     link.retry_at = None;
                     link.last_error.clear();
                     return Ok(c);

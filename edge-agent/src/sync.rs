@@ -55,7 +55,9 @@ pub(crate) async fn run_mqtt(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.succeed();
+                // Forgotten only once the connection proves stable (a broker that accepts and
+                // drops at once must not be retried at the shortest delay forever).
+                backoff.connected();
                 let filters: Vec<String> = if ctx.config.sync.models.is_empty() {
                     vec![topic::ALL_MANIFESTS.to_owned()]
                 } else {

@@ -2,7 +2,12 @@
 //! coordinator or broker at the same moment does not come back in lockstep. Used by the QUIC
 //! client and by the agent's and the coordinator's MQTT loops.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a connection must stay up before its back-off forgets earlier failures: a peer that
+/// accepts and then drops every connection would otherwise be retried at the shortest delay,
+/// forever.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Delays between failed attempts: `start` after the first failure, doubling up to `max`, each
 /// scaled by a jitter in `[0.5, 1.5)`.
@@ -11,6 +16,7 @@ pub struct Backoff {
     start: Duration,
     max: Duration,
     failures: u32,
+    up_since: Option<Instant>,
 }
 
 impl Backoff {
@@ -20,18 +26,43 @@ impl Backoff {
             start,
             max,
             failures: 0,
+            up_since: None,
         }
     }
 
     /// Records a failure and returns how long to wait before the next attempt.
     pub fn fail(&mut self) -> Duration {
+        self.fail_at(Instant::now())
+    }
+
+    /// [`Backoff::fail`] at `now`: a connection that was up for [`STABLE_AFTER`] or longer
+    /// first forgets the failures before it.
+    pub fn fail_at(&mut self, now: Instant) -> Duration {
+        if let Some(since) = self.up_since.take() {
+            if now.saturating_duration_since(since) >= STABLE_AFTER {
+                self.failures = 0;
+            }
+        }
         self.failures = self.failures.saturating_add(1);
         self.delay(self.failures, jitter())
     }
 
-    /// Forgets the failures: the next one waits `start` again.
+    /// Forgets the failures: the next one waits `start` again (for attempts that end, such as
+    /// an `accept`).
     pub fn succeed(&mut self) {
         self.failures = 0;
+        self.up_since = None;
+    }
+
+    /// A connection came up at `now`: its failures are forgotten only once it has stayed up
+    /// for [`STABLE_AFTER`] (see [`Backoff::fail_at`]).
+    pub fn connected_at(&mut self, now: Instant) {
+        self.up_since = Some(now);
+    }
+
+    /// [`Backoff::connected_at`] now.
+    pub fn connected(&mut self) {
+        self.connected_at(Instant::now());
     }
 
     /// Failures in a row so far.
@@ -99,6 +130,23 @@ mod tests {
         b.succeed();
         assert_eq!(b.failures(), 0);
         assert!(b.fail() < START * 3 / 2);
+    }
+
+    #[test]
+    fn a_connection_dropped_at_once_keeps_the_delay_growing() {
+        let mut b = Backoff::new(START, MAX);
+        let t0 = Instant::now();
+        for _ in 0..6 {
+            b.fail_at(t0);
+        }
+        // Up for a moment, then dropped: not a success.
+        b.connected_at(t0);
+        b.fail_at(t0 + Duration::from_secs(1));
+        assert_eq!(b.failures(), 7);
+        // Up for longer than STABLE_AFTER: the earlier failures are forgotten.
+        b.connected_at(t0);
+        b.fail_at(t0 + STABLE_AFTER);
+        assert_eq!(b.failures(), 1);
     }
 
     #[test]
