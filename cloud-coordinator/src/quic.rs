@@ -138,6 +138,17 @@ async fn serve_stream(
             };
             write(&mut send, &response).await?;
         }
+        Request::GetChunks { ids } if ids.len() > frame::MAX_CHUNKS_PER_REQUEST => {
+            let response = Response::Error {
+                kind: ErrorKind::BadRequest,
+                message: format!(
+                    "{} chunk ids in one request; at most {} are served per request",
+                    ids.len(),
+                    frame::MAX_CHUNKS_PER_REQUEST
+                ),
+            };
+            write(&mut send, &response).await?;
+        }
         Request::GetChunks { ids } => {
             for id in ids {
                 let registry = service.registry.clone();

@@ -123,6 +123,25 @@ async fn push_announces_a_signed_manifest_and_serves_every_chunk() {
         "{responses:?}"
     );
 
+    // More ids than one request may name: refused with the limit, before any chunk is read.
+    let too_many = vec![ids[0]; outpost_shared::frame::MAX_CHUNKS_PER_REQUEST + 1];
+    let responses = request(&connection, &Request::GetChunks { ids: too_many })
+        .await
+        .unwrap();
+    assert!(
+        matches!(&responses[..], [Response::Error { kind: ErrorKind::BadRequest, message }] if message.contains("at most 256")),
+        "{responses:?}"
+    );
+    // Exactly the limit is served.
+    let at_limit = vec![ids[0]; outpost_shared::frame::MAX_CHUNKS_PER_REQUEST];
+    let responses = request(&connection, &Request::GetChunks { ids: at_limit })
+        .await
+        .unwrap();
+    assert_eq!(
+        responses.len(),
+        outpost_shared::frame::MAX_CHUNKS_PER_REQUEST
+    );
+
     // A wrong protocol version and a malformed frame are answered with errors.
     let responses = request(
         &connection,
@@ -165,7 +184,10 @@ async fn push_announces_a_signed_manifest_and_serves_every_chunk() {
 
     let metrics = c.client().metrics().await.unwrap();
     assert!(
-        metrics.contains(&format!("outpost_chunks_served_total {}", ids.len() + 1)),
+        metrics.contains(&format!(
+            "outpost_chunks_served_total {}",
+            ids.len() + 1 + outpost_shared::frame::MAX_CHUNKS_PER_REQUEST
+        )),
         "{metrics}"
     );
     assert!(metrics.contains("outpost_pushes_total 1"));

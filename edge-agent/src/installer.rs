@@ -24,7 +24,8 @@ use crate::serving::ServingTable;
 use crate::status::now;
 use crate::store::{Record, StoreError};
 
-/// Chunks asked for in one request.
+/// Chunks asked for in one request (the protocol allows up to
+/// [`outpost_shared::frame::MAX_CHUNKS_PER_REQUEST`]).
 const CHUNKS_PER_REQUEST: usize = 32;
 
 /// Why a release was not installed.

@@ -19,6 +19,9 @@ pub const ALPN: &[u8] = b"outpost/1";
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 /// Bytes in a frame header.
 pub const HEADER_BYTES: usize = 4;
+/// The most chunk ids one `GetChunks` may name: each is a file read on the coordinator, so one
+/// small frame must not ask for thousands.
+pub const MAX_CHUNKS_PER_REQUEST: usize = 256;
 
 /// What an agent asks a coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
