@@ -19,157 +19,20 @@ use serde::{Deserialize, Serialize};
 use crate::error::RegistryError;
 use firmware_config::RegistrySection;
 use outpost_runtime::ChunkStore;
-use outpost_runtime::accuracy::{self, AccuracyReport, GraphFacts, Tolerance};
-use outpost_runtime::quantize::{self, QuantizeReport};
-use outpost_runtime::tract::{TractModel, TractOptions};
+use outpost_runtime::accuracy::Tolerance;
+use outpost_runtime::tract::TractModel;
+
+mod edge;
+mod report;
+
+use edge::CHECK_ONLY;
+pub use report::{
+    Delta, EdgeReport, ModelSummary, Outcome, Published, PushRequest, Quantize, Stage,
+    VariantSummary,
+};
+use report::{delta, summary};
 
 const RECORD_LIMIT: usize = 64 * 1024 * 1024;
-
-/// What an operator asks to publish.
-#[derive(Debug, Clone)]
-pub struct PushRequest {
-    /// The model's name.
-    pub name: String,
-    /// The model file (runs on devices, or in the cloud for `cloud` placement).
-    pub model: Vec<u8>,
-    /// An optional bigger model with the same signature, run by the coordinator.
-    pub cloud_model: Option<Vec<u8>>,
-    /// Where inference runs.
-    pub placement: Placement,
-    /// The share of devices that get this version first (100: everyone, at once).
-    pub rollout_percent: u8,
-    /// Weight quantisation of the edge variant; `None`: int8 whenever devices run the model.
-    pub quantize: Option<Quantize>,
-    /// Inputs for the accuracy gate, as an Open Inference Protocol request body
-    /// (`{"inputs": [...]}`); generated from the signature when absent.
-    pub samples: Option<Vec<u8>>,
-    /// Measure and report, but store and publish nothing.
-    pub dry_run: bool,
-}
-
-/// Weight quantisation of the edge variant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quantize {
-    /// Keep fp32 weights.
-    None,
-    /// Weight-only int8, per output channel, behind the accuracy gate.
-    Int8,
-}
-
-/// What making the int8 edge variant did: kept per version, shown by `GET /v1/models`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EdgeReport {
-    /// Sizes and what was quantised.
-    pub quantize: QuantizeReport,
-    /// The accuracy gate's figures against the fp32 model.
-    pub accuracy: AccuracyReport,
-}
-
-/// How much of a variant devices that run the stable version lack.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Delta {
-    /// The variant.
-    pub target: Target,
-    /// The stable version it is compared with (none: a new model).
-    pub against_version: Option<u64>,
-    /// Its chunks.
-    pub chunks: usize,
-    /// Chunks the stable version's variant does not have.
-    pub new_chunks: usize,
-    /// Its size in bytes.
-    pub bytes: u64,
-    /// Bytes in those new chunks: what an up-to-date device downloads.
-    pub new_bytes: u64,
-}
-
-/// Whether a published version went to every device or to a rollout cohort first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// Every device runs it.
-    Stable,
-    /// A share of the devices runs it, the others the stable version.
-    Candidate,
-}
-
-impl Stage {
-    /// `stable` or `candidate`, as the admin API writes it.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Stage::Stable => "stable",
-            Stage::Candidate => "candidate",
-        }
-    }
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The answer to a push or rollback.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Published {
-    /// The model.
-    pub model: String,
-    /// The new model version.
-    pub version: u64,
-    /// The release number of the new manifest.
-    pub release: u64,
-    /// Whether the version is stable or a candidate.
-    pub stage: Stage,
-    /// True when nothing was stored or announced (`dry_run`).
-    pub dry_run: bool,
-    /// Each variant's target and size.
-    pub variants: Vec<VariantSummary>,
-    /// Chunks stored by this push that were not stored before (would be, for a dry run).
-    pub new_chunks: usize,
-    /// Each variant against the stable version's.
-    pub delta: Vec<Delta>,
-    /// The int8 edge variant's sizes and accuracy, when one was made.
-    pub edge: Option<EdgeReport>,
-}
-
-/// A variant in listings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VariantSummary {
-    /// Its target.
-    pub target: Target,
-    /// Its size in bytes.
-    pub size: u64,
-    /// How many chunks.
-    pub chunks: usize,
-}
-
-/// What a push or rollback gives: the answer, and the signed manifest to announce (none for a
-/// dry run).
-pub type Outcome = (Published, Option<Vec<u8>>);
-
-/// A model in `GET /v1/models`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ModelSummary {
-    /// The model.
-    pub name: String,
-    /// Current release number.
-    pub release: u64,
-    /// The stable version.
-    pub stable: u64,
-    /// The candidate version and its rollout share.
-    pub candidate: Option<(u64, u8)>,
-    /// Kept versions, oldest first.
-    pub versions: Vec<u64>,
-    /// The signature.
-    pub inputs: Vec<TensorSpec>,
-    /// The outputs.
-    pub outputs: Vec<TensorSpec>,
-    /// The stable version's placement.
-    pub placement: Placement,
-    /// The stable version's variants.
-    pub variants: Vec<VariantSummary>,
-    /// The stable version's int8 figures, when its edge variant is int8.
-    pub edge: Option<EdgeReport>,
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ModelRecord {
@@ -448,79 +311,6 @@ impl Registry {
         Ok((published, Some(signed)))
     }
 
-    /// Quantises the edge model to int8 and runs the accuracy gate; `None` when the model has
-    /// no weight worth quantising (it then ships as fp32).
-    fn int8_variant(
-        &self,
-        request: &PushRequest,
-        fp32: &TractModel,
-    ) -> Result<Option<(Vec<u8>, EdgeReport)>, RegistryError> {
-        let quantized = quantize::quantize_int8(&request.model)
-            .map_err(|e| RegistryError::BadModel(format!("int8: {e}; push with quantize=none")))?;
-        if quantized.report.tensors == 0 {
-            tracing::info!(
-                model = request.name,
-                "no weight with {} or more elements to quantise; the edge variant stays fp32",
-                quantize::MIN_ELEMENTS
-            );
-            return Ok(None);
-        }
-        let int8 = TractModel::load_with(&quantized.bytes, CHECK_ONLY).map_err(|e| {
-            RegistryError::BadModel(format!(
-                "the int8 variant does not load ({e}); push with quantize=none"
-            ))
-        })?;
-        let facts = GraphFacts::read(&request.model).map_err(RegistryError::BadModel)?;
-        let mut classifiers = facts.softmax_outputs.clone();
-        if let Placement::Cascade { output, .. } = &request.placement {
-            classifiers.insert(output.clone());
-        }
-        let report = match &request.samples {
-            Some(file) => {
-                let samples = parse_samples(file)?;
-                accuracy::compare(
-                    fp32,
-                    &int8,
-                    &samples,
-                    &classifiers,
-                    "the operator's samples",
-                )
-                .map_err(|e| RegistryError::BadRequest(format!("sample file: {e}")))?
-            }
-            None => {
-                let samples = accuracy::generate_samples(&fp32.inputs, &facts, SAMPLE_SEED)
-                    .map_err(RegistryError::BadModel)?;
-                accuracy::compare(fp32, &int8, &samples, &classifiers, "generated from the signature")
-                    .map_err(|e| {
-                        RegistryError::BadModel(format!(
-                            "accuracy gate: {e}; give sample inputs (samples) or push with quantize=none"
-                        ))
-                    })?
-            }
-        };
-        let violations = report.violations(&self.tolerance);
-        if !violations.is_empty() {
-            return Err(RegistryError::BadModel(format!(
-                "the int8 variant fails the accuracy gate: {}. Measured: {report}. Push with quantize=none, or raise the tolerance in [registry] of the coordinator's config",
-                violations.join("; ")
-            )));
-        }
-        tracing::info!(
-            model = request.name,
-            fp32_bytes = quantized.report.fp32_bytes,
-            int8_bytes = quantized.report.int8_bytes,
-            accuracy = %report,
-            "int8 edge variant passed the accuracy gate"
-        );
-        Ok(Some((
-            quantized.bytes,
-            EdgeReport {
-                quantize: quantized.report,
-                accuracy: report,
-            },
-        )))
-    }
-
     /// Publishes a new version whose content is kept version `to`'s, as stable.
     pub fn rollback(&self, name: &str, to: u64) -> Result<Outcome, RegistryError> {
         let _guard = self
@@ -714,77 +504,6 @@ impl Registry {
     /// A stored chunk.
     pub fn chunk(&self, id: &ChunkId) -> Option<Vec<u8>> {
         self.chunks.get(id)
-    }
-}
-
-/// Models loaded at push run a few times (the gate) and are dropped: no per-shape plans, whose
-/// optimisation would only compete with the push for the CPU.
-const CHECK_ONLY: TractOptions = TractOptions {
-    threads: 1,
-    shape_plans: 0,
-};
-
-/// The seed of generated gate samples: the same model is always measured on the same inputs.
-const SAMPLE_SEED: u64 = 0x6f75_7470_6f73_7431;
-
-/// The operator's sample inputs: an Open Inference Protocol request body.
-fn parse_samples(file: &[u8]) -> Result<Vec<outpost_shared::Tensor>, RegistryError> {
-    #[derive(Deserialize)]
-    struct SampleFile {
-        inputs: Vec<outpost_shared::JsonTensor>,
-    }
-    let bad = |e: String| {
-        RegistryError::BadRequest(format!(
-            "sample file: {e} (expected an inference request body: {{\"inputs\": [...]}})"
-        ))
-    };
-    let parsed: SampleFile = serde_json::from_slice(file).map_err(|e| bad(e.to_string()))?;
-    parsed
-        .inputs
-        .iter()
-        .map(outpost_shared::Tensor::from_json)
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(e.to_string()))
-}
-
-/// `variant` against the stable version's variant for the same place (any edge variant stands
-/// for another: devices hold one of them).
-fn delta(variant: &Variant, stable: Option<&ModelVersion>) -> Delta {
-    let edge = |t: Target| matches!(t, Target::EdgeInt8 | Target::EdgeFp32);
-    let old = stable.and_then(|s| {
-        s.variant(variant.target)
-            .map(|v| (s.version, v))
-            .or_else(|| {
-                s.variants
-                    .iter()
-                    .find(|v| edge(v.target) && edge(variant.target))
-                    .map(|v| (s.version, v))
-            })
-    });
-    let held: HashSet<ChunkId> = old
-        .map(|(_, v)| v.chunks.iter().map(|c| c.id).collect())
-        .unwrap_or_default();
-    let mut seen = HashSet::new();
-    let fresh: Vec<_> = variant
-        .chunks
-        .iter()
-        .filter(|c| !held.contains(&c.id) && seen.insert(c.id))
-        .collect();
-    Delta {
-        target: variant.target,
-        against_version: old.map(|(v, _)| v),
-        chunks: variant.chunks.len(),
-        new_chunks: fresh.len(),
-        bytes: variant.size,
-        new_bytes: fresh.iter().map(|c| u64::from(c.size)).sum(),
-    }
-}
-
-fn summary(v: &Variant) -> VariantSummary {
-    VariantSummary {
-        target: v.target,
-        size: v.size,
-        chunks: v.chunks.len(),
     }
 }
 

@@ -20,6 +20,30 @@ pub fn agent_config(coordinator: &CoordinatorHandle, dir: &Path) -> AgentConfig 
     config
 }
 
+/// `model`'s entry in `agent`'s status; fails the test when the agent does not know it.
+pub fn model_status(agent: &AgentHandle, model: &str) -> outpost_shared::ModelStatus {
+    agent
+        .status()
+        .models
+        .into_iter()
+        .find(|m| m.model == model)
+        .unwrap_or_else(|| panic!("{model} is not in the agent's status"))
+}
+
+/// The chunk files of a chunk store's folder (`…/chunks`, a shard folder per id prefix).
+pub fn chunk_files(dir: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let mut files = std::collections::BTreeSet::new();
+    for shard in std::fs::read_dir(dir).unwrap() {
+        let shard = shard.unwrap().path();
+        if shard.is_dir() {
+            for file in std::fs::read_dir(&shard).unwrap() {
+                files.insert(file.unwrap().path());
+            }
+        }
+    }
+    files
+}
+
 /// The config to start `agent` again (same device, same data) after it stops: `dev-0001` of
 /// the dev fleet whose coordinator kept its data in `dir/coordinator`.
 pub fn restart_config(agent: &AgentHandle, dir: &Path) -> AgentConfig {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use cloud_coordinator::{Coordinator, CoordinatorHandle};
 use edge_agent::Agent;
 use model_zoo::{DEFAULT_SEED, DemoModel};
-use outpost_test_support::agent::{agent_config, infer, music_request};
+use outpost_test_support::agent::{agent_config, chunk_files, infer, model_status, music_request};
 use outpost_test_support::coordinator::{coordinator_config, placed, push, start_coordinator};
 use outpost_test_support::eventually::eventually;
 
@@ -116,18 +116,14 @@ async fn a_dead_first_coordinator_fails_over_to_the_next() {
 /// Moves every chunk file out of the coordinator's store (into memory) and returns them, to put
 /// back later.
 fn take_chunks(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut taken = Vec::new();
-    for shard in std::fs::read_dir(dir.join("coordinator/chunks")).unwrap() {
-        let shard = shard.unwrap().path();
-        if !shard.is_dir() {
-            continue;
-        }
-        for file in std::fs::read_dir(&shard).unwrap() {
-            let path = file.unwrap().path();
-            taken.push((path.clone(), std::fs::read(&path).unwrap()));
+    let taken: Vec<_> = chunk_files(&dir.join("coordinator/chunks"))
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
             std::fs::remove_file(&path).unwrap();
-        }
-    }
+            (path, bytes)
+        })
+        .collect();
     assert!(!taken.is_empty(), "the coordinator stored no chunks");
     taken
 }
@@ -159,12 +155,7 @@ async fn a_failed_install_is_tried_again_until_it_converges() {
             .any(|m| m.model == "video-ranker" && m.retry_in_ms.is_some())
     })
     .await;
-    let status = agent.status();
-    let model = status
-        .models
-        .iter()
-        .find(|m| m.model == "video-ranker")
-        .unwrap();
+    let model = model_status(&agent, "video-ranker");
     assert_eq!(model.pending, Some(1));
     assert_eq!(model.active, None);
     assert!(
@@ -176,7 +167,7 @@ async fn a_failed_install_is_tried_again_until_it_converges() {
     );
     assert!(model.retry_in_ms.is_some_and(|ms| ms <= 1500), "{model:?}");
     // A retry is not a refusal.
-    assert_eq!(status.counters.manifests_rejected, 0);
+    assert_eq!(agent.status().counters.manifests_rejected, 0);
 
     for (path, bytes) in taken {
         std::fs::write(path, bytes).unwrap();
@@ -185,12 +176,7 @@ async fn a_failed_install_is_tried_again_until_it_converges() {
         agent.active_version("video-ranker") == Some(1)
     })
     .await;
-    let status = agent.status();
-    let model = status
-        .models
-        .iter()
-        .find(|m| m.model == "video-ranker")
-        .unwrap();
+    let model = model_status(&agent, "video-ranker");
     assert_eq!((model.pending, model.retry_in_ms), (None, None));
     assert!(model.last_error.is_none(), "{model:?}");
     agent.shutdown().await;

@@ -7,7 +7,7 @@ use cloud_coordinator::registry::Quantize;
 use edge_agent::Agent;
 use model_zoo::{DEFAULT_SEED, DemoModel};
 use outpost_shared::Target;
-use outpost_test_support::agent::agent_config;
+use outpost_test_support::agent::{agent_config, chunk_files};
 use outpost_test_support::coordinator::{placed, push, start_coordinator};
 use outpost_test_support::eventually::eventually;
 
@@ -82,20 +82,6 @@ async fn a_retrained_head_downloads_only_the_changed_chunks() {
     assert!(fetched > 0);
     agent.shutdown().await;
     coordinator.shutdown().await;
-}
-
-/// The chunk files under an agent's store.
-fn chunk_files(dir: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
-    let mut files = std::collections::BTreeSet::new();
-    for shard in std::fs::read_dir(dir).unwrap() {
-        let shard = shard.unwrap().path();
-        if shard.is_dir() {
-            for file in std::fs::read_dir(&shard).unwrap() {
-                files.insert(file.unwrap().path());
-            }
-        }
-    }
-    files
 }
 
 /// A damaged cache never leaves a device with nothing: when the active version's chunks are

@@ -1,0 +1,197 @@
+//! What the registry reports to operators (the admin API's wire types, which the
+//! [`AdminClient`](crate::AdminClient) reads back): a push request, a published version with its
+//! variants, int8 figures and the delta against the stable version, and model summaries.
+
+use std::collections::HashSet;
+
+use outpost_runtime::accuracy::AccuracyReport;
+use outpost_runtime::quantize::QuantizeReport;
+use outpost_shared::{ChunkId, ModelVersion, Placement, Target, TensorSpec, Variant};
+use serde::{Deserialize, Serialize};
+
+/// What an operator asks to publish.
+#[derive(Debug, Clone)]
+pub struct PushRequest {
+    /// The model's name.
+    pub name: String,
+    /// The model file (runs on devices, or in the cloud for `cloud` placement).
+    pub model: Vec<u8>,
+    /// An optional bigger model with the same signature, run by the coordinator.
+    pub cloud_model: Option<Vec<u8>>,
+    /// Where inference runs.
+    pub placement: Placement,
+    /// The share of devices that get this version first (100: everyone, at once).
+    pub rollout_percent: u8,
+    /// Weight quantisation of the edge variant; `None`: int8 whenever devices run the model.
+    pub quantize: Option<Quantize>,
+    /// Inputs for the accuracy gate, as an Open Inference Protocol request body
+    /// (`{"inputs": [...]}`); generated from the signature when absent.
+    pub samples: Option<Vec<u8>>,
+    /// Measure and report, but store and publish nothing.
+    pub dry_run: bool,
+}
+
+/// Weight quantisation of the edge variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantize {
+    /// Keep fp32 weights.
+    None,
+    /// Weight-only int8, per output channel, behind the accuracy gate.
+    Int8,
+}
+
+/// What making the int8 edge variant did: kept per version, shown by `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EdgeReport {
+    /// Sizes and what was quantised.
+    pub quantize: QuantizeReport,
+    /// The accuracy gate's figures against the fp32 model.
+    pub accuracy: AccuracyReport,
+}
+
+/// How much of a variant devices that run the stable version lack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    /// The variant.
+    pub target: Target,
+    /// The stable version it is compared with (none: a new model).
+    pub against_version: Option<u64>,
+    /// Its chunks.
+    pub chunks: usize,
+    /// Chunks the stable version's variant does not have.
+    pub new_chunks: usize,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Bytes in those new chunks: what an up-to-date device downloads.
+    pub new_bytes: u64,
+}
+
+/// Whether a published version went to every device or to a rollout cohort first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Every device runs it.
+    Stable,
+    /// A share of the devices runs it, the others the stable version.
+    Candidate,
+}
+
+impl Stage {
+    /// `stable` or `candidate`, as the admin API writes it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Stage::Stable => "stable",
+            Stage::Candidate => "candidate",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The answer to a push or rollback.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Published {
+    /// The model.
+    pub model: String,
+    /// The new model version.
+    pub version: u64,
+    /// The release number of the new manifest.
+    pub release: u64,
+    /// Whether the version is stable or a candidate.
+    pub stage: Stage,
+    /// True when nothing was stored or announced (`dry_run`).
+    pub dry_run: bool,
+    /// Each variant's target and size.
+    pub variants: Vec<VariantSummary>,
+    /// Chunks stored by this push that were not stored before (would be, for a dry run).
+    pub new_chunks: usize,
+    /// Each variant against the stable version's.
+    pub delta: Vec<Delta>,
+    /// The int8 edge variant's sizes and accuracy, when one was made.
+    pub edge: Option<EdgeReport>,
+}
+
+/// A variant in listings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VariantSummary {
+    /// Its target.
+    pub target: Target,
+    /// Its size in bytes.
+    pub size: u64,
+    /// How many chunks.
+    pub chunks: usize,
+}
+
+/// What a push or rollback gives: the answer, and the signed manifest to announce (none for a
+/// dry run).
+pub type Outcome = (Published, Option<Vec<u8>>);
+
+/// A model in `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// The model.
+    pub name: String,
+    /// Current release number.
+    pub release: u64,
+    /// The stable version.
+    pub stable: u64,
+    /// The candidate version and its rollout share.
+    pub candidate: Option<(u64, u8)>,
+    /// Kept versions, oldest first.
+    pub versions: Vec<u64>,
+    /// The signature.
+    pub inputs: Vec<TensorSpec>,
+    /// The outputs.
+    pub outputs: Vec<TensorSpec>,
+    /// The stable version's placement.
+    pub placement: Placement,
+    /// The stable version's variants.
+    pub variants: Vec<VariantSummary>,
+    /// The stable version's int8 figures, when its edge variant is int8.
+    pub edge: Option<EdgeReport>,
+}
+
+/// `variant` against the stable version's variant for the same place (any edge variant stands
+/// for another: devices hold one of them).
+pub(super) fn delta(variant: &Variant, stable: Option<&ModelVersion>) -> Delta {
+    let edge = |t: Target| matches!(t, Target::EdgeInt8 | Target::EdgeFp32);
+    let old = stable.and_then(|s| {
+        s.variant(variant.target)
+            .map(|v| (s.version, v))
+            .or_else(|| {
+                s.variants
+                    .iter()
+                    .find(|v| edge(v.target) && edge(variant.target))
+                    .map(|v| (s.version, v))
+            })
+    });
+    let held: HashSet<ChunkId> = old
+        .map(|(_, v)| v.chunks.iter().map(|c| c.id).collect())
+        .unwrap_or_default();
+    let mut seen = HashSet::new();
+    let fresh: Vec<_> = variant
+        .chunks
+        .iter()
+        .filter(|c| !held.contains(&c.id) && seen.insert(c.id))
+        .collect();
+    Delta {
+        target: variant.target,
+        against_version: old.map(|(v, _)| v),
+        chunks: variant.chunks.len(),
+        new_chunks: fresh.len(),
+        bytes: variant.size,
+        new_bytes: fresh.iter().map(|c| u64::from(c.size)).sum(),
+    }
+}
+
+pub(super) fn summary(v: &Variant) -> VariantSummary {
+    VariantSummary {
+        target: v.target,
+        size: v.size,
+        chunks: v.chunks.len(),
+    }
+}
