@@ -4,7 +4,7 @@
 //!
 //! | route | what | answer (JSON) |
 //! |---|---|---|
-//! | `POST /v1/models/{name}?placement=&rollout=&quantize=&cloud_size=&samples_size=&dry_run=` | push (query: [`PushQuery`]; body: the model file, then the cloud model's `cloud_size` bytes, then the gate's sample file's `samples_size` bytes) | [`Published`]: 201, or 200 for a dry run |
+//! | `POST /v1/models/{name}?placement=&rollout=&max_batch=&quantize=&cloud_size=&samples_size=&dry_run=` | push (query: [`PushQuery`]; body: the model file, then the cloud model's `cloud_size` bytes, then the gate's sample file's `samples_size` bytes) | [`Published`]: 201, or 200 for a dry run |
 //! | `POST /v1/models/{name}/rollback?to=V` | publish version V's content as a new version | [`Published`], 201 |
 //! | `GET /v1/models` | models and versions | a list of [`ModelSummary`] |
 //! | `GET /v1/fleet` | devices and their last status | a list of [`DeviceStatus`] |
@@ -46,6 +46,9 @@ pub struct PushQuery {
     pub placement: Placement,
     /// The share of devices that get the version first (`rollout`, default 100).
     pub rollout_percent: u8,
+    /// The most rows one request may carry (`max_batch`; default: no limit but the device's
+    /// memory budget).
+    pub max_batch: Option<u64>,
     /// The edge variant's weights (`quantize`: `none` or `int8`; default: int8 when devices run
     /// the model).
     pub quantize: Option<Quantize>,
@@ -62,6 +65,7 @@ impl Default for PushQuery {
         PushQuery {
             placement: Placement::Local,
             rollout_percent: 100,
+            max_batch: None,
             quantize: None,
             dry_run: false,
             cloud_size: None,
@@ -86,8 +90,9 @@ impl PushQuery {
             });
         }
         for (key, size) in [
-            ("cloud_size", self.cloud_size),
-            ("samples_size", self.samples_size),
+            ("max_batch", self.max_batch),
+            ("cloud_size", self.cloud_size.map(|n| n as u64)),
+            ("samples_size", self.samples_size.map(|n| n as u64)),
         ] {
             if let Some(n) = size {
                 query.push_str(&format!("&{key}={n}"));
@@ -129,11 +134,19 @@ impl PushQuery {
                 })
                 .transpose()
         };
+        let max_batch = match query.get("max_batch").map(|v| v.parse::<u64>()) {
+            None => None,
+            Some(Ok(n)) if n > 0 => Some(n),
+            Some(_) => {
+                return Err("max_batch must be a row count of at least 1".to_owned());
+            }
+        };
         let samples_size = size("samples_size")?;
         let cloud_size = size("cloud_size")?;
         Ok(PushQuery {
             placement,
             rollout_percent,
+            max_batch,
             quantize,
             dry_run,
             cloud_size,
@@ -326,6 +339,7 @@ async fn push(
         cloud_model,
         placement: options.placement,
         rollout_percent: options.rollout_percent,
+        max_batch: options.max_batch,
         quantize: options.quantize,
         samples,
         dry_run: options.dry_run,
@@ -495,6 +509,7 @@ mod tests {
                 threshold: 0.7,
             },
             rollout_percent: 10,
+            max_batch: Some(64),
             quantize: Some(Quantize::None),
             dry_run: true,
             cloud_size: Some(5),
@@ -504,6 +519,10 @@ mod tests {
             PushQuery::parse(&parse_query(&query.to_query())).unwrap(),
             query
         );
+        for bad in ["max_batch=0", "max_batch=-1", "max_batch=many"] {
+            let e = PushQuery::parse(&parse_query(bad)).unwrap_err();
+            assert!(e.contains("max_batch must be a row count"), "{bad}: {e}");
+        }
         assert_eq!(
             PushQuery::parse(&parse_query("")).unwrap(),
             PushQuery::default()

@@ -94,6 +94,12 @@ impl PushOptions {
         self
     }
 
+    /// The most rows one request may carry; devices refuse more with a 400 that names it.
+    pub fn max_batch(mut self, rows: u64) -> Self {
+        self.query.max_batch = Some(rows);
+        self
+    }
+
     /// The edge variant's weights.
     pub fn quantize(mut self, quantize: Quantize) -> Self {
         self.query.quantize = Some(quantize);

@@ -45,7 +45,13 @@ impl std::fmt::Debug for InferencePool {
 
 /// Loaded models by (model, version), shared by the workers; the least recently used one is
 /// dropped past [`LOADED_MODELS`].
-type Plans = Mutex<ShapePlans<(String, u64), Arc<dyn Engine>>>;
+type Plans = Mutex<ShapePlans<(String, u64), Arc<Loaded>>>;
+
+/// A loaded model version and the rows one call of it may carry.
+struct Loaded {
+    engine: Box<dyn Engine>,
+    max_batch: Option<u64>,
+}
 
 /// Model versions kept loaded for offloaded calls (a stable and a candidate of a few models).
 const LOADED_MODELS: usize = 16;
@@ -162,26 +168,44 @@ fn run_job(
     };
     let key = (job.model.clone(), version);
     let cached = plans.lock().ok().and_then(|mut p| p.get(&key));
-    let engine = match cached {
-        Some(engine) => engine,
+    let loaded = match cached {
+        Some(loaded) => loaded,
         None => {
-            let bytes = registry
-                .serving_bytes(&job.model, version)
-                .map_err(|e| match e {
+            let (bytes, max_batch) =
+                registry.serving(&job.model, version).map_err(|e| match e {
                     RegistryError::NotFound(m) => (ErrorKind::UnknownModel, m),
                     other => (ErrorKind::Internal, other.to_string()),
                 })?;
-            let engine: Arc<dyn Engine> = Arc::new(
-                TractModel::load_with(&bytes, WORKER_ENGINE)
-                    .map_err(|e| (ErrorKind::Internal, e.to_string()))?,
-            );
+            let engine = TractModel::load_with(&bytes, WORKER_ENGINE)
+                .map_err(|e| (ErrorKind::Internal, e.to_string()))?;
+            let loaded = Arc::new(Loaded {
+                engine: Box::new(engine),
+                max_batch,
+            });
             if let Ok(mut p) = plans.lock() {
-                p.insert(key, Arc::clone(&engine));
+                p.insert(key, Arc::clone(&loaded));
             }
-            engine
+            loaded
         }
     };
-    let out = engine.run(&job.inputs).map_err(|e| match e {
+    if let Some(max_batch) = loaded.max_batch {
+        for input in &job.inputs {
+            match input.shape().first() {
+                Some(&rows) if rows > max_batch => {
+                    return Err((
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "input {:?} has {rows} rows, more than model {:?} version {version}'s max_batch of {max_batch}",
+                            input.name(),
+                            job.model
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+    let out = loaded.engine.run(&job.inputs).map_err(|e| match e {
         RunError::Input(m) => (ErrorKind::InvalidInput, m),
         other => (ErrorKind::Internal, other.to_string()),
     })?;

@@ -146,6 +146,7 @@ impl Coordinator {
             registry: registry.clone(),
             pool,
             metrics: metrics.clone(),
+            connections: Arc::default(),
         };
         tasks.push(tokio::spawn(quic::serve(
             endpoint,

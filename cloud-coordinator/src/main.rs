@@ -50,6 +50,11 @@ enum Command {
         /// Share of devices (0-100) that get the new version first; 100 makes it stable at once.
         #[arg(long, default_value_t = 100)]
         rollout: u8,
+        /// The most rows (outermost dimension) one inference request may carry, like Triton's
+        /// max_batch_size; devices and the coordinator refuse more with an error naming it.
+        /// Default: bounded only by each device's memory budget.
+        #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u64).range(1..))]
+        max_batch: Option<u64>,
         /// Weight quantisation of the edge variant: int8 (the default when devices run the
         /// model: 4x smaller, behind an accuracy gate) or none.
         #[arg(long, value_parser = ["int8", "none"])]
@@ -180,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cloud,
             placement,
             rollout,
+            max_batch,
             quantize,
             samples,
             dry_run,
@@ -197,6 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 query: PushQuery {
                     placement: placement.0,
                     rollout_percent: rollout,
+                    max_batch,
                     quantize: match quantize.as_deref() {
                         Some("none") => Some(Quantize::None),
                         Some(_) => Some(Quantize::Int8),

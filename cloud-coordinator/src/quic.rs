@@ -2,8 +2,10 @@
 //! `Infer`), framed as length-prefixed CBOR. Only devices with a certificate from the fleet CA
 //! get past the handshake; each connection is identified by the device id in its certificate.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use outpost_shared::frame::{self, HEADER_BYTES, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use outpost_shared::{ErrorKind, Request, Response};
@@ -23,6 +25,59 @@ pub struct Service {
     pub pool: InferencePool,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Open connections per device, held to [`MAX_CONNECTIONS_PER_DEVICE`].
+    pub connections: Arc<DeviceConnections>,
+}
+
+/// Connections one device may hold open at once. An agent needs one; a few more cover a
+/// restart whose old connection has not yet timed out. A device certificate copied onto many
+/// machines cannot take more than this many of the coordinator's connections.
+pub const MAX_CONNECTIONS_PER_DEVICE: usize = 4;
+
+/// Streams one connection may have open at once (a QUIC transport limit: the peer cannot open
+/// more until some finish).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// How long a stream may take to send its request; a stalled one is dropped, freeing its slot.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The count of open connections of each device.
+#[derive(Debug, Default)]
+pub struct DeviceConnections(Mutex<HashMap<String, usize>>);
+
+impl DeviceConnections {
+    /// A slot for one more connection of `device`, or `None` when it holds the maximum.
+    fn enter(self: &Arc<Self>, device: &str) -> Option<ConnectionSlot> {
+        let mut open = self.0.lock().ok()?;
+        let n = open.entry(device.to_owned()).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_DEVICE {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            connections: Arc::clone(self),
+            device: device.to_owned(),
+        })
+    }
+}
+
+/// One open connection of a device, counted until dropped.
+struct ConnectionSlot {
+    connections: Arc<DeviceConnections>,
+    device: String,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.connections.0.lock()
+            && let Some(n) = open.get_mut(&self.device)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.device);
+            }
+        }
+    }
 }
 
 /// Accepts connections until shutdown.
@@ -71,6 +126,15 @@ async fn serve_connection(connection: quinn::Connection, service: Service) {
         connection.close(quinn::VarInt::from_u32(1), b"certificate names no device");
         return;
     };
+    let Some(_slot) = service.connections.enter(&device) else {
+        tracing::warn!(device, remote = %connection.remote_address(), "too many connections from one device; closing");
+        connection.close(
+            quinn::VarInt::from_u32(2),
+            format!("device {device} already holds {MAX_CONNECTIONS_PER_DEVICE} connections")
+                .as_bytes(),
+        );
+        return;
+    };
     tracing::info!(device, remote = %connection.remote_address(), "device connected");
     service
         .metrics
@@ -106,7 +170,13 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     service: &Service,
 ) -> Result<(), String> {
-    let request = read_request(&mut recv).await;
+    let request = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut recv)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "the request did not arrive within {} s",
+            REQUEST_READ_TIMEOUT.as_secs()
+        )),
+    };
     let request = match request {
         Ok(r) => r,
         Err(message) => {
@@ -219,10 +289,18 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, String> {
         .await
         .map_err(|e| format!("could not read the frame header: {e}"))?;
     let len = frame::body_len(header, MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
+    // Read as it arrives, not into a buffer of the size the header claims: memory follows the
+    // bytes the peer really sent (bounded by the connection's flow-control window).
+    let body = recv
+        .read_to_end(len)
         .await
         .map_err(|e| format!("could not read the frame body: {e}"))?;
+    if body.len() != len {
+        return Err(format!(
+            "the frame header announced {len} bytes but the stream ended after {}",
+            body.len()
+        ));
+    }
     frame::decode_body(&body, MAX_FRAME_BYTES).map_err(|e| e.to_string())
 }
 

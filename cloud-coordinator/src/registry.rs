@@ -300,6 +300,7 @@ impl Registry {
             inputs,
             outputs,
             placement: request.placement,
+            max_batch: request.max_batch,
             variants: variants.into_iter().map(|(v, _)| v).collect(),
         });
         if let Some(report) = &edge_report {
@@ -479,9 +480,13 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(format!("no model {model:?}")))
     }
 
-    /// The bytes the coordinator runs for `model` version `version`: its cloud variant, or its
-    /// edge variant when it has no cloud one.
-    pub fn serving_bytes(&self, model: &str, version: u64) -> Result<Vec<u8>, RegistryError> {
+    /// The bytes the coordinator runs for `model` version `version` (its cloud variant, or its
+    /// edge variant when it has no cloud one), and the version's `max_batch`.
+    pub fn serving(
+        &self,
+        model: &str,
+        version: u64,
+    ) -> Result<(Vec<u8>, Option<u64>), RegistryError> {
         let record = self
             .record(model)?
             .ok_or_else(|| RegistryError::NotFound(format!("no model {model:?}")))?;
@@ -496,9 +501,11 @@ impl Registry {
             .ok_or_else(|| {
                 RegistryError::NotFound(format!("model {model:?} version {version} has no variant"))
             })?;
-        self.chunks
+        let bytes = self
+            .chunks
             .assemble(variant)
-            .map_err(|e| RegistryError::Storage(e.to_string()))
+            .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        Ok((bytes, v.max_batch))
     }
 
     /// A stored chunk.

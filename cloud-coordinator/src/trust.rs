@@ -142,7 +142,11 @@ pub fn quic_server_config(trust: &Trust) -> Result<quinn::ServerConfig, Coordina
     transport.stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024));
     transport.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
     transport.send_window(32 * 1024 * 1024);
-    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(
+        crate::quic::MAX_STREAMS_PER_CONNECTION,
+    ));
+    // Agents open no unidirectional streams.
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     server.transport_config(Arc::new(transport));
     Ok(server)
 }

@@ -11,7 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use outpost_runtime::serve::{BodyError, BodyLimits, ServeLimits, read_body};
-use outpost_shared::oip::{self, InferRequest};
+use outpost_shared::oip::{self, InferRequest, OipError, RequestLimits};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
@@ -267,8 +267,18 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
         Ok(s) => s,
         Err(r) => return *r,
     };
-    let mut request = match InferRequest::parse(&body, header_length) {
+    let limits = RequestLimits {
+        max_batch: serving.version.max_batch,
+        max_elements: ctx.config.profile().max_request_elements(),
+    };
+    let parsed = InferRequest::parse(&body, header_length, &limits);
+    // The body's bytes are not needed past here; the tensors hold what the engine reads.
+    drop(body);
+    let mut request = match parsed {
         Ok(r) => r,
+        Err(e @ OipError::TooManyElements { .. }) => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string());
+        }
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     if let Some(unknown) = request
@@ -415,6 +425,7 @@ mod tests {
             inputs: inputs.to_vec(),
             outputs: vec![],
             placement: Placement::Local,
+            max_batch: None,
             variants: vec![],
         }
     }

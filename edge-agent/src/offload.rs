@@ -40,6 +40,20 @@ pub enum OffloadError {
     /// The answer was not what the protocol allows.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The coordinator did not answer within the request's deadline (a stalled stream).
+    #[error("the coordinator did not answer within {} s", .0.as_secs())]
+    TimedOut(Duration),
+}
+
+/// How long one request may take, from opening its stream to its last answer; past it the
+/// request fails (and the connection is dropped) so an installer or a caller moves on.
+pub(crate) fn deadline(request: &Request) -> Duration {
+    match request {
+        Request::Hello { .. } => Duration::from_secs(5),
+        // Up to 256 chunks: room for tens of MiB on a slow link.
+        Request::GetChunks { .. } => Duration::from_secs(120),
+        Request::Infer { .. } => Duration::from_secs(30),
+    }
 }
 
 /// The QUIC client; cheap to clone.
@@ -185,7 +199,9 @@ impl OffloadClient {
                         protocol: PROTOCOL_VERSION,
                         agent_version: env!("CARGO_PKG_VERSION").into(),
                     };
-                    match exchange(&c, &hello).await {
+                    let hello_answer =
+                        tokio::time::timeout(deadline(&hello), exchange(&c, &hello)).await;
+                    match hello_answer.unwrap_or(Err(OffloadError::TimedOut(deadline(&hello)))) {
                         Ok(r) if matches!(r.first(), Some(Response::Hello { .. })) => return Ok(c),
                         Ok(r) => last = format!("unexpected answer to hello: {r:?}"),
                         Err(e) => last = e.to_string(),
@@ -199,17 +215,42 @@ impl OffloadClient {
     }
 
     /// One request on a new stream of the shared connection; reconnects (once) if it had died.
+    /// Each try has the request's [`deadline`]; one that passes it drops the connection (a
+    /// stalled coordinator) and is not tried again here.
     async fn call(&self, request: &Request) -> Result<Vec<Response>, OffloadError> {
         let connection = self.connection().await?;
-        match exchange(&connection, request).await {
+        match self.exchange_within(&connection, request).await {
             Ok(r) => Ok(r),
             Err(OffloadError::Unreachable(_)) => {
                 // The connection died under us: drop it and try once more now.
                 self.link.lock().await.connection = None;
                 let connection = self.connection().await?;
-                exchange(&connection, request).await
+                self.exchange_within(&connection, request).await
             }
             Err(e) => Err(e),
+        }
+    }
+
+    async fn exchange_within(
+        &self,
+        connection: &quinn::Connection,
+        request: &Request,
+    ) -> Result<Vec<Response>, OffloadError> {
+        let limit = deadline(request);
+        match tokio::time::timeout(limit, exchange(connection, request)).await {
+            Ok(result) => result,
+            Err(_) => {
+                connection.close(quinn::VarInt::from_u32(3), b"request deadline passed");
+                let mut link = self.link.lock().await;
+                if link
+                    .connection
+                    .as_ref()
+                    .is_some_and(|c| c.stable_id() == connection.stable_id())
+                {
+                    link.connection = None;
+                }
+                Err(OffloadError::TimedOut(limit))
+            }
         }
     }
 

@@ -235,6 +235,7 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             placement,
+            max_batch: None,
             variants,
         }
     }

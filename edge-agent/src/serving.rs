@@ -207,6 +207,7 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             placement: outpost_shared::Placement::Cloud,
+            max_batch: None,
             variants: vec![],
         })
     }

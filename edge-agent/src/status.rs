@@ -73,6 +73,7 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             placement: Placement::Cloud,
+            max_batch: None,
             variants: vec![],
         };
         table.serve_cached("m", Serving::cloud_only(&version));

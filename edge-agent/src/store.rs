@@ -152,6 +152,7 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             placement: outpost_shared::Placement::Local,
+            max_batch: None,
             variants: vec![outpost_shared::Variant::describe(
                 outpost_shared::Target::EdgeInt8,
                 outpost_shared::ModelFormat::Onnx,

@@ -60,6 +60,18 @@ pub struct Profile {
     pub inference_queue: u32,
 }
 
+impl Profile {
+    /// The most elements one inference request may carry: its tensors, at 4 bytes an element
+    /// (FP32, the common case), take at most the memory budget shared by twice the calls that
+    /// run at once (a request's tensors are copied once into the engine). The phone profile
+    /// allows 32 Mi elements (128 MiB of FP32).
+    pub fn max_request_elements(&self) -> u64 {
+        let budget = self.memory_budget_mb.saturating_mul(1 << 20);
+        let share = budget / (2 * u64::from(self.inference_concurrency.max(1)));
+        (share / 4).max(1)
+    }
+}
+
 impl DeviceClass {
     /// The class's default profile.
     pub const fn profile(self) -> Profile {

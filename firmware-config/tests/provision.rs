@@ -134,6 +134,7 @@ fn signing_key_signs_what_agents_verify() {
                 shape: vec![outpost_shared::Dim::Fixed(1)],
             }],
             placement: outpost_shared::Placement::Local,
+            max_batch: None,
             variants: vec![outpost_shared::Variant::describe(
                 outpost_shared::Target::EdgeFp32,
                 outpost_shared::ModelFormat::Onnx,

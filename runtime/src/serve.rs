@@ -1,22 +1,31 @@
 //! Serving loops both daemons use: an HTTP/1 server that one bad client cannot starve, whose
 //! connections end with it, and waiting for the signal to stop.
 //!
-//! Bounds ([`ServeLimits`]): at most `max_connections` open connections (past it the server
-//! stops accepting and new connections wait in the kernel's backlog, costing no descriptor); a
-//! connection must send a request's headers within `header_timeout` of being accepted or of its
-//! last answer (hyper measures the idle keep-alive wait and the header read with one timer); a
-//! body must keep arriving at `body_min_rate` on average after `body_grace`; and a failed
-//! `accept` (out of descriptors) backs off instead of spinning.
+//! Bounds ([`ServeLimits`]): at most `max_connections` open connections; a connection must send
+//! a request's headers within `header_timeout` of being accepted or of its last answer (hyper
+//! measures the idle keep-alive wait and the header read with one timer); a body must keep
+//! arriving at `body_min_rate` on average after `body_grace`; and a failed `accept` (out of
+//! descriptors) backs off instead of spinning.
+//!
+//! At the cap, one more connection is accepted and held unserved, and the connection idle the
+//! longest (no request running: waiting between requests, or still sending a request head), for
+//! at least [`EVICT_AFTER_IDLE`], is closed to make room for it. So connections that hold a slot
+//! and do nothing (a slowloris, a flood of idle sockets) are cut as soon as someone else needs
+//! the slot, not after `header_timeout`, and a real call queued behind hundreds of them waits
+//! about [`EVICT_AFTER_IDLE`] per `max_connections` of them. Connections with a request running
+//! are never cut; when every slot runs one, the new connection waits for the first to end.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::{Request, Response};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::Backoff;
 
@@ -65,6 +74,51 @@ impl BodyLimits {
 /// The first wait after a failed `accept`, and the longest.
 const ACCEPT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
 
+/// How long a connection must have been idle (no request running) before it may be closed to
+/// make room for a new one at the cap. A client that means to send a request has sent its head
+/// well within this on any link a local API sees; a real call's head takes microseconds on
+/// loopback.
+pub const EVICT_AFTER_IDLE: Duration = Duration::from_millis(250);
+
+/// What the accept loop knows of one open connection.
+#[derive(Debug)]
+struct Tracked {
+    /// Requests running on it.
+    running: AtomicUsize,
+    /// Since when it has run none.
+    idle_since: Mutex<Instant>,
+    /// Chosen to be closed (so it is not chosen again).
+    evicted: AtomicBool,
+    close: Notify,
+}
+
+/// The open connections, by id.
+type Open = Arc<Mutex<HashMap<u64, Arc<Tracked>>>>;
+
+/// Closes the connection idle the longest, if one has been idle for `min_idle`; whether one was
+/// chosen.
+fn evict_longest_idle(open: &Open, min_idle: Duration) -> bool {
+    let Ok(open) = open.lock() else { return false };
+    let now = Instant::now();
+    let longest = open
+        .values()
+        .filter(|t| t.running.load(Ordering::SeqCst) == 0 && !t.evicted.load(Ordering::SeqCst))
+        .filter_map(|t| Some((*t.idle_since.lock().ok()?, t)))
+        .filter(|(since, _)| now.duration_since(*since) >= min_idle)
+        .min_by_key(|(since, _)| *since);
+    match longest {
+        Some((_, t)) => {
+            t.evicted.store(true, Ordering::SeqCst);
+            t.close.notify_one();
+            true
+        }
+        None => false,
+    }
+}
+
+/// How often the accept loop, holding a connection at the cap, looks again for one to close.
+const EVICT_CHECK: Duration = Duration::from_millis(25);
+
 /// Serves HTTP/1 on `listener` with `handler` within `limits` until `shutdown` changes.
 /// Connection tasks live in one set, so shutdown ends them all, and with them whatever state the
 /// handler holds.
@@ -78,17 +132,13 @@ pub async fn serve_http<H, F>(
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let open: Open = Arc::default();
+    let mut next_id = 0u64;
     let mut backoff = ACCEPT_BACKOFF;
     let mut connections = tokio::task::JoinSet::new();
-    loop {
+    'accept: loop {
         // Finished connections leave the set (it holds only open ones).
         while connections.try_join_next().is_some() {}
-        // A free slot first: at the cap, connections wait in the backlog, not in our memory.
-        let slot = tokio::select! {
-            _ = shutdown.changed() => break,
-            slot = Arc::clone(&slots).acquire_owned() => slot,
-        };
-        let Ok(slot) = slot else { break };
         let accepted = tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => accepted,
@@ -109,21 +159,66 @@ pub async fn serve_http<H, F>(
                 }
             }
         };
-        let handler = handler.clone();
+        // A slot for it: a free one, or one freed by closing the longest-idle connection.
+        let slot = loop {
+            if let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
+                break slot;
+            }
+            evict_longest_idle(&open, EVICT_AFTER_IDLE);
+            tokio::select! {
+                _ = shutdown.changed() => break 'accept,
+                slot = Arc::clone(&slots).acquire_owned() => match slot {
+                    Ok(slot) => break slot,
+                    Err(_) => break 'accept,
+                },
+                _ = tokio::time::sleep(EVICT_CHECK) => {}
+            }
+        };
+        let id = next_id;
+        next_id += 1;
+        let tracked = Arc::new(Tracked {
+            running: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            evicted: AtomicBool::new(false),
+            close: Notify::new(),
+        });
+        if let Ok(mut open) = open.lock() {
+            open.insert(id, Arc::clone(&tracked));
+        }
+        let (handler, open) = (handler.clone(), Arc::clone(&open));
         connections.spawn(async move {
             let _slot = slot;
+            let on_requests = Arc::clone(&tracked);
             let service = hyper::service::service_fn(move |req| {
+                on_requests.running.fetch_add(1, Ordering::SeqCst);
                 let answer = handler(req);
-                async move { Ok::<_, std::convert::Infallible>(answer.await) }
+                let tracked = Arc::clone(&on_requests);
+                async move {
+                    let answer = answer.await;
+                    if let Ok(mut since) = tracked.idle_since.lock() {
+                        *since = Instant::now();
+                    }
+                    tracked.running.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(answer)
+                }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(error = %e, "HTTP connection ended");
+                .serve_connection(io, service);
+            tokio::select! {
+                served = connection => {
+                    if let Err(e) = served {
+                        tracing::debug!(error = %e, "HTTP connection ended");
+                    }
+                }
+                () = tracked.close.notified() => {
+                    tracing::debug!("closed an idle HTTP connection to make room at the cap");
+                }
+            }
+            if let Ok(mut open) = open.lock() {
+                open.remove(&id);
             }
         });
     }

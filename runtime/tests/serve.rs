@@ -221,3 +221,41 @@ async fn a_chunked_body_over_the_limit_is_refused() {
         String::from_utf8_lossy(&got)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_at_the_cap_make_room_for_a_real_call() {
+    // A header timeout far longer than the test: only closing idle connections at the cap can
+    // let the real call in.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    let handler = |_req: hyper::Request<hyper::body::Incoming>| async {
+        Response::new(Full::new(Bytes::from_static(b"ok")))
+    };
+    let limits = ServeLimits {
+        max_connections: 4,
+        header_timeout: Duration::from_secs(60),
+    };
+    tokio::spawn(serve_http(listener, limits, handler, stopped));
+    // Twenty connections that hold a slot and send nothing, or half a request head.
+    let mut flood = Vec::new();
+    for i in 0..20 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        if i % 2 == 1 {
+            s.write_all(b"GET / HTTP/1.1\r\nho").await.unwrap();
+        }
+        flood.push(s);
+    }
+    let started = Instant::now();
+    let mut real = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(status_after(&mut real, GET).await, Some(200));
+    let waited = started.elapsed();
+    // 20 idle connections over 4 slots: about five rounds of EVICT_AFTER_IDLE.
+    assert!(
+        waited < Duration::from_secs(5),
+        "the real call waited {waited:?}"
+    );
+    // The flood's first connections were closed by the server.
+    let after = closed_by_server(&mut flood[0]).await;
+    assert!(after < Duration::from_secs(2), "closed after {after:?}");
+}

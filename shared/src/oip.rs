@@ -11,7 +11,7 @@
 //! ([`Tensor::from_json`], [`Tensor::to_json`]), live in the `json` submodule.
 
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::tensor::{Tensor, TensorError};
 
@@ -58,6 +58,30 @@ pub enum OipError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// An input has more rows than the model's `max_batch`.
+    #[error(
+        "input {tensor:?} has {rows} rows, more than this model's max_batch of {max_batch}; send at most {max_batch} rows per request"
+    )]
+    TooManyRows {
+        /// The input.
+        tensor: String,
+        /// Its rows (outermost dimension).
+        rows: u64,
+        /// The model's limit.
+        max_batch: u64,
+    },
+    /// The inputs hold more elements than one request may carry on this device.
+    #[error(
+        "the inputs hold {total} elements (counted up to input {tensor:?}), more than the {max_elements} one request may carry on this device (max_elements, from its memory budget)"
+    )]
+    TooManyElements {
+        /// The input at which the count passed the limit.
+        tensor: String,
+        /// Elements counted so far.
+        total: u64,
+        /// The limit.
+        max_elements: u64,
+    },
     /// A tensor's content is wrong.
     #[error(transparent)]
     Tensor(#[from] TensorError),
@@ -85,10 +109,31 @@ pub struct RequestedOutput {
     pub binary: Option<bool>,
 }
 
+/// What one request may carry, checked on every input's header before any element is read or
+/// any buffer is allocated for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// The most rows (the outermost dimension) of any input: the model's `max_batch`, set by
+    /// the operator at push; `None` when it has none.
+    pub max_batch: Option<u64>,
+    /// The most elements all inputs together may hold (derived from the device's memory
+    /// budget).
+    pub max_elements: u64,
+}
+
+impl RequestLimits {
+    /// No limit beyond the body's size.
+    pub const UNLIMITED: Self = Self {
+        max_batch: None,
+        max_elements: u64::MAX,
+    };
+}
+
 #[derive(Deserialize)]
-struct RawRequest {
+struct RawRequest<'a> {
     id: Option<String>,
-    inputs: Vec<JsonTensor>,
+    #[serde(borrow)]
+    inputs: Vec<json::RequestTensor<'a>>,
     #[serde(default)]
     outputs: Vec<RawOutput>,
     #[serde(default)]
@@ -108,8 +153,13 @@ fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Option<bool> {
 
 impl InferRequest {
     /// Reads a request body; `header_length` is `Inference-Header-Content-Length` when the
-    /// request carried it.
-    pub fn parse(body: &[u8], header_length: Option<usize>) -> Result<Self, OipError> {
+    /// request carried it. Every input's header is checked, against `limits` too, before any
+    /// input's elements are read; JSON elements are parsed straight into the tensor's bytes.
+    pub fn parse(
+        body: &[u8],
+        header_length: Option<usize>,
+        limits: &RequestLimits,
+    ) -> Result<Self, OipError> {
         let json_len = header_length.unwrap_or(body.len());
         let (json, mut binary) = match (body.get(..json_len), body.get(json_len..)) {
             (Some(j), Some(b)) => (j, b),
@@ -120,9 +170,10 @@ impl InferRequest {
                 });
             }
         };
-        let raw: RawRequest =
+        let raw: RawRequest<'_> =
             serde_json::from_slice(json).map_err(|e| OipError::Json(e.to_string()))?;
-        let mut sizes = Vec::with_capacity(raw.inputs.len());
+        let mut headers = Vec::with_capacity(raw.inputs.len());
+        let mut total = 0u64;
         for input in &raw.inputs {
             let size = input
                 .parameters
@@ -135,7 +186,7 @@ impl InferRequest {
                     reason: "binary_data_size must be a byte count",
                 })?),
             };
-            match (size, input.data.is_null()) {
+            match (size, input.data.is_none()) {
                 (Some(_), false) => {
                     return Err(OipError::BadInput {
                         tensor: input.name.clone(),
@@ -150,13 +201,31 @@ impl InferRequest {
                 }
                 _ => {}
             }
-            sizes.push(size);
+            let header = json::header(&input.name, &input.shape, &input.datatype)?;
+            if let (Some(max_batch), Some(&rows)) = (limits.max_batch, header.shape.first())
+                && rows > max_batch
+            {
+                return Err(OipError::TooManyRows {
+                    tensor: header.name,
+                    rows,
+                    max_batch,
+                });
+            }
+            total = total.saturating_add(header.count);
+            if total > limits.max_elements {
+                return Err(OipError::TooManyElements {
+                    tensor: header.name,
+                    total,
+                    max_elements: limits.max_elements,
+                });
+            }
+            headers.push((header, size));
         }
         // Checked: sizes come from the client, and a wrapped sum must not pass for a match.
-        let declared = sizes
+        let declared = headers
             .iter()
-            .flatten()
-            .try_fold(0u64, |total, &n| total.checked_add(n));
+            .filter_map(|(_, size)| *size)
+            .try_fold(0u64, |total, n| total.checked_add(n));
         if declared != Some(binary.len() as u64) {
             return Err(OipError::BinaryLength {
                 declared: declared.unwrap_or(u64::MAX),
@@ -164,9 +233,9 @@ impl InferRequest {
             });
         }
         let mut inputs = Vec::with_capacity(raw.inputs.len());
-        for (input, size) in raw.inputs.iter().zip(sizes) {
-            let tensor = match size {
-                Some(n) => {
+        for (input, (header, size)) in raw.inputs.iter().zip(headers) {
+            let tensor = match (size, input.data) {
+                (Some(n), _) => {
                     // The sizes add up to the binary part, so each fits; checked all the same.
                     let n = usize::try_from(n).unwrap_or(usize::MAX);
                     let (Some(data), Some(rest)) = (binary.get(..n), binary.get(n..)) else {
@@ -176,9 +245,16 @@ impl InferRequest {
                         });
                     };
                     binary = rest;
-                    Tensor::from_binary(input, data.to_vec())?
+                    Tensor::from_bytes(header.name, header.datatype, header.shape, data.to_vec())?
                 }
-                None => Tensor::from_json(input)?,
+                (None, Some(data)) => header.read_json(data)?,
+                // Refused above: an input without binary_data_size has data.
+                (None, None) => {
+                    return Err(OipError::BadInput {
+                        tensor: header.name,
+                        reason: "has no data",
+                    });
+                }
             };
             inputs.push(tensor);
         }
@@ -228,38 +304,73 @@ pub struct EncodedResponse {
 /// Encodes a response: `fields` (model name, version, id, parameters) plus `outputs`, each as
 /// JSON or as binary data after the JSON.
 pub fn encode_response(
-    mut fields: Map<String, Value>,
+    fields: Map<String, Value>,
     outputs: &[(&Tensor, bool)],
 ) -> Result<EncodedResponse, TensorError> {
-    let mut binary = Vec::new();
-    let mut json_outputs = Vec::with_capacity(outputs.len());
-    for (tensor, as_binary) in outputs {
-        if *as_binary {
-            let mut parameters = Map::new();
-            parameters.insert("binary_data_size".into(), json!(tensor.data().len()));
-            json_outputs.push(json!({
-                "name": tensor.name(),
-                "datatype": tensor.datatype().as_str(),
-                "shape": tensor.shape(),
-                "parameters": parameters,
-            }));
-            binary.extend_from_slice(tensor.data());
-        } else {
-            json_outputs.push(serde_json::to_value(tensor.to_json()?).unwrap_or_default());
-        }
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        #[serde(flatten)]
+        fields: Map<String, Value>,
+        outputs: Vec<Output<'a>>,
     }
-    fields.insert("outputs".into(), Value::Array(json_outputs));
-    let mut body = Value::Object(fields).to_string().into_bytes();
-    if !outputs.iter().any(|(_, b)| *b) {
+    #[derive(serde::Serialize)]
+    struct Output<'a> {
+        name: &'a str,
+        datatype: &'static str,
+        shape: &'a [u64],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        parameters: Option<BinarySize>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<json::JsonElements<'a>>,
+    }
+    #[derive(serde::Serialize)]
+    struct BinarySize {
+        binary_data_size: usize,
+    }
+    let mut binary_len = 0usize;
+    let mut json_outputs = Vec::with_capacity(outputs.len());
+    for &(tensor, as_binary) in outputs {
+        let (parameters, data) = if as_binary {
+            binary_len = binary_len.saturating_add(tensor.data().len());
+            let size = BinarySize {
+                binary_data_size: tensor.data().len(),
+            };
+            (Some(size), None)
+        } else {
+            (None, Some(json::JsonElements::new(tensor)?))
+        };
+        json_outputs.push(Output {
+            name: tensor.name(),
+            datatype: tensor.datatype().as_str(),
+            shape: tensor.shape(),
+            parameters,
+            data,
+        });
+    }
+    let body = Body {
+        fields,
+        outputs: json_outputs,
+    };
+    let mut bytes = serde_json::to_vec(&body).map_err(|e| TensorError::BadData {
+        tensor: outputs
+            .first()
+            .map(|(t, _)| t.name().to_owned())
+            .unwrap_or_default(),
+        reason: format!("cannot be written as JSON: {e}"),
+    })?;
+    if binary_len == 0 && !outputs.iter().any(|(_, b)| *b) {
         return Ok(EncodedResponse {
-            body,
+            body: bytes,
             header_length: None,
         });
     }
-    let header_length = body.len();
-    body.extend_from_slice(&binary);
+    let header_length = bytes.len();
+    bytes.reserve_exact(binary_len);
+    for (tensor, _) in outputs.iter().filter(|(_, b)| *b) {
+        bytes.extend_from_slice(tensor.data());
+    }
     Ok(EncodedResponse {
-        body,
+        body: bytes,
         header_length: Some(header_length),
     })
 }
@@ -270,19 +381,20 @@ mod tests {
 
     use super::*;
     use proptest::prelude::*;
+    use serde_json::json;
 
     proptest! {
         /// Any body and header length gives a request or an error, never a panic; a request
         /// cut anywhere in its binary part is refused.
         #[test]
         fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256), len in proptest::option::of(0usize..300)) {
-            let _ = InferRequest::parse(&body, len);
+            let _ = InferRequest::parse(&body, len, &RequestLimits::UNLIMITED);
         }
 
         #[test]
         fn truncated_binary_parts_are_refused(cut in 1usize..14) {
             let (body, len) = binary_request();
-            prop_assert!(InferRequest::parse(&body[..body.len() - cut], Some(len)).is_err());
+            prop_assert!(InferRequest::parse(&body[..body.len() - cut], Some(len), &RequestLimits::UNLIMITED).is_err());
         }
     }
 
@@ -308,7 +420,7 @@ mod tests {
     #[test]
     fn reads_binary_and_json_inputs_in_order() {
         let (body, len) = binary_request();
-        let r = InferRequest::parse(&body, Some(len)).unwrap();
+        let r = InferRequest::parse(&body, Some(len), &RequestLimits::UNLIMITED).unwrap();
         assert_eq!(r.id.as_deref(), Some("7"));
         assert_eq!(r.inputs[0].to_values::<f32>().unwrap(), vec![1.5, -2.0]);
         assert_eq!(r.inputs[1].to_values::<i64>().unwrap(), vec![5]);
@@ -331,14 +443,16 @@ mod tests {
             (&body[..], Some(len - 1), "malformed"),
         ];
         for (body, len, needle) in cases {
-            let e = InferRequest::parse(body, len).unwrap_err().to_string();
+            let e = InferRequest::parse(body, len, &RequestLimits::UNLIMITED)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(needle), "{e}");
         }
         // A binary FP32 input whose size does not fit its shape names the tensor.
         let header = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":4}}]}"#;
         let mut body = header.as_bytes().to_vec();
         body.extend(1f32.to_le_bytes());
-        let e = InferRequest::parse(&body, Some(header.len()))
+        let e = InferRequest::parse(&body, Some(header.len()), &RequestLimits::UNLIMITED)
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"x\"") && e.contains("8 bytes"), "{e}");
@@ -347,9 +461,13 @@ mod tests {
         let header = format!(
             r#"{{"inputs":[{{"name":"a","shape":[1],"datatype":"UINT8","parameters":{{"binary_data_size":{half}}}}},{{"name":"b","shape":[1],"datatype":"UINT8","parameters":{{"binary_data_size":{half}}}}}]}}"#
         );
-        let e = InferRequest::parse(header.as_bytes(), Some(header.len()))
-            .unwrap_err()
-            .to_string();
+        let e = InferRequest::parse(
+            header.as_bytes(),
+            Some(header.len()),
+            &RequestLimits::UNLIMITED,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("binary_data_size"), "{e}");
         for (input, needle) in [
             (
@@ -366,7 +484,7 @@ mod tests {
             ),
         ] {
             let body = format!(r#"{{"inputs":[{input}]}}"#);
-            let e = InferRequest::parse(body.as_bytes(), None)
+            let e = InferRequest::parse(body.as_bytes(), None, &RequestLimits::UNLIMITED)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(needle), "{e}");
@@ -378,7 +496,7 @@ mod tests {
         let y = Tensor::from_values("y", vec![2], &[1.0f32, 2.0]).unwrap();
         let z = Tensor::from_values("z", vec![1], &[3i64]).unwrap();
         let (body, len) = binary_request();
-        let request = InferRequest::parse(&body, Some(len)).unwrap();
+        let request = InferRequest::parse(&body, Some(len), &RequestLimits::UNLIMITED).unwrap();
         let both = [y.clone(), z.clone()];
         let chosen = request.select(&both);
         assert_eq!(chosen, vec![(&y, true), (&z, false)]);
@@ -397,5 +515,100 @@ mod tests {
         assert_eq!(all_json.header_length, None);
         let plain: Value = serde_json::from_slice(&all_json.body).unwrap();
         assert_eq!(plain["outputs"][0]["data"], json!([3]));
+    }
+
+    #[test]
+    fn limits_are_checked_on_headers_before_elements_are_read() {
+        // Elements of the wrong type: the limit must answer first, as nothing is read.
+        let body = br#"{"inputs":[{"name":"x","shape":[900000,8],"datatype":"FP32","data":["not read"]}]}"#;
+        let batch = RequestLimits {
+            max_batch: Some(4096),
+            max_elements: u64::MAX,
+        };
+        let e = InferRequest::parse(body, None, &batch).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OipError::TooManyRows {
+                    rows: 900000,
+                    max_batch: 4096,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("max_batch of 4096"), "{e}");
+        let elements = RequestLimits {
+            max_batch: None,
+            max_elements: 1000,
+        };
+        let e = InferRequest::parse(body, None, &elements).unwrap_err();
+        assert!(
+            e.to_string().contains("7200000 elements") && e.to_string().contains("max_elements"),
+            "{e}"
+        );
+        // The count is over all inputs together, binary ones included.
+        let header = r#"{"inputs":[{"name":"a","shape":[600],"datatype":"UINT8","parameters":{"binary_data_size":600}},{"name":"b","shape":[600],"datatype":"UINT8","data":[]}]}"#;
+        let mut body = header.as_bytes().to_vec();
+        body.extend([0u8; 600]);
+        let e = InferRequest::parse(&body, Some(header.len()), &elements).unwrap_err();
+        assert!(
+            matches!(e, OipError::TooManyElements { total: 1200, ref tensor, .. } if tensor == "b"),
+            "{e:?}"
+        );
+        // Within the limits the same kind of request is read.
+        let ok =
+            br#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3,4]]}]}"#;
+        let limits = RequestLimits {
+            max_batch: Some(2),
+            max_elements: 4,
+        };
+        let r = InferRequest::parse(ok, None, &limits).unwrap();
+        assert_eq!(
+            r.inputs[0].to_values::<f32>().unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_shape_and_hostile_json_are_refused() {
+        let deeper = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[[1],[2]]}]}"#;
+        let e = InferRequest::parse(deeper, None, &RequestLimits::UNLIMITED).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("nested deeper than its shape's 1 dimensions"),
+            "{e}"
+        );
+        // A hundred thousand open brackets: an error, not a stack overflow.
+        let mut deep = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":"#.to_vec();
+        deep.extend(std::iter::repeat_n(b'[', 100_000));
+        let e = InferRequest::parse(&deep, None, &RequestLimits::UNLIMITED).unwrap_err();
+        assert!(matches!(e, OipError::Json(_)), "{e:?}");
+        // An element that is an object, and a shape that claims more than the text holds.
+        let object = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[{"a":1}]}]}"#;
+        let e = InferRequest::parse(object, None, &RequestLimits::UNLIMITED).unwrap_err();
+        assert!(e.to_string().contains("element 0 is an object"), "{e}");
+        let claims =
+            br#"{"inputs":[{"name":"x","shape":[100000000000],"datatype":"FP64","data":[1]}]}"#;
+        let e = InferRequest::parse(claims, None, &RequestLimits::UNLIMITED).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                OipError::Tensor(TensorError::ElementCount { actual: 1, .. })
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn json_outputs_are_written_from_the_bytes() {
+        let t = Tensor::from_values("y", vec![3], &[0.1f32, -2.5, 1e-3]).unwrap();
+        let encoded = encode_response(Map::new(), &[(&t, false)]).unwrap();
+        let body: Value = serde_json::from_slice(&encoded.body).unwrap();
+        assert_eq!(body["outputs"][0]["data"], json!([0.1, -2.5, 0.001]));
+        assert_eq!(body["outputs"][0]["shape"], json!([3]));
+        let nan = Tensor::from_values("y", vec![2], &[1.0f32, f32::NAN]).unwrap();
+        let e = encode_response(Map::new(), &[(&nan, false)]).unwrap_err();
+        assert!(e.to_string().contains("element 1"), "{e}");
     }
 }

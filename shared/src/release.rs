@@ -48,6 +48,10 @@ pub struct ModelVersion {
     pub outputs: Vec<TensorSpec>,
     /// Where inference runs.
     pub placement: Placement,
+    /// The most rows (outermost dimension) one request may carry, set by the operator at push
+    /// like Triton's `max_batch_size`; `None`: bounded only by the device's memory budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<u64>,
     /// The stored forms of the model (at most one per target).
     pub variants: Vec<Variant>,
 }
@@ -401,6 +405,7 @@ pub(crate) mod tests {
                 output: "score".into(),
                 threshold: 0.6,
             },
+            max_batch: None,
             variants: vec![
                 Variant::describe(Target::EdgeInt8, ModelFormat::Onnx, content),
                 Variant::describe(

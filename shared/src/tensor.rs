@@ -163,6 +163,15 @@ pub enum TensorError {
         /// What was found, cut short.
         found: String,
     },
+    /// The tensor's JSON `data` cannot be read as its elements (nested deeper than the shape,
+    /// or not JSON the protocol allows).
+    #[error("tensor {tensor:?}: data {reason}")]
+    BadData {
+        /// The tensor's name.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The tensor's `data` is not a JSON array.
     #[error("tensor {tensor:?}: data must be a JSON array, found {found}")]
     DataNotArray {

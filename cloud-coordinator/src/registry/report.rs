@@ -22,6 +22,8 @@ pub struct PushRequest {
     pub placement: Placement,
     /// The share of devices that get this version first (100: everyone, at once).
     pub rollout_percent: u8,
+    /// The most rows one request may carry (see [`outpost_shared::ModelVersion::max_batch`]).
+    pub max_batch: Option<u64>,
     /// Weight quantisation of the edge variant; `None`: int8 whenever devices run the model.
     pub quantize: Option<Quantize>,
     /// Inputs for the accuracy gate, as an Open Inference Protocol request body

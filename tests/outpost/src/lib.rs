@@ -3,4 +3,5 @@
 //! (`tests/e2e/`); what they share is `outpost-test-support` (`tests/support/`).
 
 pub mod bench;
+pub mod memory;
 pub mod quickstart;

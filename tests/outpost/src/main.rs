@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use outpost::bench::{self, BenchOptions};
+use outpost::memory;
 use outpost::quickstart::{self, Options};
 
 #[derive(Parser)]
@@ -47,6 +48,20 @@ enum Command {
         /// Only the GPU engine against tract (video-ranker, 1, 64 and 1024 candidates).
         #[arg(long)]
         gpu_only: bool,
+        /// Only peak memory against body size (JSON and binary requests, each in a child).
+        #[arg(long)]
+        memory_only: bool,
+        /// Request sizes, in video-ranker rows, for the memory figures.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000,900000")]
+        memory_rows: Vec<u64>,
+    },
+    /// One memory case in this process (run by `bench`).
+    #[command(hide = true)]
+    BenchMemoryCase {
+        /// parse-value, parse-typed, agent-json or agent-binary.
+        case: String,
+        /// video-ranker rows.
+        rows: u64,
     },
 }
 
@@ -55,7 +70,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Before any thread starts and any GPU probe: quiets Mesa's Wayland probe (see the module).
     #[cfg(target_os = "linux")]
-    if matches!(cli.command, Command::Up { .. } | Command::Bench { .. }) {
+    if matches!(
+        cli.command,
+        Command::Up { .. } | Command::Bench { .. } | Command::BenchMemoryCase { .. }
+    ) {
         runtime_dir::ensure();
     }
     let (agents, port, data) = match cli.command {
@@ -64,13 +82,23 @@ fn main() -> std::process::ExitCode {
             calls,
             agents,
             gpu_only,
+            memory_only,
+            memory_rows,
         } => {
-            return run_bench(BenchOptions {
+            if memory_only {
+                return exit(memory::run(&memory_rows, |line| println!("{line}")));
+            }
+            let memory = run_bench(BenchOptions {
                 calls: calls.max(1),
                 agents,
                 gpu_only,
             });
+            if gpu_only || memory != std::process::ExitCode::SUCCESS {
+                return memory;
+            }
+            return exit(memory::run(&memory_rows, |line| println!("{line}")));
         }
+        Command::BenchMemoryCase { case, rows } => return exit(memory::run_case(&case, rows)),
         Command::Sim => {
             eprintln!("error: `outpost sim` (the fleet simulator) is not built yet");
             return std::process::ExitCode::FAILURE;
@@ -105,6 +133,17 @@ fn main() -> std::process::ExitCode {
                 anyhow::Ok(())
             })
         });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

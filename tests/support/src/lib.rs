@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod coordinator;
 pub mod eventually;
+pub mod fleet;
 pub mod floats;
 pub mod http;
 pub mod mqtt;

@@ -83,6 +83,29 @@ impl Process {
         Self::spawn(name, command.args(args))
     }
 
+    /// Starts binary `name` with `args` and `RUST_LOG=info`, limited to `files` open
+    /// descriptors (soft and hard) by util-linux's `prlimit`, which then runs it as the same
+    /// process. Fails the test, naming the package, when `prlimit` is missing.
+    pub fn start_with_open_files(name: &'static str, files: u32, args: &[&str]) -> Self {
+        let prlimit = ["/usr/bin/prlimit", "/bin/prlimit"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("prlimit is missing: install util-linux");
+        let mut command = Command::new(prlimit);
+        command
+            .arg(format!("--nofile={files}:{files}"))
+            .arg("--")
+            .arg(binary(name))
+            .args(args)
+            .env("RUST_LOG", "info");
+        Self::spawn(name, &mut command)
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.0.id()
+    }
+
     fn spawn(name: &'static str, command: &mut Command) -> Self {
         let mut child = ChildGuard::spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped()));
         let (tx, lines) = mpsc::channel();

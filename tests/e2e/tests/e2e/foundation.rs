@@ -45,6 +45,7 @@ fn ranker_version(version: u64, bytes: &[u8]) -> ModelVersion {
             vec![Dim::Dynamic, Dim::Fixed(1)],
         )],
         placement: Placement::Local,
+        max_batch: None,
         variants: vec![Variant::describe(
             Target::EdgeFp32,
             ModelFormat::Onnx,

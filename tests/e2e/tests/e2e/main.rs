@@ -9,6 +9,7 @@
 //! - [`engines`]: the engine choice (GPU, tract) and what status and metadata say.
 //! - [`foundation`]: the protocol pieces end to end without a network.
 //! - [`processes`]: the three binaries as separate processes, from provisioning output.
+//! - [`faults`]: faults done for real to those processes (floods, slowloris, descriptor limits).
 //! - [`mosquitto`]: the coordinator against a real Mosquitto broker.
 //! - [`quickstart`]: `outpost up` in-process.
 //! - [`bench`]: `outpost bench` in-process, briefly.
@@ -17,6 +18,7 @@
 
 mod bench;
 mod engines;
+mod faults;
 mod foundation;
 mod inference;
 mod mosquitto;

@@ -7,40 +7,11 @@
 //! (`outpost_test_support::process::binary` finds them); the test fails, naming the command,
 //! when they are missing.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-
-use outpost_runtime::http::{Method, Request};
+use outpost_runtime::http::Method;
 use outpost_test_support::eventually::eventually_blocking;
-use outpost_test_support::http::blocking;
+use outpost_test_support::fleet::{agent_config, append, http};
 use outpost_test_support::ports::{free_tcp_port, free_udp_port};
 use outpost_test_support::process::{Process, run};
-
-fn append(path: &Path, text: &str) {
-    let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
-    file.write_all(text.as_bytes()).unwrap();
-}
-
-/// A request to a loopback port (JSON body); the status and body, status 0 when no answer came.
-fn http(port: u16, method: Method, path: &str, body: &str) -> (u16, String) {
-    let request = Request::new(method, path)
-        .header("Content-Type", "application/json")
-        .body(body.to_owned());
-    blocking(port, request)
-}
-
-/// The device folder's agent config, with its API port and data folder set.
-fn agent_config(device_dir: &Path, api: u16, data: &Path) -> PathBuf {
-    let config = device_dir.join("agent.toml");
-    append(
-        &config,
-        &format!(
-            "\n[api]\nlisten = \"127.0.0.1:{api}\"\n\n[storage]\ndata_dir = {:?}\n",
-            data.display().to_string()
-        ),
-    );
-    config
-}
 
 fn status(api: u16) -> serde_json::Value {
     let (code, body) = http(api, Method::GET, "/v1/status", "");

@@ -1,0 +1,316 @@
+//! `outpost bench --memory-only`: peak memory against body size for one inference request,
+//! each case in a fresh child process (`outpost bench-memory-case`, hidden) so that no case
+//! inherits another's freed-but-resident heap.
+//!
+//! A child builds the body first, then resets its peak resident set (`/proc/self/clear_refs`,
+//! `5`), does the one thing measured, and reports the peak's growth over the resident set at
+//! the reset. The cases, on `video-ranker` requests of N rows (32 features and an item id each;
+//! features are small integers, so N = 900 000 is a 62 MB JSON body, the size of the issue's
+//! 59 MB request):
+//!
+//! - `parse-value`: the baseline, the body read the way the agent read it before: a
+//!   `serde_json::Value` tree per request, then the tensors from it;
+//! - `parse-typed`: [`InferRequest::parse`], elements parsed straight into the tensors' bytes;
+//! - `engine`: the engine alone (tract, the int8 variant agents get) running the tensors, to
+//!   tell its share of the agent's figure;
+//! - `agent-json` / `agent-binary`: the whole request through a running agent (in the child),
+//!   body to answer: parsing, the engine, the response. The binary body is the tensors' bytes
+//!   after a JSON header.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cloud_coordinator::{AdminClient, Coordinator, PushOptions};
+use firmware_config::CoordinatorConfig;
+use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_runtime::http::{Bytes, HttpClient, Request, StatusCode};
+use outpost_runtime::quantize::quantize_int8;
+use outpost_runtime::tract::{TractModel, TractOptions};
+use outpost_shared::oip::{InferRequest, RequestLimits};
+use outpost_shared::{JsonTensor, Placement, Tensor};
+
+use crate::quickstart::DevFleet;
+
+/// The cases, in the order they are reported.
+pub const CASES: [&str; 5] = [
+    "parse-value",
+    "parse-typed",
+    "engine",
+    "agent-json",
+    "agent-binary",
+];
+
+/// What one child measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// The request body's bytes.
+    pub body: usize,
+    /// The input tensors' bytes.
+    pub tensors: usize,
+    /// Growth of the peak resident set over the resident set before the request, KiB.
+    pub growth_kib: u64,
+    /// The HTTP status when the agent refused the request (a body over its limit).
+    pub refused: Option<u16>,
+}
+
+/// Runs every case for every row count in child processes; `report` gets the table's lines.
+pub fn run(rows: &[u64], mut report: impl FnMut(&str)) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding this program to run the cases")?;
+    report("peak memory of one video-ranker request (growth of the peak resident set, MiB):");
+    report(&format!(
+        "  {:>7}  {:<13} {:>9} {:>9} {:>9} {:>14}",
+        "rows", "case", "body", "tensors", "growth", "growth / body"
+    ));
+    for &n in rows {
+        for case in CASES {
+            let out = std::process::Command::new(&exe)
+                .args(["bench-memory-case", case, &n.to_string()])
+                .output()
+                .with_context(|| format!("running case {case}"))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let measured = (out.status.success())
+                .then(|| parse_line(&text))
+                .flatten()
+                .with_context(|| {
+                    format!(
+                        "case {case}, {n} rows failed: {}{}",
+                        text.trim(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )
+                })?;
+            let mib = |b: f64| b / (1024.0 * 1024.0);
+            let ratio = match measured.refused {
+                Some(status) => format!("refused {status}"),
+                None => format!(
+                    "{:.2}x",
+                    measured.growth_kib as f64 * 1024.0 / measured.body.max(1) as f64
+                ),
+            };
+            report(&format!(
+                "  {n:>7}  {case:<13} {:>9.1} {:>9.1} {:>9.1} {ratio:>14}",
+                mib(measured.body as f64),
+                mib(measured.tensors as f64),
+                measured.growth_kib as f64 / 1024.0,
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_line(text: &str) -> Option<Measured> {
+    let line = text.lines().find_map(|l| l.strip_prefix("measured "))?;
+    let mut parts = line.split_whitespace().map(str::parse::<u64>);
+    Some(Measured {
+        body: usize::try_from(parts.next()?.ok()?).ok()?,
+        tensors: usize::try_from(parts.next()?.ok()?).ok()?,
+        growth_kib: parts.next()?.ok()?,
+        refused: parts.next()?.ok().filter(|&s| s != 200).map(|s| s as u16),
+    })
+}
+
+/// One case, in this (child) process; prints `measured BODY TENSORS GROWTH_KIB STATUS`.
+#[allow(clippy::print_stdout)]
+pub fn run_case(case: &str, rows: u64) -> anyhow::Result<()> {
+    let inputs = ranker_inputs(rows)?;
+    let tensors = inputs.iter().map(|t| t.data().len()).sum();
+    let measured = match case {
+        "parse-value" | "parse-typed" => {
+            let body = json_body(rows);
+            let growth = peak_growth(|| {
+                let parsed = if case == "parse-value" {
+                    parse_through_values(&body)
+                } else {
+                    InferRequest::parse(&body, None, &RequestLimits::UNLIMITED)
+                        .map(|r| r.inputs)
+                        .map_err(anyhow::Error::from)
+                }?;
+                if parsed != inputs {
+                    bail!("the parsed tensors differ from the ones the body was made from");
+                }
+                Ok(())
+            })?;
+            Measured {
+                body: body.len(),
+                tensors,
+                growth_kib: growth,
+                refused: None,
+            }
+        }
+        "engine" => {
+            let int8 = quantize_int8(&DemoModel::VideoRanker.bytes(DEFAULT_SEED))?.bytes;
+            let engine = TractModel::load_with(&int8, TractOptions::default())
+                .map_err(anyhow::Error::msg)?;
+            let growth = peak_growth(|| {
+                engine.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(())
+            })?;
+            Measured {
+                body: 0,
+                tensors,
+                growth_kib: growth,
+                refused: None,
+            }
+        }
+        "agent-json" | "agent-binary" => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(through_agent(case == "agent-binary", rows, &inputs))?,
+        other => bail!("unknown case {other:?} (cases: {})", CASES.join(", ")),
+    };
+    println!(
+        "measured {} {} {} {}",
+        measured.body,
+        measured.tensors,
+        measured.growth_kib,
+        measured.refused.unwrap_or(200)
+    );
+    Ok(())
+}
+
+/// The agent's old reading of a body: a `Value` per element, then the tensors.
+fn parse_through_values(body: &[u8]) -> anyhow::Result<Vec<Tensor>> {
+    #[derive(serde::Deserialize)]
+    struct Old {
+        inputs: Vec<JsonTensor>,
+    }
+    let old: Old = serde_json::from_slice(body)?;
+    old.inputs
+        .iter()
+        .map(|t| Tensor::from_json(t).map_err(anyhow::Error::from))
+        .collect()
+}
+
+async fn through_agent(binary: bool, rows: u64, inputs: &[Tensor]) -> anyhow::Result<Measured> {
+    let dir = tempfile::tempdir()?;
+    let mut config = CoordinatorConfig::default();
+    config.storage.data_dir = dir.path().join("coordinator");
+    config.quic.listen = "127.0.0.1:0".parse()?;
+    config.admin.listen = "127.0.0.1:0".parse()?;
+    config.mqtt.listen = Some("127.0.0.1:0".parse()?);
+    let coordinator = Coordinator::start(config).await?;
+    let fleet = DevFleet::of(&coordinator)?;
+    let agent = fleet.start_agent(1, 0, dir.path()).await?;
+    AdminClient::of(&coordinator)
+        .push(
+            "video-ranker",
+            DemoModel::VideoRanker.bytes(DEFAULT_SEED),
+            &PushOptions::default().placement(Placement::Local),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("push: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while agent.active_version("video-ranker").is_none() {
+        if Instant::now() > deadline {
+            bail!("the agent did not serve video-ranker within 2 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (body, header) = if binary {
+        let header = serde_json::json!({
+            "inputs": inputs.iter().map(|t| serde_json::json!({
+                "name": t.name(), "shape": t.shape(), "datatype": t.datatype().as_str(),
+                "parameters": { "binary_data_size": t.data().len() }
+            })).collect::<Vec<_>>(),
+            "parameters": { "binary_data_output": true }
+        })
+        .to_string();
+        let mut body = header.clone().into_bytes();
+        for t in inputs {
+            body.extend_from_slice(t.data());
+        }
+        (body, Some(header.len().to_string()))
+    } else {
+        (json_body(rows), None)
+    };
+    let body_len = body.len();
+    let body = Bytes::from(body);
+    let mut connection = HttpClient::new(agent.api_addr).connect().await?;
+    // Settle: the install's buffers freed, the engine's first plan made.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = reset_peak()?;
+    let mut request = Request::post("/v2/models/video-ranker/infer", body)
+        .header("Content-Type", "application/json");
+    if let Some(h) = &header {
+        request = request.header("Inference-Header-Content-Length", h);
+    }
+    let answer = connection.send(request).await?;
+    let peak = status_kib("VmHWM:")?;
+    let refused = match answer.status {
+        StatusCode::OK => None,
+        StatusCode::PAYLOAD_TOO_LARGE => Some(413),
+        other => bail!("the agent answered {other}: {}", answer.text()),
+    };
+    drop(connection);
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+    Ok(Measured {
+        body: body_len,
+        tensors: inputs.iter().map(|t| t.data().len()).sum(),
+        growth_kib: peak.saturating_sub(before),
+        refused,
+    })
+}
+
+/// The peak's growth while `f` runs, KiB.
+fn peak_growth(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<u64> {
+    let before = reset_peak()?;
+    f()?;
+    Ok(status_kib("VmHWM:")?.saturating_sub(before))
+}
+
+/// Resets this process's peak resident set to the current one, which it returns (KiB).
+fn reset_peak() -> anyhow::Result<u64> {
+    std::fs::write("/proc/self/clear_refs", "5")
+        .context("resetting the peak resident set (/proc/self/clear_refs; Linux only)")?;
+    status_kib("VmRSS:")
+}
+
+fn status_kib(key: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {key} in /proc/self/status"))
+}
+
+/// `rows` video-ranker rows: features the small integers 0–9, item ids below the catalog size.
+fn ranker_inputs(rows: u64) -> anyhow::Result<Vec<Tensor>> {
+    let features: Vec<f32> = (0..rows * 32).map(|i| (i % 10) as f32).collect();
+    let ids: Vec<i64> = (0..rows as i64)
+        .map(|i| (i * 97) % model_zoo::CATALOG_ITEMS as i64)
+        .collect();
+    Ok(vec![
+        Tensor::from_values("user_features", vec![rows, 32], &features)?,
+        Tensor::from_values("item_ids", vec![rows], &ids)?,
+    ])
+}
+
+/// The JSON body for [`ranker_inputs`], written directly (integers, as a client would send
+/// them: two bytes a feature).
+fn json_body(rows: u64) -> Vec<u8> {
+    use std::io::Write;
+    let mut body = Vec::with_capacity(rows as usize * 72 + 200);
+    let _ = write!(
+        body,
+        r#"{{"inputs":[{{"name":"user_features","shape":[{rows},32],"datatype":"FP32","data":["#
+    );
+    for i in 0..rows * 32 {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.push(b'0' + (i % 10) as u8);
+    }
+    let _ = write!(
+        body,
+        r#"]}},{{"name":"item_ids","shape":[{rows}],"datatype":"INT64","data":["#
+    );
+    for i in 0..rows as i64 {
+        if i > 0 {
+            body.push(b',');
+        }
+        let _ = write!(body, "{}", (i * 97) % model_zoo::CATALOG_ITEMS as i64);
+    }
+    body.extend_from_slice(b"]}]}");
+    body
+}
