@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 pub use admin_client::{AdminClient, AdminError, PushOptions};
 pub use error::{CoordinatorError, RegistryError};
+pub use quic::{MAX_CONNECTIONS_PER_DEVICE, MAX_STREAMS_PER_CONNECTION};
 
 /// The file, in the data folder, holding the admin API's bearer token.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";

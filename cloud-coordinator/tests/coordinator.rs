@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use cloud_coordinator::admin::Stage;
 use cloud_coordinator::registry::Quantize;
 use cloud_coordinator::{AdminClient, AdminError, PushOptions};
@@ -800,4 +802,76 @@ async fn a_restarted_coordinator_keeps_its_fleet_and_announces_again() {
             .all(|r| matches!(r, Response::Chunk { .. }))
     );
     again.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_batch_and_connections_per_device_are_held() {
+    let c = start().await;
+    let bytes = DemoModel::IntentClassifier.bytes(DEFAULT_SEED);
+    c.push(
+        "intent-classifier",
+        &PushOptions::default()
+            .placement(Placement::Cloud)
+            .max_batch(2),
+        &bytes,
+    )
+    .await;
+    let connection = c.quic().await;
+    let infer = |rows: u64| Request::Infer {
+        model: "intent-classifier".into(),
+        version: None,
+        inputs: vec![
+            Tensor::from_values("token_ids", vec![rows, 12], &vec![7i64; rows as usize * 12])
+                .unwrap(),
+        ],
+        outputs: vec![],
+    };
+    let responses = request(&connection, &infer(3)).await.unwrap();
+    let [Response::Error { kind, message }] = &responses[..] else {
+        panic!("{responses:?}")
+    };
+    assert_eq!(*kind, ErrorKind::InvalidInput);
+    assert!(
+        message.contains("3 rows") && message.contains("max_batch of 2"),
+        "{message}"
+    );
+    let responses = request(&connection, &infer(2)).await.unwrap();
+    assert!(
+        matches!(responses[..], [Response::Inferred { .. }]),
+        "{responses:?}"
+    );
+
+    // The same device: one connection open already, three more get in, the fifth is closed
+    // with the reason, and a slot frees when one closes.
+    let mut more = Vec::new();
+    for _ in 1..cloud_coordinator::MAX_CONNECTIONS_PER_DEVICE {
+        let extra = c.quic().await;
+        assert!(matches!(
+            request(&extra, &infer(1)).await.unwrap()[..],
+            [Response::Inferred { .. }]
+        ));
+        more.push(extra);
+    }
+    let refused = c.quic().await;
+    let reason = tokio::time::timeout(Duration::from_secs(10), refused.closed())
+        .await
+        .expect("the coordinator kept a connection past the per-device cap");
+    assert!(
+        reason.to_string().contains("already holds 4 connections"),
+        "{reason}"
+    );
+    more.pop().unwrap().close(0u32.into(), b"done");
+    let mut admitted = false;
+    for _ in 0..100 {
+        let again = c.quic().await;
+        if let Ok(r) = request(&again, &infer(1)).await
+            && matches!(r[..], [Response::Inferred { .. }])
+        {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "no slot freed after a connection closed");
+    c.handle.shutdown().await;
 }

@@ -5,3 +5,4 @@
 pub mod bench;
 pub mod memory;
 pub mod quickstart;
+pub mod switching;

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use outpost::bench::{self, BenchOptions};
-use outpost::memory;
 use outpost::quickstart::{self, Options};
+use outpost::{memory, switching};
 
 #[derive(Parser)]
 #[command(name = "outpost", version, about = "Outpost's quickstart and tools")]
@@ -51,6 +51,9 @@ enum Command {
         /// Only peak memory against body size (JSON and binary requests, each in a child).
         #[arg(long)]
         memory_only: bool,
+        /// Only load (64 clients) with the model steady and during 10 version switches.
+        #[arg(long)]
+        switch_only: bool,
         /// Request sizes, in video-ranker rows, for the memory figures.
         #[arg(long, value_delimiter = ',', default_value = "10000,100000,900000")]
         memory_rows: Vec<u64>,
@@ -83,8 +86,20 @@ fn main() -> std::process::ExitCode {
             agents,
             gpu_only,
             memory_only,
+            switch_only,
             memory_rows,
         } => {
+            if switch_only {
+                return exit(
+                    tokio::runtime::Builder::new_multi_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|rt| {
+                            rt.block_on(switching::bench(64, 10, |line| println!("{line}")))
+                        }),
+                );
+            }
             if memory_only {
                 return exit(memory::run(&memory_rows, |line| println!("{line}")));
             }

@@ -81,6 +81,7 @@ pub fn run(rows: &[u64], mut report: impl FnMut(&str)) -> anyhow::Result<()> {
             let mib = |b: f64| b / (1024.0 * 1024.0);
             let ratio = match measured.refused {
                 Some(status) => format!("refused {status}"),
+                None if measured.body == 0 => "-".to_owned(),
                 None => format!(
                     "{:.2}x",
                     measured.growth_kib as f64 * 1024.0 / measured.body.max(1) as f64

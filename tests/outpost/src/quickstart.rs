@@ -201,6 +201,17 @@ impl DevFleet {
         port: u16,
         data_dir: &Path,
     ) -> anyhow::Result<AgentHandle> {
+        self.start_agent_with(n, port, data_dir, |_| {}).await
+    }
+
+    /// [`DevFleet::start_agent`], its config changed by `adjust` first.
+    pub async fn start_agent_with(
+        &self,
+        n: u32,
+        port: u16,
+        data_dir: &Path,
+        adjust: impl FnOnce(&mut AgentConfig),
+    ) -> anyhow::Result<AgentHandle> {
         let id: DeviceId = format!("dev-{n:04}").parse()?;
         let path = self
             .dir
@@ -214,6 +225,7 @@ impl DevFleet {
         let mut config = AgentConfig::load(&path)?;
         config.api.listen = SocketAddr::from(([127, 0, 0, 1], port));
         config.storage.data_dir = Some(data_dir.join(format!("agent-{id}")));
+        adjust(&mut config);
         Agent::start(config)
             .await
             .with_context(|| format!("starting agent {id}"))

@@ -251,3 +251,52 @@ async fn agents_sync_serve_upgrade_and_keep_serving_offline() {
     assert_eq!(status, 200);
     again.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_max_batch_or_the_memory_budget_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    push(
+        &coordinator,
+        "video-ranker",
+        &placed("local").max_batch(4),
+        &DemoModel::VideoRanker.bytes(DEFAULT_SEED),
+    )
+    .await;
+    let mut config = agent_config(&coordinator, dir.path());
+    // 1 MiB over 2 × 2 running calls, 4 bytes an element: 65 536 elements per request.
+    config.profile.memory_budget_mb = Some(1);
+    config.profile.inference_concurrency = Some(2);
+    assert_eq!(config.profile().max_request_elements(), 65_536);
+    let agent = Agent::start(config).await.unwrap();
+    eventually("the agent to serve video-ranker", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    let (body, _) = ranker_request(5);
+    let (status, reply) = infer(&agent, "video-ranker", &body).await;
+    assert_eq!(status, 400, "{reply}");
+    let why = reply["error"].as_str().unwrap();
+    assert!(
+        why.contains("5 rows") && why.contains("max_batch of 4"),
+        "{why}"
+    );
+    let (body, _) = ranker_request(4);
+    let (status, reply) = infer(&agent, "video-ranker", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    // Two rows, but 80 000 elements claimed: refused on the header, before the (absent)
+    // elements are read or anything is allocated for them.
+    let huge = json!({ "inputs": [
+        { "name": "user_features", "shape": [2, 40000], "datatype": "FP32", "data": [] },
+        { "name": "item_ids", "shape": [2], "datatype": "INT64", "data": [1, 2] }
+    ]});
+    let (status, reply) = infer(&agent, "video-ranker", &huge).await;
+    assert_eq!(status, 413, "{reply}");
+    let why = reply["error"].as_str().unwrap();
+    assert!(
+        why.contains("80000 elements") && why.contains("65536"),
+        "{why}"
+    );
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
