@@ -29,9 +29,10 @@ pub struct Service {
     pub connections: Arc<DeviceConnections>,
 }
 
-/// Connections one device may hold open at once. An agent needs one; a few more cover a
-/// restart whose old connection has not yet timed out. A device certificate copied onto many
-/// machines cannot take more than this many of the coordinator's connections.
+/// Connections one device may hold open at once. An agent needs one; past the cap the device's
+/// oldest connection is closed for the new one, so a device that restarts (or crashes) again
+/// and again is never locked out by its own dead connections waiting for their idle timeout,
+/// and a device certificate copied onto many machines still holds no more than this many.
 pub const MAX_CONNECTIONS_PER_DEVICE: usize = 4;
 
 /// Streams one connection may have open at once (a QUIC transport limit: the peer cannot open
@@ -41,23 +42,38 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// How long a stream may take to send its request; a stalled one is dropped, freeing its slot.
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The count of open connections of each device.
+/// The open connections of each device, oldest first.
 #[derive(Debug, Default)]
-pub struct DeviceConnections(Mutex<HashMap<String, usize>>);
+pub struct DeviceConnections {
+    open: Mutex<HashMap<String, Vec<(u64, quinn::Connection)>>>,
+    next: std::sync::atomic::AtomicU64,
+}
 
 impl DeviceConnections {
-    /// A slot for one more connection of `device`, or `None` when it holds the maximum.
-    fn enter(self: &Arc<Self>, device: &str) -> Option<ConnectionSlot> {
-        let mut open = self.0.lock().ok()?;
-        let n = open.entry(device.to_owned()).or_insert(0);
-        if *n >= MAX_CONNECTIONS_PER_DEVICE {
-            return None;
+    /// Counts `connection` for `device`, closing the device's oldest connection when it already
+    /// holds [`MAX_CONNECTIONS_PER_DEVICE`]; the slot ends when dropped.
+    fn enter(self: &Arc<Self>, device: &str, connection: &quinn::Connection) -> ConnectionSlot {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut open) = self.open.lock() {
+            let held = open.entry(device.to_owned()).or_default();
+            while held.len() >= MAX_CONNECTIONS_PER_DEVICE {
+                let (_, oldest) = held.remove(0);
+                tracing::info!(device, remote = %oldest.remote_address(), "closing the device's oldest connection for its new one");
+                oldest.close(
+                    quinn::VarInt::from_u32(2),
+                    format!(
+                        "replaced: device {device} opened more than {MAX_CONNECTIONS_PER_DEVICE} connections"
+                    )
+                    .as_bytes(),
+                );
+            }
+            held.push((id, connection.clone()));
         }
-        *n += 1;
-        Some(ConnectionSlot {
+        ConnectionSlot {
             connections: Arc::clone(self),
             device: device.to_owned(),
-        })
+            id,
+        }
     }
 }
 
@@ -65,15 +81,16 @@ impl DeviceConnections {
 struct ConnectionSlot {
     connections: Arc<DeviceConnections>,
     device: String,
+    id: u64,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        if let Ok(mut open) = self.connections.0.lock()
-            && let Some(n) = open.get_mut(&self.device)
+        if let Ok(mut open) = self.connections.open.lock()
+            && let Some(held) = open.get_mut(&self.device)
         {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+            held.retain(|(id, _)| *id != self.id);
+            if held.is_empty() {
                 open.remove(&self.device);
             }
         }
@@ -126,15 +143,7 @@ async fn serve_connection(connection: quinn::Connection, service: Service) {
         connection.close(quinn::VarInt::from_u32(1), b"certificate names no device");
         return;
     };
-    let Some(_slot) = service.connections.enter(&device) else {
-        tracing::warn!(device, remote = %connection.remote_address(), "too many connections from one device; closing");
-        connection.close(
-            quinn::VarInt::from_u32(2),
-            format!("device {device} already holds {MAX_CONNECTIONS_PER_DEVICE} connections")
-                .as_bytes(),
-        );
-        return;
-    };
+    let _slot = service.connections.enter(&device, &connection);
     tracing::info!(device, remote = %connection.remote_address(), "device connected");
     service
         .metrics

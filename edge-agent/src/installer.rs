@@ -192,7 +192,10 @@ impl Installer {
                 payload = manifests.recv() => {
                     let Some(payload) = payload else { break };
                     match self.verify(&payload) {
-                        Ok(manifest) => self.offered(manifest, &mut retries).await,
+                        Ok(manifest) => {
+                            crash_point!("installer.verified");
+                            self.offered(manifest, &mut retries).await
+                        }
                         Err(error) => self.refused(None, &error),
                     }
                 }
@@ -210,6 +213,7 @@ impl Installer {
                     }
                 }
             }
+            crash_point!("installer.status_publishing");
             crate::sync::publish_status(&self.ctx, &client).await;
         }
     }
@@ -312,6 +316,7 @@ impl Installer {
             &kept,
             |id| chunks.contains(id),
         )?;
+        crash_point!("installer.planned");
         match plan {
             Install::Ignore => Ok(()),
             Install::RecordRelease => {
@@ -335,6 +340,7 @@ impl Installer {
         let model = manifest.model.clone();
         let version = target.version;
         self.table.pending(&model, version);
+        crash_point!("installer.switch_pending");
         tracing::info!(
             model,
             version,
@@ -343,6 +349,7 @@ impl Installer {
             "fetching"
         );
         self.fetch(version, &missing).await?;
+        crash_point!("installer.fetched");
 
         let (engines, chunks, loading) = (
             Arc::clone(&self.engines),
@@ -352,14 +359,19 @@ impl Installer {
         let serving = tokio::task::spawn_blocking(move || engines.load(&loading, &chunks))
             .await?
             .map_err(|source| InstallError::Load { version, source })?;
+        crash_point!("installer.loaded");
 
         // Switch: durable record first, then what serves.
         record.previous = record.active.take();
         record.active = Some(target);
         record.manifest = Some(manifest);
+        crash_point!("installer.record_saving");
         self.ctx.store.save(&model, &record)?;
+        crash_point!("installer.record_saved");
         self.table.switch(&model, serving);
+        crash_point!("installer.switched");
         tracing::info!(model, version, "serving");
+        crash_point!("installer.gc_starting");
 
         let store = Arc::clone(&self.ctx.store);
         match tokio::task::spawn_blocking(move || store.collect_garbage()).await {
@@ -369,13 +381,16 @@ impl Installer {
             Ok(Err(e)) => tracing::warn!(error = %e, "could not delete old chunks"),
             _ => {}
         }
+        crash_point!("installer.installed");
         Ok(())
     }
 
     /// Fetches `missing` chunks of `version` from the coordinator and stores them.
     async fn fetch(&self, version: u64, missing: &[ChunkId]) -> Result<(), InstallError> {
         for batch in missing.chunks(CHUNKS_PER_REQUEST) {
+            crash_point!("installer.fetch_requesting");
             let got = self.ctx.offload.get_chunks(batch.to_vec()).await?;
+            crash_point!("installer.fetch_received");
             if got.len() != batch.len() {
                 return Err(InstallError::Incomplete {
                     version,
@@ -388,6 +403,7 @@ impl Installer {
                     .chunks()
                     .put(&id, &data)
                     .map_err(InstallError::StoreChunk)?;
+                crash_point!("installer.chunk_stored");
                 self.ctx.counters.fetched(data.len());
             }
         }

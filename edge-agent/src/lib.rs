@@ -21,6 +21,41 @@
 //! - `store`: the sled records and the chunk files.
 //! - `status`: the device status from one snapshot; `counters`: what it counted.
 
+/// A place where the fault tests stop the agent dead: with the `failpoints` feature,
+/// `FAILPOINTS=name=return` makes the agent abort there (no destructor runs, nothing more is
+/// flushed: as `kill -9` would). Without the feature it compiles to nothing. The names are
+/// listed in `CRASH_POINTS`, which the tests walk.
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| std::process::abort())
+    };
+}
+
+/// Every crash point, in the order an install meets them (see `crash_point!`).
+pub const CRASH_POINTS: [&str; 21] = [
+    "agent.cached_loaded",
+    "sync.manifest_received",
+    "installer.verified",
+    "installer.planned",
+    "installer.switch_pending",
+    "installer.fetch_requesting",
+    "installer.fetch_received",
+    "installer.chunk_stored",
+    "installer.fetched",
+    "installer.loaded",
+    "installer.record_saving",
+    "store.record_encoded",
+    "store.record_inserted",
+    "store.record_flushed",
+    "installer.record_saved",
+    "installer.switched",
+    "installer.gc_starting",
+    "store.gc_kept_listed",
+    "store.gc_done",
+    "installer.installed",
+    "installer.status_publishing",
+];
+
 pub mod api;
 mod counters;
 mod engines;
@@ -175,6 +210,7 @@ impl Agent {
                 .await
                 .map_err(|e| AgentError::Startup(e.to_string()))?
                 .map_err(store_err)?;
+        crash_point!("agent.cached_loaded");
 
         let listen = ctx.config.api.listen;
         let listener =

@@ -41,6 +41,9 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The fault tests' crash points, from FAILPOINTS (a build with the `failpoints` feature).
+    #[cfg(feature = "failpoints")]
+    let _crash_points = fail::FailScenario::setup();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

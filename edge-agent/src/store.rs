@@ -85,8 +85,11 @@ impl Store {
                 source,
             }
         })?;
+        crash_point!("store.record_encoded");
         self.records.insert(model, bytes)?;
+        crash_point!("store.record_inserted");
         self.db.flush()?;
+        crash_point!("store.record_flushed");
         Ok(())
     }
 
@@ -113,9 +116,13 @@ impl Store {
                 }
             }
         }
-        self.chunks
+        crash_point!("store.gc_kept_listed");
+        let deleted = self
+            .chunks
             .retain(|id| keep.contains(id))
-            .map_err(StoreError::Chunks)
+            .map_err(StoreError::Chunks)?;
+        crash_point!("store.gc_done");
+        Ok(deleted)
     }
 
     /// Writes everything to disk (at shutdown).

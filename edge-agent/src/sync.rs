@@ -81,6 +81,7 @@ pub(crate) async fn run_mqtt(
                 });
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                crash_point!("sync.manifest_received");
                 if matches!(Topic::parse(&p.topic), Ok(Topic::Manifest { .. }))
                     && manifests.try_send(p.payload.to_vec()).is_err()
                 {

@@ -101,6 +101,31 @@ impl Process {
         Self::spawn(name, &mut command)
     }
 
+    /// Starts binary `name` with `args`, `RUST_LOG=info` and the environment variables `env`.
+    pub fn start_with_env(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary(name));
+        command.env("RUST_LOG", "info").args(args);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        Self::spawn(name, &mut command)
+    }
+
+    /// Waits up to `limit` for the process to exit by itself; its exit status, or `None` if it
+    /// still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The process id.
     pub fn id(&self) -> u32 {
         self.child.0.id()

@@ -184,3 +184,105 @@ fn floods_and_slowloris_leave_room_for_a_real_call() {
         200
     );
 }
+
+/// `video-ranker`'s active version in the agent's status, if it serves one.
+fn active_version(api: u16) -> Option<u64> {
+    let (code, body) = http(api, Method::GET, "/v1/status", "");
+    if code != 200 {
+        return None;
+    }
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status["models"]
+        .as_array()?
+        .iter()
+        .find(|m| m["model"] == "video-ranker")?["active"]
+        .as_u64()
+}
+
+/// The agent killed at each of its crash points in turn (the `failpoints` feature: the agent
+/// aborts there, as `kill -9` would), each time during the install of a new version: after the
+/// restart it serves at once (the old version or the new, never nothing) and then converges on
+/// the new one with no further push.
+#[test]
+fn an_agent_killed_anywhere_in_an_install_serves_at_once_and_converges() {
+    use std::os::unix::process::ExitStatusExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = provision(dir.path(), "crash", 1);
+    let config = fleet.coordinator_toml.to_str().unwrap();
+    let mut coordinator = Process::start("cloud-coordinator", &["serve", "--config", config]);
+    coordinator.wait_for("admin API:");
+    let api = free_tcp_port();
+    let agent_toml = agent_config(
+        &fleet.dir.join("devices/crash-0001"),
+        api,
+        &dir.path().join("agent"),
+    );
+    let agent_args = ["run", "--config", agent_toml.to_str().unwrap()];
+    let models = dir.path().join("models");
+    let push = |version: u64| {
+        let file = model_zoo::DemoModel::VideoRanker
+            .write(
+                model_zoo::DEFAULT_SEED + version,
+                &models.join(version.to_string()),
+            )
+            .unwrap();
+        let out = run(
+            "cloud-coordinator",
+            &[
+                "push",
+                file.to_str().unwrap(),
+                "--name",
+                "video-ranker",
+                "--config",
+                config,
+            ],
+        );
+        assert!(
+            out.contains(&format!("published video-ranker version {version}")),
+            "{out}"
+        );
+    };
+    let converged = |version: u64, what: &str| {
+        eventually_blocking(what, || active_version(api) == Some(version));
+    };
+    // Version 1, installed normally.
+    {
+        let mut agent = Process::start("edge-agent", &agent_args);
+        agent.wait_for("serving on http://");
+        push(1);
+        converged(1, "version 1");
+    }
+    for (n, point) in edge_agent::CRASH_POINTS.iter().enumerate() {
+        let version = n as u64 + 2;
+        let failpoints = format!("{point}=return");
+        let mut agent =
+            Process::start_with_env("edge-agent", &agent_args, &[("FAILPOINTS", &failpoints)]);
+        push(version);
+        let status = agent
+            .wait_exit(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("the agent never reached crash point {point}"));
+        assert_eq!(status.signal(), Some(6), "{point}: {status:?}");
+        drop(agent);
+
+        let mut agent = Process::start("edge-agent", &agent_args);
+        agent.wait_for("serving on http://");
+        // Serving from the first moment: the old version or the new one.
+        let (code, body) = http(api, Method::GET, "/v2/models/video-ranker/ready", "");
+        assert_eq!(code, 200, "after a crash at {point}: {body}");
+        let serving = active_version(api).unwrap();
+        assert!(
+            serving == version || serving == version - 1,
+            "after a crash at {point}: version {serving}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while active_version(api) != Some(version) {
+            assert!(
+                Instant::now() < deadline,
+                "no version {version} 60 s after a crash at {point}; the agent printed:\n{}",
+                agent.printed().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
