@@ -45,6 +45,10 @@ pub enum OffloadError {
     TimedOut(Duration),
 }
 
+/// How long a connection may go without a packet from the coordinator before it counts as
+/// dead (quinn's default is 30 s; a stuck install would wait that long).
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+
 /// How long one request may take, from opening its stream to its last answer; past it the
 /// request fails (and the connection is dropped) so an installer or a caller moves on.
 pub(crate) fn deadline(request: &Request) -> Duration {
@@ -118,7 +122,13 @@ impl OffloadClient {
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(5)));
+        // A coordinator that vanished (killed, unplugged) sends nothing: the connection is
+        // declared dead after IDLE_TIMEOUT without a packet, failing its streams, and the next
+        // call reconnects. Keep-alives every third of it keep a live but quiet link open.
+        transport.keep_alive_interval(Some(IDLE_TIMEOUT / 3));
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT).map_err(|e| e.to_string())?,
+        ));
         transport.stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024));
         transport.receive_window(quinn::VarInt::from_u32(32 * 1024 * 1024));
         client.transport_config(Arc::new(transport));

@@ -286,3 +286,84 @@ fn an_agent_killed_anywhere_in_an_install_serves_at_once_and_converges() {
         }
     }
 }
+
+/// The coordinator process killed while an agent installs a new version (the agent holds its
+/// fetch for 2 s, a `sleep` crash point, so the kill lands mid-install): the agent keeps serving
+/// the old version, retries with back-off, and converges once the coordinator is back, with no
+/// new push.
+#[test]
+fn an_install_converges_once_a_killed_coordinator_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = provision(dir.path(), "away", 1);
+    let config = fleet.coordinator_toml.to_str().unwrap();
+    let serve = ["serve", "--config", config];
+    let mut coordinator = Process::start("cloud-coordinator", &serve);
+    coordinator.wait_for("admin API:");
+    let api = free_tcp_port();
+    let agent_toml = agent_config(
+        &fleet.dir.join("devices/away-0001"),
+        api,
+        &dir.path().join("agent"),
+    );
+    let mut agent = Process::start_with_env(
+        "edge-agent",
+        &["run", "--config", agent_toml.to_str().unwrap()],
+        // The first fetch of the run waits 2 s (version 1's fetch is the first: it waits too).
+        &[("FAILPOINTS", "installer.fetch_requesting=2*sleep(2000)")],
+    );
+    agent.wait_for("serving on http://");
+    let models = dir.path().join("models");
+    let push = |version: u64| {
+        let file = model_zoo::DemoModel::VideoRanker
+            .write(
+                model_zoo::DEFAULT_SEED + version,
+                &models.join(version.to_string()),
+            )
+            .unwrap();
+        let out = run(
+            "cloud-coordinator",
+            &[
+                "push",
+                file.to_str().unwrap(),
+                "--name",
+                "video-ranker",
+                "--config",
+                config,
+            ],
+        );
+        assert!(
+            out.contains(&format!("published video-ranker version {version}")),
+            "{out}"
+        );
+    };
+    push(1);
+    eventually_blocking("version 1", || active_version(api) == Some(1));
+
+    push(2);
+    agent.wait_for("fetching");
+    drop(coordinator);
+    // Away for 3 s: the held fetch fails, and so does at least one retry.
+    let away = Instant::now();
+    while away.elapsed() < Duration::from_secs(3) {
+        let (code, _) = http(api, Method::GET, "/v2/models/video-ranker/ready", "");
+        assert_eq!(code, 200, "the old version stopped serving");
+        assert_eq!(active_version(api), Some(1));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut coordinator = Process::start("cloud-coordinator", &serve);
+    coordinator.wait_for("admin API:");
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(90);
+    while active_version(api) != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "no version 2 90 s after the coordinator returned; the agent printed:\n{}",
+            agent.printed().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "converged {:.2} s after the coordinator returned",
+        back.elapsed().as_secs_f64()
+    );
+}
