@@ -123,6 +123,7 @@ impl Coordinator {
             mqtt.port,
             registry.clone(),
             fleet.clone(),
+            config.mqtt.max_devices(),
             watcher.clone(),
         );
         tasks.push(mqtt_task);

@@ -96,6 +96,7 @@ impl Announcer {
         port: u16,
         registry: Arc<Registry>,
         fleet: FleetView,
+        max_devices: usize,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let id = format!("outpost-coordinator-{}", std::process::id());
@@ -111,6 +112,7 @@ impl Announcer {
             announcer.clone(),
             registry,
             fleet,
+            max_devices,
             shutdown,
         ));
         (announcer, task)
@@ -135,6 +137,7 @@ async fn run_events(
     announcer: Announcer,
     registry: Arc<Registry>,
     fleet: FleetView,
+    max_devices: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(RECONNECT_START, RECONNECT_MAX);
@@ -189,7 +192,15 @@ async fn run_events(
                 Ok(Topic::DeviceStatus { device }) => match DeviceStatus::from_cbor(&p.payload) {
                     Ok(status) if status.device_id == device => {
                         if let Ok(mut f) = fleet.lock() {
-                            f.insert(device, status);
+                            if f.len() < max_devices || f.contains_key(&device) {
+                                f.insert(device, status);
+                            } else {
+                                tracing::warn!(
+                                    device,
+                                    max_devices,
+                                    "the fleet view is full; status not kept ([mqtt] max_devices)"
+                                );
+                            }
                         }
                     }
                     Ok(status) => {

@@ -395,9 +395,16 @@ impl Registry {
             .map_err(|e| RegistryError::Storage(e.to_string()))?;
         let encoded = cbor::encode("model record", &record, RECORD_LIMIT)
             .map_err(|e| RegistryError::Storage(e.to_string()))?;
-        self.models.insert(record.name.as_bytes(), encoded)?;
-        self.manifests
-            .insert(record.name.as_bytes(), bytes.clone())?;
+        // The record and its signed manifest together or not at all: a crash between two
+        // inserts must not leave a manifest that announces a version the record lacks.
+        use sled::Transactional as _;
+        (&self.models, &self.manifests)
+            .transaction(|(models, manifests)| {
+                models.insert(record.name.as_bytes(), encoded.as_slice())?;
+                manifests.insert(record.name.as_bytes(), bytes.as_slice())?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| RegistryError::Storage(format!("writing model record: {e:?}")))?;
         self.db.flush()?;
         self.collect_garbage()?;
         let stored = record

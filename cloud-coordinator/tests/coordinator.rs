@@ -727,34 +727,51 @@ async fn futures_join<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_view_shows_device_status() {
-    let c = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    // Room for two devices: a third (an invented id, say) is not kept.
+    config.mqtt.max_devices = Some(2);
+    let c = start_with(config, dir).await;
     let mut options =
         rumqttc::MqttOptions::new("device-sim", c.handle.mqtt.host.clone(), c.handle.mqtt.port);
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
     tokio::spawn(async move { while events.poll().await.is_ok() {} });
-    let status = DeviceStatus::offline("dev-0001", "0.1.0", now());
-    let topic = Topic::device_status("dev-0001").unwrap().name();
-    client
-        .publish(
-            topic,
-            rumqttc::QoS::AtLeastOnce,
-            true,
-            status.to_cbor().unwrap(),
-        )
-        .await
-        .unwrap();
+    let publish = |device: &'static str, status: DeviceStatus| {
+        let client = client.clone();
+        async move {
+            let topic = Topic::device_status(device).unwrap().name();
+            client
+                .publish(
+                    topic,
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                    status.to_cbor().unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    for device in ["dev-0001", "dev-0002", "dev-0003"] {
+        publish(device, DeviceStatus::offline(device, "0.1.0", now())).await;
+    }
+    // A kept device's status is still updated once the view is full.
+    let mut newer = DeviceStatus::offline("dev-0001", "0.2.0", now());
+    newer.health = Health::Ready;
+    publish("dev-0001", newer).await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let fleet = c.client().fleet().await.unwrap();
-        if !fleet.is_empty() {
+        if fleet.len() == 2 && fleet[0].health == Health::Ready {
             assert_eq!(fleet[0].device_id, "dev-0001");
-            assert_eq!(fleet[0].health, Health::Offline);
+            assert_eq!(fleet[1].device_id, "dev-0002");
+            assert_eq!(fleet[1].health, Health::Offline);
             break;
         }
+        assert!(fleet.len() <= 2, "the view grew past its bound: {fleet:?}");
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the device never showed up"
+            "the devices never showed up: {fleet:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

@@ -183,15 +183,21 @@ impl Installer {
     /// failed for a reason that can pass (the network, the coordinator, the disk) is tried again
     /// after a jittered, growing wait, until it succeeds or a newer release of the model
     /// replaces it; a refused release is not.
-    pub(crate) async fn run(mut self, client: AsyncClient, mut manifests: mpsc::Receiver<Vec<u8>>) {
+    pub(crate) async fn run(
+        mut self,
+        client: AsyncClient,
+        mut manifests: mpsc::Receiver<crate::sync::Queued>,
+    ) {
         // One waiting retry per model at most: the map is bounded by the models followed.
         let mut retries: HashMap<String, Retry> = HashMap::new();
         loop {
             let next = retries.values().map(|r| r.at).min();
             tokio::select! {
                 payload = manifests.recv() => {
-                    let Some(payload) = payload else { break };
-                    match self.verify(&payload) {
+                    let Some(queued) = payload else { break };
+                    let verified = self.verify(&queued.payload);
+                    drop(queued);
+                    match verified {
                         Ok(manifest) => {
                             crash_point!("installer.verified");
                             self.offered(manifest, &mut retries).await

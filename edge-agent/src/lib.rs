@@ -75,7 +75,7 @@ use std::sync::Arc;
 
 use firmware_config::AgentConfig;
 use outpost_shared::{DeviceStatus, ManifestVerifier};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 pub use api::MAX_BODY;
 pub use store::StoreError;
@@ -226,7 +226,7 @@ impl Agent {
         })?;
         let (shutdown, watcher) = watch::channel(false);
         let (client, events) = rumqttc::AsyncClient::new(sync::mqtt_options(&ctx), 64);
-        let (manifests_tx, manifests_rx) = mpsc::channel(256);
+        let (manifests_tx, manifests_rx) = sync::manifest_queue();
         let tasks = vec![
             tokio::spawn(api::serve(listener, ctx.clone(), watcher.clone())),
             tokio::spawn(sync::run_mqtt(

@@ -38,12 +38,57 @@ pub(crate) fn mqtt_options(ctx: &Context) -> MqttOptions {
     options
 }
 
+/// Bytes of manifests waiting for the installer at once: two of the largest a release may be
+/// ([`outpost_shared::signing::MAX_MANIFEST_BYTES`]), or thousands of typical few-KiB ones.
+/// Past it a manifest is dropped with a warning; its retained copy comes again on reconnect.
+pub(crate) const MANIFEST_QUEUE_BYTES: usize = 2 * outpost_shared::signing::MAX_MANIFEST_BYTES;
+
+/// Manifests waiting for the installer at once, whatever their size.
+pub(crate) const MANIFEST_QUEUE_LEN: usize = 256;
+
+/// A manifest on its way to the installer; its bytes count against the queue's until dropped.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub(crate) payload: Vec<u8>,
+    _bytes: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The sending side of the manifest queue, bounded in count and in bytes.
+#[derive(Debug, Clone)]
+pub(crate) struct ManifestSender {
+    tx: mpsc::Sender<Queued>,
+    bytes: Arc<tokio::sync::Semaphore>,
+}
+
+/// The manifest queue between the MQTT loop and the installer.
+pub(crate) fn manifest_queue() -> (ManifestSender, mpsc::Receiver<Queued>) {
+    let (tx, rx) = mpsc::channel(MANIFEST_QUEUE_LEN);
+    let bytes = Arc::new(tokio::sync::Semaphore::new(MANIFEST_QUEUE_BYTES));
+    (ManifestSender { tx, bytes }, rx)
+}
+
+impl ManifestSender {
+    /// Queues `payload`, or says why not: the queue holds as many manifests or bytes as it may.
+    pub(crate) fn offer(&self, payload: &[u8]) -> Result<(), &'static str> {
+        let n = u32::try_from(payload.len().max(1)).map_err(|_| "the manifest is too large")?;
+        let permit = Arc::clone(&self.bytes)
+            .try_acquire_many_owned(n)
+            .map_err(|_| "the manifest queue holds its limit of bytes")?;
+        self.tx
+            .try_send(Queued {
+                payload: payload.to_vec(),
+                _bytes: permit,
+            })
+            .map_err(|_| "the manifest queue holds its limit of manifests")
+    }
+}
+
 /// Polls the MQTT event loop: subscribes on every (re)connect, hands manifests to the installer.
 pub(crate) async fn run_mqtt(
     ctx: Arc<Context>,
     client: AsyncClient,
     mut events: EventLoop,
-    manifests: mpsc::Sender<Vec<u8>>,
+    manifests: ManifestSender,
     mut shutdown: watch::Receiver<bool>,
 ) {
     events.network_options.set_tcp_nodelay(true);
@@ -83,9 +128,9 @@ pub(crate) async fn run_mqtt(
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 crash_point!("sync.manifest_received");
                 if matches!(Topic::parse(&p.topic), Ok(Topic::Manifest { .. }))
-                    && manifests.try_send(p.payload.to_vec()).is_err()
+                    && let Err(why) = manifests.offer(&p.payload)
                 {
-                    tracing::warn!(topic = %p.topic, "manifest queue full; the retained copy comes again on reconnect");
+                    tracing::warn!(topic = %p.topic, bytes = p.payload.len(), why, "manifest dropped; the retained copy comes again on reconnect");
                 }
             }
             Ok(_) => {}
@@ -117,5 +162,30 @@ pub(crate) async fn publish_status(ctx: &Context, client: &AsyncClient) {
             }
         }
         Err(e) => tracing::warn!(error = %e, "could not encode status"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_manifest_queue_is_bounded_in_bytes_and_count() {
+        let (tx, mut rx) = manifest_queue();
+        let big = vec![0u8; outpost_shared::signing::MAX_MANIFEST_BYTES - 1];
+        tx.offer(&big).unwrap();
+        tx.offer(&big).unwrap();
+        let e = tx.offer(&big).unwrap_err();
+        assert!(e.contains("bytes"), "{e}");
+        // Taken and dropped by the installer: its bytes free.
+        drop(rx.recv().await.unwrap());
+        tx.offer(&big).unwrap();
+        while rx.try_recv().is_ok() {}
+        // Small ones: the count bounds them.
+        for _ in 0..MANIFEST_QUEUE_LEN {
+            tx.offer(b"m").unwrap();
+        }
+        let e = tx.offer(b"m").unwrap_err();
+        assert!(e.contains("manifests"), "{e}");
     }
 }

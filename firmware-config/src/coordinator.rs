@@ -133,9 +133,22 @@ pub struct CoordinatorMqtt {
     pub listen: Option<SocketAddr>,
     /// Use this broker instead of the embedded one.
     pub external: Option<HostPort>,
+    /// Devices the fleet view holds (default [`CoordinatorMqtt::DEFAULT_MAX_DEVICES`]); the
+    /// status of a device past it is not kept (a warning says so), so a flood of invented
+    /// device ids cannot grow the coordinator's memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_devices: Option<u32>,
 }
 
 impl CoordinatorMqtt {
+    /// The fleet view's default bound: about 100 MiB of device status at ~1 KiB each.
+    pub const DEFAULT_MAX_DEVICES: u32 = 100_000;
+
+    /// The fleet view's bound.
+    pub fn max_devices(&self) -> usize {
+        self.max_devices.unwrap_or(Self::DEFAULT_MAX_DEVICES) as usize
+    }
+
     /// The embedded broker's address, or `None` when an external broker is configured.
     pub fn embedded_listen(&self) -> Option<SocketAddr> {
         match self.external {
