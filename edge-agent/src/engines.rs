@@ -79,6 +79,12 @@ pub(crate) fn choose_gpu(
             "the device profile sets gpu = \"never\"".into(),
         )),
         (EngineChoice::Auto, GpuPreference::Prefer) => {
+            // Asked of a child first (when this binary answers probes): with no usable adapter
+            // this process never loads a driver.
+            if let Some(Err(why)) = outpost_gpu::probe_in_child(GpuOptions::default()) {
+                tracing::info!(reason = %why, "no GPU for local models; they run on tract");
+                return Ok(LocalGpu::Absent(why));
+            }
             Ok(match GpuContext::new(GpuOptions::default()) {
                 Ok(gpu) => LocalGpu::Ready(gpu),
                 Err(e) => {

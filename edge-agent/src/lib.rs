@@ -194,7 +194,8 @@ impl Agent {
         check_identity(&config)?;
         let offload = offload::OffloadClient::new(&config).map_err(AgentError::Identity)?;
         let verifier = ManifestVerifier::new(config.fleet.manifest_keys.clone());
-        let (table, models) = ServingTable::new();
+        let (table, models) =
+            ServingTable::new(config.profile().memory_budget_mb.saturating_mul(1 << 20));
         let ctx = Arc::new(Context {
             config,
             store,

@@ -27,6 +27,8 @@ enum Command {
 
 #[allow(clippy::print_stdout, clippy::print_stderr)]
 fn main() -> std::process::ExitCode {
+    // Before anything else: this process may be the GPU probe's child.
+    outpost_gpu::answer_probe_if_asked();
     let Command::Run { config } = Cli::parse().command;
     let Some(config) = config else {
         eprintln!(

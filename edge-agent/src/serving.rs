@@ -18,6 +18,11 @@ const CLOUD_ONLY: AdmissionLimits = AdmissionLimits {
     waiting: 0,
 };
 
+/// What a loaded engine is taken to hold, as a multiple of its model file: the weights as the
+/// engine keeps them, and its plans and buffers. An estimate (engines do not report their
+/// memory); it is what the profile's `memory_budget_mb` is held against.
+pub(crate) const ENGINE_MEMORY_FACTOR: u64 = 2;
+
 /// One version of a model, ready to answer.
 #[derive(Debug)]
 pub(crate) struct Serving {
@@ -31,6 +36,8 @@ pub(crate) struct Serving {
     pub(crate) gpu_fallback: Option<String>,
     /// How many local calls of this version run and wait at once.
     pub(crate) admission: Admission,
+    /// The memory its engine is taken to hold ([`ENGINE_MEMORY_FACTOR`]), bytes; 0 in the cloud.
+    pub(crate) memory: u64,
 }
 
 impl Serving {
@@ -45,12 +52,18 @@ impl Serving {
         engine: Option<Arc<dyn Engine>>,
         limits: AdmissionLimits,
     ) -> Self {
+        let memory = match &engine {
+            Some(_) => crate::engines::local_variant(version)
+                .map_or(0, |v| v.size.saturating_mul(ENGINE_MEMORY_FACTOR)),
+            None => 0,
+        };
         Self {
             version: version.clone(),
             engine,
             adapter: None,
             gpu_fallback: None,
             admission: Admission::new(limits),
+            memory,
         }
     }
 
@@ -117,17 +130,27 @@ impl Models {
 }
 
 /// The serving table, owned by the installer: each change makes a new [`Models`] and publishes
-/// it whole.
+/// it whole. Loaded engines are held to a memory budget: when a switch takes the table over
+/// it, previous versions are unloaded, the largest first (they stay on disk; a rollback is a
+/// release that loads the version again).
 #[derive(Debug)]
 pub(crate) struct ServingTable {
     publish: watch::Sender<Arc<Models>>,
+    memory_budget: u64,
 }
 
 impl ServingTable {
-    /// An empty table, and the receiver readers take snapshots from.
-    pub(crate) fn new() -> (Self, watch::Receiver<Arc<Models>>) {
+    /// An empty table whose engines may hold `memory_budget` bytes, and the receiver readers
+    /// take snapshots from.
+    pub(crate) fn new(memory_budget: u64) -> (Self, watch::Receiver<Arc<Models>>) {
         let (publish, snapshots) = watch::channel(Arc::new(Models::default()));
-        (Self { publish }, snapshots)
+        (
+            Self {
+                publish,
+                memory_budget,
+            },
+            snapshots,
+        )
     }
 
     /// The current snapshot.
@@ -167,6 +190,46 @@ impl ServingTable {
             slot.pending = None;
             slot.last_error = None;
             slot.retry_at = None;
+        });
+        self.fit_memory_budget();
+    }
+
+    /// Unloads previous versions, the largest first, until the loaded engines fit the budget
+    /// (or none is left to unload: active versions always stay).
+    fn fit_memory_budget(&mut self) {
+        let budget = self.memory_budget;
+        let loaded = |m: &Models| -> u64 {
+            m.slots
+                .values()
+                .flat_map(Slot::versions)
+                .map(|s| s.memory)
+                .sum()
+        };
+        if loaded(&self.snapshot()) <= budget {
+            return;
+        }
+        self.change(|m| {
+            while loaded(m) > budget {
+                let largest = m
+                    .slots
+                    .iter_mut()
+                    .filter_map(|(name, slot)| {
+                        let memory = slot.previous.as_ref()?.memory;
+                        (memory > 0).then_some((memory, name, slot))
+                    })
+                    .max_by_key(|(memory, _, _)| *memory);
+                let Some((memory, name, slot)) = largest else {
+                    break;
+                };
+                tracing::info!(
+                    model = name.as_str(),
+                    version = slot.previous.as_ref().map(|s| s.version.version),
+                    memory,
+                    budget,
+                    "unloaded the previous version to fit the memory budget (kept on disk)"
+                );
+                slot.previous = None;
+            }
         });
     }
 
@@ -214,7 +277,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_taken_before_a_switch_keeps_the_table_it_saw() {
-        let (mut table, snapshots) = ServingTable::new();
+        let (mut table, snapshots) = ServingTable::new(u64::MAX);
         table.serve_cached("m", version(1));
         let before = Arc::clone(&snapshots.borrow());
         table.pending("m", 2);
@@ -232,7 +295,7 @@ mod tests {
 
     #[test]
     fn a_refusal_is_recorded_and_the_next_switch_clears_it() {
-        let (mut table, snapshots) = ServingTable::new();
+        let (mut table, snapshots) = ServingTable::new(u64::MAX);
         table.refuse(None, "unsigned".into());
         assert_eq!(snapshots.borrow().last_error(), Some("unsigned"));
         assert_eq!(snapshots.borrow().names().count(), 0);
@@ -249,5 +312,86 @@ mod tests {
         assert_eq!(slot.last_error, None);
         // The device's last refusal stays in the status, as before.
         assert_eq!(table.snapshot().last_error(), Some("too big"));
+    }
+
+    fn local(v: u64, size: u64) -> Serving {
+        #[derive(Debug)]
+        struct Nothing;
+        impl Engine for Nothing {
+            fn name(&self) -> &'static str {
+                "none"
+            }
+            fn inputs(&self) -> &[outpost_shared::TensorSpec] {
+                &[]
+            }
+            fn outputs(&self) -> &[outpost_shared::TensorSpec] {
+                &[]
+            }
+            fn run(
+                &self,
+                _: &[outpost_shared::Tensor],
+            ) -> Result<Vec<outpost_shared::Tensor>, outpost_runtime::RunError> {
+                Ok(vec![])
+            }
+        }
+        let version = ModelVersion {
+            version: v,
+            inputs: vec![],
+            outputs: vec![],
+            placement: outpost_shared::Placement::Local,
+            max_batch: None,
+            variants: vec![outpost_shared::Variant {
+                target: outpost_shared::Target::EdgeInt8,
+                format: outpost_shared::release::ModelFormat::Onnx,
+                size,
+                digest: outpost_shared::chunk::Digest::of(b""),
+                chunks: vec![],
+            }],
+        };
+        Serving::local(&version, Some(Arc::new(Nothing)), CLOUD_ONLY)
+    }
+
+    #[test]
+    fn previous_versions_are_unloaded_to_fit_the_memory_budget() {
+        // Engines take twice their file: a 100-byte model holds 200, a budget of 500 holds two.
+        let (mut table, snapshots) = ServingTable::new(500);
+        table.serve_cached("a", local(1, 100));
+        table.switch("a", local(2, 100));
+        let slot = snapshots.borrow().get("a").cloned().unwrap();
+        assert_eq!(
+            slot.previous.map(|s| s.version.version),
+            Some(1),
+            "within budget"
+        );
+        // A second model: 600 bytes loaded, so a's previous version goes.
+        table.serve_cached("b", local(1, 50));
+        table.switch("b", local(2, 50));
+        let models = Arc::clone(&snapshots.borrow());
+        assert!(
+            models.get("a").unwrap().previous.is_none(),
+            "a's previous version stayed"
+        );
+        assert_eq!(
+            models
+                .get("b")
+                .unwrap()
+                .previous
+                .as_ref()
+                .map(|s| s.version.version),
+            Some(1)
+        );
+        assert_eq!(models.active_version("a"), Some(2));
+        let loaded: u64 = models
+            .iter()
+            .flat_map(|(_, s)| s.versions())
+            .map(|s| s.memory)
+            .sum();
+        assert!(loaded <= 500, "{loaded}");
+        // Active versions stay even past the budget.
+        let (mut small, snapshots) = ServingTable::new(10);
+        small.serve_cached("a", local(1, 100));
+        small.switch("a", local(2, 100));
+        assert_eq!(snapshots.borrow().active_version("a"), Some(2));
+        assert!(snapshots.borrow().get("a").unwrap().previous.is_none());
     }
 }

@@ -67,7 +67,7 @@ mod tests {
 
     #[test]
     fn a_refused_release_degrades_the_device_and_says_why() {
-        let (mut table, _) = ServingTable::new();
+        let (mut table, _) = ServingTable::new(u64::MAX);
         let version = ModelVersion {
             version: 4,
             inputs: vec![],

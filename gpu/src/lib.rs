@@ -12,6 +12,10 @@
 //! and lowering stages are pure and unit-tested without an adapter; the WGSL kernels are in
 //! `kernels/*.wgsl`, assembled by `kernels`.
 //!
+//! - [`probe_in_child`]: whether a usable adapter is present, asked of a child process so a
+//!   process that uses none never maps the drivers probing loads ([`answer_probe_if_asked`]
+//!   opts a binary in).
+//!
 //! A model with an op the kernels do not cover fails to load with
 //! [`ImportError::Unsupported`], naming the op: the agent runs it on tract and says why.
 
@@ -23,6 +27,7 @@ mod kernels;
 mod lower;
 mod memory;
 mod model;
+mod probe;
 mod shape;
 mod upload;
 
@@ -30,3 +35,4 @@ pub use context::{AdapterSummary, GpuContext, GpuOptions};
 pub use import::ImportError;
 pub use kernels::ERF_MAX_ERROR;
 pub use model::GpuModel;
+pub use probe::{answer_probe_if_asked, probe_in_child};

@@ -171,18 +171,7 @@ async fn latency(
             })
             .to_string(),
         );
-        let header = serde_json::json!({
-            "inputs": inputs.iter().map(|t| serde_json::json!({
-                "name": t.name(), "shape": t.shape(), "datatype": t.datatype().as_str(),
-                "parameters": { "binary_data_size": t.data().len() }
-            })).collect::<Vec<_>>(),
-            "parameters": { "binary_data_output": true }
-        })
-        .to_string();
-        let mut binary = header.clone().into_bytes();
-        for t in &inputs {
-            binary.extend_from_slice(t.data());
-        }
+        let (binary, header) = binary_body(&inputs);
         let binary = Bytes::from(binary);
         let path = "/v2/models/video-ranker/infer";
         let binary_header = header.len().to_string();
@@ -370,4 +359,22 @@ impl KeepAlive {
         }
         Ok(answer.body)
     }
+}
+
+/// An inference body with the binary tensor extension: a JSON header (outputs asked as binary
+/// too), then `inputs`' bytes; and the header's length, for `Inference-Header-Content-Length`.
+pub(crate) fn binary_body(inputs: &[Tensor]) -> (Vec<u8>, String) {
+    let header = serde_json::json!({
+        "inputs": inputs.iter().map(|t| serde_json::json!({
+            "name": t.name(), "shape": t.shape(), "datatype": t.datatype().as_str(),
+            "parameters": { "binary_data_size": t.data().len() }
+        })).collect::<Vec<_>>(),
+        "parameters": { "binary_data_output": true }
+    })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    for t in inputs {
+        body.extend_from_slice(t.data());
+    }
+    (body, header)
 }

@@ -70,6 +70,8 @@ enum Command {
 
 #[allow(clippy::print_stdout, clippy::print_stderr)]
 fn main() -> std::process::ExitCode {
+    // Before anything else: this process may be the GPU probe's child.
+    outpost_gpu::answer_probe_if_asked();
     let cli = Cli::parse();
     // Before any thread starts and any GPU probe: quiets Mesa's Wayland probe (see the module).
     #[cfg(target_os = "linux")]

@@ -207,18 +207,7 @@ async fn through_agent(binary: bool, rows: u64, inputs: &[Tensor]) -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (body, header) = if binary {
-        let header = serde_json::json!({
-            "inputs": inputs.iter().map(|t| serde_json::json!({
-                "name": t.name(), "shape": t.shape(), "datatype": t.datatype().as_str(),
-                "parameters": { "binary_data_size": t.data().len() }
-            })).collect::<Vec<_>>(),
-            "parameters": { "binary_data_output": true }
-        })
-        .to_string();
-        let mut body = header.clone().into_bytes();
-        for t in inputs {
-            body.extend_from_slice(t.data());
-        }
+        let (body, header) = crate::bench::binary_body(inputs);
         (body, Some(header.len().to_string()))
     } else {
         (json_body(rows), None)

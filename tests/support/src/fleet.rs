@@ -82,3 +82,29 @@ pub fn agent_config(device_dir: &Path, api: u16, data: &Path) -> PathBuf {
     );
     config
 }
+
+/// Pushes `video-ranker` with the content of seed `DEFAULT_SEED + seed` (written to
+/// `models/{seed}/`) through the operator's CLI and checks that it published `version`.
+pub fn push_ranker(config: &str, models: &Path, seed: u64, version: u64) {
+    let file = model_zoo::DemoModel::VideoRanker
+        .write(
+            model_zoo::DEFAULT_SEED + seed,
+            &models.join(seed.to_string()),
+        )
+        .unwrap();
+    let out = run(
+        "cloud-coordinator",
+        &[
+            "push",
+            file.to_str().unwrap(),
+            "--name",
+            "video-ranker",
+            "--config",
+            config,
+        ],
+    );
+    assert!(
+        out.contains(&format!("published video-ranker version {version}")),
+        "{out}"
+    );
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use outpost_runtime::http::Method;
 use outpost_test_support::eventually::eventually_blocking;
-use outpost_test_support::fleet::{agent_config, http, provision};
+use outpost_test_support::fleet::{agent_config, http, provision, push_ranker};
 use outpost_test_support::ports::free_tcp_port;
 use outpost_test_support::process::{Process, run};
 
@@ -107,24 +107,7 @@ fn floods_and_slowloris_leave_room_for_a_real_call() {
     for pid in [coordinator.id(), agent.id()] {
         assert_eq!(open_file_limit(pid), Some(1024), "prlimit did not apply");
     }
-    let model = model_zoo::DemoModel::VideoRanker
-        .write(model_zoo::DEFAULT_SEED, &dir.path().join("models"))
-        .unwrap();
-    let pushed = run(
-        "cloud-coordinator",
-        &[
-            "push",
-            model.to_str().unwrap(),
-            "--name",
-            "video-ranker",
-            "--config",
-            config,
-        ],
-    );
-    assert!(
-        pushed.contains("published video-ranker version 1"),
-        "{pushed}"
-    );
+    push_ranker(config, &dir.path().join("models"), 0, 1);
     eventually_blocking("the agent to serve video-ranker", || {
         http(api, Method::GET, "/v2/models/video-ranker/ready", "").0 == 200
     });
@@ -220,29 +203,6 @@ fn an_agent_killed_anywhere_in_an_install_serves_at_once_and_converges() {
     );
     let agent_args = ["run", "--config", agent_toml.to_str().unwrap()];
     let models = dir.path().join("models");
-    let push = |version: u64| {
-        let file = model_zoo::DemoModel::VideoRanker
-            .write(
-                model_zoo::DEFAULT_SEED + version,
-                &models.join(version.to_string()),
-            )
-            .unwrap();
-        let out = run(
-            "cloud-coordinator",
-            &[
-                "push",
-                file.to_str().unwrap(),
-                "--name",
-                "video-ranker",
-                "--config",
-                config,
-            ],
-        );
-        assert!(
-            out.contains(&format!("published video-ranker version {version}")),
-            "{out}"
-        );
-    };
     let converged = |version: u64, what: &str| {
         eventually_blocking(what, || active_version(api) == Some(version));
     };
@@ -250,7 +210,7 @@ fn an_agent_killed_anywhere_in_an_install_serves_at_once_and_converges() {
     {
         let mut agent = Process::start("edge-agent", &agent_args);
         agent.wait_for("serving on http://");
-        push(1);
+        push_ranker(config, &models, 1, 1);
         converged(1, "version 1");
     }
     for (n, point) in edge_agent::CRASH_POINTS.iter().enumerate() {
@@ -258,7 +218,7 @@ fn an_agent_killed_anywhere_in_an_install_serves_at_once_and_converges() {
         let failpoints = format!("{point}=return");
         let mut agent =
             Process::start_with_env("edge-agent", &agent_args, &[("FAILPOINTS", &failpoints)]);
-        push(version);
+        push_ranker(config, &models, version, version);
         let status = agent
             .wait_exit(Duration::from_secs(60))
             .unwrap_or_else(|| panic!("the agent never reached crash point {point}"));
@@ -313,33 +273,10 @@ fn an_install_converges_once_a_killed_coordinator_returns() {
     );
     agent.wait_for("serving on http://");
     let models = dir.path().join("models");
-    let push = |version: u64| {
-        let file = model_zoo::DemoModel::VideoRanker
-            .write(
-                model_zoo::DEFAULT_SEED + version,
-                &models.join(version.to_string()),
-            )
-            .unwrap();
-        let out = run(
-            "cloud-coordinator",
-            &[
-                "push",
-                file.to_str().unwrap(),
-                "--name",
-                "video-ranker",
-                "--config",
-                config,
-            ],
-        );
-        assert!(
-            out.contains(&format!("published video-ranker version {version}")),
-            "{out}"
-        );
-    };
-    push(1);
+    push_ranker(config, &models, 1, 1);
     eventually_blocking("version 1", || active_version(api) == Some(1));
 
-    push(2);
+    push_ranker(config, &models, 2, 2);
     agent.wait_for("fetching");
     drop(coordinator);
     // Away for 3 s: the held fetch fails, and so does at least one retry.

@@ -9,7 +9,7 @@
 
 use outpost_runtime::http::Method;
 use outpost_test_support::eventually::eventually_blocking;
-use outpost_test_support::fleet::{agent_config, append, http};
+use outpost_test_support::fleet::{agent_config, append, http, push_ranker};
 use outpost_test_support::ports::{free_tcp_port, free_udp_port};
 use outpost_test_support::process::{Process, run};
 
@@ -122,22 +122,7 @@ fn provisioned_binaries_sync_serve_and_refuse_strangers() {
     stranger_agent.wait_for("serving on http://");
 
     // Push with the CLI, as an operator would.
-    let models = dir.path().join("models");
-    let file = model_zoo::DemoModel::VideoRanker
-        .write(model_zoo::DEFAULT_SEED, &models)
-        .unwrap();
-    let out = run(
-        "cloud-coordinator",
-        &[
-            "push",
-            file.to_str().unwrap(),
-            "--name",
-            "video-ranker",
-            "--config",
-            config,
-        ],
-    );
-    assert!(out.contains("published video-ranker version 1"), "{out}");
+    push_ranker(config, &dir.path().join("models"), 0, 1);
 
     // The fleet's device syncs and answers.
     eventually_blocking("the agent to serve video-ranker", || {
@@ -152,6 +137,25 @@ fn provisioned_binaries_sync_serve_and_refuse_strangers() {
     assert_eq!(code, 200, "{reply}");
     let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(reply["outputs"][0]["shape"], serde_json::json!([2, 1]));
+    // An agent that found no GPU worth using (here: only Mesa's software adapters) asked a
+    // child process, so no driver is mapped into it.
+    let model = status(api)["models"][0].clone();
+    let fallback = model["gpu_fallback"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    if model["engine"] == "tract" && fallback.contains("no usable GPU adapter") {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", agent.id())).unwrap();
+        let drivers: Vec<&str> = maps
+            .lines()
+            .filter(|l| {
+                ["libvulkan", "libEGL", "libGLX", "libLLVM"]
+                    .iter()
+                    .any(|d| l.contains(d))
+            })
+            .collect();
+        assert!(drivers.is_empty(), "{fallback}; mapped: {drivers:#?}");
+    }
 
     // The strangers got the release but not the model, and say why.
     eventually_blocking("the wrong-CA agent to report its failure", || {
