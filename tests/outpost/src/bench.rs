@@ -48,12 +48,7 @@ pub async fn run(options: &BenchOptions, mut report: impl FnMut(&str)) -> anyhow
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let mut config = CoordinatorConfig::default();
-    config.storage.data_dir = dir.path().join("coordinator");
-    config.quic.listen = "127.0.0.1:0".parse()?;
-    config.admin.listen = "127.0.0.1:0".parse()?;
-    config.mqtt.listen = Some("127.0.0.1:0".parse()?);
-    let coordinator = Coordinator::start(config).await?;
+    let coordinator = loopback_coordinator(dir.path()).await?;
     let fleet = DevFleet::of(&coordinator)?;
 
     // Idle memory first, before anything else grows the process.
@@ -377,4 +372,15 @@ pub(crate) fn binary_body(inputs: &[Tensor]) -> (Vec<u8>, String) {
         body.extend_from_slice(t.data());
     }
     (body, header)
+}
+
+/// A dev-mode coordinator with every listener on a free loopback port and its data in
+/// `dir/coordinator`.
+pub(crate) async fn loopback_coordinator(dir: &Path) -> anyhow::Result<CoordinatorHandle> {
+    let mut config = CoordinatorConfig::default();
+    config.storage.data_dir = dir.join("coordinator");
+    config.quic.listen = "127.0.0.1:0".parse()?;
+    config.admin.listen = "127.0.0.1:0".parse()?;
+    config.mqtt.listen = Some("127.0.0.1:0".parse()?);
+    Ok(Coordinator::start(config).await?)
 }

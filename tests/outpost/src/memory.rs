@@ -20,8 +20,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use cloud_coordinator::{AdminClient, Coordinator, PushOptions};
-use firmware_config::CoordinatorConfig;
+use cloud_coordinator::{AdminClient, PushOptions};
 use model_zoo::{DEFAULT_SEED, DemoModel};
 use outpost_runtime::http::{Bytes, HttpClient, Request, StatusCode};
 use outpost_runtime::quantize::quantize_int8;
@@ -183,12 +182,7 @@ fn parse_through_values(body: &[u8]) -> anyhow::Result<Vec<Tensor>> {
 
 async fn through_agent(binary: bool, rows: u64, inputs: &[Tensor]) -> anyhow::Result<Measured> {
     let dir = tempfile::tempdir()?;
-    let mut config = CoordinatorConfig::default();
-    config.storage.data_dir = dir.path().join("coordinator");
-    config.quic.listen = "127.0.0.1:0".parse()?;
-    config.admin.listen = "127.0.0.1:0".parse()?;
-    config.mqtt.listen = Some("127.0.0.1:0".parse()?);
-    let coordinator = Coordinator::start(config).await?;
+    let coordinator = crate::bench::loopback_coordinator(dir.path()).await?;
     let fleet = DevFleet::of(&coordinator)?;
     let agent = fleet.start_agent(1, 0, dir.path()).await?;
     AdminClient::of(&coordinator)

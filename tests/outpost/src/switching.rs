@@ -214,12 +214,7 @@ pub async fn bench(
     mut report: impl FnMut(&str),
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut config = firmware_config::CoordinatorConfig::default();
-    config.storage.data_dir = dir.path().join("coordinator");
-    config.quic.listen = "127.0.0.1:0".parse()?;
-    config.admin.listen = "127.0.0.1:0".parse()?;
-    config.mqtt.listen = Some("127.0.0.1:0".parse()?);
-    let coordinator = cloud_coordinator::Coordinator::start(config).await?;
+    let coordinator = crate::bench::loopback_coordinator(dir.path()).await?;
     let fleet = crate::quickstart::DevFleet::of(&coordinator)?;
     let queue = u32::try_from(clients).unwrap_or(u32::MAX);
     let agent = fleet
