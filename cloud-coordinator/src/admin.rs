@@ -363,10 +363,12 @@ async fn publish(
                 release = published.release,
                 "published"
             );
+            crash_point!("admin.before_announce");
             if let Err(e) = state.announcer.announce(&published.model, signed).await {
                 // Stored and signed; it is announced again on the next broker (re)connect.
                 tracing::warn!(model = published.model, error = %e, "could not announce now");
             }
+            crash_point!("admin.announced");
             json(StatusCode::CREATED, &published)
         }
         Ok(Err(e)) => registry_error(e),

@@ -6,6 +6,26 @@
 //! `outpost` tool run coordinators in-process; `main.rs` is a thin CLI over it. [`AdminClient`]
 //! talks to a running coordinator's admin API (over HTTP, in-process or not).
 
+/// A place where the fault tests stop the coordinator dead: with the `failpoints` feature,
+/// `FAILPOINTS=name=return` makes it abort there (as `kill -9` would). Without the feature it
+/// compiles to nothing. The names are listed in [`CRASH_POINTS`].
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| std::process::abort())
+    };
+}
+
+/// Every crash point, in the order a push meets them (see `crash_point!`).
+pub const CRASH_POINTS: [&str; 7] = [
+    "registry.chunks_stored",
+    "registry.record_committed",
+    "registry.flushed",
+    "registry.gc_listed",
+    "registry.gc_done",
+    "admin.before_announce",
+    "admin.announced",
+];
+
 pub mod admin;
 mod admin_client;
 pub mod error;

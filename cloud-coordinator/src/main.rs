@@ -156,6 +156,9 @@ impl AdminArgs {
 #[allow(clippy::print_stderr)]
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The fault tests' crash points, from FAILPOINTS (a build with the `failpoints` feature).
+    #[cfg(feature = "failpoints")]
+    let _crash_points = fail::FailScenario::setup();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -295,6 +295,7 @@ impl Registry {
                 offset = end;
             }
         }
+        crash_point!("registry.chunks_stored");
         record.versions.push(ModelVersion {
             version,
             inputs,
@@ -405,7 +406,9 @@ impl Registry {
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(|e| RegistryError::Storage(format!("writing model record: {e:?}")))?;
+        crash_point!("registry.record_committed");
         self.db.flush()?;
+        crash_point!("registry.flushed");
         self.collect_garbage()?;
         let stored = record
             .version(version)
@@ -435,10 +438,12 @@ impl Registry {
                 }
             }
         }
+        crash_point!("registry.gc_listed");
         let deleted = self
             .chunks
             .retain(|id| referenced.contains(id))
             .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        crash_point!("registry.gc_done");
         if deleted > 0 {
             tracing::info!(deleted, "deleted chunks no kept version references");
         }

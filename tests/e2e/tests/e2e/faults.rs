@@ -304,3 +304,102 @@ fn an_install_converges_once_a_killed_coordinator_returns() {
         back.elapsed().as_secs_f64()
     );
 }
+
+/// `video-ranker`'s stable version as the coordinator's CLI reports it.
+fn stable_version(config: &str) -> u64 {
+    let models: serde_json::Value =
+        serde_json::from_str(&run("cloud-coordinator", &["models", "--config", config])).unwrap();
+    models
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "video-ranker")
+        .and_then(|m| m["stable"].as_u64())
+        .unwrap()
+}
+
+/// The coordinator killed at each of its crash points during a push (chunks stored, record
+/// committed, flushed, garbage collection, around the announcement): after the restart it
+/// serves, and whatever release it announces installs on a running agent, so no release was
+/// announced whose chunks were not all stored. Past `keep_versions` (5) pushes, the collection
+/// deletes chunks, so its crash points are met with something to delete.
+#[test]
+fn a_coordinator_killed_anywhere_in_a_push_announces_only_what_it_stored() {
+    use std::os::unix::process::ExitStatusExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = provision(dir.path(), "push", 1);
+    let config = fleet.coordinator_toml.to_str().unwrap();
+    let serve = ["serve", "--config", config];
+    let models = dir.path().join("models");
+    let mut coordinator = Process::start("cloud-coordinator", &serve);
+    coordinator.wait_for("admin API:");
+    let api = free_tcp_port();
+    let agent_toml = agent_config(
+        &fleet.dir.join("devices/push-0001"),
+        api,
+        &dir.path().join("agent"),
+    );
+    let _agent = Process::start(
+        "edge-agent",
+        &["run", "--config", agent_toml.to_str().unwrap()],
+    );
+    // Six versions first, so the collection has chunks to delete from here on.
+    for version in 1..=6 {
+        push_ranker(config, &models, version, version);
+    }
+    eventually_blocking("version 6", || active_version(api) == Some(6));
+    drop(coordinator);
+    let mut last = 6;
+
+    for (n, point) in cloud_coordinator::CRASH_POINTS.iter().enumerate() {
+        let failpoints = format!("{point}=return");
+        let mut dying =
+            Process::start_with_env("cloud-coordinator", &serve, &[("FAILPOINTS", &failpoints)]);
+        dying.wait_for("admin API:");
+        // The push dies with the coordinator: its answer is not awaited.
+        let file = model_zoo::DemoModel::VideoRanker
+            .write(
+                model_zoo::DEFAULT_SEED + 100 + n as u64,
+                &models.join(point),
+            )
+            .unwrap();
+        let _ =
+            std::process::Command::new(outpost_test_support::process::binary("cloud-coordinator"))
+                .args([
+                    "push",
+                    file.to_str().unwrap(),
+                    "--name",
+                    "video-ranker",
+                    "--config",
+                    config,
+                ])
+                .output();
+        let status = dying
+            .wait_exit(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("the coordinator never reached crash point {point}"));
+        assert_eq!(status.signal(), Some(6), "{point}: {status:?}");
+        drop(dying);
+
+        let mut coordinator = Process::start("cloud-coordinator", &serve);
+        coordinator.wait_for("admin API:");
+        // Whatever it now calls stable, it has every chunk of: the agent installs it. A crash
+        // before the record was written loses the push; one after the flush keeps it.
+        let stable = stable_version(config);
+        match *point {
+            "registry.chunks_stored" => assert_eq!(stable, last, "{point}"),
+            "registry.record_committed" => assert!((last..=last + 1).contains(&stable)),
+            _ => assert_eq!(stable, last + 1, "{point}: the flushed push was lost"),
+        }
+        last = stable;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while active_version(api) != Some(stable) {
+            assert!(
+                Instant::now() < deadline,
+                "after a crash at {point} the agent never installed version {stable}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(coordinator);
+    }
+}
