@@ -52,10 +52,10 @@ pub async fn run(options: &BenchOptions, mut report: impl FnMut(&str)) -> anyhow
     let fleet = DevFleet::of(&coordinator)?;
 
     // Idle memory first, before anything else grows the process.
-    let before = resident_kib();
+    let before = crate::memory::status_kib("VmRSS:").ok();
     let first = fleet.start_agent(1, 0, dir.path()).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    match (before, resident_kib()) {
+    match (before, crate::memory::status_kib("VmRSS:").ok()) {
         (Some(b), Some(a)) => report(&format!(
             "agent idle, no model: +{:.1} MiB resident (this process: {:.1} → {:.1} MiB)",
             a.saturating_sub(b) as f64 / 1024.0,
@@ -306,22 +306,13 @@ fn ranker_inputs(batch: u64) -> anyhow::Result<Vec<Tensor>> {
 }
 
 /// p50 and p99 (nearest rank).
-fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+pub(crate) fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort_unstable();
     let at = |q: f64| {
         let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len().max(1)) - 1;
         samples.get(i).copied().unwrap_or_default()
     };
     (at(0.50), at(0.99))
-}
-
-/// This process's resident set in KiB (Linux).
-fn resident_kib() -> Option<u64> {
-    let status = std::fs::read_to_string(Path::new("/proc/self/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// One HTTP/1.1 keep-alive connection, as a client library would hold.

@@ -249,7 +249,8 @@ fn reset_peak() -> anyhow::Result<u64> {
     status_kib("VmRSS:")
 }
 
-fn status_kib(key: &str) -> anyhow::Result<u64> {
+/// A `/proc/self/status` figure in KiB (`VmRSS:`, `VmHWM:`).
+pub(crate) fn status_kib(key: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     status
         .lines()

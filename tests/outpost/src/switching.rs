@@ -34,13 +34,7 @@ pub struct Phase {
 impl Phase {
     /// p50 and p99 of the successful calls (nearest rank).
     pub fn percentiles(&mut self) -> (Duration, Duration) {
-        self.latencies.sort_unstable();
-        let n = self.latencies.len();
-        let at = |q: f64| {
-            let i = ((n as f64 * q).ceil() as usize).clamp(1, n.max(1)) - 1;
-            self.latencies.get(i).copied().unwrap_or_default()
-        };
-        (at(0.50), at(0.99))
+        crate::bench::percentiles(&mut self.latencies)
     }
 
     /// One line of figures.

@@ -83,6 +83,25 @@ pub fn agent_config(device_dir: &Path, api: u16, data: &Path) -> PathBuf {
     config
 }
 
+impl Provisioned {
+    /// The config of the fleet's first device (`{name}-0001`), with its API on a free loopback
+    /// port (returned) and its data in `data`.
+    pub fn first_agent(&self, data: &Path) -> (u16, PathBuf) {
+        let name = self.dir.file_name().unwrap().to_string_lossy().into_owned();
+        let api = free_tcp_port();
+        let config = agent_config(&self.dir.join(format!("devices/{name}-0001")), api, data);
+        (api, config)
+    }
+}
+
+/// `GET /v1/status` of the agent on `port`, as JSON; `None` when it does not answer 200.
+pub fn agent_status(port: u16) -> Option<serde_json::Value> {
+    let (code, body) = http(port, Method::GET, "/v1/status", "");
+    (code == 200)
+        .then(|| serde_json::from_str(&body).ok())
+        .flatten()
+}
+
 /// Pushes `video-ranker` with the content of seed `DEFAULT_SEED + seed` (written to
 /// `models/{seed}/`) through the operator's CLI and checks that it published `version`.
 pub fn push_ranker(config: &str, models: &Path, seed: u64, version: u64) {

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use outpost_runtime::http::Method;
 use outpost_test_support::eventually::eventually_blocking;
-use outpost_test_support::fleet::{agent_config, http, provision, push_ranker};
-use outpost_test_support::ports::free_tcp_port;
+use outpost_test_support::fleet::{agent_status, http, provision, push_ranker};
 use outpost_test_support::process::{Process, run};
 
 /// Connections that hold a server's slots and do nothing useful: most send nothing, one in
@@ -92,12 +91,7 @@ fn floods_and_slowloris_leave_room_for_a_real_call() {
     let mut coordinator =
         Process::start_with_open_files("cloud-coordinator", 1024, &["serve", "--config", config]);
     coordinator.wait_for("admin API:");
-    let api = free_tcp_port();
-    let agent_toml = agent_config(
-        &fleet.dir.join("devices/faults-0001"),
-        api,
-        &dir.path().join("agent"),
-    );
+    let (api, agent_toml) = fleet.first_agent(&dir.path().join("agent"));
     let mut agent = Process::start_with_open_files(
         "edge-agent",
         1024,
@@ -170,12 +164,7 @@ fn floods_and_slowloris_leave_room_for_a_real_call() {
 
 /// `video-ranker`'s active version in the agent's status, if it serves one.
 fn active_version(api: u16) -> Option<u64> {
-    let (code, body) = http(api, Method::GET, "/v1/status", "");
-    if code != 200 {
-        return None;
-    }
-    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
-    status["models"]
+    agent_status(api)?["models"]
         .as_array()?
         .iter()
         .find(|m| m["model"] == "video-ranker")?["active"]
@@ -195,12 +184,7 @@ fn an_agent_killed_anywhere_in_an_install_serves_at_once_and_converges() {
     let config = fleet.coordinator_toml.to_str().unwrap();
     let mut coordinator = Process::start("cloud-coordinator", &["serve", "--config", config]);
     coordinator.wait_for("admin API:");
-    let api = free_tcp_port();
-    let agent_toml = agent_config(
-        &fleet.dir.join("devices/crash-0001"),
-        api,
-        &dir.path().join("agent"),
-    );
+    let (api, agent_toml) = fleet.first_agent(&dir.path().join("agent"));
     let agent_args = ["run", "--config", agent_toml.to_str().unwrap()];
     let models = dir.path().join("models");
     let converged = |version: u64, what: &str| {
@@ -259,12 +243,7 @@ fn an_install_converges_once_a_killed_coordinator_returns() {
     let serve = ["serve", "--config", config];
     let mut coordinator = Process::start("cloud-coordinator", &serve);
     coordinator.wait_for("admin API:");
-    let api = free_tcp_port();
-    let agent_toml = agent_config(
-        &fleet.dir.join("devices/away-0001"),
-        api,
-        &dir.path().join("agent"),
-    );
+    let (api, agent_toml) = fleet.first_agent(&dir.path().join("agent"));
     let mut agent = Process::start_with_env(
         "edge-agent",
         &["run", "--config", agent_toml.to_str().unwrap()],
@@ -334,12 +313,7 @@ fn a_coordinator_killed_anywhere_in_a_push_announces_only_what_it_stored() {
     let models = dir.path().join("models");
     let mut coordinator = Process::start("cloud-coordinator", &serve);
     coordinator.wait_for("admin API:");
-    let api = free_tcp_port();
-    let agent_toml = agent_config(
-        &fleet.dir.join("devices/push-0001"),
-        api,
-        &dir.path().join("agent"),
-    );
+    let (api, agent_toml) = fleet.first_agent(&dir.path().join("agent"));
     let _agent = Process::start(
         "edge-agent",
         &["run", "--config", agent_toml.to_str().unwrap()],

@@ -9,14 +9,12 @@
 
 use outpost_runtime::http::Method;
 use outpost_test_support::eventually::eventually_blocking;
-use outpost_test_support::fleet::{agent_config, append, http, push_ranker};
+use outpost_test_support::fleet::{agent_config, agent_status, append, http, push_ranker};
 use outpost_test_support::ports::{free_tcp_port, free_udp_port};
 use outpost_test_support::process::{Process, run};
 
 fn status(api: u16) -> serde_json::Value {
-    let (code, body) = http(api, Method::GET, "/v1/status", "");
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
+    agent_status(api).expect("the agent's /v1/status did not answer 200")
 }
 
 fn model_error(api: u16, model: &str) -> Option<String> {
