@@ -169,6 +169,7 @@ impl Coordinator {
             pool,
             metrics: metrics.clone(),
             connections: Arc::default(),
+            request_timeout: config.quic.request_timeout(),
         };
         tasks.push(tokio::spawn(quic::serve(
             endpoint,

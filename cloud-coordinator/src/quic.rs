@@ -27,6 +27,9 @@ pub struct Service {
     pub metrics: Arc<Metrics>,
     /// Open connections per device, held to [`MAX_CONNECTIONS_PER_DEVICE`].
     pub connections: Arc<DeviceConnections>,
+    /// How long a stream may take to send its request (`quic.request_timeout_s`); a stalled one
+    /// is answered with an error and dropped, freeing its slot.
+    pub request_timeout: Duration,
 }
 
 /// Connections one device may hold open at once. An agent needs one; past the cap the device's
@@ -38,9 +41,6 @@ pub const MAX_CONNECTIONS_PER_DEVICE: usize = 4;
 /// Streams one connection may have open at once (a QUIC transport limit: the peer cannot open
 /// more until some finish).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
-
-/// How long a stream may take to send its request; a stalled one is dropped, freeing its slot.
-pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The open connections of each device, oldest first.
 #[derive(Debug, Default)]
@@ -179,11 +179,12 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     service: &Service,
 ) -> Result<(), String> {
-    let request = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(&mut recv)).await {
+    let limit = service.request_timeout;
+    let request = match tokio::time::timeout(limit, read_request(&mut recv)).await {
         Ok(r) => r,
         Err(_) => Err(format!(
-            "the request did not arrive within {} s",
-            REQUEST_READ_TIMEOUT.as_secs()
+            "the request did not arrive within {} s (quic.request_timeout_s)",
+            limit.as_secs()
         )),
     };
     let request = match request {

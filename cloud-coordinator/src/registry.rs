@@ -182,13 +182,13 @@ impl Registry {
                 )));
             }
         }
-        if let Placement::Cascade { output, .. } = &request.placement {
-            if !outputs.iter().any(|o| &o.name == output) {
-                return Err(RegistryError::BadRequest(format!(
-                    "cascade output {output:?} is not an output of the model ({})",
-                    describe(&outputs)
-                )));
-            }
+        if let Placement::Cascade { output, .. } = &request.placement
+            && !outputs.iter().any(|o| &o.name == output)
+        {
+            return Err(RegistryError::BadRequest(format!(
+                "cascade output {output:?} is not an output of the model ({})",
+                describe(&outputs)
+            )));
         }
         let on_devices = request.placement != Placement::Cloud;
         let quantize = request.quantize.unwrap_or(if on_devices {

@@ -884,3 +884,83 @@ async fn max_batch_and_connections_per_device_are_held() {
     }
     c.handle.shutdown().await;
 }
+
+/// Reads one stream's answer frames until it ends, within 10 s.
+async fn answers(mut recv: quinn::RecvStream) -> Vec<Response> {
+    let bytes = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    let mut rest = &bytes[..];
+    let mut out = Vec::new();
+    while let Some((response, used)) =
+        outpost_shared::frame::decode::<Response>(rest, outpost_shared::frame::MAX_FRAME_BYTES)
+            .unwrap()
+    {
+        out.push(response);
+        rest = &rest[used..];
+    }
+    out
+}
+
+/// A device that opens every stream it may and sends half a frame header on each, then a
+/// frame that claims more than the frame limit: it cannot open more than
+/// `MAX_STREAMS_PER_CONNECTION` at once, another connection of the same device is served
+/// meanwhile, each stalled stream is answered with the reason after `quic.request_timeout_s`
+/// and its slot comes back, and the oversized frame is refused from its header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalling_peer_holds_no_more_than_its_streams_and_not_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.quic.request_timeout_s = 1;
+    let c = start_with(config, dir).await;
+    let greedy = c.quic().await;
+    let mut stalled = Vec::new();
+    for _ in 0..cloud_coordinator::MAX_STREAMS_PER_CONNECTION {
+        let (mut send, recv) = tokio::time::timeout(Duration::from_secs(5), greedy.open_bi())
+            .await
+            .expect("a stream within the cap was not granted")
+            .unwrap();
+        send.write_all(&[0, 0]).await.unwrap();
+        stalled.push((send, recv));
+    }
+    let opened = std::time::Instant::now();
+    // One more waits for a slot; the device's other connection is served meanwhile.
+    let more = tokio::time::timeout(Duration::from_millis(300), greedy.open_bi()).await;
+    assert!(more.is_err(), "a stream past the cap was granted");
+    let other = c.quic().await;
+    assert!(matches!(
+        request(&other, &hello()).await.unwrap()[..],
+        [Response::Hello { .. }]
+    ));
+
+    for (_send, recv) in stalled.drain(..) {
+        let got = answers(recv).await;
+        let [Response::Error { kind, message }] = &got[..] else {
+            panic!("{got:?}")
+        };
+        assert_eq!(*kind, ErrorKind::BadRequest);
+        assert!(
+            message.contains("within 1 s") && message.contains("request_timeout_s"),
+            "{message}"
+        );
+    }
+    assert!(opened.elapsed() >= Duration::from_millis(900));
+    // The slots are back.
+    assert!(matches!(
+        request(&greedy, &hello()).await.unwrap()[..],
+        [Response::Hello { .. }]
+    ));
+
+    // A header announcing one byte more than a frame may hold: refused without reading on.
+    let (mut send, recv) = greedy.open_bi().await.unwrap();
+    let claimed = u32::try_from(outpost_shared::frame::MAX_FRAME_BYTES + 1).unwrap();
+    send.write_all(&claimed.to_be_bytes()).await.unwrap();
+    let got = answers(recv).await;
+    let [Response::Error { kind, message }] = &got[..] else {
+        panic!("{got:?}")
+    };
+    assert_eq!(*kind, ErrorKind::BadRequest);
+    assert!(message.contains(&claimed.to_string()), "{message}");
+    c.handle.shutdown().await;
+}

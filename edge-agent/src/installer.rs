@@ -28,6 +28,15 @@ use crate::store::{Record, StoreError};
 /// [`outpost_shared::frame::MAX_CHUNKS_PER_REQUEST`]).
 const CHUNKS_PER_REQUEST: usize = 32;
 
+/// Bytes left free on the data folder's file system beyond a download: the database and the
+/// logs need room to write, and sled stops for good (until a restart) after one failed write,
+/// so an install that would leave less waits instead of starting.
+const DISK_RESERVE: u64 = 8 << 20;
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
 /// Why a release was not installed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -54,6 +63,22 @@ pub enum InstallError {
         version: u64,
         /// Chunks it lacks.
         missing: usize,
+    },
+    /// The disk has no room for the version's chunks: nothing is fetched or written, the active
+    /// version keeps serving, and the install is tried again.
+    #[error(
+        "the disk is full: version {version} needs {} more for its chunks, with {} kept free, and {} are free",
+        megabytes(*.needed),
+        megabytes(DISK_RESERVE),
+        megabytes(*.available)
+    )]
+    DiskFull {
+        /// The version.
+        version: u64,
+        /// The bytes of its chunks not stored yet.
+        needed: u64,
+        /// The bytes free.
+        available: u64,
     },
     /// A fetched chunk could not be written.
     #[error("storing a chunk: {0}")]
@@ -97,6 +122,7 @@ impl InstallError {
             InstallError::Store(_)
                 | InstallError::Fetch(_)
                 | InstallError::Incomplete { .. }
+                | InstallError::DiskFull { .. }
                 | InstallError::StoreChunk(_)
                 | InstallError::Load { .. }
                 | InstallError::Task(_)
@@ -140,7 +166,8 @@ impl Installer {
             };
             match self.engines.load(active, store.chunks()) {
                 Ok(serving) => {
-                    self.table.serve_cached(&model, serving);
+                    let previous = record.previous.as_ref().map(|v| v.version);
+                    self.table.serve_cached(&model, serving, previous);
                     tracing::info!(model, version = active.version, "serving from cache");
                 }
                 Err(e) => {
@@ -159,7 +186,7 @@ impl Installer {
                     let active = match fallback {
                         Some((previous, serving)) => {
                             tracing::warn!(model, version = active.version, fallback = previous.version, error = %e, "cached model cannot serve; serving the previous version until it is fetched again");
-                            self.table.serve_cached(&model, serving);
+                            self.table.serve_cached(&model, serving, None);
                             Some(previous)
                         }
                         None => {
@@ -171,6 +198,7 @@ impl Installer {
                         active,
                         previous: None,
                         manifest: record.manifest.clone(),
+                        installing: record.installing.clone(),
                     };
                     store.save(&model, &record)?;
                 }
@@ -354,6 +382,8 @@ impl Installer {
             missing = missing.len(),
             "fetching"
         );
+        self.make_room(&model, &mut record, &target, &missing)
+            .await?;
         self.fetch(version, &missing).await?;
         crash_point!("installer.fetched");
 
@@ -371,6 +401,7 @@ impl Installer {
         record.previous = record.active.take();
         record.active = Some(target);
         record.manifest = Some(manifest);
+        record.installing = None;
         crash_point!("installer.record_saving");
         self.ctx.store.save(&model, &record)?;
         crash_point!("installer.record_saved");
@@ -388,6 +419,55 @@ impl Installer {
             _ => {}
         }
         crash_point!("installer.installed");
+        Ok(())
+    }
+
+    /// Before a fetch: deletes the chunks of a download this one replaces (and any other chunk
+    /// no kept version uses), checks that the missing chunks fit with [`DISK_RESERVE`] to spare,
+    /// and records `target` as installing, so its chunks are kept until it serves.
+    async fn make_room(
+        &self,
+        model: &str,
+        record: &mut Record,
+        target: &ModelVersion,
+        missing: &[ChunkId],
+    ) -> Result<(), InstallError> {
+        let store = Arc::clone(&self.ctx.store);
+        let (name, version) = (model.to_owned(), target.clone());
+        let collected = tokio::task::spawn_blocking(move || {
+            store.collect_garbage_installing(Some((&name, &version)))
+        })
+        .await?;
+        match collected {
+            Ok(n) if n > 0 => tracing::info!(deleted = n, "deleted chunks of abandoned downloads"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not delete old chunks"),
+        }
+        let missing: std::collections::HashSet<&ChunkId> = missing.iter().collect();
+        let needed: u64 = local_variant(target).map_or(0, |variant| {
+            variant
+                .chunks
+                .iter()
+                .filter(|c| missing.contains(&c.id))
+                .map(|c| u64::from(c.size))
+                .sum()
+        });
+        match self.ctx.store.available() {
+            Ok(available) if available < needed.saturating_add(DISK_RESERVE) => {
+                return Err(InstallError::DiskFull {
+                    version: target.version,
+                    needed,
+                    available,
+                });
+            }
+            Ok(_) => {}
+            // Where the file system cannot say, the writes will.
+            Err(e) => tracing::debug!(error = %e, "free space unknown"),
+        }
+        if record.installing.as_ref() != Some(target) {
+            record.installing = Some(target.clone());
+            self.ctx.store.save(model, record)?;
+        }
         Ok(())
     }
 

@@ -214,6 +214,8 @@ impl OffloadClient {
                     match hello_answer.unwrap_or(Err(OffloadError::TimedOut(deadline(&hello)))) {
                         Ok(r) if matches!(r.first(), Some(Response::Hello { .. })) => return Ok(c),
                         Ok(r) => last = format!("unexpected answer to hello: {r:?}"),
+                        // Said once: the round's error says "no coordinator is reachable".
+                        Err(OffloadError::Unreachable(why)) => last = why,
                         Err(e) => last = e.to_string(),
                     }
                 }

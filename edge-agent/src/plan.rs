@@ -329,6 +329,7 @@ mod tests {
             manifest: Some(accepted),
             active: Some(local(3, &[chunk("a", 10)])),
             previous: None,
+            installing: None,
         };
         // The same release again, an older one, and a stable version going back: refused.
         for (r, v) in [(5, 4), (4, 4), (6, 2)] {
@@ -357,6 +358,7 @@ mod tests {
             manifest: Some(accepted.clone()),
             active: Some(v3),
             previous: None,
+            installing: None,
         };
         assert_eq!(plan(&installed, &accepted).unwrap(), Install::Ignore);
         // Accepted, but its install failed (version 2 still active): delivered again, it is
@@ -391,6 +393,7 @@ mod tests {
             manifest: Some(release("m", 1, v1.clone())),
             active: Some(v1.clone()),
             previous: None,
+            installing: None,
         };
         // A re-signed release of the same version (say, a candidate withdrawn).
         let m = with_candidate(release("m", 2, v1), local(2, &[chunk("b", 10)]), 0);
@@ -444,11 +447,13 @@ mod tests {
             active: Some(local(2, &[shared, old])),
             // Dropped once version 3 serves: not counted.
             previous: Some(local(1, &[chunk("gone", half)])),
+            installing: None,
         };
         let neighbour = Record {
             manifest: None,
             active: Some(local(7, &[other])),
             previous: Some(local(6, &[other])),
+            installing: None,
         };
         let kept = KeptChunks::beside("m", [("m", &this), ("n", &neighbour)]);
         let next = local(3, &[shared, new]);

@@ -78,8 +78,10 @@ impl Serving {
 pub(crate) struct Slot {
     /// Serving now.
     pub(crate) active: Option<Arc<Serving>>,
-    /// Kept for rollback.
+    /// Kept loaded for rollback (and for calls that name it), while the memory budget allows.
     pub(crate) previous: Option<Arc<Serving>>,
+    /// The previous version kept on disk for rollback, loaded or not (what the status reports).
+    pub(crate) stored_previous: Option<u64>,
     /// Being fetched or loaded.
     pub(crate) pending: Option<u64>,
     /// Why the last release was not installed (or was refused).
@@ -168,9 +170,11 @@ impl ServingTable {
     }
 
     /// `serving` is the active version of `model`, loaded from the cache at start.
-    pub(crate) fn serve_cached(&mut self, model: &str, serving: Serving) {
+    pub(crate) fn serve_cached(&mut self, model: &str, serving: Serving, previous: Option<u64>) {
         self.change(|m| {
-            m.slots.entry(model.to_owned()).or_default().active = Some(Arc::new(serving));
+            let slot = m.slots.entry(model.to_owned()).or_default();
+            slot.active = Some(Arc::new(serving));
+            slot.stored_previous = previous;
         });
     }
 
@@ -186,6 +190,7 @@ impl ServingTable {
         self.change(|m| {
             let slot = m.slots.entry(model.to_owned()).or_default();
             slot.previous = slot.active.take();
+            slot.stored_previous = slot.previous.as_ref().map(|s| s.version.version);
             slot.active = Some(Arc::new(serving));
             slot.pending = None;
             slot.last_error = None;
@@ -278,7 +283,7 @@ mod tests {
     #[test]
     fn a_snapshot_taken_before_a_switch_keeps_the_table_it_saw() {
         let (mut table, snapshots) = ServingTable::new(u64::MAX);
-        table.serve_cached("m", version(1));
+        table.serve_cached("m", version(1), None);
         let before = Arc::clone(&snapshots.borrow());
         table.pending("m", 2);
         table.switch("m", version(2));
@@ -355,7 +360,7 @@ mod tests {
     fn previous_versions_are_unloaded_to_fit_the_memory_budget() {
         // Engines take twice their file: a 100-byte model holds 200, a budget of 500 holds two.
         let (mut table, snapshots) = ServingTable::new(500);
-        table.serve_cached("a", local(1, 100));
+        table.serve_cached("a", local(1, 100), None);
         table.switch("a", local(2, 100));
         let slot = snapshots.borrow().get("a").cloned().unwrap();
         assert_eq!(
@@ -364,12 +369,17 @@ mod tests {
             "within budget"
         );
         // A second model: 600 bytes loaded, so a's previous version goes.
-        table.serve_cached("b", local(1, 50));
+        table.serve_cached("b", local(1, 50), None);
         table.switch("b", local(2, 50));
         let models = Arc::clone(&snapshots.borrow());
         assert!(
             models.get("a").unwrap().previous.is_none(),
             "a's previous version stayed"
+        );
+        assert_eq!(
+            models.get("a").unwrap().stored_previous,
+            Some(1),
+            "unloaded, version 1 is still kept on disk for rollback"
         );
         assert_eq!(
             models
@@ -389,7 +399,7 @@ mod tests {
         assert!(loaded <= 500, "{loaded}");
         // Active versions stay even past the budget.
         let (mut small, snapshots) = ServingTable::new(10);
-        small.serve_cached("a", local(1, 100));
+        small.serve_cached("a", local(1, 100), None);
         small.switch("a", local(2, 100));
         assert_eq!(snapshots.borrow().active_version("a"), Some(2));
         assert!(snapshots.borrow().get("a").unwrap().previous.is_none());

@@ -27,7 +27,7 @@ pub(crate) fn device_status(
         .map(|(name, slot)| ModelStatus {
             model: name.clone(),
             active: slot.active.as_ref().map(|s| s.version.version),
-            previous: slot.previous.as_ref().map(|s| s.version.version),
+            previous: slot.stored_previous,
             pending: slot.pending,
             engine: slot.active.as_ref().map(|s| s.engine_name().to_owned()),
             adapter: slot.active.as_ref().and_then(|s| s.adapter.clone()),
@@ -76,7 +76,7 @@ mod tests {
             max_batch: None,
             variants: vec![],
         };
-        table.serve_cached("m", Serving::cloud_only(&version));
+        table.serve_cached("m", Serving::cloud_only(&version), None);
         let counters = Counters::default();
         Counters::count(&counters.local);
         let ready = device_status("dev-0001", &table.snapshot(), &counters, 7);

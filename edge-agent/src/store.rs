@@ -47,11 +47,17 @@ pub(crate) struct Record {
     pub(crate) active: Option<ModelVersion>,
     /// The previous version.
     pub(crate) previous: Option<ModelVersion>,
+    /// The version being fetched, until it serves: its chunks are kept, so a restarted agent
+    /// resumes its download, and the chunks of a download abandoned for a newer one are
+    /// collected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) installing: Option<ModelVersion>,
 }
 
 /// The sled records and the chunk files.
 #[derive(Debug)]
 pub(crate) struct Store {
+    dir: std::path::PathBuf,
     db: sled::Db,
     /// name → [`Record`].
     records: sled::Tree,
@@ -66,6 +72,7 @@ impl Store {
         let records = db.open_tree("models")?;
         let chunks = ChunkStore::open(&dir.join("chunks")).map_err(StoreError::Chunks)?;
         Ok(Self {
+            dir: dir.to_owned(),
             db,
             records,
             chunks,
@@ -75,6 +82,11 @@ impl Store {
     /// The chunk files.
     pub(crate) fn chunks(&self) -> &ChunkStore {
         &self.chunks
+    }
+
+    /// The bytes free for the agent on the data folder's file system.
+    pub(crate) fn available(&self) -> std::io::Result<u64> {
+        fs2::available_space(&self.dir)
     }
 
     /// Writes `record` and flushes, so it survives a crash.
@@ -106,14 +118,42 @@ impl Store {
             .collect()
     }
 
-    /// Deletes chunks that no active or previous version references (any variant).
+    /// Deletes chunks that no active, previous or installing version references (any
+    /// variant); returns how many were deleted.
     pub(crate) fn collect_garbage(&self) -> Result<usize, StoreError> {
+        self.collect_garbage_installing(None)
+    }
+
+    /// [`Store::collect_garbage`], with `installing`'s model taken to be installing that version
+    /// (not the one its record names): an install about to fetch collects the chunks of the
+    /// download it abandons before it counts the free space.
+    pub(crate) fn collect_garbage_installing(
+        &self,
+        installing: Option<(&str, &ModelVersion)>,
+    ) -> Result<usize, StoreError> {
         let mut keep = HashSet::new();
-        for (_, record) in self.records()? {
-            for v in record.active.iter().chain(record.previous.iter()) {
+        let records = self.records()?;
+        for (model, record) in &records {
+            let installs = match installing {
+                Some((name, version)) if name == model => Some(version),
+                _ => record.installing.as_ref(),
+            };
+            for v in record
+                .active
+                .iter()
+                .chain(record.previous.iter())
+                .chain(installs)
+            {
                 for variant in &v.variants {
                     keep.extend(variant.chunks.iter().map(|c| c.id));
                 }
+            }
+        }
+        if let Some((name, version)) = installing
+            && !records.iter().any(|(model, _)| model == name)
+        {
+            for variant in &version.variants {
+                keep.extend(variant.chunks.iter().map(|c| c.id));
             }
         }
         crash_point!("store.gc_kept_listed");
@@ -141,6 +181,8 @@ fn decode(model: &str, bytes: &[u8]) -> Result<Record, StoreError> {
 
 #[cfg(test)]
 mod tests {
+    use outpost_shared::ChunkId;
+
     use super::*;
 
     #[test]
@@ -170,6 +212,7 @@ mod tests {
             manifest: None,
             active: Some(version),
             previous: None,
+            installing: None,
         };
         store.save("m", &record).unwrap();
         assert_eq!(store.collect_garbage().unwrap(), 1);
@@ -178,5 +221,62 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.records().unwrap(), vec![("m".to_owned(), record)]);
+    }
+
+    fn version(number: u64, bytes: &[u8]) -> ModelVersion {
+        ModelVersion {
+            version: number,
+            inputs: vec![],
+            outputs: vec![],
+            placement: outpost_shared::Placement::Local,
+            max_batch: None,
+            variants: vec![outpost_shared::Variant::describe(
+                outpost_shared::Target::EdgeInt8,
+                outpost_shared::ModelFormat::Onnx,
+                bytes,
+            )],
+        }
+    }
+
+    #[test]
+    fn a_download_is_kept_until_a_newer_one_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (serving, fetched, newer) = (&b"serving"[..], &b"half fetched"[..], &b"newer"[..]);
+        for bytes in [serving, fetched] {
+            store.chunks().put(&ChunkId::of(bytes), bytes).unwrap();
+        }
+        let mut record = Record {
+            active: Some(version(1, serving)),
+            installing: Some(version(2, fetched)),
+            ..Record::default()
+        };
+        store.save("m", &record).unwrap();
+        // A restart: the download in progress resumes from what is stored.
+        assert_eq!(store.collect_garbage().unwrap(), 0);
+        assert!(store.chunks().contains(&ChunkId::of(fetched)));
+        // Version 3 replaces it before it completes: its chunks go, before anything is fetched.
+        let v3 = version(3, newer);
+        assert_eq!(
+            store.collect_garbage_installing(Some(("m", &v3))).unwrap(),
+            1
+        );
+        assert!(!store.chunks().contains(&ChunkId::of(fetched)));
+        assert!(store.chunks().contains(&ChunkId::of(serving)));
+        // A model with no record yet keeps its download too.
+        store.chunks().put(&ChunkId::of(newer), newer).unwrap();
+        record.installing = Some(v3.clone());
+        store.save("m", &record).unwrap();
+        let other = version(1, b"other model");
+        store
+            .chunks()
+            .put(&ChunkId::of(b"other model"), b"other model")
+            .unwrap();
+        assert_eq!(
+            store
+                .collect_garbage_installing(Some(("n", &other)))
+                .unwrap(),
+            0
+        );
     }
 }

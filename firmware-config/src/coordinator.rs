@@ -82,14 +82,30 @@ pub struct QuicSection {
     /// Where agents connect (port 0 picks a free port).
     #[serde(default = "default_quic_listen")]
     pub listen: SocketAddr,
+    /// How long a stream may take to send its request, in seconds; a stalled stream is answered
+    /// with an error and closed, freeing its slot.
+    #[serde(default = "default_request_timeout_s")]
+    pub request_timeout_s: u32,
 }
 
 impl Default for QuicSection {
     fn default() -> Self {
         Self {
             listen: default_quic_listen(),
+            request_timeout_s: default_request_timeout_s(),
         }
     }
+}
+
+impl QuicSection {
+    /// [`QuicSection::request_timeout_s`], at least one second.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.request_timeout_s.max(1)))
+    }
+}
+
+fn default_request_timeout_s() -> u32 {
+    30
 }
 
 fn default_quic_listen() -> SocketAddr {

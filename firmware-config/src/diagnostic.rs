@@ -174,14 +174,11 @@ impl<'a> Source<'a> {
                 if in_table {
                     header_at = Some(offset + (line.len() - line.trim_start().len()));
                 }
-            } else if in_table {
-                if let Some((k, _)) = line.split_once('=') {
-                    if clean_key(k) == leaf {
-                        return Some(
-                            self.position(offset + (line.len() - line.trim_start().len())),
-                        );
-                    }
-                }
+            } else if in_table
+                && let Some((k, _)) = line.split_once('=')
+                && clean_key(k) == leaf
+            {
+                return Some(self.position(offset + (line.len() - line.trim_start().len())));
             }
             offset += line.len();
         }

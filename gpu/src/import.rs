@@ -346,12 +346,11 @@ impl Importer {
             .ok_or_else(|| node_unsupported(node, "the node has no output".into()))?;
         let out = self.new_value(out_name, dtype, Origin::Step);
         let step = step(out);
-        if dtype == DType::I32 {
-            if let Step::View { x, .. } = step {
-                if let Some(&root) = self.id_root.get(&x) {
-                    self.id_root.insert(out, root);
-                }
-            }
+        if dtype == DType::I32
+            && let Step::View { x, .. } = step
+            && let Some(&root) = self.id_root.get(&x)
+        {
+            self.id_root.insert(out, root);
         }
         self.graph.steps.push(step);
         Ok(())

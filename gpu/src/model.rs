@@ -423,13 +423,13 @@ fn ids_to_i32(t: &Tensor, bounds: &[usize]) -> Result<Vec<u8>, RunError> {
     let limit = bounds.iter().copied().min().map(|b| b as i64);
     let mut out = Vec::with_capacity(values.len() * 4);
     for (i, &v) in values.iter().enumerate() {
-        if let Some(limit) = limit {
-            if v < -limit || v >= limit {
-                return Err(RunError::Input(format!(
-                    "input {:?}: id {v} (element {i}) is out of range: the table has {limit} rows",
-                    t.name()
-                )));
-            }
+        if let Some(limit) = limit
+            && (v < -limit || v >= limit)
+        {
+            return Err(RunError::Input(format!(
+                "input {:?}: id {v} (element {i}) is out of range: the table has {limit} rows",
+                t.name()
+            )));
         }
         let v = i32::try_from(v).map_err(|_| {
             RunError::Input(format!(

@@ -270,7 +270,7 @@ fn view_shape(view: &View, s: &[usize]) -> Result<Vec<usize>, ShapeError> {
             }
             let known = product(&out);
             if let Some(i) = infer {
-                if known == 0 || count % known != 0 {
+                if known == 0 || !count.is_multiple_of(known) {
                     return Err(ShapeError(format!("cannot reshape {s:?} to {shape:?}")));
                 }
                 out[i] = count / known;

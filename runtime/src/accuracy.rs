@@ -76,15 +76,15 @@ impl AccuracyReport {
                     o.name, o.cosine, tolerance.min_cosine
                 ));
             }
-            if let Some(agree) = o.top1_agreement {
-                if agree.is_nan() || agree < tolerance.min_top1_agreement {
-                    out.push(format!(
-                        "{}: top-1 agreement {:.1} % is under {:.1} %",
-                        o.name,
-                        agree * 100.0,
-                        tolerance.min_top1_agreement * 100.0
-                    ));
-                }
+            if let Some(agree) = o.top1_agreement
+                && (agree.is_nan() || agree < tolerance.min_top1_agreement)
+            {
+                out.push(format!(
+                    "{}: top-1 agreement {:.1} % is under {:.1} %",
+                    o.name,
+                    agree * 100.0,
+                    tolerance.min_top1_agreement * 100.0
+                ));
             }
         }
         out

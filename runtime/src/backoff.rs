@@ -38,10 +38,10 @@ impl Backoff {
     /// [`Backoff::fail`] at `now`: a connection that was up for [`STABLE_AFTER`] or longer
     /// first forgets the failures before it.
     pub fn fail_at(&mut self, now: Instant) -> Duration {
-        if let Some(since) = self.up_since.take() {
-            if now.saturating_duration_since(since) >= STABLE_AFTER {
-                self.failures = 0;
-            }
+        if let Some(since) = self.up_since.take()
+            && now.saturating_duration_since(since) >= STABLE_AFTER
+        {
+            self.failures = 0;
         }
         self.failures = self.failures.saturating_add(1);
         self.delay(self.failures, jitter())

@@ -67,13 +67,20 @@ impl ChunkStore {
             return Ok(false);
         }
         let tmp = self.dir.join(format!("{}.tmp", id.to_hex()));
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
+        let written = fs::File::create(&tmp).and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        });
         let shard = path.parent().unwrap_or(&self.dir);
         let new_shard = !shard.exists();
-        fs::create_dir_all(shard)?;
-        fs::rename(&tmp, &path)?;
+        let renamed = written
+            .and_then(|()| fs::create_dir_all(shard))
+            .and_then(|()| fs::rename(&tmp, &path));
+        if let Err(e) = renamed {
+            // A full disk, most often: the partial file goes, so it holds no space.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         // The rename is durable only once the folder that names the chunk is synced (and the
         // store's folder, when the shard is new): a crash then cannot lose a chunk the caller
         // was told is stored.

@@ -399,10 +399,10 @@ impl TractModel {
                     }
                 }
             });
-        if spawned.is_err() {
-            if let Ok(mut shapes) = inner.shapes.lock() {
-                shapes.pending = None;
-            }
+        if spawned.is_err()
+            && let Ok(mut shapes) = inner.shapes.lock()
+        {
+            shapes.pending = None;
         }
         inner.generic.clone()
     }

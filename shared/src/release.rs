@@ -238,10 +238,10 @@ impl Manifest {
                 self.stable.version, self.release
             )));
         }
-        if let Some(expires) = self.expires_at {
-            if expires <= self.created_at {
-                return Err(invalid("it expires before it was created".to_owned()));
-            }
+        if let Some(expires) = self.expires_at
+            && expires <= self.created_at
+        {
+            return Err(invalid("it expires before it was created".to_owned()));
         }
         self.stable
             .validate()

@@ -239,14 +239,14 @@ impl ManifestVerifier {
                 model: payload.manifest.model.clone(),
             })?;
         let manifest = payload.manifest;
-        if let Some(expires_at) = manifest.expires_at {
-            if now >= expires_at {
-                return Err(ManifestError::Expired {
-                    model: manifest.model,
-                    expires_at,
-                    now,
-                });
-            }
+        if let Some(expires_at) = manifest.expires_at
+            && now >= expires_at
+        {
+            return Err(ManifestError::Expired {
+                model: manifest.model,
+                expires_at,
+                now,
+            });
         }
         manifest.validate()?;
         Ok(manifest)

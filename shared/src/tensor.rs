@@ -278,15 +278,15 @@ impl Tensor {
                         actual: data.len(),
                     });
                 }
-                if datatype == DataType::Bool {
-                    if let Some(index) = data.iter().position(|&b| b > 1) {
-                        return Err(TensorError::BadElement {
-                            tensor: name,
-                            index: index as u64,
-                            expected: "0 or 1 (BOOL)".to_owned(),
-                            found: data[index].to_string(),
-                        });
-                    }
+                if datatype == DataType::Bool
+                    && let Some(index) = data.iter().position(|&b| b > 1)
+                {
+                    return Err(TensorError::BadElement {
+                        tensor: name,
+                        index: index as u64,
+                        expected: "0 or 1 (BOOL)".to_owned(),
+                        found: data[index].to_string(),
+                    });
                 }
             }
             None => {

@@ -208,10 +208,11 @@ pub async fn message_where(
         let event = tokio::time::timeout_at(deadline, events.poll())
             .await
             .expect("no message within 10 s");
-        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = event {
-            if p.topic == topic && wanted(&p.payload) {
-                return p.payload.to_vec();
-            }
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = event
+            && p.topic == topic
+            && wanted(&p.payload)
+        {
+            return p.payload.to_vec();
         }
     }
 }

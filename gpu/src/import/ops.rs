@@ -76,11 +76,12 @@ impl Importer {
             transpose(&data, rows, cols)
         };
         let nk: Vec<f32> = nk.into_iter().map(|v| v * alpha).collect();
-        if !self.quantised_file && nk.len() >= quantize::MIN_ELEMENTS {
-            if let Some((q, scale)) = quantize::quantize_matrix(&nk, n, k, 0) {
-                self.graph.quantised_at_load = true;
-                return Ok(self.add_weight(k, n, WeightData::Q8 { q, scale }));
-            }
+        if !self.quantised_file
+            && nk.len() >= quantize::MIN_ELEMENTS
+            && let Some((q, scale)) = quantize::quantize_matrix(&nk, n, k, 0)
+        {
+            self.graph.quantised_at_load = true;
+            return Ok(self.add_weight(k, n, WeightData::Q8 { q, scale }));
         }
         Ok(self.add_weight(k, n, WeightData::F32(nk)))
     }

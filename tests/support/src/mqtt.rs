@@ -57,10 +57,11 @@ impl MqttObserver {
             let Ok(event) = tokio::time::timeout_at(deadline, self.events.poll()).await else {
                 panic!("no message on {topic} within {MESSAGE_WAIT:?}");
             };
-            if let Ok(Event::Incoming(Packet::Publish(p))) = event {
-                if p.topic == topic && wanted(&p.payload) {
-                    return p.payload.to_vec();
-                }
+            if let Ok(Event::Incoming(Packet::Publish(p))) = event
+                && p.topic == topic
+                && wanted(&p.payload)
+            {
+                return p.payload.to_vec();
             }
         }
     }

@@ -41,6 +41,18 @@ pub fn run(name: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Whether this process runs as root (its effective user id, from `/proc/self/status`).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|uid| uid == "0"))
+        })
+        .unwrap_or(false)
+}
+
 /// A child process killed (and reaped) when dropped.
 #[derive(Debug)]
 pub struct ChildGuard(pub Child);
@@ -108,6 +120,29 @@ impl Process {
         for (key, value) in env {
             command.env(key, value);
         }
+        Self::spawn(name, &mut command)
+    }
+
+    /// Starts binary `name` with `args` and `RUST_LOG=info` in a mount namespace of its own
+    /// (util-linux's `unshare`; a user namespace too when the tests do not run as root), where
+    /// the folder `at` is a tmpfs of `bytes`: a small disk that can be filled for real. The
+    /// folder's content is reachable from outside as `/proc/{id}/root/{at}`. Fails the test,
+    /// naming what is missing, when the namespace cannot be made.
+    pub fn start_on_tmpfs(name: &'static str, at: &Path, bytes: u64, args: &[&str]) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let mut command = Command::new("unshare");
+        if !running_as_root() {
+            command.arg("--map-root-user");
+        }
+        command
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount -t tmpfs -o "size=$1" outpost-test "$2" && shift 2 && exec "$@""#)
+            .arg("sh")
+            .arg(bytes.to_string())
+            .arg(at)
+            .arg(binary(name))
+            .args(args)
+            .env("RUST_LOG", "info");
         Self::spawn(name, &mut command)
     }
 

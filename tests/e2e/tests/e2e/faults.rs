@@ -377,3 +377,399 @@ fn a_coordinator_killed_anywhere_in_a_push_announces_only_what_it_stored() {
         drop(coordinator);
     }
 }
+
+/// `video-ranker`'s entry in the agent's status.
+fn ranker_status(api: u16) -> Option<serde_json::Value> {
+    agent_status(api)?["models"]
+        .as_array()?
+        .iter()
+        .find(|m| m["model"] == "video-ranker")
+        .cloned()
+}
+
+/// The agent's data folder on a 32 MB tmpfs of its own, filled for real after version 1
+/// installs: version 2's install says the disk is full in the status (pending, with the reason
+/// and the next try), writes nothing (no temporary file is left, the database still works), and
+/// version 1 keeps answering; once space is freed, version 2 installs with no new push.
+#[test]
+fn a_full_disk_is_reported_and_the_old_version_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = provision(dir.path(), "full", 1);
+    let config = fleet.coordinator_toml.to_str().unwrap();
+    let mut coordinator = Process::start("cloud-coordinator", &["serve", "--config", config]);
+    coordinator.wait_for("admin API:");
+    let data = dir.path().join("agent");
+    let (api, agent_toml) = fleet.first_agent(&data);
+    outpost_test_support::fleet::append(&agent_toml, "\n[sync]\ninstall_retry_max_s = 1\n");
+    let mut agent = Process::start_on_tmpfs(
+        "edge-agent",
+        &data,
+        32 << 20,
+        &["run", "--config", agent_toml.to_str().unwrap()],
+    );
+    agent.wait_for("serving on http://");
+    let models = dir.path().join("models");
+    push_ranker(config, &models, 1, 1);
+    eventually_blocking("version 1", || active_version(api) == Some(1));
+
+    // Fill the agent's disk (its tmpfs, seen through its root) until a write fails.
+    let inside = std::path::PathBuf::from(format!("/proc/{}/root", agent.id()))
+        .join(data.strip_prefix("/").unwrap());
+    let filler = inside.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let block = vec![7u8; 1 << 20];
+    let full = (0..64)
+        .find_map(|_| file.write_all(&block).err())
+        .expect("32 MB of tmpfs took 64 MB");
+    assert_eq!(full.kind(), std::io::ErrorKind::StorageFull, "{full}");
+    drop(file);
+
+    push_ranker(config, &models, 2, 2);
+    let body = serde_json::json!({ "inputs": [
+        { "name": "user_features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5f32; 32] },
+        { "name": "item_ids", "shape": [1], "datatype": "INT64", "data": [3] }
+    ]})
+    .to_string();
+    let mut reported = None;
+    eventually_blocking("the full disk in the status", || {
+        reported = ranker_status(api).filter(|m| {
+            m["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("the disk is full"))
+        });
+        reported.is_some()
+    });
+    let reported = reported.unwrap();
+    assert_eq!(reported["active"], 1, "{reported}");
+    assert_eq!(reported["pending"], 2, "{reported}");
+    assert!(reported["retry_in_ms"].as_u64().is_some(), "{reported}");
+    assert_eq!(agent_status(api).unwrap()["health"], "degraded");
+    // Version 1 answers through several tries, and nothing half-written is left.
+    let tried = Instant::now();
+    while tried.elapsed() < Duration::from_secs(3) {
+        let (code, reply) = http(api, Method::POST, "/v2/models/video-ranker/infer", &body);
+        assert_eq!(code, 200, "{reply}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(active_version(api), Some(1));
+    let partial: Vec<_> = std::fs::read_dir(inside.join("chunks"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "tmp"))
+        .collect();
+    assert!(partial.is_empty(), "temporary files left: {partial:?}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while active_version(api) != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "no version 2 30 s after space was freed; the agent printed:\n{}",
+            agent.printed().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let installed = ranker_status(api).unwrap();
+    assert!(installed["last_error"].is_null(), "{installed}");
+    assert_eq!(agent_status(api).unwrap()["health"], "ready");
+}
+
+/// The peak resident memory of process `pid` (`VmHWM`), in bytes.
+fn peak_memory(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// Sends `head` then `body` (written from a thread, so an answer that comes before the body is
+/// all read is still read) on a new connection, and reads the answer until the agent closes:
+/// its status and text.
+fn raw_call(
+    port: u16,
+    head: String,
+    body: impl Iterator<Item = Vec<u8>> + Send + 'static,
+) -> (u16, String) {
+    use std::io::Read as _;
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        if writer.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        for part in body {
+            if writer.write_all(&part).is_err() {
+                return;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = (&stream).read_to_end(&mut answer);
+    let _ = sender.join();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// Hostile bodies against the agent process: oversized (declared, and streamed chunked past the
+/// 64 MiB limit), a shape claiming 10^10 elements, nesting a million deep, truncated, wrong
+/// counts and types, and binary bodies whose lengths lie. Each gets its 4xx naming the
+/// problem, the agent's peak memory grows by no more than the 64 MiB body limit and a quarter,
+/// and a real call answers afterwards.
+#[test]
+fn hostile_bodies_get_a_4xx_and_memory_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = provision(dir.path(), "hostile", 1);
+    let config = fleet.coordinator_toml.to_str().unwrap();
+    let mut coordinator = Process::start("cloud-coordinator", &["serve", "--config", config]);
+    coordinator.wait_for("admin API:");
+    let (api, agent_toml) = fleet.first_agent(&dir.path().join("agent"));
+    let mut agent = Process::start(
+        "edge-agent",
+        &["run", "--config", agent_toml.to_str().unwrap()],
+    );
+    agent.wait_for("serving on http://");
+    push_ranker(config, &dir.path().join("models"), 0, 1);
+    eventually_blocking("version 1", || active_version(api) == Some(1));
+    let path = "/v2/models/video-ranker/infer";
+    let good = serde_json::json!({ "inputs": [
+        { "name": "user_features", "shape": [1, 32], "datatype": "FP32", "data": vec![0.5f32; 32] },
+        { "name": "item_ids", "shape": [1], "datatype": "INT64", "data": [3] }
+    ]})
+    .to_string();
+    assert_eq!(http(api, Method::POST, path, &good).0, 200);
+    let before = peak_memory(agent.id());
+
+    let ids = r#"{ "name": "item_ids", "shape": [1], "datatype": "INT64", "data": [3] }"#;
+    let features = |shape: &str, data: &str| {
+        format!(
+            r#"{{ "inputs": [{{ "name": "user_features", "shape": {shape}, "datatype": "FP32", "data": {data} }}, {ids}] }}"#
+        )
+    };
+    let deep = format!("{}{}", "[".repeat(1_000_000), "]".repeat(1_000_000));
+    let json_cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "10^10 elements claimed",
+            features("[312500000, 32]", "[0.5]"),
+            413,
+            "max_elements",
+        ),
+        (
+            "nested a million deep",
+            features("[1, 32]", &deep),
+            400,
+            "user_features",
+        ),
+        (
+            "truncated",
+            good[..good.len() / 2].to_owned(),
+            400,
+            "malformed",
+        ),
+        (
+            "too few elements",
+            features("[1, 32]", "[0.5, 0.5]"),
+            400,
+            "needs 32 elements",
+        ),
+        (
+            "a string for a float",
+            features("[1, 32]", r#"["x"]"#),
+            400,
+            "user_features",
+        ),
+        (
+            "a negative dimension",
+            features("[-1, 32]", "[0.5]"),
+            400,
+            "shape",
+        ),
+    ];
+    for (what, body, status, names) in json_cases {
+        let (code, reply) = http(api, Method::POST, path, &body);
+        assert_eq!(code, status, "{what}: {reply}");
+        assert!(reply.contains(names), "{what}: {reply}");
+    }
+
+    // Binary bodies whose declared lengths lie.
+    let binary = |header: &str, header_length: usize, tail: &[u8]| {
+        let mut body = header.as_bytes().to_vec();
+        body.extend_from_slice(tail);
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{api}\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: {header_length}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        raw_call(api, head, std::iter::once(body))
+    };
+    let declared = |size: u64| {
+        format!(
+            r#"{{ "inputs": [{{ "name": "user_features", "shape": [1, 32], "datatype": "FP32", "parameters": {{ "binary_data_size": {size} }} }}, {ids}] }}"#
+        )
+    };
+    let header = declared(128);
+    let binary_cases: Vec<(&str, (u16, String), &str)> = vec![
+        (
+            "a header longer than the body",
+            binary(&header, header.len() + 1_000_000, &[0; 128]),
+            "Inference-Header-Content-Length",
+        ),
+        (
+            "fewer bytes than declared",
+            binary(&header, header.len(), &[0; 64]),
+            "binary_data_size",
+        ),
+        (
+            "10^12 bytes declared",
+            binary(&declared(1 << 40), declared(1 << 40).len(), &[0; 128]),
+            "binary_data_size",
+        ),
+    ];
+    for (what, (code, reply), names) in binary_cases {
+        assert_eq!(code, 400, "{what}: {reply}");
+        assert!(reply.contains(names), "{what}: {reply}");
+    }
+
+    // Declared larger than the limit: refused before any of it is read.
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{api}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        1u64 << 40
+    );
+    let (code, reply) = raw_call(api, head, std::iter::empty());
+    assert_eq!(code, 413, "{reply}");
+    assert!(reply.contains("64 MiB"), "{reply}");
+    // Streamed without a length, 80 MiB of it: cut at the limit.
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{api}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    let piece = {
+        let data = vec![b' '; 1 << 20];
+        let mut chunk = format!("{:x}\r\n", data.len()).into_bytes();
+        chunk.extend_from_slice(&data);
+        chunk.extend_from_slice(b"\r\n");
+        chunk
+    };
+    let (code, reply) = raw_call(api, head, std::iter::repeat_n(piece, 80));
+    assert_eq!(code, 413, "{reply}");
+
+    let grown = peak_memory(agent.id()).saturating_sub(before);
+    eprintln!(
+        "peak memory before {:.1} MiB, grown by {:.1} MiB",
+        before as f64 / f64::from(1 << 20),
+        grown as f64 / f64::from(1 << 20)
+    );
+    assert!(
+        grown < (edge_agent::MAX_BODY as u64) * 5 / 4,
+        "the agent's peak memory grew by {grown} bytes"
+    );
+    assert_eq!(http(api, Method::POST, path, &good).0, 200);
+}
+
+/// A coordinator that hangs, as one stuck in a deadlock would: it completes the QUIC handshake
+/// with the fleet's coordinator certificate and key (`dir/coordinator.{crt,key}`), accepts
+/// every stream, reads what comes, and never answers. Runs on `runtime` until it is dropped;
+/// its address and the count of streams it swallowed.
+fn hung_coordinator(
+    runtime: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let chain: Vec<CertificateDer<'static>> = pem::parse_many(read("coordinator.crt"))
+        .unwrap()
+        .into_iter()
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        pem::parse(read("coordinator.key")).unwrap().into_contents(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    tls.alpn_protocols = vec![outpost_shared::frame::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let _guard = runtime.enter();
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let swallowed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&swallowed);
+    runtime.spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let Ok(connection) = incoming.await else {
+                    return;
+                };
+                while let Ok((send, mut recv)) = connection.accept_bi().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let _held = send;
+                        let _ = recv.read_to_end(1 << 20).await;
+                        std::future::pending::<()>().await;
+                    });
+                }
+            });
+        }
+    });
+    (addr, swallowed)
+}
+
+/// The agent's first coordinator hangs (handshake done, no answer on any stream): the agent's
+/// hello passes its deadline, it moves on to the next coordinator in its list, installs what is
+/// pushed there, and serves.
+#[test]
+fn a_hung_coordinator_is_passed_over_at_the_request_deadline() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = provision(dir.path(), "hung", 1);
+    let (hung, swallowed) = hung_coordinator(&runtime, &fleet.dir);
+    let config = fleet.coordinator_toml.to_str().unwrap();
+    let mut coordinator = Process::start("cloud-coordinator", &["serve", "--config", config]);
+    coordinator.wait_for("admin API:");
+    // The hung coordinator first in the device's list.
+    let device_toml = fleet.dir.join("devices/hung-0001/agent.toml");
+    let text = std::fs::read_to_string(&device_toml).unwrap();
+    let text = text.replacen("addresses = [", &format!("addresses = [\"{hung}\", "), 1);
+    std::fs::write(&device_toml, text).unwrap();
+    let (api, agent_toml) = fleet.first_agent(&dir.path().join("agent"));
+    let mut agent = Process::start(
+        "edge-agent",
+        &["run", "--config", agent_toml.to_str().unwrap()],
+    );
+    agent.wait_for("serving on http://");
+    let pushed = Instant::now();
+    push_ranker(config, &dir.path().join("models"), 1, 1);
+    let deadline = pushed + Duration::from_secs(60);
+    while active_version(api) != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "no version 1 60 s after the push; the agent printed:\n{}",
+            agent.printed().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "served {:.1} s after the push",
+        pushed.elapsed().as_secs_f64()
+    );
+    assert!(
+        swallowed.load(Ordering::SeqCst) >= 1,
+        "the agent never tried the hung coordinator"
+    );
+    let connected = agent.wait_for("connected to coordinator");
+    assert!(!connected.contains(&hung.to_string()), "{connected}");
+}
