@@ -50,13 +50,34 @@ pub enum OffloadError {
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// How long one request may take, from opening its stream to its last answer; past it the
-/// request fails (and the connection is dropped) so an installer or a caller moves on.
-pub(crate) fn deadline(request: &Request) -> Duration {
-    match request {
-        Request::Hello { .. } => Duration::from_secs(5),
-        // Up to 256 chunks: room for tens of MiB on a slow link.
-        Request::GetChunks { .. } => Duration::from_secs(120),
-        Request::Infer { .. } => Duration::from_secs(30),
+/// request fails, the connection is dropped and the next round of connecting starts with the
+/// next coordinator, so an installer or a caller moves on from a stalled coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Deadlines {
+    hello: Duration,
+    infer: Duration,
+    chunks: Duration,
+}
+
+impl Deadlines {
+    /// From `coordinator.request_timeout_s` (T): an inference T, a hello T/6 within 1 to 5 s,
+    /// a batch of up to 256 chunks 4 T (room for tens of MiB on a slow link). T = 30 s gives
+    /// 5 s, 30 s and 120 s.
+    pub(crate) fn from_timeout(timeout: Duration) -> Self {
+        Self {
+            hello: (timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(5)),
+            infer: timeout,
+            chunks: timeout.saturating_mul(4),
+        }
+    }
+
+    /// The deadline of `request`.
+    pub(crate) fn of(&self, request: &Request) -> Duration {
+        match request {
+            Request::Hello { .. } => self.hello,
+            Request::GetChunks { .. } => self.chunks,
+            Request::Infer { .. } => self.infer,
+        }
     }
 }
 
@@ -65,6 +86,7 @@ pub(crate) fn deadline(request: &Request) -> Duration {
 pub struct OffloadClient {
     endpoint: quinn::Endpoint,
     coordinators: Vec<HostPort>,
+    deadlines: Deadlines,
     link: Arc<Mutex<Link>>,
 }
 
@@ -78,6 +100,11 @@ struct Link {
     retry_at: Option<Instant>,
     /// Why the last round failed.
     last_error: String,
+    /// The index in the list of the coordinator `connection` is to.
+    connected_to: usize,
+    /// The coordinator the next round starts with: the first, or the one after a coordinator
+    /// that let a request pass its deadline.
+    first: usize,
 }
 
 /// Reconnect delays: 250 ms after the first failed round, doubling to 30 s, jittered.
@@ -90,6 +117,8 @@ impl Link {
             backoff: RECONNECT,
             retry_at: None,
             last_error: String::new(),
+            connected_to: 0,
+            first: 0,
         }
     }
 }
@@ -139,6 +168,7 @@ impl OffloadClient {
         Ok(Self {
             endpoint,
             coordinators: config.coordinator.addresses.clone(),
+            deadlines: Deadlines::from_timeout(config.coordinator.request_timeout()),
             link: Arc::new(Mutex::new(Link::new())),
         })
     }
@@ -164,11 +194,14 @@ impl OffloadClient {
             }
         }
         let mut failures = Vec::new();
-        for coordinator in &self.coordinators {
+        let count = self.coordinators.len();
+        for index in (0..count).map(|k| (link.first + k) % count) {
+            let coordinator = &self.coordinators[index];
             match self.connect(coordinator).await {
                 Ok(c) => {
                     tracing::info!(%coordinator, after_failures = link.backoff.failures(), "connected to coordinator");
                     link.connection = Some(c.clone());
+                    link.connected_to = index;
                     link.backoff.connected();
                     link.retry_at = None;
                     link.last_error.clear();
@@ -209,9 +242,9 @@ impl OffloadClient {
                         protocol: PROTOCOL_VERSION,
                         agent_version: env!("CARGO_PKG_VERSION").into(),
                     };
-                    let hello_answer =
-                        tokio::time::timeout(deadline(&hello), exchange(&c, &hello)).await;
-                    match hello_answer.unwrap_or(Err(OffloadError::TimedOut(deadline(&hello)))) {
+                    let limit = self.deadlines.of(&hello);
+                    let hello_answer = tokio::time::timeout(limit, exchange(&c, &hello)).await;
+                    match hello_answer.unwrap_or(Err(OffloadError::TimedOut(limit))) {
                         Ok(r) if matches!(r.first(), Some(Response::Hello { .. })) => return Ok(c),
                         Ok(r) => last = format!("unexpected answer to hello: {r:?}"),
                         // Said once: the round's error says "no coordinator is reachable".
@@ -248,7 +281,7 @@ impl OffloadClient {
         connection: &quinn::Connection,
         request: &Request,
     ) -> Result<Vec<Response>, OffloadError> {
-        let limit = deadline(request);
+        let limit = self.deadlines.of(request);
         match tokio::time::timeout(limit, exchange(connection, request)).await {
             Ok(result) => result,
             Err(_) => {
@@ -260,6 +293,14 @@ impl OffloadClient {
                     .is_some_and(|c| c.stable_id() == connection.stable_id())
                 {
                     link.connection = None;
+                    // The next round starts after this coordinator: one that accepts requests
+                    // and lets them stall would otherwise be chosen first again and again.
+                    link.first = (link.connected_to + 1) % self.coordinators.len().max(1);
+                    tracing::warn!(
+                        coordinator = %self.coordinators[link.connected_to],
+                        deadline = ?limit,
+                        "a request passed its deadline; trying the next coordinator first"
+                    );
                 }
                 Err(OffloadError::TimedOut(limit))
             }
@@ -348,5 +389,25 @@ async fn exchange(
             frame::decode_body(&body, MAX_FRAME_BYTES)
                 .map_err(|e| OffloadError::Protocol(e.to_string()))?,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_follow_the_request_timeout() {
+        let hello = Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_version: String::new(),
+        };
+        let chunks = Request::GetChunks { ids: vec![] };
+        let default = Deadlines::from_timeout(Duration::from_secs(30));
+        assert_eq!(default.of(&hello), Duration::from_secs(5));
+        assert_eq!(default.of(&chunks), Duration::from_secs(120));
+        let short = Deadlines::from_timeout(Duration::from_secs(1));
+        assert_eq!(short.of(&hello), Duration::from_secs(1));
+        assert_eq!(short.of(&chunks), Duration::from_secs(4));
     }
 }

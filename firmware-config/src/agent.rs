@@ -91,6 +91,22 @@ pub struct FleetTrust {
 pub struct CoordinatorEndpoints {
     /// QUIC addresses, tried in this order (failover).
     pub addresses: Vec<HostPort>,
+    /// How long an offloaded inference may take, in seconds; the other requests' deadlines
+    /// follow from it (a hello a sixth, 1 to 5 s; a batch of chunks four times). A coordinator
+    /// that lets a request pass its deadline is left for the next one in `addresses`.
+    #[serde(default = "default_request_timeout_s")]
+    pub request_timeout_s: u32,
+}
+
+impl CoordinatorEndpoints {
+    /// [`CoordinatorEndpoints::request_timeout_s`], at least one second.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.request_timeout_s.max(1)))
+    }
+}
+
+fn default_request_timeout_s() -> u32 {
+    30
 }
 
 /// `[mqtt]`: the broker carrying manifests and status.

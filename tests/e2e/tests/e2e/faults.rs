@@ -676,11 +676,13 @@ fn hostile_bodies_get_a_4xx_and_memory_stays_bounded() {
 
 /// A coordinator that hangs, as one stuck in a deadlock would: it completes the QUIC handshake
 /// with the fleet's coordinator certificate and key (`dir/coordinator.{crt,key}`), accepts
-/// every stream, reads what comes, and never answers. Runs on `runtime` until it is dropped;
-/// its address and the count of streams it swallowed.
+/// every stream, reads what comes, and never answers (a hello excepted, when `answers_hello`:
+/// then it looks alive). Runs on `runtime`; its address and the count of requests it
+/// swallowed.
 fn hung_coordinator(
     runtime: &tokio::runtime::Runtime,
     dir: &std::path::Path,
+    answers_hello: bool,
 ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
@@ -714,11 +716,29 @@ fn hung_coordinator(
                 let Ok(connection) = incoming.await else {
                     return;
                 };
-                while let Ok((send, mut recv)) = connection.accept_bi().await {
-                    count.fetch_add(1, Ordering::SeqCst);
+                while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+                    let count = Arc::clone(&count);
                     tokio::spawn(async move {
+                        use outpost_shared::frame::{self, MAX_FRAME_BYTES};
+                        let bytes = recv.read_to_end(1 << 20).await.unwrap_or_default();
+                        let request =
+                            frame::decode::<outpost_shared::Request>(&bytes, MAX_FRAME_BYTES);
+                        if answers_hello
+                            && let Ok(Some((outpost_shared::Request::Hello { protocol, .. }, _))) =
+                                request
+                        {
+                            let hello = outpost_shared::Response::Hello {
+                                protocol,
+                                coordinator_version: "hung".into(),
+                            };
+                            let _ = send
+                                .write_all(&frame::encode(&hello, MAX_FRAME_BYTES).unwrap())
+                                .await;
+                            let _ = send.finish();
+                            return;
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
                         let _held = send;
-                        let _ = recv.read_to_end(1 << 20).await;
                         std::future::pending::<()>().await;
                     });
                 }
@@ -736,7 +756,7 @@ fn a_hung_coordinator_is_passed_over_at_the_request_deadline() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let fleet = provision(dir.path(), "hung", 1);
-    let (hung, swallowed) = hung_coordinator(&runtime, &fleet.dir);
+    let (hung, swallowed) = hung_coordinator(&runtime, &fleet.dir, false);
     let config = fleet.coordinator_toml.to_str().unwrap();
     let mut coordinator = Process::start("cloud-coordinator", &["serve", "--config", config]);
     coordinator.wait_for("admin API:");
@@ -772,4 +792,52 @@ fn a_hung_coordinator_is_passed_over_at_the_request_deadline() {
     );
     let connected = agent.wait_for("connected to coordinator");
     assert!(!connected.contains(&hung.to_string()), "{connected}");
+}
+
+/// The agent's first coordinator answers hellos, so it looks alive, but lets every other
+/// request stall: the chunk request passes its deadline (4 s, from `request_timeout_s = 1`),
+/// the agent tries the next coordinator first, installs from it, and serves.
+#[test]
+fn a_coordinator_that_stalls_chunk_requests_is_left_for_the_next() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = provision(dir.path(), "stall", 1);
+    let (hung, swallowed) = hung_coordinator(&runtime, &fleet.dir, true);
+    let config = fleet.coordinator_toml.to_str().unwrap();
+    let mut coordinator = Process::start("cloud-coordinator", &["serve", "--config", config]);
+    coordinator.wait_for("admin API:");
+    let device_toml = fleet.dir.join("devices/stall-0001/agent.toml");
+    let text = std::fs::read_to_string(&device_toml).unwrap();
+    let text = text.replacen(
+        "addresses = [",
+        &format!("request_timeout_s = 1\naddresses = [\"{hung}\", "),
+        1,
+    );
+    std::fs::write(&device_toml, text).unwrap();
+    let (api, agent_toml) = fleet.first_agent(&dir.path().join("agent"));
+    let mut agent = Process::start(
+        "edge-agent",
+        &["run", "--config", agent_toml.to_str().unwrap()],
+    );
+    agent.wait_for("serving on http://");
+    let pushed = Instant::now();
+    push_ranker(config, &dir.path().join("models"), 1, 1);
+    let deadline = pushed + Duration::from_secs(60);
+    while active_version(api) != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "no version 1 60 s after the push; the agent printed:\n{}",
+            agent.printed().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "served {:.1} s after the push",
+        pushed.elapsed().as_secs_f64()
+    );
+    assert!(
+        swallowed.load(Ordering::SeqCst) >= 1,
+        "the agent never asked the stalling coordinator for chunks"
+    );
+    agent.wait_for("passed its deadline; trying the next coordinator first");
 }
