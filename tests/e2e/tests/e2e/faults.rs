@@ -231,12 +231,31 @@ fn an_agent_killed_anywhere_in_an_install_serves_at_once_and_converges() {
     }
 }
 
-/// The coordinator process killed while an agent installs a new version (the agent holds its
-/// fetch for 2 s, a `sleep` crash point, so the kill lands mid-install): the agent keeps serving
-/// the old version, retries with back-off, and converges once the coordinator is back, with no
-/// new push.
-#[test]
-fn an_install_converges_once_a_killed_coordinator_returns() {
+/// How the coordinator goes away in [`an_install_converges_after`].
+#[derive(Debug, Clone, Copy)]
+enum Away {
+    /// Killed, then started again: its port answers "unreachable" meanwhile.
+    Killed,
+    /// Stopped (`SIGSTOP`), then continued: a black hole meanwhile, as a dropped link is;
+    /// nothing answers and nothing refuses, so only deadlines and idle timeouts notice. Away
+    /// for 8 s, past the agent's 6 s QUIC idle timeout.
+    Frozen,
+}
+
+impl Away {
+    fn lasts(self) -> Duration {
+        match self {
+            Away::Killed => Duration::from_secs(3),
+            Away::Frozen => Duration::from_secs(8),
+        }
+    }
+}
+
+/// The coordinator goes `away` (for [`Away::lasts`]) while an agent installs a new version (the agent holds
+/// its fetch for 2 s, a `sleep` crash point, so the fault lands mid-install): the agent keeps
+/// serving the old version, retries with back-off, and converges once the coordinator is back,
+/// with no new push. Returns the seconds from its return to the new version serving.
+fn an_install_converges_after(away: Away) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let fleet = provision(dir.path(), "away", 1);
     let config = fleet.coordinator_toml.to_str().unwrap();
@@ -257,31 +276,64 @@ fn an_install_converges_once_a_killed_coordinator_returns() {
 
     push_ranker(config, &models, 2, 2);
     agent.wait_for("fetching");
-    drop(coordinator);
-    // Away for 3 s: the held fetch fails, and so does at least one retry.
-    let away = Instant::now();
-    while away.elapsed() < Duration::from_secs(3) {
+    let signal = |name: &str, pid: u32| {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} {pid}");
+    };
+    let pid = coordinator.id();
+    let mut frozen = None;
+    match away {
+        Away::Killed => drop(coordinator),
+        Away::Frozen => {
+            signal("STOP", pid);
+            frozen = Some(coordinator);
+        }
+    }
+    // Away: the held fetch fails, and so does at least one retry.
+    let gone = Instant::now();
+    while gone.elapsed() < away.lasts() {
         let (code, _) = http(api, Method::GET, "/v2/models/video-ranker/ready", "");
         assert_eq!(code, 200, "the old version stopped serving");
         assert_eq!(active_version(api), Some(1));
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut coordinator = Process::start("cloud-coordinator", &serve);
-    coordinator.wait_for("admin API:");
+    let _back = match frozen {
+        None => {
+            let mut coordinator = Process::start("cloud-coordinator", &serve);
+            coordinator.wait_for("admin API:");
+            coordinator
+        }
+        Some(coordinator) => {
+            signal("CONT", pid);
+            coordinator
+        }
+    };
     let back = Instant::now();
     let deadline = back + Duration::from_secs(90);
     while active_version(api) != Some(2) {
         assert!(
             Instant::now() < deadline,
-            "no version 2 90 s after the coordinator returned; the agent printed:\n{}",
+            "no version 2 90 s after the coordinator returned ({away:?}); the agent printed:\n{}",
             agent.printed().join("\n")
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    eprintln!(
-        "converged {:.2} s after the coordinator returned",
-        back.elapsed().as_secs_f64()
-    );
+    let took = back.elapsed().as_secs_f64();
+    eprintln!("{away:?}: converged {took:.2} s after the coordinator returned");
+    took
+}
+
+#[test]
+fn an_install_converges_once_a_killed_coordinator_returns() {
+    an_install_converges_after(Away::Killed);
+}
+
+#[test]
+fn an_install_converges_once_a_frozen_coordinator_thaws() {
+    an_install_converges_after(Away::Frozen);
 }
 
 /// `video-ranker`'s stable version as the coordinator's CLI reports it.
