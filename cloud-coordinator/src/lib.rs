@@ -28,6 +28,7 @@ pub const CRASH_POINTS: [&str; 7] = [
 
 pub mod admin;
 mod admin_client;
+pub mod broker;
 pub mod error;
 mod infer;
 pub mod metrics;
@@ -65,6 +66,9 @@ pub struct CoordinatorHandle {
     pub mqtt: HostPort,
     /// Whether the broker is the embedded one.
     pub embedded_broker: bool,
+    /// The embedded broker's router (rumqttd) behind its TLS front: a loopback port that takes
+    /// only the front's secret login. Known so that it can be firewalled and tested.
+    pub mqtt_router: Option<SocketAddr>,
     /// The admin API's bearer token.
     pub admin_token: String,
     /// Whether the token was made by this start (print it).
@@ -90,17 +94,20 @@ impl Coordinator {
             source,
         })?;
 
-        // The broker first: the dev fleet's agent configs name its address.
-        let (mqtt, embedded_broker) = match (&config.mqtt.external, config.mqtt.embedded_listen()) {
-            (Some(external), _) => (external.clone(), false),
+        // The broker's address first: the dev fleet's agent configs name it.
+        let (mqtt, embedded) = match (&config.mqtt.external, config.mqtt.embedded_listen()) {
+            (Some(external), _) => (external.clone(), None),
             (None, Some(listen)) => {
-                let addr = mqtt::start_embedded_broker(listen)?;
+                let listener = broker::bind(listen).await?;
+                let addr = listener
+                    .local_addr()
+                    .map_err(|e| CoordinatorError::Network(e.to_string()))?;
                 (
                     HostPort {
                         host: addr.ip().to_string(),
                         port: addr.port(),
                     },
-                    true,
+                    Some(listener),
                 )
             }
             (None, None) => {
@@ -109,6 +116,7 @@ impl Coordinator {
                 ));
             }
         };
+        let embedded_broker = embedded.is_some();
 
         let udp = bind_udp(config.quic.listen)?;
         let quic_port = udp
@@ -117,6 +125,12 @@ impl Coordinator {
             .port();
         let trust = trust::load(&config, quic_port, &mqtt)?;
         let server_config = trust::quic_server_config(&trust)?;
+        let mqtt_client = trust::mqtt_client_config(&trust, config.mqtt.ca.as_deref())?;
+        let mqtt_server = match &embedded {
+            Some(_) => Some(Arc::new(trust::mqtt_server_config(&trust)?)),
+            None => None,
+        };
+        let coordinator_certificate = trust.certificate.clone();
 
         let db = sled::open(data_dir.join("registry.sled"))?;
         let chunks =
@@ -138,9 +152,22 @@ impl Coordinator {
         let (shutdown, watcher) = watch::channel(false);
         let mut tasks = Vec::new();
 
+        let mut mqtt_router = None;
+        if let (Some(listener), Some(tls)) = (embedded, mqtt_server) {
+            let settings = broker::FrontSettings {
+                tls,
+                coordinator_certificate,
+                max_connections: config.mqtt.max_connections(),
+            };
+            let (task, router) =
+                broker::start(listener, settings, metrics.clone(), watcher.clone()).await?;
+            tasks.push(task);
+            mqtt_router = Some(router);
+        }
         let (announcer, mqtt_task) = mqtt::Announcer::start(
             &mqtt.host,
             mqtt.port,
+            mqtt_client,
             registry.clone(),
             fleet.clone(),
             config.mqtt.max_devices(),
@@ -211,6 +238,7 @@ impl Coordinator {
             admin_addr,
             mqtt,
             embedded_broker,
+            mqtt_router,
             admin_token,
             new_admin_token,
             fleet_config: trust.fleet_config,

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub queue_depth: AtomicI64,
     /// Open QUIC connections from devices.
     pub connected_devices: AtomicI64,
+    /// MQTT connections the embedded broker refused or closed: no valid certificate, no
+    /// CONNECT in time, a packet against the client's rules, or the connection limit.
+    pub mqtt_refused: AtomicU64,
     inference_ok: AtomicU64,
     inference_failed: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
@@ -73,6 +76,11 @@ impl Metrics {
             "outpost_chunk_bytes_served_total",
             "Bytes of chunks sent to agents.",
             get(&self.chunk_bytes_served),
+        );
+        counter(
+            "outpost_mqtt_refused_total",
+            "MQTT connections the embedded broker refused or closed (certificate, timeout, topic rules, limit).",
+            get(&self.mqtt_refused),
         );
         counter(
             "outpost_inference_busy_total",

@@ -1,11 +1,11 @@
-//! MQTT: the embedded broker (rumqttd, on its own thread) and the coordinator's client, which
-//! publishes signed manifests retained with QoS 1 and keeps the fleet view from device status.
+//! The coordinator's MQTT client (TLS, with its certificate), which publishes signed manifests
+//! retained with QoS 1 and keeps the fleet view from device status. The embedded broker is in
+//! [`crate::broker`].
 //!
 //! A fresh broker holds no retained messages, so every current release is published again each
 //! time the client (re)connects.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,74 +14,10 @@ use outpost_shared::{DeviceStatus, Topic, topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 
-use crate::error::CoordinatorError;
 use crate::registry::Registry;
 
 /// Devices by id, with their last status.
 pub type FleetView = Arc<Mutex<BTreeMap<String, DeviceStatus>>>;
-
-/// Starts rumqttd on `addr` on its own thread. rumqttd cannot report a port-0 address nor be
-/// stopped, so the port is chosen (and checked free) here first.
-pub fn start_embedded_broker(addr: SocketAddr) -> Result<SocketAddr, CoordinatorError> {
-    let probe = std::net::TcpListener::bind(addr).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AddrInUse => CoordinatorError::AddressInUse {
-            what: "the embedded MQTT broker",
-            addr,
-            hint: " (another MQTT broker? set [mqtt] external = \"HOST:PORT\" to use it, or [mqtt] listen to move the embedded one)",
-        },
-        _ => CoordinatorError::Network(format!("embedded MQTT broker on {addr}: {e}")),
-    })?;
-    let addr = probe
-        .local_addr()
-        .map_err(|e| CoordinatorError::Network(e.to_string()))?;
-    drop(probe);
-    let settings = rumqttd::ServerSettings {
-        name: "v4".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: outpost_shared::signing::MAX_MANIFEST_BYTES + 64 * 1024,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 10_010,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 100 * 1024 * 1024,
-            max_segment_count: 10,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(HashMap::from([("v4".to_owned(), settings)])),
-        v5: None,
-        ws: None,
-        cluster: None,
-        console: None,
-        bridge: None,
-        prometheus: None,
-        metrics: None,
-    };
-    std::thread::Builder::new()
-        .name("mqtt-broker".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            if let Err(e) = broker.start() {
-                tracing::error!(error = %e, "the embedded MQTT broker stopped");
-            }
-        })
-        .map_err(|e| {
-            CoordinatorError::Network(format!("cannot start the MQTT broker thread: {e}"))
-        })?;
-    Ok(addr)
-}
 
 /// The coordinator's MQTT client.
 #[derive(Clone, Debug)]
@@ -90,10 +26,12 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    /// Connects to `host:port` (retrying in the background) and starts the event loop task.
+    /// Connects to `host:port` over TLS with `tls` (retrying in the background) and starts the
+    /// event loop task.
     pub fn start(
         host: &str,
         port: u16,
+        tls: rustls::ClientConfig,
         registry: Arc<Registry>,
         fleet: FleetView,
         max_devices: usize,
@@ -104,6 +42,9 @@ impl Announcer {
         options.set_keep_alive(Duration::from_secs(15));
         let limit = outpost_shared::signing::MAX_MANIFEST_BYTES + 64 * 1024;
         options.set_max_packet_size(limit, limit);
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+        ));
         let (client, mut events) = AsyncClient::new(options, 256);
         events.network_options.set_tcp_nodelay(true);
         let announcer = Announcer { client };

@@ -150,3 +150,44 @@ pub fn quic_server_config(trust: &Trust) -> Result<quinn::ServerConfig, Coordina
     server.transport_config(Arc::new(transport));
     Ok(server)
 }
+
+fn tls_error(e: outpost_runtime::tls::TlsError) -> CoordinatorError {
+    CoordinatorError::Fleet(format!("TLS setup: {e}"))
+}
+
+/// The coordinator's identity: its certificate and key.
+fn identity(trust: &Trust) -> outpost_runtime::tls::Identity {
+    outpost_runtime::tls::Identity {
+        chain: vec![trust.certificate.clone()],
+        key: trust.key.clone_key(),
+    }
+}
+
+/// A root store holding the fleet CA.
+fn fleet_roots(trust: &Trust) -> Result<rustls::RootCertStore, CoordinatorError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(trust.ca.clone())
+        .map_err(|e| CoordinatorError::Fleet(format!("TLS setup: the fleet CA: {e}")))?;
+    Ok(roots)
+}
+
+/// The embedded MQTT broker's TLS config: the coordinator's certificate, TLS 1.3, and a client
+/// certificate from the fleet CA required of every client.
+pub fn mqtt_server_config(trust: &Trust) -> Result<rustls::ServerConfig, CoordinatorError> {
+    outpost_runtime::tls::server_config(fleet_roots(trust)?, identity(trust), None)
+        .map_err(tls_error)
+}
+
+/// The coordinator's MQTT client TLS config: its certificate, and the broker's verified against
+/// `broker_ca` (`[mqtt] ca`) or the fleet CA.
+pub fn mqtt_client_config(
+    trust: &Trust,
+    broker_ca: Option<&Path>,
+) -> Result<rustls::ClientConfig, CoordinatorError> {
+    let roots = match broker_ca {
+        Some(ca) => outpost_runtime::tls::roots(ca).map_err(tls_error)?,
+        None => fleet_roots(trust)?,
+    };
+    outpost_runtime::tls::client_config(roots, identity(trust), None).map_err(tls_error)
+}

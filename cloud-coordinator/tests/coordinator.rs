@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cloud_coordinator::admin::Stage;
@@ -64,7 +65,7 @@ async fn push_announces_a_signed_manifest_and_serves_every_chunk() {
 
     // A plain MQTT subscriber gets the retained manifest, and it verifies with the fleet key.
     let topic = Topic::manifest("video-ranker").unwrap().name();
-    let payload = first_message(&c.handle.mqtt, &topic).await;
+    let payload = first_message(&c.handle, &topic).await;
     let manifest = verifier(&c).verify_cbor(&payload, now()).unwrap();
     assert_eq!(
         (
@@ -476,7 +477,7 @@ async fn rollback_publishes_a_newer_version_with_old_content() {
     // The announcement follows the answer; wait for release 4 to reach the broker.
     let verifier = verifier(&c);
     let topic = Topic::manifest("video-ranker").unwrap().name();
-    let payload = message_where(&c.handle.mqtt, &topic, |p| {
+    let payload = message_where(&c.handle, &topic, |p| {
         verifier.verify_cbor(p, now()).is_ok_and(|m| m.release == 4)
     })
     .await;
@@ -732,9 +733,9 @@ async fn the_fleet_view_shows_device_status() {
     // Room for two devices: a third (an invented id, say) is not kept.
     config.mqtt.max_devices = Some(2);
     let c = start_with(config, dir).await;
-    let mut options =
-        rumqttc::MqttOptions::new("device-sim", c.handle.mqtt.host.clone(), c.handle.mqtt.port);
-    options.set_max_packet_size(1 << 20, 1 << 20);
+    // Statuses of three devices from one client: the coordinator's own identity, the one the
+    // broker lets write any topic.
+    let options = mqtt_options(&c.handle, "device-sim", true);
     let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
     tokio::spawn(async move { while events.poll().await.is_ok() {} });
     let publish = |device: &'static str, status: DeviceStatus| {
@@ -796,7 +797,7 @@ async fn a_restarted_coordinator_keeps_its_fleet_and_announces_again() {
     assert_eq!(again.handle.admin_token, token);
     assert!(!again.handle.new_admin_token);
     let payload = first_message(
-        &again.handle.mqtt,
+        &again.handle,
         &Topic::manifest("video-ranker").unwrap().name(),
     )
     .await;
@@ -962,5 +963,176 @@ async fn a_stalling_peer_holds_no_more_than_its_streams_and_not_forever() {
     };
     assert_eq!(*kind, ErrorKind::BadRequest);
     assert!(message.contains(&claimed.to_string()), "{message}");
+    c.handle.shutdown().await;
+}
+
+/// Connects with `options` and waits (up to 5 s) for the CONNACK; the client and its event
+/// loop, or why there was none.
+async fn mqtt_connect(
+    options: rumqttc::MqttOptions,
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), String> {
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => {
+                return Ok((client, events));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("no CONNACK within 5 s".into()),
+        }
+    }
+}
+
+/// Polls `events` until the broker closes the connection (within 5 s): whether it did.
+async fn closed_by_broker(events: &mut rumqttc::EventLoop) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn refused_mqtt(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_mqtt_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The embedded broker tried as an outsider on the loopback network and as a device of the
+/// fleet: plain MQTT, TLS without a certificate and with another fleet's certificate get no
+/// CONNACK; a device that subscribes to everything, writes another device's status or clears a
+/// release is cut off and changes nothing; the router's own port takes no login but the front's
+/// and survives the client-id trick that used to stop rumqttd; real clients are served
+/// throughout, and every refusal is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_admits_only_the_fleet_and_holds_devices_to_their_topics() {
+    let c = start().await;
+    let bytes = DemoModel::IntentClassifier.bytes(DEFAULT_SEED);
+    c.push("intent-classifier", &local(), &bytes).await;
+    let manifest_topic = Topic::manifest("intent-classifier").unwrap().name();
+    let release = first_message(&c.handle, &manifest_topic).await;
+    let broker = &c.handle.mqtt;
+
+    // Outsiders: plain TCP, TLS with no certificate, TLS with another fleet's device.
+    let plain = rumqttc::MqttOptions::new("outsider", broker.host.clone(), broker.port);
+    assert!(mqtt_connect(plain).await.is_err(), "plain MQTT got in");
+    let fleet = c.handle.fleet_config.as_ref().unwrap().parent().unwrap();
+    let roots = outpost_runtime::tls::roots(&fleet.join("ca.crt")).unwrap();
+    let anonymous = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots.clone())
+    .with_no_client_auth();
+    let mut no_cert = rumqttc::MqttOptions::new("anonymous", broker.host.clone(), broker.port);
+    no_cert.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(anonymous)),
+    ));
+    assert!(
+        mqtt_connect(no_cert).await.is_err(),
+        "TLS without a certificate got in"
+    );
+    let other = tempfile::tempdir().unwrap();
+    let plan = firmware_config::FleetPlan::numbered(
+        "other",
+        1,
+        vec!["localhost:1".parse().unwrap()],
+        "localhost:1".parse().unwrap(),
+    )
+    .unwrap();
+    firmware_config::provision(&plan, other.path()).unwrap();
+    let stranger = other.path().join("devices/other-0001");
+    let identity = outpost_runtime::tls::Identity::load(
+        &stranger.join("device.crt"),
+        &stranger.join("device.key"),
+    )
+    .unwrap();
+    let tls = outpost_runtime::tls::client_config(roots, identity, None).unwrap();
+    let mut foreign = rumqttc::MqttOptions::new("stranger", broker.host.clone(), broker.port);
+    foreign.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+    ));
+    assert!(
+        mqtt_connect(foreign).await.is_err(),
+        "another fleet's device got in"
+    );
+
+    // A device of the fleet, reaching past its topics: cut off each time.
+    let (client, mut events) = mqtt_connect(mqtt_options(&c.handle, "greedy", false))
+        .await
+        .unwrap();
+    client
+        .subscribe("outpost/v1/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(
+        closed_by_broker(&mut events).await,
+        "a wildcard subscription passed"
+    );
+    let (client, mut events) = mqtt_connect(mqtt_options(&c.handle, "forger", false))
+        .await
+        .unwrap();
+    let forged = DeviceStatus::offline("dev-0002", "9.9.9", now());
+    client
+        .publish(
+            Topic::device_status("dev-0002").unwrap().name(),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            forged.to_cbor().unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        closed_by_broker(&mut events).await,
+        "another device's status passed"
+    );
+    let (client, mut events) = mqtt_connect(mqtt_options(&c.handle, "hider", false))
+        .await
+        .unwrap();
+    client
+        .publish(&manifest_topic, rumqttc::QoS::AtLeastOnce, true, Vec::new())
+        .await
+        .unwrap();
+    assert!(
+        closed_by_broker(&mut events).await,
+        "clearing a release passed"
+    );
+    // The release is still retained, and nobody was invented.
+    assert_eq!(first_message(&c.handle, &manifest_topic).await, release);
+    let fleet_view = c.client().fleet().await.unwrap();
+    assert!(
+        fleet_view.iter().all(|d| d.device_id != "dev-0002"),
+        "{fleet_view:?}"
+    );
+
+    // The router's own port: a wrong login, twice with one client id (this stopped rumqttd
+    // for every later client: rumqtt issue #1062), gets nothing, and the broker still serves.
+    let router = c.handle.mqtt_router.unwrap();
+    for _ in 0..2 {
+        let mut direct = rumqttc::MqttOptions::new("x", router.ip().to_string(), router.port());
+        direct.set_credentials("outpost-front", "guess");
+        assert!(
+            mqtt_connect(direct).await.is_err(),
+            "a guessed login got in"
+        );
+    }
+    for _ in 0..2 {
+        let direct = rumqttc::MqttOptions::new("x", router.ip().to_string(), router.port());
+        assert!(mqtt_connect(direct).await.is_err(), "no login got in");
+    }
+    assert_eq!(first_message(&c.handle, &manifest_topic).await, release);
+
+    let (code, metrics) = c.admin(Method::GET, "/metrics", b"").await;
+    assert_eq!(code, 200);
+    let refused = refused_mqtt(metrics.as_str().unwrap_or_default());
+    assert!(refused >= 6, "{refused} refusals counted");
     c.handle.shutdown().await;
 }

@@ -127,6 +127,8 @@ pub(crate) struct Context {
     pub(crate) offload: offload::OffloadClient,
     pub(crate) counters: Counters,
     models: watch::Receiver<Arc<Models>>,
+    /// Why the MQTT connection is down, while it is (set and cleared by the MQTT loop).
+    pub(crate) broker_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Context {
@@ -137,12 +139,17 @@ impl Context {
 
     /// The device's status now.
     pub(crate) fn status(&self) -> DeviceStatus {
-        status::device_status(
+        let mut status = status::device_status(
             self.config.device.id.as_str(),
             &self.models(),
             &self.counters,
             status::now(),
-        )
+        );
+        status.broker_error = self.broker_error.lock().ok().and_then(|e| e.clone());
+        if status.broker_error.is_some() && status.health == outpost_shared::Health::Ready {
+            status.health = outpost_shared::Health::Degraded;
+        }
+        status
     }
 }
 
@@ -193,6 +200,7 @@ impl Agent {
         };
         check_identity(&config)?;
         let offload = offload::OffloadClient::new(&config).map_err(AgentError::Identity)?;
+        let mqtt_tls = sync::mqtt_tls(&config).map_err(AgentError::Identity)?;
         let verifier = ManifestVerifier::new(config.fleet.manifest_keys.clone());
         let (table, models) =
             ServingTable::new(config.profile().memory_budget_mb.saturating_mul(1 << 20));
@@ -202,6 +210,7 @@ impl Agent {
             offload,
             counters: Counters::default(),
             models,
+            broker_error: std::sync::Mutex::new(None),
         });
 
         // Cached models serve before any network is up.
@@ -226,7 +235,7 @@ impl Agent {
             reason: e.to_string(),
         })?;
         let (shutdown, watcher) = watch::channel(false);
-        let (client, events) = rumqttc::AsyncClient::new(sync::mqtt_options(&ctx), 64);
+        let (client, events) = rumqttc::AsyncClient::new(sync::mqtt_options(&ctx, mqtt_tls), 64);
         let (manifests_tx, manifests_rx) = sync::manifest_queue();
         let tasks = vec![
             tokio::spawn(api::serve(listener, ctx.clone(), watcher.clone())),

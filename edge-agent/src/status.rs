@@ -55,6 +55,7 @@ pub(crate) fn device_status(
         models,
         counters: counters.snapshot(),
         last_error,
+        broker_error: None,
     }
 }
 

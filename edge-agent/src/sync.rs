@@ -17,8 +17,21 @@ use crate::status::now;
 /// Reconnect delays: 100 ms after the first failure, doubling to 5 s, jittered.
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
-/// MQTT options with the device's last will (offline status, retained).
-pub(crate) fn mqtt_options(ctx: &Context) -> MqttOptions {
+/// The TLS config of the agent's MQTT connection: the device's certificate, and the broker's
+/// verified against `mqtt.ca` (or the fleet CA).
+pub(crate) fn mqtt_tls(
+    config: &firmware_config::AgentConfig,
+) -> Result<rustls::ClientConfig, String> {
+    let roots =
+        outpost_runtime::tls::roots(config.broker_ca()).map_err(|e| format!("mqtt.ca: {e}"))?;
+    let identity =
+        outpost_runtime::tls::Identity::load(&config.device.certificate, &config.device.key)
+            .map_err(|e| e.to_string())?;
+    outpost_runtime::tls::client_config(roots, identity, None).map_err(|e| e.to_string())
+}
+
+/// MQTT options with the device's last will (offline status, retained), over TLS with `tls`.
+pub(crate) fn mqtt_options(ctx: &Context, tls: rustls::ClientConfig) -> MqttOptions {
     let id = ctx.config.device.id.to_string();
     let broker = &ctx.config.mqtt.broker;
     let mut options = MqttOptions::new(
@@ -29,6 +42,9 @@ pub(crate) fn mqtt_options(ctx: &Context) -> MqttOptions {
     options.set_keep_alive(Duration::from_secs(15));
     let limit = outpost_shared::signing::MAX_MANIFEST_BYTES + 64 * 1024;
     options.set_max_packet_size(limit, limit);
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+    ));
     if let (Ok(topic), Ok(offline)) = (
         Topic::device_status(&id),
         DeviceStatus::offline(&id, env!("CARGO_PKG_VERSION"), now()).to_cbor(),
@@ -103,6 +119,9 @@ pub(crate) async fn run_mqtt(
                 // Forgotten only once the connection proves stable (a broker that accepts and
                 // drops at once must not be retried at the shortest delay forever).
                 backoff.connected();
+                if let Ok(mut e) = ctx.broker_error.lock() {
+                    *e = None;
+                }
                 let filters: Vec<String> = if ctx.config.sync.models.is_empty() {
                     vec![topic::ALL_MANIFESTS.to_owned()]
                 } else {
@@ -136,6 +155,14 @@ pub(crate) async fn run_mqtt(
             Ok(_) => {}
             Err(e) => {
                 let delay = backoff.fail();
+                let broker = &ctx.config.mqtt.broker;
+                let why = format!("the MQTT broker {broker}: {e}");
+                if let Ok(mut slot) = ctx.broker_error.lock() {
+                    if slot.as_deref() != Some(why.as_str()) {
+                        tracing::warn!(error = %e, %broker, "MQTT connection failed; retrying");
+                    }
+                    *slot = Some(why);
+                }
                 tracing::debug!(error = %e, failures = backoff.failures(), ?delay, "MQTT connection failed; retrying");
                 tokio::select! {
                     _ = shutdown.changed() => return,

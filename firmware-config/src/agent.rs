@@ -113,15 +113,20 @@ fn default_request_timeout_s() -> u32 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttBroker {
-    /// The broker's address.
+    /// The broker's address. The connection is always TLS, with this device's certificate.
     #[serde(default = "default_broker")]
     pub broker: HostPort,
+    /// The CA certificate (PEM) the broker's certificate must chain to, for an operator's own
+    /// broker whose certificate the fleet CA did not issue; default `fleet.ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 impl Default for MqttBroker {
     fn default() -> Self {
         Self {
             broker: default_broker(),
+            ca: None,
         }
     }
 }
@@ -211,11 +216,16 @@ impl AgentConfig {
         for (key, file, kind) in [
             (
                 "device.certificate",
-                &config.device.certificate,
+                config.device.certificate.as_path(),
                 FileKind::Certificate,
             ),
-            ("device.key", &config.device.key, FileKind::PrivateKey),
-            ("fleet.ca", &config.fleet.ca, FileKind::Certificate),
+            (
+                "device.key",
+                config.device.key.as_path(),
+                FileKind::PrivateKey,
+            ),
+            ("fleet.ca", config.fleet.ca.as_path(), FileKind::Certificate),
+            ("mqtt.ca", config.broker_ca(), FileKind::Certificate),
         ] {
             if let Err(message) = check_file(file, kind) {
                 errors.push(source.key_error(key, message));
@@ -250,6 +260,11 @@ impl AgentConfig {
         self.profile.apply(self.device.class.profile())
     }
 
+    /// The CA the MQTT broker's certificate must chain to: `mqtt.ca`, or the fleet CA.
+    pub fn broker_ca(&self) -> &Path {
+        self.mqtt.ca.as_deref().unwrap_or(&self.fleet.ca)
+    }
+
     /// The data folder: `storage.data_dir`, or `outpost-data/agent-{id}`.
     pub fn data_dir(&self) -> PathBuf {
         self.storage.data_dir.clone().unwrap_or_else(|| {
@@ -267,6 +282,9 @@ impl AgentConfig {
         }
         if let Some(dir) = &mut self.storage.data_dir {
             *dir = base.join(&*dir);
+        }
+        if let Some(ca) = &mut self.mqtt.ca {
+            *ca = base.join(&*ca);
         }
     }
 

@@ -154,11 +154,30 @@ pub struct CoordinatorMqtt {
     /// device ids cannot grow the coordinator's memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_devices: Option<u32>,
+    /// For an external broker: the CA certificate (PEM) its certificate must chain to, when the
+    /// fleet CA did not issue it; default `fleet.ca`. The connection is always TLS, with the
+    /// coordinator's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Client connections the embedded broker holds at once (default
+    /// [`CoordinatorMqtt::DEFAULT_MAX_CONNECTIONS`]); past it a new connection is closed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 impl CoordinatorMqtt {
     /// The fleet view's default bound: about 100 MiB of device status at ~1 KiB each.
     pub const DEFAULT_MAX_DEVICES: u32 = 100_000;
+
+    /// The embedded broker's default bound on connections.
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+
+    /// The embedded broker's bound on connections.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+            .unwrap_or(Self::DEFAULT_MAX_CONNECTIONS)
+            .max(1) as usize
+    }
 
     /// The fleet view's bound.
     pub fn max_devices(&self) -> usize {
@@ -293,6 +312,9 @@ impl CoordinatorConfig {
             if let Some(ca_key) = &fleet.ca_key {
                 files.push(("fleet.ca_key", ca_key, FileKind::PrivateKey));
             }
+            if let Some(ca) = &config.mqtt.ca {
+                files.push(("mqtt.ca", ca, FileKind::Certificate));
+            }
             for (key, file, kind) in files {
                 if let Err(message) = check_file(file, kind) {
                     errors.push(source.key_error(key, message));
@@ -342,6 +364,9 @@ impl CoordinatorConfig {
             }
         }
         self.storage.data_dir = base.join(&self.storage.data_dir);
+        if let Some(ca) = &mut self.mqtt.ca {
+            *ca = base.join(&*ca);
+        }
     }
 
     fn problems(&self) -> Vec<(&'static str, String)> {

@@ -230,7 +230,11 @@ pub fn provision(plan: &FleetPlan, out: &Path) -> Result<ProvisionedFleet, Provi
         Secrecy::Public,
     )?;
 
-    let (cert, key) = authority.issue_coordinator(&plan.coordinators)?;
+    // The coordinator's certificate also serves the embedded MQTT broker, so it names the
+    // broker's host too.
+    let mut hosts = plan.coordinators.clone();
+    hosts.push(plan.mqtt.clone());
+    let (cert, key) = authority.issue_coordinator(&hosts)?;
     write_file(
         &out.join(files::COORDINATOR_CERT),
         cert.as_bytes(),
@@ -391,7 +395,8 @@ impl FleetAuthority {
         self.enroll(id, &coordinators, &mqtt, out)
     }
 
-    /// A certificate and key (PEM) for a coordinator reachable at `hosts`.
+    /// A certificate and key (PEM) for a coordinator reachable at `hosts`: a TLS server (QUIC,
+    /// the embedded MQTT broker) and a TLS client (of an external MQTT broker).
     fn issue_coordinator(&self, hosts: &[HostPort]) -> Result<(String, String), ProvisionError> {
         let mut names: Vec<String> = Vec::new();
         for h in hosts {
@@ -407,7 +412,10 @@ impl FleetAuthority {
         );
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         set_validity(&mut params, 5)?;
         let cert = params.signed_by(&key, &self.issuer()?)?;
         Ok((cert.pem(), key.serialize_pem()))

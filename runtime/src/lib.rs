@@ -22,6 +22,7 @@ pub mod plans;
 pub mod quantize;
 pub mod serve;
 pub mod store;
+pub mod tls;
 pub mod tract;
 
 pub use backoff::Backoff;

@@ -25,6 +25,10 @@ pub struct DeviceStatus {
     pub counters: Counters,
     /// The most recent error, in words.
     pub last_error: Option<String>,
+    /// Why the agent is not connected to its MQTT broker, while it is not (it then hears of no
+    /// new release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_error: Option<String>,
 }
 
 /// A device's overall health.
@@ -102,6 +106,7 @@ impl DeviceStatus {
             models: Vec::new(),
             counters: Counters::default(),
             last_error: None,
+            broker_error: None,
         }
     }
 
@@ -190,6 +195,7 @@ mod tests {
                     manifests_rejected: d, chunks_fetched: e, bytes_fetched: f,
                 },
                 last_error,
+                broker_error: None,
             };
             let bytes = status.to_cbor().unwrap();
             prop_assert_eq!(DeviceStatus::from_cbor(&bytes).unwrap(), status);

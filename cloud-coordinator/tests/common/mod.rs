@@ -180,23 +180,45 @@ pub fn hello() -> Request {
     }
 }
 
-/// An MQTT subscriber; returns the first message on `topic` within 10 s.
-pub async fn first_message(broker: &firmware_config::HostPort, topic: &str) -> Vec<u8> {
-    message_where(broker, topic, |_| true).await
+/// MQTT options for client `id` of the coordinator's broker, over TLS: as the dev fleet's first
+/// device, or as the coordinator itself (`as_coordinator`: it may publish anything).
+pub fn mqtt_options(
+    handle: &CoordinatorHandle,
+    id: &str,
+    as_coordinator: bool,
+) -> rumqttc::MqttOptions {
+    let fleet = handle.fleet_config.as_ref().unwrap().parent().unwrap();
+    let (certificate, key) = if as_coordinator {
+        (fleet.join("coordinator.crt"), fleet.join("coordinator.key"))
+    } else {
+        let agent = AgentConfig::load(handle.dev_agent_config.as_ref().unwrap()).unwrap();
+        (agent.device.certificate, agent.device.key)
+    };
+    let roots = outpost_runtime::tls::roots(&fleet.join("ca.crt")).unwrap();
+    let identity = outpost_runtime::tls::Identity::load(&certificate, &key).unwrap();
+    let tls = outpost_runtime::tls::client_config(roots, identity, None).unwrap();
+    let mut options = rumqttc::MqttOptions::new(id, handle.mqtt.host.clone(), handle.mqtt.port);
+    options.set_max_packet_size(8 << 20, 8 << 20);
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+    ));
+    options
 }
 
-/// An MQTT subscriber; returns the first message on `topic` that `wanted` accepts, within 10 s.
+/// An MQTT subscriber (the dev fleet's first device); returns the first message on `topic`
+/// within 10 s.
+pub async fn first_message(handle: &CoordinatorHandle, topic: &str) -> Vec<u8> {
+    message_where(handle, topic, |_| true).await
+}
+
+/// An MQTT subscriber (the dev fleet's first device); returns the first message on `topic` that
+/// `wanted` accepts, within 10 s.
 pub async fn message_where(
-    broker: &firmware_config::HostPort,
+    handle: &CoordinatorHandle,
     topic: &str,
     wanted: impl Fn(&[u8]) -> bool,
 ) -> Vec<u8> {
-    let mut options = rumqttc::MqttOptions::new(
-        format!("test-{}", rand_id()),
-        broker.host.clone(),
-        broker.port,
-    );
-    options.set_max_packet_size(8 << 20, 8 << 20);
+    let options = mqtt_options(handle, &format!("test-{}", rand_id()), false);
     let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
     events.network_options.set_tcp_nodelay(true);
     client

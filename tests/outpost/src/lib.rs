@@ -4,5 +4,6 @@
 
 pub mod bench;
 pub mod memory;
+pub mod mqtt_connect;
 pub mod quickstart;
 pub mod switching;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use outpost::bench::{self, BenchOptions};
 use outpost::quickstart::{self, Options};
-use outpost::{memory, switching};
+use outpost::{memory, mqtt_connect, switching};
 
 #[derive(Parser)]
 #[command(name = "outpost", version, about = "Outpost's quickstart and tools")]
@@ -54,9 +54,23 @@ enum Command {
         /// Only load (64 clients) with the model steady and during 10 version switches.
         #[arg(long)]
         switch_only: bool,
+        /// Only MQTT connects: this many clients at once to the embedded broker over TLS, beside
+        /// rumqttd over plain TCP (each broker in a child, its memory per connection).
+        #[arg(long)]
+        mqtt_only: Option<usize>,
         /// Request sizes, in video-ranker rows, for the memory figures.
         #[arg(long, value_delimiter = ',', default_value = "10000,100000,900000")]
         memory_rows: Vec<u64>,
+    },
+    /// One MQTT broker in this process (run by `bench --mqtt-only`).
+    #[command(hide = true)]
+    BenchMqttBroker {
+        /// plain or tls.
+        case: String,
+        /// The provisioned fleet folder.
+        fleet: PathBuf,
+        /// The port.
+        port: u16,
     },
     /// One memory case in this process (run by `bench`).
     #[command(hide = true)]
@@ -89,8 +103,12 @@ fn main() -> std::process::ExitCode {
             gpu_only,
             memory_only,
             switch_only,
+            mqtt_only,
             memory_rows,
         } => {
+            if let Some(clients) = mqtt_only {
+                return exit(mqtt_connect::run(clients.max(1), |line| println!("{line}")));
+            }
             if switch_only {
                 return exit(
                     tokio::runtime::Builder::new_multi_thread()
@@ -116,6 +134,9 @@ fn main() -> std::process::ExitCode {
             return exit(memory::run(&memory_rows, |line| println!("{line}")));
         }
         Command::BenchMemoryCase { case, rows } => return exit(memory::run_case(&case, rows)),
+        Command::BenchMqttBroker { case, fleet, port } => {
+            return exit(mqtt_connect::run_broker(&case, &fleet, port));
+        }
         Command::Sim => {
             eprintln!("error: `outpost sim` (the fleet simulator) is not built yet");
             return std::process::ExitCode::FAILURE;

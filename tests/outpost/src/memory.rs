@@ -251,12 +251,21 @@ fn reset_peak() -> anyhow::Result<u64> {
 
 /// A `/proc/self/status` figure in KiB (`VmRSS:`, `VmHWM:`).
 pub(crate) fn status_kib(key: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
+    status_figure("/proc/self/status", key)
+}
+
+/// A `/proc/{pid}/status` figure of another process in KiB (`VmRSS`, `VmHWM`).
+pub(crate) fn process_status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
+    status_figure(&format!("/proc/{pid}/status"), &format!("{key}:"))
+}
+
+fn status_figure(path: &str, key: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {key} in /proc/self/status"))
+        .with_context(|| format!("no {key} in {path}"))
 }
 
 /// `rows` video-ranker rows: features the small integers 0–9, item ids below the catalog size.

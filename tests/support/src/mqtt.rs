@@ -1,10 +1,69 @@
-//! An MQTT observer: a plain client of any broker (the embedded one, Mosquitto) that subscribes
-//! to topics, hands over the messages published on them, and publishes what a test forges.
+//! An MQTT observer: a client of any broker (the embedded one, Mosquitto) that subscribes to
+//! topics, hands over the messages published on them, and publishes what a test forges. Every
+//! broker takes TLS only, with a certificate of the fleet: an observer is a device or the
+//! coordinator of a provisioned (or dev) fleet ([`ClientIdentity`]).
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use firmware_config::HostPort;
+use firmware_config::{AgentConfig, HostPort};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+
+/// The files an MQTT client proves itself with: the CA the broker's certificate must chain to,
+/// and a certificate of the fleet with its key.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    /// The broker's CA.
+    pub ca: PathBuf,
+    /// The client's certificate.
+    pub certificate: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+impl ClientIdentity {
+    /// The device an agent config names.
+    pub fn device(config: &AgentConfig) -> Self {
+        Self {
+            ca: config.broker_ca().to_owned(),
+            certificate: config.device.certificate.clone(),
+            key: config.device.key.clone(),
+        }
+    }
+
+    /// The coordinator of the fleet provisioned in `fleet_dir` (`firmware-config provision`
+    /// output, or a coordinator's dev fleet).
+    pub fn coordinator(fleet_dir: &Path) -> Self {
+        Self {
+            ca: fleet_dir.join("ca.crt"),
+            certificate: fleet_dir.join("coordinator.crt"),
+            key: fleet_dir.join("coordinator.key"),
+        }
+    }
+
+    /// The coordinator of an in-process coordinator's fleet (its dev fleet).
+    pub fn coordinator_of(handle: &cloud_coordinator::CoordinatorHandle) -> Self {
+        let config = handle
+            .fleet_config
+            .as_ref()
+            .expect("the coordinator runs without a dev fleet: pass its fleet folder");
+        Self::coordinator(config.parent().unwrap())
+    }
+
+    /// MQTT options for client `id` of `broker`, over TLS as this identity.
+    pub fn options(&self, id: &str, broker: &HostPort) -> MqttOptions {
+        let roots = outpost_runtime::tls::roots(&self.ca).unwrap();
+        let identity = outpost_runtime::tls::Identity::load(&self.certificate, &self.key).unwrap();
+        let tls = outpost_runtime::tls::client_config(roots, identity, None).unwrap();
+        let mut options = MqttOptions::new(id, broker.host.clone(), broker.port);
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+        ));
+        options
+    }
+}
 
 /// How long an observer waits for a message.
 pub const MESSAGE_WAIT: Duration = Duration::from_secs(10);
@@ -22,11 +81,10 @@ impl std::fmt::Debug for MqttObserver {
 }
 
 impl MqttObserver {
-    /// A client of `broker` named `id` (packets up to 8 MiB, as manifests can be); it connects on
-    /// the first wait.
-    pub fn new(broker: &HostPort, id: &str) -> Self {
-        let mut options = MqttOptions::new(id, broker.host.clone(), broker.port);
-        options.set_max_packet_size(8 << 20, 8 << 20);
+    /// A client of `broker` named `id`, connecting as `identity` (packets up to 8 MiB, as
+    /// manifests can be); it connects on the first wait.
+    pub fn new(broker: &HostPort, id: &str, identity: &ClientIdentity) -> Self {
+        let options = identity.options(id, broker);
         let (client, mut events) = AsyncClient::new(options, 16);
         events.network_options.set_tcp_nodelay(true);
         MqttObserver { client, events }

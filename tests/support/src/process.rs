@@ -42,7 +42,7 @@ pub fn run(name: &str, args: &[&str]) -> String {
 }
 
 /// Whether this process runs as root (its effective user id, from `/proc/self/status`).
-fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

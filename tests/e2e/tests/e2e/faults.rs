@@ -254,7 +254,9 @@ impl Away {
 /// The coordinator goes `away` (for [`Away::lasts`]) while an agent installs a new version (the agent holds
 /// its fetch for 2 s, a `sleep` crash point, so the fault lands mid-install): the agent keeps
 /// serving the old version, retries with back-off, and converges once the coordinator is back,
-/// with no new push. Returns the seconds from its return to the new version serving.
+/// with no new push. Returns the seconds from its return to the new version serving (and
+/// prints it: the figure goes in the notes).
+#[allow(clippy::print_stderr)]
 fn an_install_converges_after(away: Away) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let fleet = provision(dir.path(), "away", 1);

@@ -155,26 +155,38 @@ fn provisioned_binaries_sync_serve_and_refuse_strangers() {
         assert!(drivers.is_empty(), "{fallback}; mapped: {drivers:#?}");
     }
 
-    // The strangers got the release but not the model, and say why.
-    eventually_blocking("the wrong-CA agent to report its failure", || {
-        model_error(wrong_ca_api, "video-ranker").is_some()
+    // The strangers get nothing at all: not even the release, since the broker and they cannot
+    // trust each other. Each says why in its status, and the coordinator counted the refusals.
+    eventually_blocking("the wrong-CA agent to report its broker failure", || {
+        status(wrong_ca_api)["broker_error"].is_string()
     });
-    let why = model_error(wrong_ca_api, "video-ranker").unwrap();
+    let why = status(wrong_ca_api)["broker_error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(
-        why.contains("no coordinator is reachable") && why.contains("certificate"),
+        why.contains("MQTT broker") && why.contains("certificate"),
         "{why}"
     );
-    eventually_blocking("the stranger to report its failure", || {
-        model_error(stranger_api, "video-ranker").is_some()
+    eventually_blocking("the stranger to report its broker failure", || {
+        status(stranger_api)["broker_error"].is_string()
     });
-    let why = model_error(stranger_api, "video-ranker").unwrap();
-    assert!(why.contains("no coordinator is reachable"), "{why}");
     for port in [wrong_ca_api, stranger_api] {
-        assert_eq!(
+        assert_eq!(status(port)["health"], "degraded");
+        assert!(model_error(port, "video-ranker").is_none());
+        assert_ne!(
             http(port, Method::GET, "/v2/models/video-ranker/ready", "").0,
-            503
+            200
         );
     }
+    let (code, metrics) = http(admin, Method::GET, "/metrics", "");
+    assert_eq!(code, 200, "{metrics}");
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_mqtt_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 2, "{metrics}");
     // The fleet view (from device status over MQTT) shows the device.
     eventually_blocking("the device in the fleet view", || {
         run("cloud-coordinator", &["fleet", "--config", config]).contains("e2e-0001")

@@ -10,7 +10,7 @@ use model_zoo::DemoModel;
 use outpost_test_support::agent::agent_config;
 use outpost_test_support::coordinator::{push, start_coordinator};
 use outpost_test_support::eventually::eventually;
-use outpost_test_support::mqtt::MqttObserver;
+use outpost_test_support::mqtt::{ClientIdentity, MqttObserver};
 
 /// A release that would take the device over its storage budget is refused, and the status says
 /// why; the version it had keeps serving.
@@ -86,9 +86,15 @@ async fn foreign_and_stale_releases_are_refused_and_reported() {
     )
     .await;
 
-    // Keep release 1 as the broker has it, to replay it later.
+    // Keep release 1 as the broker has it, to replay it later. Only the coordinator may write
+    // releases on the embedded broker: the forger here has its key (or a broker that lets
+    // anyone write), and the agent still refuses what it sends.
     let topic = "outpost/v1/models/video-ranker/manifest";
-    let mut observer = MqttObserver::new(&coordinator.mqtt, "observer");
+    let mut observer = MqttObserver::new(
+        &coordinator.mqtt,
+        "observer",
+        &ClientIdentity::coordinator_of(&coordinator),
+    );
     observer.subscribe(topic).await;
     let release_1 = observer.next_message(topic).await;
     let client = observer.into_publisher();

@@ -46,13 +46,11 @@ async fn the_agent_reconnects_to_a_restarted_coordinator() {
     let (status, reply) = infer(&agent, "music-two-tower", &music).await;
     assert_eq!(status, 503, "{reply}");
 
-    // Back on the same QUIC address and data. The embedded broker of the first one cannot be
-    // stopped in-process (rumqttd has no API for it), so the second uses it as an external one;
-    // the agent's MQTT session is untouched and only QUIC has to come back.
+    // Back on the same QUIC and MQTT addresses and data: the agent reconnects to both (its
+    // MQTT connection ended with the first coordinator's broker).
     let mut config = coordinator_config(dir.path());
     config.quic.listen = quic;
-    config.mqtt.listen = None;
-    config.mqtt.external = Some(mqtt);
+    config.mqtt.listen = Some(format!("{}:{}", mqtt.host, mqtt.port).parse().unwrap());
     let again = Coordinator::start(config).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
