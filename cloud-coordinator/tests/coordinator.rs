@@ -1136,3 +1136,56 @@ async fn the_embedded_broker_admits_only_the_fleet_and_holds_devices_to_their_to
     assert!(refused >= 6, "{refused} refusals counted");
     c.handle.shutdown().await;
 }
+
+/// The embedded broker's bounds: `[mqtt] max_connections` clients at once (one more is closed
+/// at once, and gets in once a slot is free), and sockets that never start their TLS handshake
+/// hold a slot each but keep no one else waiting (rumqttd's own TLS ran every handshake in its
+/// accept loop: one silent socket stopped every new client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_holds_its_connection_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.mqtt.max_connections = Some(8);
+    let c = start_with(config, dir).await;
+    let broker = c.handle.mqtt.clone();
+    // The coordinator's own client holds one slot; five silent sockets hold five more.
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(
+            tokio::net::TcpStream::connect((broker.host.as_str(), broker.port))
+                .await
+                .unwrap(),
+        );
+    }
+    let first = mqtt_connect(mqtt_options(&c.handle, "first", false)).await;
+    let (first, first_events) = first.expect("a client was kept waiting by silent sockets");
+    let second = mqtt_connect(mqtt_options(&c.handle, "second", false))
+        .await
+        .expect("the eighth slot");
+    // Past the limit: closed at once.
+    assert!(
+        mqtt_connect(mqtt_options(&c.handle, "ninth", false))
+            .await
+            .is_err(),
+        "a ninth connection got in"
+    );
+    // A slot comes free: the next client gets in.
+    drop((first, first_events));
+    drop(silent);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if mqtt_connect(mqtt_options(&c.handle, "later", false))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no slot came free after six connections closed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(second);
+    c.handle.shutdown().await;
+}
