@@ -256,7 +256,7 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
             let fleet = state
                 .fleet
                 .lock()
-                .map(|f| f.values().cloned().collect::<Vec<_>>())
+                .map(|f| f.values().map(|c| c.status.clone()).collect::<Vec<_>>())
                 .unwrap_or_default();
             json(StatusCode::OK, &fleet)
         }

@@ -131,6 +131,7 @@ impl Coordinator {
             None => None,
         };
         let coordinator_certificate = trust.certificate.clone();
+        let status_verifier = trust::StatusVerifier::new(trust.ca.clone());
 
         let db = sled::open(data_dir.join("registry.sled"))?;
         let chunks =
@@ -170,7 +171,11 @@ impl Coordinator {
             mqtt_client,
             registry.clone(),
             fleet.clone(),
-            config.mqtt.max_devices(),
+            mqtt::StatusCheck {
+                verifier: status_verifier,
+                metrics: metrics.clone(),
+                max_devices: config.mqtt.max_devices(),
+            },
             watcher.clone(),
         );
         tasks.push(mqtt_task);

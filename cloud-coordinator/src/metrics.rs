@@ -25,6 +25,9 @@ pub struct Metrics {
     /// MQTT connections the embedded broker refused or closed: no valid certificate, no
     /// CONNECT in time, a packet against the client's rules, or the connection limit.
     pub mqtt_refused: AtomicU64,
+    /// Device statuses ignored: unsigned, a certificate not of the fleet, a signature that does
+    /// not verify, another device's name, or older than the status already held.
+    pub status_rejected: AtomicU64,
     inference_ok: AtomicU64,
     inference_failed: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
@@ -81,6 +84,11 @@ impl Metrics {
             "outpost_mqtt_refused_total",
             "MQTT connections the embedded broker refused or closed (certificate, timeout, topic rules, limit).",
             get(&self.mqtt_refused),
+        );
+        counter(
+            "outpost_status_rejected_total",
+            "Device statuses ignored (unsigned, not of the fleet, bad signature, another device's name, replayed).",
+            get(&self.status_rejected),
         );
         counter(
             "outpost_inference_busy_total",

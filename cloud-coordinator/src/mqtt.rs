@@ -6,18 +6,39 @@
 //! time the client (re)connects.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outpost_runtime::Backoff;
-use outpost_shared::{DeviceStatus, Topic, topic};
+use outpost_shared::{DeviceStatus, SignedStatus, StatusOrder, Topic, topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 
 use crate::registry::Registry;
 
-/// Devices by id, with their last status.
-pub type FleetView = Arc<Mutex<BTreeMap<String, DeviceStatus>>>;
+/// A device's last status, as its signature vouched for it, and where it stood in its output.
+#[derive(Debug, Clone)]
+pub struct Certified {
+    /// The status.
+    pub status: DeviceStatus,
+    /// Its place, so a replayed older one is told apart.
+    pub order: StatusOrder,
+}
+
+/// Devices by id, with their last certified status.
+pub type FleetView = Arc<Mutex<BTreeMap<String, Certified>>>;
+
+/// What the MQTT loop needs to judge device statuses.
+#[derive(Debug, Clone)]
+pub struct StatusCheck {
+    /// Checks signatures and certificates.
+    pub verifier: crate::trust::StatusVerifier,
+    /// Counts what it ignores.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Devices the fleet view holds at most (`[mqtt] max_devices`).
+    pub max_devices: usize,
+}
 
 /// The coordinator's MQTT client.
 #[derive(Clone, Debug)]
@@ -34,7 +55,7 @@ impl Announcer {
         tls: rustls::ClientConfig,
         registry: Arc<Registry>,
         fleet: FleetView,
-        max_devices: usize,
+        check: StatusCheck,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let id = format!("outpost-coordinator-{}", std::process::id());
@@ -53,7 +74,7 @@ impl Announcer {
             announcer.clone(),
             registry,
             fleet,
-            max_devices,
+            check,
             shutdown,
         ));
         (announcer, task)
@@ -78,7 +99,7 @@ async fn run_events(
     announcer: Announcer,
     registry: Arc<Registry>,
     fleet: FleetView,
-    max_devices: usize,
+    check: StatusCheck,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(RECONNECT_START, RECONNECT_MAX);
@@ -124,35 +145,17 @@ async fn run_events(
                     }
                 });
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => match Topic::parse(&p.topic) {
-                Ok(Topic::DeviceStatus { device }) if p.payload.is_empty() => {
-                    if let Ok(mut f) = fleet.lock() {
-                        f.remove(&device);
-                    }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if let Ok(Topic::DeviceStatus { device }) = Topic::parse(&p.topic)
+                    && let Err(why) = certify(&check, &fleet, &device, &p.payload)
+                {
+                    check
+                        .metrics
+                        .status_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(device, why, "device status ignored");
                 }
-                Ok(Topic::DeviceStatus { device }) => match DeviceStatus::from_cbor(&p.payload) {
-                    Ok(status) if status.device_id == device => {
-                        if let Ok(mut f) = fleet.lock() {
-                            if f.len() < max_devices || f.contains_key(&device) {
-                                f.insert(device, status);
-                            } else {
-                                tracing::warn!(
-                                    device,
-                                    max_devices,
-                                    "the fleet view is full; status not kept ([mqtt] max_devices)"
-                                );
-                            }
-                        }
-                    }
-                    Ok(status) => {
-                        tracing::warn!(topic = %p.topic, claimed = %status.device_id, "status names another device")
-                    }
-                    Err(e) => {
-                        tracing::warn!(topic = %p.topic, error = %e, "unreadable device status")
-                    }
-                },
-                _ => {}
-            },
+            }
             Ok(_) => {}
             Err(e) => {
                 let delay = backoff.fail();
@@ -167,4 +170,47 @@ async fn run_events(
             }
         }
     }
+}
+
+/// Takes `payload`, published on device `device`'s status topic, into the fleet view when its
+/// signature, certificate and names hold and it is newer than the status held; why not,
+/// otherwise (nothing changes then).
+fn certify(
+    check: &StatusCheck,
+    fleet: &FleetView,
+    device: &str,
+    payload: &[u8],
+) -> Result<(), String> {
+    if payload.is_empty() {
+        return Err("an empty status (a cleared topic) says nothing".into());
+    }
+    let signed =
+        SignedStatus::from_cbor(payload).map_err(|e| format!("not a signed status: {e}"))?;
+    let (status, order) = check.verifier.verify(device, &signed)?;
+    let mut fleet = fleet
+        .lock()
+        .map_err(|_| "the fleet view is unavailable".to_owned())?;
+    match fleet.get(device) {
+        Some(held) if !order.follows(&held.order) => {
+            return Err(format!(
+                "older than the status held (session {:x} #{} at {}, held session {:x} #{} at {})",
+                order.session,
+                order.seq,
+                order.updated_at,
+                held.order.session,
+                held.order.seq,
+                held.order.updated_at
+            ));
+        }
+        Some(_) => {}
+        None if fleet.len() >= check.max_devices => {
+            return Err(format!(
+                "the fleet view is full ([mqtt] max_devices = {})",
+                check.max_devices
+            ));
+        }
+        None => {}
+    }
+    fleet.insert(device.to_owned(), Certified { status, order });
+    Ok(())
 }

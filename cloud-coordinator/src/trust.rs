@@ -191,3 +191,69 @@ pub fn mqtt_client_config(
     };
     outpost_runtime::tls::client_config(roots, identity(trust), None).map_err(tls_error)
 }
+
+/// Checks device statuses: signed by a device key whose certificate chains to the fleet CA and
+/// names the device the status is about.
+#[derive(Debug, Clone)]
+pub struct StatusVerifier {
+    ca: CertificateDer<'static>,
+}
+
+impl StatusVerifier {
+    /// A verifier trusting the fleet CA `ca`.
+    pub fn new(ca: CertificateDer<'static>) -> Self {
+        Self { ca }
+    }
+
+    /// The status in `signed`, published on device `device`'s topic, and where it stands in the
+    /// device's output; why not, when the certificate, the signature or the names do not hold.
+    pub fn verify(
+        &self,
+        device: &str,
+        signed: &outpost_shared::SignedStatus,
+    ) -> Result<(outpost_shared::DeviceStatus, outpost_shared::StatusOrder), String> {
+        let anchor =
+            webpki::anchor_from_trusted_cert(&self.ca).map_err(|e| format!("the fleet CA: {e}"))?;
+        let der = CertificateDer::from(signed.certificate.as_slice());
+        let cert = webpki::EndEntityCert::try_from(&der)
+            .map_err(|e| format!("the certificate does not parse: {e}"))?;
+        cert.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &[anchor],
+            &[],
+            rustls::pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| format!("the certificate is not one of the fleet's devices: {e}"))?;
+        cert.verify_signature(
+            webpki::ring::ECDSA_P256_SHA256,
+            &signed.message(),
+            &signed.signature,
+        )
+        .map_err(|e| format!("the signature does not verify: {e}"))?;
+        let named = firmware_config::device_id_from_certificate(&signed.certificate)
+            .map_err(|e| format!("the certificate names no device: {e}"))?;
+        if named.as_str() != device {
+            return Err(format!(
+                "signed by device {named}, published as device {device}"
+            ));
+        }
+        let status = signed
+            .device_status()
+            .map_err(|e| format!("the status inside does not decode: {e}"))?;
+        if status.device_id != device {
+            return Err(format!(
+                "the status is about device {}, published as device {device}",
+                status.device_id
+            ));
+        }
+        let order = outpost_shared::StatusOrder {
+            session: signed.session,
+            seq: signed.seq,
+            updated_at: status.updated_at,
+        };
+        Ok((status, order))
+    }
+}

@@ -726,40 +726,133 @@ async fn futures_join<
     out
 }
 
+/// A device of the coordinator's dev fleet: its config (enrolled into the dev fleet when it is
+/// not `dev-0001`), its MQTT options and its status-signing key.
+struct SimDevice {
+    options: rumqttc::MqttOptions,
+    certificate: Vec<u8>,
+    key: ring::signature::EcdsaKeyPair,
+}
+
+fn sim_device(handle: &cloud_coordinator::CoordinatorHandle, id: &str) -> SimDevice {
+    let fleet_config = handle.fleet_config.as_ref().unwrap();
+    let fleet = fleet_config.parent().unwrap();
+    let dir = fleet.join("devices").join(id);
+    if !dir.exists() {
+        let authority = firmware_config::provision::FleetAuthority::load(
+            &firmware_config::CoordinatorConfig::load(fleet_config).unwrap(),
+        )
+        .unwrap();
+        authority
+            .enroll(
+                &id.parse().unwrap(),
+                &[format!("127.0.0.1:{}", handle.quic_addr.port())
+                    .parse()
+                    .unwrap()],
+                &handle.mqtt,
+                fleet,
+            )
+            .unwrap();
+    }
+    sim_device_from(&dir, id, &fleet.join("ca.crt"), &handle.mqtt)
+}
+
+/// A device from the files in `dir` (`device.crt`, `device.key`), trusting `ca` for the broker.
+fn sim_device_from(
+    dir: &std::path::Path,
+    id: &str,
+    ca: &std::path::Path,
+    broker: &firmware_config::HostPort,
+) -> SimDevice {
+    let identity =
+        outpost_runtime::tls::Identity::load(&dir.join("device.crt"), &dir.join("device.key"))
+            .unwrap();
+    let certificate = identity.leaf().unwrap().as_ref().to_vec();
+    let rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8) = &identity.key else {
+        panic!("not PKCS#8")
+    };
+    let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        pkcs8.secret_pkcs8_der(),
+        &ring::rand::SystemRandom::new(),
+    )
+    .unwrap();
+    let roots = outpost_runtime::tls::roots(ca).unwrap();
+    let tls = outpost_runtime::tls::client_config(roots, identity, None).unwrap();
+    let mut options =
+        rumqttc::MqttOptions::new(format!("sim-{id}"), broker.host.clone(), broker.port);
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+    ));
+    SimDevice {
+        options,
+        certificate,
+        key,
+    }
+}
+
+impl SimDevice {
+    /// `status` signed by this device as number `seq` of `session`.
+    fn sign(&self, status: &DeviceStatus, session: u64, seq: u64) -> Vec<u8> {
+        outpost_shared::SignedStatus::sign(status, session, seq, &self.certificate, &self.key)
+            .unwrap()
+            .to_cbor()
+            .unwrap()
+    }
+}
+
+/// Publishes `payload` retained on device `device`'s status topic from a client of `options`.
+async fn publish_status_as(options: rumqttc::MqttOptions, device: &str, payload: Vec<u8>) {
+    let (client, mut events) = mqtt_connect(options).await.unwrap();
+    client
+        .publish(
+            Topic::device_status(device).unwrap().name(),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            payload,
+        )
+        .await
+        .unwrap();
+    // Until the broker has it (its PUBACK).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("no PUBACK for the status of {device}: {other:?}"),
+        }
+    }
+}
+
+/// The fleet view: what each device signed, newest first wins, at most `[mqtt] max_devices`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_view_shows_device_status() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path());
-    // Room for two devices: a third (an invented id, say) is not kept.
+    // Room for two devices: a third is not kept.
     config.mqtt.max_devices = Some(2);
     let c = start_with(config, dir).await;
-    // Statuses of three devices from one client: the coordinator's own identity, the one the
-    // broker lets write any topic.
-    let options = mqtt_options(&c.handle, "device-sim", true);
-    let (client, mut events) = rumqttc::AsyncClient::new(options, 16);
-    tokio::spawn(async move { while events.poll().await.is_ok() {} });
-    let publish = |device: &'static str, status: DeviceStatus| {
-        let client = client.clone();
-        async move {
-            let topic = Topic::device_status(device).unwrap().name();
-            client
-                .publish(
-                    topic,
-                    rumqttc::QoS::AtLeastOnce,
-                    true,
-                    status.to_cbor().unwrap(),
-                )
-                .await
-                .unwrap();
+    for (n, id) in ["dev-0001", "dev-0002", "dev-0003"].into_iter().enumerate() {
+        let device = sim_device(&c.handle, id);
+        let status = DeviceStatus::offline(id, "0.1.0", now());
+        publish_status_as(device.options.clone(), id, device.sign(&status, 7, 0)).await;
+        if n < 2 {
+            // Kept in this order, so the third is the one past the bound.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while c.client().fleet().await.unwrap().len() <= n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{id} never showed up"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-    };
-    for device in ["dev-0001", "dev-0002", "dev-0003"] {
-        publish(device, DeviceStatus::offline(device, "0.1.0", now())).await;
     }
     // A kept device's status is still updated once the view is full.
+    let first = sim_device(&c.handle, "dev-0001");
     let mut newer = DeviceStatus::offline("dev-0001", "0.2.0", now());
     newer.health = Health::Ready;
-    publish("dev-0001", newer).await;
+    publish_status_as(first.options.clone(), "dev-0001", first.sign(&newer, 7, 1)).await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let fleet = c.client().fleet().await.unwrap();
@@ -775,6 +868,135 @@ async fn the_fleet_view_shows_device_status() {
             "the devices never showed up: {fleet:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    c.handle.shutdown().await;
+}
+
+/// Statuses the coordinator must not believe, each published where the broker lets it through
+/// (as the coordinator's own identity, which may write any topic: a broker without topic rules
+/// would let anyone): unsigned, signed by another device, by another fleet's device, replayed
+/// (an older one of the same run, a run that ended with its last will, an older run). None
+/// changes the view, each is counted; the device's own newer status still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_status_counts_only_when_the_device_signed_it_and_it_is_newer() {
+    let c = start().await;
+    let one = sim_device(&c.handle, "dev-0001");
+    let two = sim_device(&c.handle, "dev-0002");
+    let anyone = || mqtt_options(&c.handle, &format!("forger-{}", rand_id()), true);
+    let rejected = || async {
+        let (_, metrics) = c.admin(Method::GET, "/metrics", b"").await;
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("outpost_status_rejected_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let wait_rejected = |count: u64| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while rejected().await < count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{count} rejections never counted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let health = |fleet: &[DeviceStatus]| {
+        fleet
+            .iter()
+            .find(|d| d.device_id == "dev-0001")
+            .map(|d| (d.health, d.agent_version.clone()))
+    };
+
+    // The device's own status: believed.
+    let t = now();
+    let mut ready = DeviceStatus::offline("dev-0001", "1.0.0", t);
+    ready.health = Health::Ready;
+    publish_status_as(one.options.clone(), "dev-0001", one.sign(&ready, 1, 5)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while health(&c.client().fleet().await.unwrap()).is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the device's status never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = rejected().await;
+
+    let mut fake = DeviceStatus::offline("dev-0001", "6.6.6", t + 10);
+    fake.health = Health::Degraded;
+    // Unsigned.
+    publish_status_as(anyone(), "dev-0001", fake.to_cbor().unwrap()).await;
+    // Signed by device 2, about device 1.
+    publish_status_as(anyone(), "dev-0001", two.sign(&fake, 2, 0)).await;
+    // Signed by another fleet's dev-0001.
+    let other = tempfile::tempdir().unwrap();
+    let plan = firmware_config::FleetPlan::numbered(
+        "dev",
+        1,
+        vec!["localhost:1".parse().unwrap()],
+        "localhost:1".parse().unwrap(),
+    )
+    .unwrap();
+    firmware_config::provision(&plan, other.path()).unwrap();
+    let impostor = sim_device_from(
+        &other.path().join("devices/dev-0001"),
+        "dev-0001",
+        &other.path().join("ca.crt"),
+        &c.handle.mqtt,
+    );
+    publish_status_as(anyone(), "dev-0001", impostor.sign(&fake, 3, 0)).await;
+    // The device's own, but older in its run (a replay).
+    publish_status_as(anyone(), "dev-0001", one.sign(&fake, 1, 4)).await;
+    // Cleared.
+    publish_status_as(anyone(), "dev-0001", Vec::new()).await;
+    wait_rejected(before + 5).await;
+    assert_eq!(
+        health(&c.client().fleet().await.unwrap()),
+        Some((Health::Ready, "1.0.0".into())),
+        "a status the device did not make changed the view"
+    );
+
+    // The run's last will: believed once; after it, nothing older of that run is.
+    let offline = DeviceStatus::offline("dev-0001", "1.0.0", t);
+    publish_status_as(
+        one.options.clone(),
+        "dev-0001",
+        one.sign(&offline, 1, u64::MAX),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while health(&c.client().fleet().await.unwrap()).map(|h| h.0) != Some(Health::Offline) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the last will never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = rejected().await;
+    publish_status_as(anyone(), "dev-0001", one.sign(&ready, 1, 6)).await;
+    // An older run, made before the status held.
+    let mut old_run = ready.clone();
+    old_run.updated_at = t - 100;
+    publish_status_as(anyone(), "dev-0001", one.sign(&old_run, 0, 9)).await;
+    wait_rejected(before + 2).await;
+    assert_eq!(
+        health(&c.client().fleet().await.unwrap()).map(|h| h.0),
+        Some(Health::Offline)
+    );
+    // The device restarted: a new run, made later, counts.
+    let mut back = DeviceStatus::offline("dev-0001", "1.1.0", t + 1);
+    back.health = Health::Ready;
+    publish_status_as(one.options.clone(), "dev-0001", one.sign(&back, 2, 0)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while health(&c.client().fleet().await.unwrap()) != Some((Health::Ready, "1.1.0".into())) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new run never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     c.handle.shutdown().await;
 }

@@ -129,6 +129,8 @@ pub(crate) struct Context {
     models: watch::Receiver<Arc<Models>>,
     /// Why the MQTT connection is down, while it is (set and cleared by the MQTT loop).
     pub(crate) broker_error: std::sync::Mutex<Option<String>>,
+    /// Signs the statuses and the last will.
+    pub(crate) signer: status::StatusSigner,
 }
 
 impl Context {
@@ -201,6 +203,7 @@ impl Agent {
         check_identity(&config)?;
         let offload = offload::OffloadClient::new(&config).map_err(AgentError::Identity)?;
         let mqtt_tls = sync::mqtt_tls(&config).map_err(AgentError::Identity)?;
+        let signer = status::StatusSigner::load(&config).map_err(AgentError::Identity)?;
         let verifier = ManifestVerifier::new(config.fleet.manifest_keys.clone());
         let (table, models) =
             ServingTable::new(config.profile().memory_budget_mb.saturating_mul(1 << 20));
@@ -211,6 +214,7 @@ impl Agent {
             counters: Counters::default(),
             models,
             broker_error: std::sync::Mutex::new(None),
+            signer,
         });
 
         // Cached models serve before any network is up.

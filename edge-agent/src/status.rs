@@ -59,6 +59,91 @@ pub(crate) fn device_status(
     }
 }
 
+/// Signs what the device says about itself with its key: every status, and the last will, so
+/// that the coordinator believes only what this device's certificate vouches for. Each MQTT
+/// connection is a new session (a random number); statuses count up within it, and the will,
+/// made at connect, is its last word ([`outpost_shared::status::WILL_SEQ`]).
+pub(crate) struct StatusSigner {
+    key: ring::signature::EcdsaKeyPair,
+    certificate: Vec<u8>,
+    device_id: String,
+    session: std::sync::atomic::AtomicU64,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for StatusSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusSigner")
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StatusSigner {
+    /// The device's certificate and key from its config.
+    pub(crate) fn load(config: &firmware_config::AgentConfig) -> Result<Self, String> {
+        let identity =
+            outpost_runtime::tls::Identity::load(&config.device.certificate, &config.device.key)
+                .map_err(|e| e.to_string())?;
+        let certificate = identity
+            .leaf()
+            .map(|c| c.as_ref().to_vec())
+            .ok_or("the device certificate file holds no certificate")?;
+        let rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8) = &identity.key else {
+            return Err("the device key is not PKCS#8".into());
+        };
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8.secret_pkcs8_der(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .map_err(|e| format!("the device key is not an ECDSA P-256 key: {e}"))?;
+        let signer = Self {
+            key,
+            certificate,
+            device_id: config.device.id.to_string(),
+            session: std::sync::atomic::AtomicU64::new(0),
+            seq: std::sync::atomic::AtomicU64::new(0),
+        };
+        signer.new_session();
+        Ok(signer)
+    }
+
+    /// Starts a new session (for a new MQTT connection); its number.
+    pub(crate) fn new_session(&self) -> u64 {
+        let mut bytes = [0u8; 8];
+        let random = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+        // Without randomness, the clock still tells runs apart.
+        let session = match random {
+            Ok(()) => u64::from_be_bytes(bytes),
+            Err(_) => now().rotate_left(32) ^ u64::from(std::process::id()),
+        };
+        self.seq.store(0, std::sync::atomic::Ordering::SeqCst);
+        self.session
+            .store(session, std::sync::atomic::Ordering::SeqCst);
+        session
+    }
+
+    /// `status`, signed as the next of the session, as the bytes to publish.
+    pub(crate) fn sign(&self, status: &DeviceStatus) -> Result<Vec<u8>, String> {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.sign_as(status, seq)
+    }
+
+    /// The session's last will: the device offline, signed as the session's last word.
+    pub(crate) fn will(&self) -> Result<Vec<u8>, String> {
+        let offline = DeviceStatus::offline(&self.device_id, env!("CARGO_PKG_VERSION"), now());
+        self.sign_as(&offline, outpost_shared::status::WILL_SEQ)
+    }
+
+    fn sign_as(&self, status: &DeviceStatus, seq: u64) -> Result<Vec<u8>, String> {
+        let session = self.session.load(std::sync::atomic::Ordering::SeqCst);
+        outpost_shared::SignedStatus::sign(status, session, seq, &self.certificate, &self.key)
+            .and_then(|s| Ok(s.to_cbor()?))
+            .map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use outpost_shared::{ModelVersion, Placement};

@@ -7,12 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_runtime::Backoff;
-use outpost_shared::{DeviceStatus, Topic, topic};
+use outpost_shared::{Topic, topic};
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
 use crate::Context;
-use crate::status::now;
 
 /// Reconnect delays: 100 ms after the first failure, doubling to 5 s, jittered.
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -45,13 +44,22 @@ pub(crate) fn mqtt_options(ctx: &Context, tls: rustls::ClientConfig) -> MqttOpti
     options.set_transport(rumqttc::Transport::tls_with_config(
         rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
     ));
-    if let (Ok(topic), Ok(offline)) = (
-        Topic::device_status(&id),
-        DeviceStatus::offline(&id, env!("CARGO_PKG_VERSION"), now()).to_cbor(),
-    ) {
-        options.set_last_will(LastWill::new(topic.name(), offline, QoS::AtLeastOnce, true));
+    if let Some(will) = last_will(ctx) {
+        options.set_last_will(will);
     }
     options
+}
+
+/// The last will of the signer's current session: the device offline, retained.
+fn last_will(ctx: &Context) -> Option<LastWill> {
+    let topic = Topic::device_status(ctx.config.device.id.as_str()).ok()?;
+    match ctx.signer.will() {
+        Ok(offline) => Some(LastWill::new(topic.name(), offline, QoS::AtLeastOnce, true)),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not sign the last will");
+            None
+        }
+    }
 }
 
 /// Bytes of manifests waiting for the installer at once: two of the largest a release may be
@@ -155,6 +163,11 @@ pub(crate) async fn run_mqtt(
             Ok(_) => {}
             Err(e) => {
                 let delay = backoff.fail();
+                // The next connection is a new session, with a last will of its own.
+                ctx.signer.new_session();
+                if let Some(will) = last_will(&ctx) {
+                    events.mqtt_options.set_last_will(will);
+                }
                 let broker = &ctx.config.mqtt.broker;
                 let why = format!("the MQTT broker {broker}: {e}");
                 if let Ok(mut slot) = ctx.broker_error.lock() {
@@ -179,7 +192,7 @@ pub(crate) async fn publish_status(ctx: &Context, client: &AsyncClient) {
     let Ok(topic) = Topic::device_status(&status.device_id) else {
         return;
     };
-    match status.to_cbor() {
+    match ctx.signer.sign(&status) {
         Ok(bytes) => {
             if let Err(e) = client
                 .publish(topic.name(), QoS::AtLeastOnce, true, bytes)
@@ -188,7 +201,7 @@ pub(crate) async fn publish_status(ctx: &Context, client: &AsyncClient) {
                 tracing::debug!(error = %e, "could not publish status");
             }
         }
-        Err(e) => tracing::warn!(error = %e, "could not encode status"),
+        Err(e) => tracing::warn!(error = %e, "could not sign the status"),
     }
 }
 

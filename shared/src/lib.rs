@@ -38,6 +38,6 @@ pub use release::{
     TensorSpec, Variant,
 };
 pub use signing::{KeyId, ManifestSigner, ManifestVerifier, PublicKey, SignedManifest};
-pub use status::{Counters, DeviceStatus, Health, ModelStatus};
+pub use status::{Counters, DeviceStatus, Health, ModelStatus, SignedStatus, StatusOrder};
 pub use tensor::{DataType, Tensor, TensorError};
 pub use topic::{Topic, TopicError};

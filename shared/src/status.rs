@@ -121,6 +121,127 @@ impl DeviceStatus {
     }
 }
 
+/// The `seq` of a last will: the last word of its session, newer than any status the session
+/// published before it.
+pub const WILL_SEQ: u64 = u64::MAX;
+
+/// What a status signature covers: this context, then the session, the sequence number and the
+/// status bytes.
+const STATUS_CONTEXT: &[u8] = b"outpost device status v1\0";
+
+/// Why a signed status could not be made or read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignedStatusError {
+    /// Not the CBOR of a signed status, or of a status inside it.
+    #[error(transparent)]
+    Cbor(#[from] CborError),
+    /// The device key could not sign.
+    #[error("signing the status: {0}")]
+    Sign(String),
+}
+
+/// A device status as published: the status's CBOR signed by the device's key (ECDSA P-256),
+/// with the device's certificate so the coordinator can check it against the fleet CA, and the
+/// place of the status in the agent's output (`session`, a random number per run, and `seq`,
+/// growing within it; [`WILL_SEQ`] for the last will), so a replayed status is older than the
+/// one it would replace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedStatus {
+    /// The [`DeviceStatus`], as CBOR.
+    #[serde(with = "serde_bytes")]
+    pub status: Vec<u8>,
+    /// The agent run that published it.
+    pub session: u64,
+    /// Its place in the run.
+    pub seq: u64,
+    /// The device's certificate (DER).
+    #[serde(with = "serde_bytes")]
+    pub certificate: Vec<u8>,
+    /// The ECDSA P-256 SHA-256 signature (ASN.1 DER) over [`SignedStatus::message`].
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// Where a status stands in its device's output, to tell a newer one from a replayed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusOrder {
+    /// The agent run.
+    pub session: u64,
+    /// The place in the run.
+    pub seq: u64,
+    /// When the status was made (seconds since the Unix epoch).
+    pub updated_at: u64,
+}
+
+impl StatusOrder {
+    /// Whether a status at `self` may replace one at `earlier`: later in the same run, or from
+    /// another run and made no earlier (a restarted agent starts a new run).
+    pub fn follows(&self, earlier: &StatusOrder) -> bool {
+        if self.session == earlier.session {
+            self.seq > earlier.seq
+        } else {
+            self.updated_at >= earlier.updated_at
+        }
+    }
+}
+
+/// The largest signed status accepted: a status, a certificate and a signature.
+pub const MAX_SIGNED_STATUS_BYTES: usize = MAX_STATUS_BYTES + 16 * 1024;
+
+impl SignedStatus {
+    /// Signs `status` as number `seq` of `session` with `key`, the key of `certificate`.
+    pub fn sign(
+        status: &DeviceStatus,
+        session: u64,
+        seq: u64,
+        certificate: &[u8],
+        key: &ring::signature::EcdsaKeyPair,
+    ) -> Result<Self, SignedStatusError> {
+        let status = status.to_cbor()?;
+        let message = Self::message_of(&status, session, seq);
+        let signature = key
+            .sign(&ring::rand::SystemRandom::new(), &message)
+            .map_err(|_| SignedStatusError::Sign("ECDSA signing failed".into()))?;
+        Ok(Self {
+            status,
+            session,
+            seq,
+            certificate: certificate.to_vec(),
+            signature: signature.as_ref().to_vec(),
+        })
+    }
+
+    fn message_of(status: &[u8], session: u64, seq: u64) -> Vec<u8> {
+        let mut message = Vec::with_capacity(STATUS_CONTEXT.len() + 16 + status.len());
+        message.extend_from_slice(STATUS_CONTEXT);
+        message.extend_from_slice(&session.to_be_bytes());
+        message.extend_from_slice(&seq.to_be_bytes());
+        message.extend_from_slice(status);
+        message
+    }
+
+    /// The bytes the signature covers.
+    pub fn message(&self) -> Vec<u8> {
+        Self::message_of(&self.status, self.session, self.seq)
+    }
+
+    /// The status inside (not checked: verify the signature first).
+    pub fn device_status(&self) -> Result<DeviceStatus, CborError> {
+        DeviceStatus::from_cbor(&self.status)
+    }
+
+    /// The CBOR bytes published on the device's status topic.
+    pub fn to_cbor(&self) -> Result<Vec<u8>, CborError> {
+        cbor::encode("signed device status", self, MAX_SIGNED_STATUS_BYTES)
+    }
+
+    /// Reads a signed status from its CBOR bytes.
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, CborError> {
+        cbor::decode("signed device status", bytes, MAX_SIGNED_STATUS_BYTES)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
