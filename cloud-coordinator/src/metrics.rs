@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Device statuses ignored: unsigned, a certificate not of the fleet, a signature that does
     /// not verify, another device's name, or older than the status already held.
     pub status_rejected: AtomicU64,
+    /// Releases announced again because the broker's retained copy was cleared or replaced.
+    pub releases_reasserted: AtomicU64,
     inference_ok: AtomicU64,
     inference_failed: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
@@ -89,6 +91,11 @@ impl Metrics {
             "outpost_status_rejected_total",
             "Device statuses ignored (unsigned, not of the fleet, bad signature, another device's name, replayed).",
             get(&self.status_rejected),
+        );
+        counter(
+            "outpost_releases_reasserted_total",
+            "Releases announced again because the broker's retained copy was cleared or replaced.",
+            get(&self.releases_reasserted),
         );
         counter(
             "outpost_inference_busy_total",

@@ -124,12 +124,10 @@ async fn run_events(
                 let (announcer, registry) = (announcer.clone(), registry.clone());
                 while announcing.try_join_next().is_some() {}
                 announcing.spawn(async move {
-                    if let Err(e) = announcer
-                        .client
-                        .subscribe(topic::ALL_DEVICE_STATUS, QoS::AtLeastOnce)
-                        .await
-                    {
-                        tracing::warn!(error = %e, "could not subscribe to device status");
+                    for filter in [topic::ALL_DEVICE_STATUS, topic::ALL_MANIFESTS] {
+                        if let Err(e) = announcer.client.subscribe(filter, QoS::AtLeastOnce).await {
+                            tracing::warn!(error = %e, filter, "could not subscribe");
+                        }
                     }
                     match registry.signed_manifests() {
                         Ok(all) => {
@@ -145,17 +143,41 @@ async fn run_events(
                     }
                 });
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                if let Ok(Topic::DeviceStatus { device }) = Topic::parse(&p.topic)
-                    && let Err(why) = certify(&check, &fleet, &device, &p.payload)
-                {
-                    check
-                        .metrics
-                        .status_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(device, why, "device status ignored");
+            Ok(Event::Incoming(Packet::Publish(p))) => match Topic::parse(&p.topic) {
+                Ok(Topic::DeviceStatus { device }) => {
+                    if let Err(why) = certify(&check, &fleet, &device, &p.payload) {
+                        check
+                            .metrics
+                            .status_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(device, why, "device status ignored");
+                    }
                 }
-            }
+                // The broker's copy of a release (retained) must be the current one: one that
+                // was cleared or replaced is announced again.
+                Ok(Topic::Manifest { model }) => match registry.signed_manifest(&model) {
+                    Ok(Some(current)) if current != p.payload.as_ref() => {
+                        check
+                            .metrics
+                            .releases_reasserted
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            model,
+                            "the broker's release was cleared or replaced; announcing it again"
+                        );
+                        let announcer = announcer.clone();
+                        while announcing.try_join_next().is_some() {}
+                        announcing.spawn(async move {
+                            if let Err(e) = announcer.announce(&model, current).await {
+                                tracing::warn!(model, error = %e, "could not announce");
+                            }
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(model, error = %e, "could not read the registry"),
+                },
+                _ => {}
+            },
             Ok(_) => {}
             Err(e) => {
                 let delay = backoff.fail();

@@ -218,6 +218,22 @@ async fn serve_stream(
             };
             write(&mut send, &response).await?;
         }
+        Request::Releases { models } => match service.registry.signed_manifests() {
+            Ok(all) => {
+                for (model, signed) in all {
+                    if models.is_empty() || models.contains(&model) {
+                        write(&mut send, &Response::Release { model, signed }).await?;
+                    }
+                }
+            }
+            Err(e) => {
+                let response = Response::Error {
+                    kind: ErrorKind::Internal,
+                    message: format!("the registry: {e}"),
+                };
+                write(&mut send, &response).await?;
+            }
+        },
         Request::GetChunks { ids } if ids.len() > frame::MAX_CHUNKS_PER_REQUEST => {
             let response = Response::Error {
                 kind: ErrorKind::BadRequest,

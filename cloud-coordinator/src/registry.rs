@@ -450,6 +450,11 @@ impl Registry {
         Ok(())
     }
 
+    /// Model `model`'s current signed release, if it has one.
+    pub fn signed_manifest(&self, model: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        Ok(self.manifests.get(model)?.map(|v| v.to_vec()))
+    }
+
     /// Every model's current signed manifest (CBOR), to (re)publish.
     pub fn signed_manifests(&self) -> Result<Vec<(String, Vec<u8>)>, RegistryError> {
         self.manifests

@@ -1411,3 +1411,53 @@ async fn the_embedded_broker_holds_its_connection_limit() {
     drop(second);
     c.handle.shutdown().await;
 }
+
+/// A retained release cleared on the broker (here by a client allowed to: the coordinator's
+/// identity; a broker without topic rules would let anyone) is announced again at once, so a
+/// device that subscribes afterwards still learns of it; the coordinator counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleared_release_is_announced_again() {
+    let c = start().await;
+    let bytes = DemoModel::IntentClassifier.bytes(DEFAULT_SEED);
+    c.push("intent-classifier", &local(), &bytes).await;
+    let topic = Topic::manifest("intent-classifier").unwrap().name();
+    let release = first_message(&c.handle, &topic).await;
+    let (client, mut events) = mqtt_connect(mqtt_options(&c.handle, "eraser", true))
+        .await
+        .unwrap();
+    client
+        .publish(&topic, rumqttc::QoS::AtLeastOnce, true, Vec::new())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !matches!(
+        tokio::time::timeout_at(deadline, events.poll()).await,
+        Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))))
+    ) {
+        assert!(tokio::time::Instant::now() < deadline, "no PUBACK");
+    }
+    // A newcomer gets the release (retained again), not an empty topic.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = message_where(&c.handle, &topic, |_| true).await;
+        if got == release {
+            break;
+        }
+        assert!(got.is_empty(), "a different release: {} bytes", got.len());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the release was not announced again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = c.admin(Method::GET, "/metrics", b"").await;
+    let reasserted = metrics
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_releases_reasserted_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(reasserted >= 1, "{metrics}");
+    c.handle.shutdown().await;
+}

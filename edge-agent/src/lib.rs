@@ -131,6 +131,8 @@ pub(crate) struct Context {
     pub(crate) broker_error: std::sync::Mutex<Option<String>>,
     /// Signs the statuses and the last will.
     pub(crate) signer: status::StatusSigner,
+    /// Wakes the release poller (after an MQTT reconnect).
+    pub(crate) poll_releases: tokio::sync::Notify,
 }
 
 impl Context {
@@ -215,6 +217,7 @@ impl Agent {
             models,
             broker_error: std::sync::Mutex::new(None),
             signer,
+            poll_releases: tokio::sync::Notify::new(),
         });
 
         // Cached models serve before any network is up.
@@ -243,6 +246,11 @@ impl Agent {
         let (manifests_tx, manifests_rx) = sync::manifest_queue();
         let tasks = vec![
             tokio::spawn(api::serve(listener, ctx.clone(), watcher.clone())),
+            tokio::spawn(sync::poll_releases(
+                ctx.clone(),
+                manifests_tx.clone(),
+                watcher.clone(),
+            )),
             tokio::spawn(sync::run_mqtt(
                 ctx.clone(),
                 client.clone(),

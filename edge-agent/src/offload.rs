@@ -75,7 +75,7 @@ impl Deadlines {
     pub(crate) fn of(&self, request: &Request) -> Duration {
         match request {
             Request::Hello { .. } => self.hello,
-            Request::GetChunks { .. } => self.chunks,
+            Request::GetChunks { .. } | Request::Releases { .. } => self.chunks,
             Request::Infer { .. } => self.infer,
         }
     }
@@ -324,6 +324,26 @@ impl OffloadClient {
                 Response::ChunkMissing { id } => {
                     tracing::warn!(chunk = %id, "the coordinator lacks a chunk")
                 }
+                Response::Error { kind, message } => {
+                    return Err(OffloadError::Refused { kind, message });
+                }
+                other => return Err(OffloadError::Protocol(format!("unexpected {other:?}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The coordinator's current signed releases (of `models`, or all when empty), as
+    /// `(model, signed manifest)`; not verified here (the installer verifies them).
+    pub async fn releases(
+        &self,
+        models: Vec<String>,
+    ) -> Result<Vec<(String, Vec<u8>)>, OffloadError> {
+        let responses = self.call(&Request::Releases { models }).await?;
+        let mut out = Vec::new();
+        for response in responses {
+            match response {
+                Response::Release { model, signed } => out.push((model, signed)),
                 Response::Error { kind, message } => {
                     return Err(OffloadError::Refused { kind, message });
                 }

@@ -130,6 +130,8 @@ pub(crate) async fn run_mqtt(
                 if let Ok(mut e) = ctx.broker_error.lock() {
                     *e = None;
                 }
+                // What was published while the connection was down: ask over QUIC too.
+                ctx.poll_releases.notify_one();
                 let filters: Vec<String> = if ctx.config.sync.models.is_empty() {
                     vec![topic::ALL_MANIFESTS.to_owned()]
                 } else {
@@ -182,6 +184,37 @@ pub(crate) async fn run_mqtt(
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
+        }
+    }
+}
+
+/// Asks the coordinator for the current releases over QUIC, at start, after every MQTT
+/// (re)connect and every `sync.release_poll_s` (jittered by half either way), and queues them
+/// for the installer exactly as if MQTT had delivered them: a release hidden from the broker, or
+/// a broker that is down, does not keep a device from it.
+pub(crate) async fn poll_releases(
+    ctx: Arc<Context>,
+    manifests: ManifestSender,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let every = Duration::from_secs(ctx.config.sync.release_poll_s.max(1));
+    loop {
+        match ctx.offload.releases(ctx.config.sync.models.clone()).await {
+            Ok(releases) => {
+                tracing::debug!(count = releases.len(), "releases from the coordinator");
+                for (model, signed) in releases {
+                    if let Err(why) = manifests.offer(&signed) {
+                        tracing::warn!(model, why, "release dropped; asked again at the next poll");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "could not ask the coordinator for releases"),
+        }
+        let wait = every.mul_f64(outpost_runtime::backoff::jitter());
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(wait) => {}
+            () = ctx.poll_releases.notified() => {}
         }
     }
 }

@@ -183,6 +183,11 @@ pub struct SyncSection {
     /// this if less; each failure doubles it, jittered).
     #[serde(default = "default_install_retry_max_s")]
     pub install_retry_max_s: u64,
+    /// How often the agent also asks its coordinator for the current releases over QUIC,
+    /// seconds (jittered by half either way; and at start and after every MQTT reconnect), so a
+    /// release hidden from the broker, or a broker that is down, still reaches the device.
+    #[serde(default = "default_release_poll_s")]
+    pub release_poll_s: u64,
 }
 
 impl Default for SyncSection {
@@ -190,8 +195,13 @@ impl Default for SyncSection {
         Self {
             models: Vec::new(),
             install_retry_max_s: default_install_retry_max_s(),
+            release_poll_s: default_release_poll_s(),
         }
     }
+}
+
+const fn default_release_poll_s() -> u64 {
+    300
 }
 
 const fn default_install_retry_max_s() -> u64 {
@@ -306,6 +316,9 @@ impl AgentConfig {
                 "coordinator.addresses".into(),
                 "needs at least one HOST:PORT".into(),
             ));
+        }
+        if self.sync.release_poll_s == 0 {
+            problems.push(("sync.release_poll_s".into(), "must be at least 1".into()));
         }
         if self.sync.install_retry_max_s == 0 {
             problems.push((

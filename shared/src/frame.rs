@@ -50,6 +50,13 @@ pub enum Request {
         /// The outputs wanted (empty: all).
         outputs: Vec<String>,
     },
+    /// Send the current signed release of every model (or of these models only), each as a
+    /// [`Response::Release`]: the channel beside MQTT, so that a release hidden from the broker
+    /// still reaches the device.
+    Releases {
+        /// Only these models (empty: all).
+        models: Vec<String>,
+    },
 }
 
 /// What a coordinator answers.
@@ -83,6 +90,15 @@ pub enum Response {
         version: u64,
         /// The outputs.
         outputs: Vec<Tensor>,
+    },
+    /// One model's current release: the signed manifest, byte for byte as on MQTT (the
+    /// receiver verifies it, and `model` is only a hint until then).
+    Release {
+        /// The model it names.
+        model: String,
+        /// The signed manifest (CBOR).
+        #[serde(with = "serde_bytes")]
+        signed: Vec<u8>,
     },
     /// The coordinator is at capacity; try again after the hint.
     Busy {

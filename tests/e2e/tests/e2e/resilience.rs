@@ -180,3 +180,41 @@ async fn a_failed_install_is_tried_again_until_it_converges() {
     agent.shutdown().await;
     coordinator.shutdown().await;
 }
+
+/// A broker the agent cannot reach (down, or blocked on the network): releases still come over
+/// QUIC, at the agent's `sync.release_poll_s`, and install as if MQTT had brought them; the
+/// status says the broker is unreachable, and the model serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_reach_an_agent_whose_broker_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let mut config = agent_config(&coordinator, dir.path());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    config.mqtt.broker.port = closed.local_addr().unwrap().port();
+    drop(closed);
+    config.sync.release_poll_s = 1;
+    let agent = Agent::start(config).await.unwrap();
+    push(
+        &coordinator,
+        "video-ranker",
+        &placed("local"),
+        &DemoModel::VideoRanker.bytes(DEFAULT_SEED),
+    )
+    .await;
+    eventually("the release over QUIC", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    let status = agent.status();
+    let broker = status.broker_error.unwrap_or_default();
+    assert!(broker.contains("MQTT broker"), "{broker:?}");
+    let (code, reply) = infer(
+        &agent,
+        "video-ranker",
+        &outpost_test_support::agent::ranker_request(2).0,
+    )
+    .await;
+    assert_eq!(code, 200, "{reply}");
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
