@@ -179,6 +179,11 @@ impl Coordinator {
             watcher.clone(),
         );
         tasks.push(mqtt_task);
+        tasks.push(tokio::spawn(mqtt::keep_releases_fresh(
+            registry.clone(),
+            announcer.clone(),
+            watcher.clone(),
+        )));
 
         let (pool, workers) = infer::InferencePool::start(
             config.inference.workers,

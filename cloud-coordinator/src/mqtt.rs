@@ -236,3 +236,33 @@ fn certify(
     fleet.insert(device.to_owned(), Certified { status, order });
     Ok(())
 }
+
+/// Keeps every current release fresh: at start and then every quarter of the release TTL (at
+/// most hourly), signs again the releases with less than half their time left and announces
+/// them, until `shutdown`.
+pub async fn keep_releases_fresh(
+    registry: Arc<Registry>,
+    announcer: Announcer,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let every = Duration::from_secs((registry.release_ttl() / 4).clamp(1, 3600));
+    loop {
+        let registry_ = Arc::clone(&registry);
+        match tokio::task::spawn_blocking(move || registry_.refresh()).await {
+            Ok(Ok(refreshed)) => {
+                for (model, signed) in refreshed {
+                    tracing::info!(model, "release signed again before it expires");
+                    if let Err(e) = announcer.announce(&model, signed).await {
+                        tracing::warn!(model, error = %e, "could not announce the fresh release");
+                    }
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "could not sign releases again"),
+            Err(e) => tracing::error!(error = %e, "the release refresh failed"),
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}

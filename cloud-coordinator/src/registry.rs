@@ -45,6 +45,10 @@ struct ModelRecord {
     /// Quantisation figures by version (records written before int8 existed have none).
     #[serde(default)]
     edge_reports: BTreeMap<u64, EdgeReport>,
+    /// When the current release was signed (Unix seconds; 0 for records written before
+    /// releases expired, which are signed again at start).
+    #[serde(default)]
+    signed_at: u64,
 }
 
 impl ModelRecord {
@@ -52,7 +56,7 @@ impl ModelRecord {
         self.versions.iter().find(|m| m.version == v)
     }
 
-    fn manifest(&self, now: u64) -> Result<Manifest, RegistryError> {
+    fn manifest(&self, now: u64, ttl: u64) -> Result<Manifest, RegistryError> {
         let missing = |v| RegistryError::Storage(format!("model {} lost version {v}", self.name));
         let stable = self
             .version(self.stable)
@@ -70,7 +74,7 @@ impl ModelRecord {
             model: self.name.clone(),
             release: self.release,
             created_at: now,
-            expires_at: None,
+            expires_at: Some(now.saturating_add(ttl)),
             stable,
             candidate,
         })
@@ -86,6 +90,8 @@ pub struct Registry {
     signer: ManifestSigner,
     keep_versions: usize,
     tolerance: Tolerance,
+    /// How long a signed release is valid, seconds.
+    release_ttl: u64,
     write: Mutex<()>,
 }
 
@@ -124,6 +130,7 @@ impl Registry {
                 min_cosine: options.int8_min_cosine,
                 min_top1_agreement: options.int8_min_top1_agreement,
             },
+            release_ttl: options.release_ttl_s.max(2),
             write: Mutex::new(()),
         })
     }
@@ -239,6 +246,7 @@ impl Registry {
             candidate: None,
             versions: Vec::new(),
             edge_reports: BTreeMap::new(),
+            signed_at: 0,
         });
         let stable = record.version(record.stable).cloned();
         let delta: Vec<Delta> = variants
@@ -386,26 +394,7 @@ impl Registry {
             let gone = record.versions.remove(i);
             record.edge_reports.remove(&gone.version);
         }
-        let manifest = record.manifest(now())?;
-        let signed = self
-            .signer
-            .sign(&manifest)
-            .map_err(|e| RegistryError::Storage(e.to_string()))?;
-        let bytes = signed
-            .to_cbor()
-            .map_err(|e| RegistryError::Storage(e.to_string()))?;
-        let encoded = cbor::encode("model record", &record, RECORD_LIMIT)
-            .map_err(|e| RegistryError::Storage(e.to_string()))?;
-        // The record and its signed manifest together or not at all: a crash between two
-        // inserts must not leave a manifest that announces a version the record lacks.
-        use sled::Transactional as _;
-        (&self.models, &self.manifests)
-            .transaction(|(models, manifests)| {
-                models.insert(record.name.as_bytes(), encoded.as_slice())?;
-                manifests.insert(record.name.as_bytes(), bytes.as_slice())?;
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| RegistryError::Storage(format!("writing model record: {e:?}")))?;
+        let bytes = self.sign_and_store(&mut record)?;
         crash_point!("registry.record_committed");
         self.db.flush()?;
         crash_point!("registry.flushed");
@@ -426,6 +415,62 @@ impl Registry {
             edge: record.edge_reports.get(&version).cloned(),
         };
         Ok((published, bytes))
+    }
+
+    /// Signs `record`'s current release (valid for the release TTL from now) and writes the
+    /// record and its signed manifest together, or not at all: a crash between two inserts
+    /// must not leave a manifest that announces a version the record lacks. The signed bytes.
+    fn sign_and_store(&self, record: &mut ModelRecord) -> Result<Vec<u8>, RegistryError> {
+        let now = now();
+        record.signed_at = now;
+        let manifest = record.manifest(now, self.release_ttl)?;
+        let signed = self
+            .signer
+            .sign(&manifest)
+            .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        let bytes = signed
+            .to_cbor()
+            .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        let encoded = cbor::encode("model record", &*record, RECORD_LIMIT)
+            .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        use sled::Transactional as _;
+        (&self.models, &self.manifests)
+            .transaction(|(models, manifests)| {
+                models.insert(record.name.as_bytes(), encoded.as_slice())?;
+                manifests.insert(record.name.as_bytes(), bytes.as_slice())?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| RegistryError::Storage(format!("writing model record: {e:?}")))?;
+        Ok(bytes)
+    }
+
+    /// How long a signed release is valid, seconds.
+    pub fn release_ttl(&self) -> u64 {
+        self.release_ttl
+    }
+
+    /// Signs again, as a new release number with the same content, every current release that
+    /// has less than half its time left (and any signed before releases expired); returns them
+    /// to announce. Agents record such a release without fetching or switching anything.
+    pub fn refresh(&self) -> Result<Vec<(String, Vec<u8>)>, RegistryError> {
+        let _guard = self
+            .write
+            .lock()
+            .map_err(|_| RegistryError::Storage("registry lock poisoned".into()))?;
+        let due = now().saturating_sub(self.release_ttl / 2);
+        let mut refreshed = Vec::new();
+        for mut record in self.records()? {
+            if record.signed_at > due {
+                continue;
+            }
+            record.release += 1;
+            let bytes = self.sign_and_store(&mut record)?;
+            refreshed.push((record.name.clone(), bytes));
+        }
+        if !refreshed.is_empty() {
+            self.db.flush()?;
+        }
+        Ok(refreshed)
     }
 
     /// Deletes chunks that no kept version of any model references.

@@ -161,6 +161,9 @@ impl Installer {
     pub(crate) fn load_cached(&mut self) -> Result<(), StoreError> {
         let store = &self.ctx.store;
         for (model, record) in store.records()? {
+            if let Some(manifest) = &record.manifest {
+                self.table.release_accepted(&model, manifest.expires_at);
+            }
             let Some(active) = &record.active else {
                 continue;
             };
@@ -351,16 +354,21 @@ impl Installer {
             |id| chunks.contains(id),
         )?;
         crash_point!("installer.planned");
-        match plan {
-            Install::Ignore => Ok(()),
+        let expires_at = manifest.expires_at;
+        let outcome = match plan {
+            Install::Ignore => return Ok(()),
             Install::RecordRelease => {
                 record.manifest = Some(manifest);
-                Ok(store.save(&model, &record)?)
+                store.save(&model, &record).map_err(InstallError::from)
             }
             Install::Switch { target, missing } => {
                 self.switch(record, manifest, target, missing).await
             }
+        };
+        if outcome.is_ok() {
+            self.table.release_accepted(&model, expires_at);
         }
+        outcome
     }
 
     /// Fetches what is missing, loads `target`, and makes it the active version.

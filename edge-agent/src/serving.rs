@@ -88,6 +88,8 @@ pub(crate) struct Slot {
     pub(crate) last_error: Option<String>,
     /// When the pending version's failed install is tried again.
     pub(crate) retry_at: Option<std::time::Instant>,
+    /// When the newest release accepted for the model expires (Unix seconds).
+    pub(crate) release_expires_at: Option<u64>,
 }
 
 impl Slot {
@@ -175,6 +177,16 @@ impl ServingTable {
             let slot = m.slots.entry(model.to_owned()).or_default();
             slot.active = Some(Arc::new(serving));
             slot.stored_previous = previous;
+        });
+    }
+
+    /// The newest release accepted for `model` expires at `expires_at`.
+    pub(crate) fn release_accepted(&mut self, model: &str, expires_at: Option<u64>) {
+        self.change(|m| {
+            m.slots
+                .entry(model.to_owned())
+                .or_default()
+                .release_expires_at = expires_at;
         });
     }
 

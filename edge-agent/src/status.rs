@@ -24,7 +24,21 @@ pub(crate) fn device_status(
     let last_error = models.last_error().map(str::to_owned);
     let models: Vec<ModelStatus> = models
         .iter()
-        .map(|(name, slot)| ModelStatus {
+        .map(|(name, slot)| {
+            let expires_in = slot.release_expires_at.map(|at| {
+                i64::try_from(at).unwrap_or(i64::MAX) - i64::try_from(updated_at).unwrap_or(0)
+            });
+            // Expired: it keeps serving, and says that nothing installs until a fresh release.
+            let expired = expires_in.filter(|s| *s <= 0).map(|s| {
+                format!(
+                    "the newest release expired {} s ago: serving what it has, installing nothing until a fresh release comes (is the coordinator reachable?)",
+                    -s
+                )
+            });
+            (name, slot, expires_in, expired)
+        })
+        .map(|(name, slot, expires_in, expired)| ModelStatus {
+            release_expires_in_s: expires_in,
             model: name.clone(),
             active: slot.active.as_ref().map(|s| s.version.version),
             previous: slot.stored_previous,
@@ -32,7 +46,7 @@ pub(crate) fn device_status(
             engine: slot.active.as_ref().map(|s| s.engine_name().to_owned()),
             adapter: slot.active.as_ref().and_then(|s| s.adapter.clone()),
             gpu_fallback: slot.active.as_ref().and_then(|s| s.gpu_fallback.clone()),
-            last_error: slot.last_error.clone(),
+            last_error: slot.last_error.clone().or(expired),
             retry_in_ms: slot.retry_at.map(|at| {
                 u64::try_from(
                     at.saturating_duration_since(std::time::Instant::now())

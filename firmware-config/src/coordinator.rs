@@ -217,11 +217,21 @@ pub struct RegistrySection {
     /// classifier outputs.
     #[serde(default = "default_int8_min_top1_agreement")]
     pub int8_min_top1_agreement: f64,
+    /// How long a signed release is valid, seconds (default 7 days). Agents refuse an expired
+    /// release; the coordinator signs every current release again (a new release number, the
+    /// same content) once half of this has passed.
+    #[serde(default = "default_release_ttl_s")]
+    pub release_ttl_s: u64,
+}
+
+fn default_release_ttl_s() -> u64 {
+    7 * 24 * 3600
 }
 
 impl Default for RegistrySection {
     fn default() -> Self {
         Self {
+            release_ttl_s: default_release_ttl_s(),
             keep_versions: default_keep_versions(),
             max_upload_mb: default_max_upload_mb(),
             int8_max_abs_error: default_int8_max_abs_error(),
@@ -375,6 +385,12 @@ impl CoordinatorConfig {
             problems.push((
                 "mqtt.external",
                 "set either mqtt.listen (embedded broker) or mqtt.external, not both".to_owned(),
+            ));
+        }
+        if self.registry.release_ttl_s < 2 {
+            problems.push((
+                "registry.release_ttl_s",
+                "must be at least 2 seconds (a release is signed again at half of it)".to_owned(),
             ));
         }
         if self.registry.keep_versions < 2 {

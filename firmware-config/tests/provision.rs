@@ -120,7 +120,7 @@ fn signing_key_signs_what_agents_verify() {
         model: "m".into(),
         release: 1,
         created_at: 1,
-        expires_at: None,
+        expires_at: Some(u64::MAX),
         stable: outpost_shared::ModelVersion {
             version: 1,
             inputs: vec![outpost_shared::TensorSpec {

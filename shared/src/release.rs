@@ -362,6 +362,12 @@ pub enum ManifestError {
         /// The time of the check, Unix seconds.
         now: u64,
     },
+    /// The manifest carries no expiry: a release that never expires could be replayed forever.
+    #[error("manifest of model {model:?} carries no expiry; releases must expire")]
+    NoExpiry {
+        /// The model.
+        model: String,
+    },
     /// The manifest is not newer than the one already accepted.
     #[error(
         "manifest of model {model:?} is release {offered}, not newer than release {current} already accepted"

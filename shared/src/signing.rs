@@ -239,9 +239,12 @@ impl ManifestVerifier {
                 model: payload.manifest.model.clone(),
             })?;
         let manifest = payload.manifest;
-        if let Some(expires_at) = manifest.expires_at
-            && now >= expires_at
-        {
+        let Some(expires_at) = manifest.expires_at else {
+            return Err(ManifestError::NoExpiry {
+                model: manifest.model,
+            });
+        };
+        if now >= expires_at {
             return Err(ManifestError::Expired {
                 model: manifest.model,
                 expires_at,
@@ -393,7 +396,7 @@ pub(crate) mod tests {
             let mut m = manifest();
             m.release = release;
             m.created_at = created;
-            m.expires_at = None;
+            m.expires_at = Some(NOW + created + 1);
             let c = m.candidate.as_mut().unwrap();
             c.rollout_percent = percent;
             c.salt = salt;

@@ -70,6 +70,10 @@ pub struct ModelStatus {
     /// status's time; absent when no retry is waiting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_in_ms: Option<u64>,
+    /// Seconds until the newest release accepted for the model expires (negative once it has:
+    /// the model keeps serving, but no install happens until a fresh release comes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_expires_in_s: Option<i64>,
 }
 
 /// Counters an agent keeps; unknown or missing fields read as zero, so agents and coordinators
@@ -290,6 +294,7 @@ mod tests {
                         gpu_fallback,
                         last_error,
                         retry_in_ms,
+                        release_expires_in_s: None,
                     }
                 },
             )

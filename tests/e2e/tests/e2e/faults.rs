@@ -728,78 +728,19 @@ fn hostile_bodies_get_a_4xx_and_memory_stays_bounded() {
     assert_eq!(http(api, Method::POST, path, &good).0, 200);
 }
 
-/// A coordinator that hangs, as one stuck in a deadlock would: it completes the QUIC handshake
-/// with the fleet's coordinator certificate and key (`dir/coordinator.{crt,key}`), accepts
-/// every stream, reads what comes, and never answers (a hello excepted, when `answers_hello`:
-/// then it looks alive). Runs on `runtime`; its address and the count of requests it
-/// swallowed.
+/// A coordinator that hangs, as one stuck in a deadlock would (see [`fake_coordinator`]): it
+/// answers nothing (a hello excepted, when `answers_hello`: then it looks alive). Its address
+/// and the count of requests it swallowed.
 fn hung_coordinator(
     runtime: &tokio::runtime::Runtime,
     dir: &std::path::Path,
     answers_hello: bool,
 ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
-    let chain: Vec<CertificateDer<'static>> = pem::parse_many(read("coordinator.crt"))
-        .unwrap()
-        .into_iter()
-        .map(|p| CertificateDer::from(p.into_contents()))
-        .collect();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        pem::parse(read("coordinator.key")).unwrap().into_contents(),
-    ));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    tls.alpn_protocols = vec![outpost_shared::frame::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-    let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let _guard = runtime.enter();
-    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let swallowed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = Arc::clone(&swallowed);
-    runtime.spawn(async move {
-        while let Some(incoming) = endpoint.accept().await {
-            let count = Arc::clone(&count);
-            tokio::spawn(async move {
-                let Ok(connection) = incoming.await else {
-                    return;
-                };
-                while let Ok((mut send, mut recv)) = connection.accept_bi().await {
-                    let count = Arc::clone(&count);
-                    tokio::spawn(async move {
-                        use outpost_shared::frame::{self, MAX_FRAME_BYTES};
-                        let bytes = recv.read_to_end(1 << 20).await.unwrap_or_default();
-                        let request =
-                            frame::decode::<outpost_shared::Request>(&bytes, MAX_FRAME_BYTES);
-                        if answers_hello
-                            && let Ok(Some((outpost_shared::Request::Hello { protocol, .. }, _))) =
-                                request
-                        {
-                            let hello = outpost_shared::Response::Hello {
-                                protocol,
-                                coordinator_version: "hung".into(),
-                            };
-                            let _ = send
-                                .write_all(&frame::encode(&hello, MAX_FRAME_BYTES).unwrap())
-                                .await;
-                            let _ = send.finish();
-                            return;
-                        }
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let _held = send;
-                        std::future::pending::<()>().await;
-                    });
-                }
-            });
-        }
+    let answer: crate::fakes::Answer = Arc::new(move |request| match request {
+        outpost_shared::Request::Hello { .. } if answers_hello => Some(vec![crate::fakes::hello()]),
+        _ => None,
     });
-    (addr, swallowed)
+    crate::fakes::fake_coordinator(runtime.handle(), dir, answer)
 }
 
 /// The agent's first coordinator hangs (handshake done, no answer on any stream): the agent's

@@ -10,6 +10,8 @@
 //! - [`foundation`]: the protocol pieces end to end without a network.
 //! - [`processes`]: the three binaries as separate processes, from provisioning output.
 //! - [`faults`]: faults done for real to those processes (floods, slowloris, descriptor limits).
+//! - [`fakes`]: a fake coordinator (real QUIC, the fleet's certificate) that answers as a test
+//!   says: one that hangs, one that replays old releases.
 //! - [`mosquitto`]: the coordinator against a real Mosquitto broker.
 //! - [`quickstart`]: `outpost up` in-process.
 //! - [`bench`]: `outpost bench` in-process, briefly.
@@ -18,6 +20,7 @@
 
 mod bench;
 mod engines;
+mod fakes;
 mod faults;
 mod foundation;
 mod inference;

@@ -250,3 +250,118 @@ async fn web_pages_reach_the_api_only_from_allowed_origins() {
     agent.shutdown().await;
     coordinator.shutdown().await;
 }
+
+/// Releases expire (here after 4 s) and the coordinator signs each again before it does: an
+/// agent records every fresh release without fetching or switching anything, and its status
+/// says how long the newest one has left. A wiped device handed an expired release refuses it.
+/// An agent cut off from its coordinator keeps serving past the expiry, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_expire_and_are_signed_again_before_they_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = outpost_test_support::coordinator::coordinator_config(dir.path());
+    config.registry.release_ttl_s = 4;
+    let coordinator = cloud_coordinator::Coordinator::start(config).await.unwrap();
+    push(
+        &coordinator,
+        "video-ranker",
+        &PushOptions::default(),
+        &DemoModel::VideoRanker.bytes(1),
+    )
+    .await;
+    let topic = "outpost/v1/models/video-ranker/manifest";
+    let mut observer = MqttObserver::new(
+        &coordinator.mqtt,
+        "keeper",
+        &ClientIdentity::coordinator_of(&coordinator),
+    );
+    observer.subscribe(topic).await;
+    let first = observer.next_message(topic).await;
+    let agent = Agent::start(agent_config(&coordinator, dir.path()))
+        .await
+        .unwrap();
+    eventually("version 1", || {
+        agent.active_version("video-ranker") == Some(1)
+    })
+    .await;
+    let fetched = agent.status().counters.bytes_fetched;
+
+    // Signed again within the TTL: recorded, nothing fetched, the same version serving.
+    let verifier = outpost_shared::ManifestVerifier::new(
+        agent_config(&coordinator, dir.path()).fleet.manifest_keys,
+    );
+    let release_1 = verifier.verify_cbor(&first, now()).unwrap();
+    let fresh = observer
+        .next_message_where(topic, |p| {
+            verifier
+                .verify_cbor(p, now())
+                .is_ok_and(|m| m.release > release_1.release)
+        })
+        .await;
+    let fresh = verifier.verify_cbor(&fresh, now()).unwrap();
+    assert_eq!(fresh.stable, release_1.stable, "the content changed");
+    assert!(fresh.expires_at > release_1.expires_at);
+    eventually("the fresh release recorded", || {
+        let status = agent.status();
+        let model = status.models.iter().find(|m| m.model == "video-ranker");
+        model.and_then(|m| m.release_expires_in_s) > Some(0)
+            && status.counters.bytes_fetched == fetched
+    })
+    .await;
+    assert_eq!(agent.active_version("video-ranker"), Some(1));
+
+    // Past release 1's expiry, a wiped device handed it (by a coordinator that replays it: a
+    // stolen coordinator key would do) refuses it, and says why.
+    let left = release_1.expires_at.unwrap().saturating_sub(now()) + 1;
+    tokio::time::sleep(std::time::Duration::from_secs(left)).await;
+    let fleet = coordinator.fleet_config.as_ref().unwrap().parent().unwrap();
+    let replay = first.clone();
+    let answer: crate::fakes::Answer = std::sync::Arc::new(move |request| match request {
+        outpost_shared::Request::Hello { .. } => Some(vec![crate::fakes::hello()]),
+        outpost_shared::Request::Releases { .. } => Some(vec![outpost_shared::Response::Release {
+            model: "video-ranker".into(),
+            signed: replay.clone(),
+        }]),
+        _ => None,
+    });
+    let (replayer, _) =
+        crate::fakes::fake_coordinator(&tokio::runtime::Handle::current(), fleet, answer);
+    let wiped_dir = tempfile::tempdir().unwrap();
+    let mut wiped_config = agent_config(&coordinator, wiped_dir.path());
+    wiped_config.coordinator.addresses = vec![replayer.to_string().parse().unwrap()];
+    // No broker: only the replay reaches it.
+    wiped_config.mqtt.broker.port = 9;
+    wiped_config.sync.release_poll_s = 1;
+    let wiped = Agent::start(wiped_config).await.unwrap();
+    eventually("the replay refused as expired", || {
+        wiped.status().counters.manifests_rejected >= 1
+            && wiped
+                .status()
+                .last_error
+                .is_some_and(|e| e.contains("expired"))
+    })
+    .await;
+    assert_eq!(wiped.active_version("video-ranker"), None);
+    wiped.shutdown().await;
+    drop(observer);
+
+    // The coordinator goes: the agent keeps serving past the expiry and says so.
+    coordinator.shutdown().await;
+    eventually("the expiry in the status", || {
+        let status = agent.status();
+        status.models.iter().any(|m| {
+            m.release_expires_in_s.is_some_and(|s| s <= 0)
+                && m.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("expired"))
+        })
+    })
+    .await;
+    let (code, reply) = outpost_test_support::agent::infer(
+        &agent,
+        "video-ranker",
+        &outpost_test_support::agent::ranker_request(1).0,
+    )
+    .await;
+    assert_eq!(code, 200, "{reply}");
+    agent.shutdown().await;
+}
