@@ -155,6 +155,18 @@ impl PushQuery {
     }
 }
 
+/// A revoked device, as `POST /v1/devices/{id}/revoke` and `GET /v1/revoked` answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revoked {
+    /// The device id.
+    pub device: String,
+    /// When it was revoked (Unix seconds).
+    pub revoked_at: u64,
+    /// Whether this call revoked it (false: it was already).
+    #[serde(default)]
+    pub new: bool,
+}
+
 /// What the admin API needs.
 #[derive(Clone, Debug)]
 pub struct AdminState {
@@ -166,6 +178,8 @@ pub struct AdminState {
     pub fleet: FleetView,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Revoked devices.
+    pub revocations: Arc<crate::revocation::Revocations>,
     /// The bearer token.
     pub token: String,
     /// The largest upload, bytes.
@@ -259,6 +273,49 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
                 .map(|f| f.values().map(|c| c.status.clone()).collect::<Vec<_>>())
                 .unwrap_or_default();
             json(StatusCode::OK, &fleet)
+        }
+        (Method::POST, ["v1", "devices", device, "revoke"]) => {
+            if let Err(e) = device.parse::<firmware_config::DeviceId>() {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("device id {device:?}: {e}"),
+                );
+            }
+            let (revocations, id) = (state.revocations.clone(), (*device).to_owned());
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            match tokio::task::spawn_blocking(move || revocations.revoke(&id, now)).await {
+                Ok(Ok(new)) => {
+                    if let Ok(mut fleet) = state.fleet.lock() {
+                        fleet.remove(*device);
+                    }
+                    tracing::warn!(device, new, "device revoked");
+                    json(
+                        StatusCode::OK,
+                        &Revoked {
+                            device: (*device).to_owned(),
+                            revoked_at: now,
+                            new,
+                        },
+                    )
+                }
+                Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        (Method::GET, ["v1", "revoked"]) => {
+            let list: Vec<Revoked> = state
+                .revocations
+                .list()
+                .into_iter()
+                .map(|(device, revoked_at)| Revoked {
+                    device,
+                    revoked_at,
+                    new: false,
+                })
+                .collect();
+            json(StatusCode::OK, &list)
         }
         (Method::POST, ["v1", "models", name]) => {
             push(req, (*name).to_owned(), &query, state).await

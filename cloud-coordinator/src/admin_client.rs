@@ -228,6 +228,20 @@ impl AdminClient {
         self.call(Request::get("/v1/fleet")).await
     }
 
+    /// Revokes device `device`: from then on the coordinator and its broker refuse it.
+    pub async fn revoke(&self, device: &str) -> Result<crate::admin::Revoked, AdminError> {
+        self.call(Request::new(
+            outpost_runtime::http::Method::POST,
+            format!("/v1/devices/{device}/revoke"),
+        ))
+        .await
+    }
+
+    /// The revoked devices.
+    pub async fn revoked(&self) -> Result<Vec<crate::admin::Revoked>, AdminError> {
+        self.call(Request::get("/v1/revoked")).await
+    }
+
     /// The Prometheus metrics, as text.
     pub async fn metrics(&self) -> Result<String, AdminError> {
         let what = "GET /metrics".to_owned();

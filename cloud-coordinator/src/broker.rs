@@ -106,6 +106,8 @@ pub struct FrontSettings {
     pub coordinator_certificate: CertificateDer<'static>,
     /// Connections at once.
     pub max_connections: usize,
+    /// Revoked devices: refused, and their open connections closed.
+    pub revocations: Arc<crate::revocation::Revocations>,
 }
 
 /// Binds the embedded broker's address (before the fleet is loaded: a dev fleet names it).
@@ -138,6 +140,7 @@ pub async fn start(
         inner,
         secret,
         metrics,
+        revocations: settings.revocations,
     });
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     Ok((
@@ -268,6 +271,7 @@ struct Front {
     inner: SocketAddr,
     secret: String,
     metrics: Arc<Metrics>,
+    revocations: Arc<crate::revocation::Revocations>,
 }
 
 /// The first wait after a failed `accept` (out of descriptors, say), and the longest.
@@ -367,9 +371,23 @@ impl Front {
                 .map(|_| ())
                 .map_err(|e| Ended::Broken(format!("to the client: {e}")))
         };
+        let mut revocations = self.revocations.changes();
+        let revoked = async {
+            loop {
+                if revocations.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if let Identity::Device(device) = &identity
+                    && self.revocations.is_revoked(device)
+                {
+                    return Err(Ended::Refused(format!("device {device} was revoked")));
+                }
+            }
+        };
         let ended = tokio::select! {
             r = upstream => r,
             r = downstream => r,
+            r = revoked => r,
             _ = shutdown.changed() => Ok(()),
         };
         let _ = client_write.shutdown().await;
@@ -443,9 +461,12 @@ impl Front {
         if leaf.as_ref() == self.coordinator.as_ref() {
             return Ok(Identity::Coordinator);
         }
-        firmware_config::device_id_from_certificate(leaf)
-            .map(|id| Identity::Device(id.to_string()))
-            .map_err(|e| format!("the certificate names no device: {e}"))
+        let device = firmware_config::device_id_from_certificate(leaf)
+            .map_err(|e| format!("the certificate names no device: {e}"))?;
+        if self.revocations.is_revoked(device.as_str()) {
+            return Err(format!("device {device} is revoked"));
+        }
+        Ok(Identity::Device(device.to_string()))
     }
 }
 

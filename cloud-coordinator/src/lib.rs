@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod mqtt;
 mod quic;
 pub mod registry;
+pub mod revocation;
 pub mod trust;
 
 use std::net::SocketAddr;
@@ -134,6 +135,7 @@ impl Coordinator {
         let status_verifier = trust::StatusVerifier::new(trust.ca.clone());
 
         let db = sled::open(data_dir.join("registry.sled"))?;
+        let revocations = Arc::new(revocation::Revocations::open(&db)?);
         let chunks =
             outpost_runtime::ChunkStore::open(&data_dir.join("chunks")).map_err(|source| {
                 CoordinatorError::Io {
@@ -159,6 +161,7 @@ impl Coordinator {
                 tls,
                 coordinator_certificate,
                 max_connections: config.mqtt.max_connections(),
+                revocations: revocations.clone(),
             };
             let (task, router) =
                 broker::start(listener, settings, metrics.clone(), watcher.clone()).await?;
@@ -175,6 +178,7 @@ impl Coordinator {
                 verifier: status_verifier,
                 metrics: metrics.clone(),
                 max_devices: config.mqtt.max_devices(),
+                revocations: revocations.clone(),
             },
             watcher.clone(),
         );
@@ -207,6 +211,7 @@ impl Coordinator {
             metrics: metrics.clone(),
             connections: Arc::default(),
             request_timeout: config.quic.request_timeout(),
+            revocations: revocations.clone(),
         };
         tasks.push(tokio::spawn(quic::serve(
             endpoint,
@@ -236,6 +241,7 @@ impl Coordinator {
             announcer,
             fleet,
             metrics,
+            revocations,
             token: admin_token.clone(),
             max_upload,
             max_connections: usize::try_from(config.admin.max_connections).unwrap_or(1),

@@ -92,6 +92,20 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Revoke a device: the coordinator refuses its QUIC connections and closes the open ones,
+    /// the embedded broker refuses it and closes its connection, its statuses are ignored, and
+    /// it gets no new release. Kept across restarts. (`revoked` lists them.)
+    Revoke {
+        /// The device id.
+        device: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The revoked devices, with when each was revoked.
+    Revoked {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Issue another device of the coordinator's fleet (the dev fleet in dev mode).
     Enroll {
         /// The coordinator's config (default: dev mode's).
@@ -239,6 +253,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fleet { admin } => {
             let fleet = admin.client()?.fleet().await?;
             println!("{}", serde_json::to_string_pretty(&fleet)?);
+            Ok(())
+        }
+        Command::Revoke { device, admin } => {
+            let revoked = admin.client()?.revoke(&device).await?;
+            if revoked.new {
+                println!("revoked device {}", revoked.device);
+            } else {
+                println!("device {} was already revoked", revoked.device);
+            }
+            Ok(())
+        }
+        Command::Revoked { admin } => {
+            let list = admin.client()?.revoked().await?;
+            println!("{}", serde_json::to_string_pretty(&list)?);
             Ok(())
         }
         Command::Enroll { config, id, out } => {

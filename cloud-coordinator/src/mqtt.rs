@@ -38,6 +38,8 @@ pub struct StatusCheck {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Devices the fleet view holds at most (`[mqtt] max_devices`).
     pub max_devices: usize,
+    /// Revoked devices, whose statuses are ignored.
+    pub revocations: Arc<crate::revocation::Revocations>,
 }
 
 /// The coordinator's MQTT client.
@@ -209,6 +211,9 @@ fn certify(
     let signed =
         SignedStatus::from_cbor(payload).map_err(|e| format!("not a signed status: {e}"))?;
     let (status, order) = check.verifier.verify(device, &signed)?;
+    if check.revocations.is_revoked(device) {
+        return Err(format!("device {device} is revoked"));
+    }
     let mut fleet = fleet
         .lock()
         .map_err(|_| "the fleet view is unavailable".to_owned())?;

@@ -30,6 +30,8 @@ pub struct Service {
     /// How long a stream may take to send its request (`quic.request_timeout_s`); a stalled one
     /// is answered with an error and dropped, freeing its slot.
     pub request_timeout: Duration,
+    /// Revoked devices: refused, and their open connections closed.
+    pub revocations: Arc<crate::revocation::Revocations>,
 }
 
 /// Connections one device may hold open at once. An agent needs one; past the cap the device's
@@ -143,6 +145,12 @@ async fn serve_connection(connection: quinn::Connection, service: Service) {
         connection.close(quinn::VarInt::from_u32(1), b"certificate names no device");
         return;
     };
+    if service.revocations.is_revoked(&device) {
+        tracing::warn!(device, remote = %connection.remote_address(), "refused a revoked device");
+        connection.close(quinn::VarInt::from_u32(4), b"revoked");
+        return;
+    }
+    let mut revoked = service.revocations.changes();
     let _slot = service.connections.enter(&device, &connection);
     tracing::info!(device, remote = %connection.remote_address(), "device connected");
     service
@@ -152,7 +160,18 @@ async fn serve_connection(connection: quinn::Connection, service: Service) {
     // Dropped, aborting its streams, when this connection's task ends or is aborted.
     let mut streams = tokio::task::JoinSet::new();
     loop {
-        match connection.accept_bi().await {
+        let accepted = tokio::select! {
+            accepted = connection.accept_bi() => accepted,
+            Ok(()) = revoked.changed() => {
+                if service.revocations.is_revoked(&device) {
+                    tracing::warn!(device, "device revoked; closing its connection");
+                    connection.close(quinn::VarInt::from_u32(4), b"revoked");
+                    break;
+                }
+                continue;
+            }
+        };
+        match accepted {
             Ok((send, recv)) => {
                 while streams.try_join_next().is_some() {}
                 let (service, device) = (service.clone(), device.clone());

@@ -1461,3 +1461,37 @@ async fn a_cleared_release_is_announced_again() {
     assert!(reasserted >= 1, "{metrics}");
     c.handle.shutdown().await;
 }
+
+/// Revoking a device closes its open QUIC connection with the reason, refuses it from then on
+/// (it still holds a certificate the fleet CA signed), and is listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_loses_quic_at_once() {
+    let c = start().await;
+    let connection = c.quic().await;
+    assert!(matches!(
+        request(&connection, &hello()).await.unwrap()[..],
+        [Response::Hello { .. }]
+    ));
+    let revoked = c.client().revoke("dev-0001").await.unwrap();
+    assert!(revoked.new);
+    let reason = tokio::time::timeout(Duration::from_secs(5), connection.closed())
+        .await
+        .expect("the revoked device's connection stayed open");
+    assert!(reason.to_string().contains("revoked"), "{reason}");
+    // A new connection gets through the handshake (the certificate is valid) and is closed.
+    let again = c.quic().await;
+    let reason = tokio::time::timeout(Duration::from_secs(5), again.closed())
+        .await
+        .expect("a revoked device's new connection stayed open");
+    assert!(reason.to_string().contains("revoked"), "{reason}");
+    assert!(!c.client().revoke("dev-0001").await.unwrap().new);
+    let list = c.client().revoked().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].device, "dev-0001");
+    // A name that is no device id is refused by name.
+    let (code, body) = c
+        .admin(Method::POST, "/v1/devices/not%20a%20device/revoke", b"")
+        .await;
+    assert_eq!(code, 400, "{body}");
+    c.handle.shutdown().await;
+}

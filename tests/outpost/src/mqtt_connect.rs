@@ -179,10 +179,13 @@ pub fn run_broker(case: &str, fleet: &Path, port: u16) -> anyhow::Result<()> {
                     .cloned()
                     .context("the coordinator certificate file is empty")?;
                 let tls = outpost_runtime::tls::server_config(roots, identity, None)?;
+                // An empty revocation list, in a throwaway database.
+                let db = sled::Config::new().temporary(true).open()?;
                 let settings = cloud_coordinator::broker::FrontSettings {
                     tls: Arc::new(tls),
                     coordinator_certificate,
                     max_connections: 10_000,
+                    revocations: Arc::new(cloud_coordinator::revocation::Revocations::open(&db)?),
                 };
                 let listener = cloud_coordinator::broker::bind(addr).await?;
                 let metrics = Arc::new(cloud_coordinator::metrics::Metrics::default());

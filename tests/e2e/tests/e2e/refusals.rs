@@ -365,3 +365,131 @@ async fn releases_expire_and_are_signed_again_before_they_do() {
     assert_eq!(code, 200, "{reply}");
     agent.shutdown().await;
 }
+
+/// A revoked device loses QUIC and MQTT within seconds and gets no new release, while another
+/// device of the fleet goes on as before; its statuses no longer count, and the revocation
+/// outlives a restart of the coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_cut_off_and_the_others_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = outpost_test_support::coordinator::coordinator_config(dir.path());
+    let coordinator = cloud_coordinator::Coordinator::start(config.clone())
+        .await
+        .unwrap();
+    // A second device of the dev fleet.
+    let fleet_config = coordinator.fleet_config.clone().unwrap();
+    let fleet = fleet_config.parent().unwrap();
+    let authority = firmware_config::provision::FleetAuthority::load(
+        &firmware_config::CoordinatorConfig::load(&fleet_config).unwrap(),
+    )
+    .unwrap();
+    let second = authority
+        .enroll(
+            &"dev-0002".parse().unwrap(),
+            &[format!("127.0.0.1:{}", coordinator.quic_addr.port())
+                .parse()
+                .unwrap()],
+            &coordinator.mqtt,
+            fleet,
+        )
+        .unwrap();
+    let start = |config: AgentConfig, data: &std::path::Path| {
+        let mut config = config;
+        config.api.listen = "127.0.0.1:0".parse().unwrap();
+        config.storage.data_dir = Some(data.to_owned());
+        config.sync.release_poll_s = 1;
+        Agent::start(config)
+    };
+    let revoked = start(
+        agent_config(&coordinator, dir.path()),
+        &dir.path().join("one"),
+    )
+    .await
+    .unwrap();
+    let other = start(AgentConfig::load(&second).unwrap(), &dir.path().join("two"))
+        .await
+        .unwrap();
+    push(
+        &coordinator,
+        "video-ranker",
+        &PushOptions::default(),
+        &DemoModel::VideoRanker.bytes(1),
+    )
+    .await;
+    for agent in [&revoked, &other] {
+        eventually("version 1 on both", || {
+            agent.active_version("video-ranker") == Some(1)
+        })
+        .await;
+    }
+    let admin = cloud_coordinator::AdminClient::of(&coordinator);
+    eventually_async("both in the fleet view", || async {
+        admin.fleet().await.unwrap().len() == 2
+    })
+    .await;
+
+    let answer = admin.revoke("dev-0001").await.unwrap();
+    assert!(answer.new);
+    // MQTT: its connection is closed and it cannot come back.
+    eventually("the revoked device's broker connection gone", || {
+        revoked.status().broker_error.is_some()
+    })
+    .await;
+    eventually_async("the revoked device out of the fleet view", || async {
+        let fleet = admin.fleet().await.unwrap();
+        fleet.len() == 1 && fleet[0].device_id == "dev-0002"
+    })
+    .await;
+    // A new release reaches the other device, not the revoked one.
+    push(
+        &coordinator,
+        "video-ranker",
+        &PushOptions::default(),
+        &DemoModel::VideoRanker.bytes(2),
+    )
+    .await;
+    eventually("version 2 on the other device", || {
+        other.active_version("video-ranker") == Some(2)
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(revoked.active_version("video-ranker"), Some(1));
+    assert!(other.status().broker_error.is_none());
+    // The fleet view keeps ignoring it.
+    assert!(
+        admin
+            .fleet()
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d.device_id != "dev-0001")
+    );
+    revoked.shutdown().await;
+    other.shutdown().await;
+    coordinator.shutdown().await;
+
+    // Restarted on the same data: still revoked.
+    let again = cloud_coordinator::Coordinator::start(config).await.unwrap();
+    let list = cloud_coordinator::AdminClient::of(&again)
+        .revoked()
+        .await
+        .unwrap();
+    assert_eq!(
+        list.iter().map(|r| r.device.as_str()).collect::<Vec<_>>(),
+        ["dev-0001"]
+    );
+    again.shutdown().await;
+}
+
+/// Polls the async `done` every 50 ms until it holds; fails the test after 60 s.
+async fn eventually_async<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
