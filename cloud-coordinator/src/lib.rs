@@ -89,6 +89,9 @@ pub struct CoordinatorHandle {
 impl Coordinator {
     /// Starts a coordinator as `config` says.
     pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, CoordinatorError> {
+        if !config.admin.listen.ip().is_loopback() {
+            return Err(CoordinatorError::AdminBeyondLoopback(config.admin.listen));
+        }
         let data_dir = config.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| CoordinatorError::Io {
             path: data_dir.clone(),

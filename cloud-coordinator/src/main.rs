@@ -154,7 +154,17 @@ impl AdminArgs {
         let config = load_config(self.config.as_deref())?;
         let addr = self.admin.unwrap_or(config.admin.listen);
         let token = match &self.token {
-            Some(t) => t.clone(),
+            Some(t) => {
+                if std::env::var("OUTPOST_ADMIN_TOKEN").ok().as_deref() != Some(t.as_str()) {
+                    #[allow(clippy::print_stderr)]
+                    {
+                        eprintln!(
+                            "warning: a token given as --token is visible to every user of this machine (ps); set OUTPOST_ADMIN_TOKEN, or run where the data folder's {ADMIN_TOKEN_FILE} is"
+                        );
+                    }
+                }
+                t.clone()
+            }
             None => {
                 let path = config.storage.data_dir.join(ADMIN_TOKEN_FILE);
                 std::fs::read_to_string(&path)

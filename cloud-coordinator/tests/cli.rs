@@ -219,3 +219,32 @@ fn a_taken_port_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// An admin API beyond loopback is refused at start, naming the key; a token given as a flag
+/// (visible in `ps`) is used, with a warning, and one from the environment is not warned about.
+#[test]
+fn the_admin_api_stays_on_loopback_and_flag_tokens_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        "[storage]\ndata_dir = \"data\"\n\n[quic]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"0.0.0.0:0\"\n\n[mqtt]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(&["serve"], &config);
+    assert!(!ok);
+    assert!(
+        err.contains("[admin] listen") && err.contains("beyond loopback"),
+        "{err}"
+    );
+    let (_, _, err) = run(&["models", "--token", "secret", "--admin", "127.0.0.1:9"], &config);
+    assert!(err.contains("warning") && err.contains("--token"), "{err}");
+    let out = bin()
+        .args(["models", "--admin", "127.0.0.1:9", "--config"])
+        .arg(&config)
+        .env("OUTPOST_ADMIN_TOKEN", "secret")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("warning"), "{err}");
+}
