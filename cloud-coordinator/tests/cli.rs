@@ -237,7 +237,10 @@ fn the_admin_api_stays_on_loopback_and_flag_tokens_are_warned_about() {
         err.contains("[admin] listen") && err.contains("beyond loopback"),
         "{err}"
     );
-    let (_, _, err) = run(&["models", "--token", "secret", "--admin", "127.0.0.1:9"], &config);
+    let (_, _, err) = run(
+        &["models", "--token", "secret", "--admin", "127.0.0.1:9"],
+        &config,
+    );
     assert!(err.contains("warning") && err.contains("--token"), "{err}");
     let out = bin()
         .args(["models", "--admin", "127.0.0.1:9", "--config"])

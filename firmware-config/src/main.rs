@@ -115,6 +115,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("fleet {fleet} in {}", made.dir.display());
             println!("  manifest key: {}", made.manifest_key);
             println!("  coordinator:  {}", made.coordinator_config.display());
+            println!(
+                "  broker:       {} (Mosquitto, TLS, with mosquitto.acl; the embedded broker needs none)",
+                made.dir
+                    .join(firmware_config::provision::files::MOSQUITTO_CONFIG)
+                    .display()
+            );
             for (id, path) in &made.devices {
                 println!("  device {id}: {}", path.display());
             }

@@ -56,6 +56,10 @@ pub mod files {
     pub const DEVICE_CERT: &str = "device.crt";
     /// A device's key.
     pub const DEVICE_KEY: &str = "device.key";
+    /// A Mosquitto config for the fleet's production broker (TLS, client certificates, ACL).
+    pub const MOSQUITTO_CONFIG: &str = "mosquitto.conf";
+    /// Its topic rules.
+    pub const MOSQUITTO_ACL: &str = "mosquitto.acl";
 }
 
 /// What to provision.
@@ -248,6 +252,20 @@ pub fn provision(plan: &FleetPlan, out: &Path) -> Result<ProvisionedFleet, Provi
     let config = coordinator_toml(&plan.name, &plan.coordinators);
     let coordinator_config = out.join(files::COORDINATOR_CONFIG);
     write_file(&coordinator_config, config.as_bytes(), Secrecy::Public)?;
+    let folder = std::fs::canonicalize(out).map_err(|source| ProvisionError::Io {
+        path: out.to_owned(),
+        source,
+    })?;
+    write_file(
+        &out.join(files::MOSQUITTO_CONFIG),
+        mosquitto_conf(&folder, &plan.mqtt).as_bytes(),
+        Secrecy::Public,
+    )?;
+    write_file(
+        &out.join(files::MOSQUITTO_ACL),
+        mosquitto_acl(&plan.name).as_bytes(),
+        Secrecy::Public,
+    )?;
 
     let devices = plan
         .devices
@@ -406,10 +424,9 @@ impl FleetAuthority {
         }
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names)?;
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("Outpost coordinator of fleet {}", self.name),
-        );
+        params
+            .distinguished_name
+            .push(DnType::CommonName, coordinator_common_name(&self.name));
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -472,6 +489,64 @@ fn toml_string(s: &str) -> String {
 fn toml_list(items: impl IntoIterator<Item = String>) -> String {
     let items: Vec<String> = items.into_iter().map(|s| toml_string(&s)).collect();
     format!("[{}]", items.join(", "))
+}
+
+/// The common name of fleet `fleet`'s coordinator certificate (its MQTT user name on a broker
+/// that takes identities from certificates).
+pub fn coordinator_common_name(fleet: &str) -> String {
+    format!("Outpost coordinator of fleet {fleet}")
+}
+
+/// A Mosquitto config for the fleet's broker at `mqtt`, with the files of the fleet folder
+/// `folder` (absolute paths: Mosquitto reads relative ones from where it was started).
+fn mosquitto_conf(folder: &Path, mqtt: &HostPort) -> String {
+    let file = |name: &str| folder.join(name).display().to_string();
+    format!(
+        "# Mosquitto for this Outpost fleet, made by `firmware-config provision`: TLS 1.3 only, every
+# client presents a certificate of the fleet CA and is known by its common name (a device by its
+# id, the coordinator by its certificate's), and mosquitto.acl says what each may read and write.
+# Run: mosquitto -c {conf}
+# (Started as root, Mosquitto changes to user `mosquitto`, which must be able to read the key.)
+# Point the coordinator at it with [mqtt] external = \"{host}:{port}\".
+per_listener_settings false
+allow_anonymous false
+acl_file {acl}
+listener {port} {host}
+cafile {ca}
+certfile {cert}
+keyfile {key}
+require_certificate true
+use_identity_as_username true
+tls_version tlsv1.3
+set_tcp_nodelay true
+",
+        conf = file(files::MOSQUITTO_CONFIG),
+        host = mqtt.host,
+        port = mqtt.port,
+        acl = file(files::MOSQUITTO_ACL),
+        ca = file(files::CA_CERT),
+        cert = file(files::COORDINATOR_CERT),
+        key = file(files::COORDINATOR_KEY),
+    )
+}
+
+/// The topic rules of fleet `fleet`'s broker: the coordinator writes releases and reads every
+/// status; a device reads releases and writes only its own status.
+fn mosquitto_acl(fleet: &str) -> String {
+    format!(
+        "# What each client of the fleet's broker may do (user names are certificate common names).
+# The coordinator: writes releases (and reads them back, to put back one that was cleared), reads
+# every device's status.
+user {coordinator}
+topic readwrite outpost/v1/models/+/manifest
+topic read outpost/v1/devices/+/status
+
+# Every device (its user name is its id): reads releases, writes only its own status.
+pattern read outpost/v1/models/+/manifest
+pattern write outpost/v1/devices/%u/status
+",
+        coordinator = coordinator_common_name(fleet)
+    )
 }
 
 fn coordinator_toml(fleet: &str, hosts: &[HostPort]) -> String {

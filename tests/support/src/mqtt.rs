@@ -124,6 +124,36 @@ impl MqttObserver {
         }
     }
 
+    /// The payload of the next message on `topic` within `wait`, if one comes (for what must
+    /// not arrive).
+    pub async fn message_within(&mut self, topic: &str, wait: Duration) -> Option<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let Ok(event) = tokio::time::timeout_at(deadline, self.events.poll()).await else {
+                return None;
+            };
+            if let Ok(Event::Incoming(Packet::Publish(p))) = event
+                && p.topic == topic
+            {
+                return Some(p.payload.to_vec());
+            }
+        }
+    }
+
+    /// Polls until the broker acknowledges the connection (within [`MESSAGE_WAIT`]); why not,
+    /// when it refuses or closes it.
+    pub async fn connected(&mut self) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + MESSAGE_WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("no CONNACK".into()),
+            }
+        }
+    }
+
     /// Keeps the connection going on a task of its own; the client that remains publishes.
     pub fn into_publisher(self) -> AsyncClient {
         let mut events = self.events;
