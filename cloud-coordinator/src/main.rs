@@ -298,20 +298,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(Path::to_path_buf)
                 .unwrap_or_default();
             let out = out.unwrap_or_else(|| fleet_dir.clone());
-            let id = match id {
-                Some(id) => id.parse()?,
-                None => (1..10_000)
-                    .map(|n| format!("{}-{n:04}", authority.name()))
-                    .find(|id| !out.join("devices").join(id).exists())
-                    .context("no free device id")?
-                    .parse()?,
-            };
-            let path = authority.enroll_like_first_device(
-                &id,
-                &fleet_dir,
-                fleet_config.quic.listen.port(),
-                &out,
-            )?;
+            let id = id.map(|id| id.parse()).transpose()?;
+            let (id, path) =
+                authority.enroll_next(id, &fleet_dir, fleet_config.quic.listen.port(), &out)?;
             println!("enrolled device {id}: {}", path.display());
             Ok(())
         }

@@ -52,6 +52,20 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Issue another device of a provisioned fleet, where its CA key is (offline: the
+    /// coordinator does not need the key to serve). It reaches the coordinators and the broker
+    /// as the fleet's first device does.
+    Enroll {
+        /// The fleet folder (`provision --out`: coordinator.toml, ca.crt, ca.key, …).
+        #[arg(long)]
+        fleet: PathBuf,
+        /// The new device's id [default: the next free FLEET-NNNN].
+        #[arg(long)]
+        id: Option<String>,
+        /// The folder to write devices/ID/ into [default: the fleet folder].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -127,6 +141,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!(
                 "Keep ca.key and fleet-signing.key secret; copy each devices/ID folder to its device."
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Enroll { fleet, id, out } => {
+            let config_path = fleet.join(firmware_config::provision::files::COORDINATOR_CONFIG);
+            let config = firmware_config::CoordinatorConfig::load(&config_path)
+                .with_context(|| format!("loading the fleet in {}", fleet.display()))?;
+            let authority = firmware_config::provision::FleetAuthority::load(&config)?;
+            let id = id.map(|id| id.parse()).transpose()?;
+            let out = out.unwrap_or_else(|| fleet.clone());
+            let (id, path) = authority.enroll_next(id, &fleet, config.quic.listen.port(), &out)?;
+            println!("enrolled device {id}: {}", path.display());
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -285,17 +285,25 @@ pub fn provision(plan: &FleetPlan, out: &Path) -> Result<ProvisionedFleet, Provi
 }
 
 impl FleetAuthority {
-    /// Loads the authority of the fleet whose coordinator config is `config` (which must name
-    /// the CA key).
+    /// Loads the authority of the fleet whose coordinator config is `config`: the CA key is
+    /// `[fleet] ca_key`, or `ca.key` beside the CA certificate (the fleet folder, where
+    /// enrolment happens; a coordinator serves without it).
     pub fn load(config: &CoordinatorConfig) -> Result<Self, ProvisionError> {
         let fleet = config.fleet.as_ref().ok_or_else(|| {
             ProvisionError::Invalid("the coordinator config has no [fleet] section".into())
         })?;
-        let ca_key_path = fleet.ca_key.as_ref().ok_or_else(|| {
-            ProvisionError::Invalid(
-                "fleet.ca_key is not set: this coordinator cannot enroll devices".into(),
-            )
-        })?;
+        let beside = fleet.ca.with_file_name(files::CA_KEY);
+        let ca_key_path = match &fleet.ca_key {
+            Some(path) => path.clone(),
+            None if beside.is_file() => beside,
+            None => {
+                return Err(ProvisionError::Invalid(format!(
+                    "no CA key here ({} is missing and [fleet] ca_key is not set): enrol devices where the fleet's ca.key is, with `firmware-config enroll --fleet DIR`",
+                    beside.display()
+                )));
+            }
+        };
+        let ca_key_path = &ca_key_path;
         let ca_key = KeyPair::from_pem(&read_text(ca_key_path)?)
             .map_err(|e| ProvisionError::Key(format!("{}: {e}", ca_key_path.display())))?;
         let signing = pem::parse(read_text(&fleet.signing_key)?)
@@ -411,6 +419,28 @@ impl FleetAuthority {
             )
         };
         self.enroll(id, &coordinators, &mqtt, out)
+    }
+
+    /// Issues a new device into `out` as [`FleetAuthority::enroll_like_first_device`] does:
+    /// `id`, or the next free `{fleet}-NNNN` there. Its id and its `agent.toml`.
+    pub fn enroll_next(
+        &self,
+        id: Option<DeviceId>,
+        fleet_dir: &Path,
+        quic_port: u16,
+        out: &Path,
+    ) -> Result<(DeviceId, PathBuf), ProvisionError> {
+        let id = match id {
+            Some(id) => id,
+            None => (1..10_000)
+                .map(|n| format!("{}-{n:04}", self.name))
+                .find(|id| !out.join(files::DEVICES).join(id).exists())
+                .ok_or_else(|| ProvisionError::Invalid("no free device id".into()))?
+                .parse()
+                .map_err(|e| ProvisionError::Invalid(format!("device id: {e}")))?,
+        };
+        let path = self.enroll_like_first_device(&id, fleet_dir, quic_port, out)?;
+        Ok((id, path))
     }
 
     /// A certificate and key (PEM) for a coordinator reachable at `hosts`: a TLS server (QUIC,
@@ -560,8 +590,9 @@ fn coordinator_toml(fleet: &str, hosts: &[HostPort]) -> String {
     let ip = if local_only { "127.0.0.1" } else { "0.0.0.0" };
     format!(
         "# Outpost coordinator of fleet {fleet}, made by `firmware-config provision`.\n\
-         # Paths are relative to this file. Keep ca.key offline unless this coordinator enrolls devices.\n\n\
-         [fleet]\nname = {name}\nca = \"{ca}\"\nca_key = \"{ca_key}\"\ncertificate = \"{cert}\"\nkey = \"{key}\"\nsigning_key = \"{sk}\"\n\n\
+         # Paths are relative to this file. The coordinator serves without the CA key: enrol\n\
+         # devices with `firmware-config enroll --fleet DIR` where ca.key is, and keep it offline.\n\n\
+         [fleet]\nname = {name}\nca = \"{ca}\"\n# ca_key = \"{ca_key}\"   # only to let `cloud-coordinator enroll` enrol here\ncertificate = \"{cert}\"\nkey = \"{key}\"\nsigning_key = \"{sk}\"\n\n\
          [storage]\ndata_dir = \"data\"\n\n\
          [quic]\nlisten = \"{ip}:{port}\"\n",
         name = toml_string(fleet),

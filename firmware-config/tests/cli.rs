@@ -107,3 +107,65 @@ fn bad_arguments_are_refused_by_name() {
     let help = cli().arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("provision"));
 }
+
+/// The provisioned coordinator config names no CA key (a coordinator serves without it); devices
+/// are enrolled offline where the key is, with `firmware-config enroll`, and a folder without
+/// the key says where enrolment happens.
+#[test]
+fn enrolment_happens_where_the_ca_key_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fleet");
+    let made = cli()
+        .args([
+            "provision",
+            "--fleet",
+            "off",
+            "--coordinator",
+            "localhost:4433",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let toml = std::fs::read_to_string(out.join("coordinator.toml")).unwrap();
+    let config = firmware_config::CoordinatorConfig::load(&out.join("coordinator.toml")).unwrap();
+    assert_eq!(config.fleet.unwrap().ca_key, None, "{toml}");
+
+    let enrolled = cli()
+        .args(["enroll", "--fleet"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        enrolled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enrolled.stderr)
+    );
+    assert!(String::from_utf8_lossy(&enrolled.stdout).contains("off-0002"));
+    let agent = out.join("devices/off-0002/agent.toml");
+    let check = cli().args(["validate"]).arg(&agent).output().unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    // The key moved offline: enrolment here says where it happens.
+    std::fs::rename(out.join("ca.key"), dir.path().join("ca.key.offline")).unwrap();
+    let refused = cli()
+        .args(["enroll", "--fleet"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("no CA key") && err.contains("firmware-config enroll"),
+        "{err}"
+    );
+}
