@@ -157,33 +157,31 @@ fn secret() -> Result<String, CoordinatorError> {
     Ok(outpost_shared::hex::encode(&bytes))
 }
 
-/// Starts rumqttd on a free loopback port on its own thread, taking only the front's login.
-/// rumqttd cannot report a port-0 address, so the port is chosen (and checked free) here.
-fn start_rumqttd(secret: &str, max_connections: usize) -> Result<SocketAddr, CoordinatorError> {
-    let probe = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .map_err(|e| CoordinatorError::Network(format!("the MQTT router's port: {e}")))?;
-    let addr = probe
-        .local_addr()
-        .map_err(|e| CoordinatorError::Network(e.to_string()))?;
-    drop(probe);
+/// rumqttd's config: one MQTT 3.1.1 listener on `listen` taking the logins in `auth` (none:
+/// anyone), room for `max_connections`, `connection_timeout_ms` for a CONNECT and
+/// `next_connection_delay_ms` between accepts; every packet up to [`MAX_PACKET_BYTES`].
+pub fn router_config(
+    listen: SocketAddr,
+    auth: Option<std::collections::HashMap<String, String>>,
+    max_connections: usize,
+    connection_timeout_ms: u16,
+    next_connection_delay_ms: u64,
+) -> rumqttd::Config {
     let settings = rumqttd::ServerSettings {
         name: "v4".into(),
-        listen: addr,
+        listen,
         tls: None,
-        next_connection_delay_ms: 0,
+        next_connection_delay_ms,
         connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 10_000,
+            connection_timeout_ms,
             max_payload_size: MAX_PACKET_BYTES,
             max_inflight_count: 100,
-            auth: Some(std::collections::HashMap::from([(
-                FRONT_USER.to_owned(),
-                secret.to_owned(),
-            )])),
+            auth,
             external_auth: None,
             dynamic_filters: true,
         },
     };
-    let config = rumqttd::Config {
+    rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
             max_connections: max_connections + 10,
@@ -205,7 +203,20 @@ fn start_rumqttd(secret: &str, max_connections: usize) -> Result<SocketAddr, Coo
         bridge: None,
         prometheus: None,
         metrics: None,
-    };
+    }
+}
+
+/// Starts rumqttd on a free loopback port on its own thread, taking only the front's login.
+/// rumqttd cannot report a port-0 address, so the port is chosen (and checked free) here.
+fn start_rumqttd(secret: &str, max_connections: usize) -> Result<SocketAddr, CoordinatorError> {
+    let probe = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map_err(|e| CoordinatorError::Network(format!("the MQTT router's port: {e}")))?;
+    let addr = probe
+        .local_addr()
+        .map_err(|e| CoordinatorError::Network(e.to_string()))?;
+    drop(probe);
+    let auth = std::collections::HashMap::from([(FRONT_USER.to_owned(), secret.to_owned())]);
+    let config = router_config(addr, Some(auth), max_connections, 10_000, 0);
     std::thread::Builder::new()
         .name("mqtt-router".into())
         .spawn(move || {

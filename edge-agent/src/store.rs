@@ -196,21 +196,9 @@ mod tests {
         let dropped_id = outpost_shared::ChunkId::of(dropped);
         store.chunks().put(&kept_id, kept).unwrap();
         store.chunks().put(&dropped_id, dropped).unwrap();
-        let version = ModelVersion {
-            version: 1,
-            inputs: vec![],
-            outputs: vec![],
-            placement: outpost_shared::Placement::Local,
-            max_batch: None,
-            variants: vec![outpost_shared::Variant::describe(
-                outpost_shared::Target::EdgeInt8,
-                outpost_shared::ModelFormat::Onnx,
-                kept,
-            )],
-        };
         let record = Record {
             manifest: None,
-            active: Some(version),
+            active: Some(version(1, kept)),
             previous: None,
             installing: None,
         };

@@ -204,43 +204,9 @@ pub fn run_broker(case: &str, fleet: &Path, port: u16) -> anyhow::Result<()> {
 /// rumqttd on `addr`, plain TCP, as the coordinator started it before TLS; returns once it
 /// accepts connections.
 fn start_plain_rumqttd(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    let settings = rumqttd::ServerSettings {
-        name: "v4".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: cloud_coordinator::broker::MAX_PACKET_BYTES,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 10_010,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 100 * 1024 * 1024,
-            max_segment_count: 10,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(std::collections::HashMap::from([(
-            "v4".to_owned(),
-            settings,
-        )])),
-        v5: None,
-        ws: None,
-        cluster: None,
-        console: None,
-        bridge: None,
-        prometheus: None,
-        metrics: None,
-    };
+    // As the coordinator embedded it before TLS: no login, 60 s for a CONNECT, 1 ms between
+    // accepts.
+    let config = cloud_coordinator::broker::router_config(addr, None, 10_000, 60_000, 1);
     std::thread::spawn(move || {
         let mut broker = rumqttd::Broker::new(config);
         let _ = broker.start();

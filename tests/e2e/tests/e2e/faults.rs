@@ -743,69 +743,30 @@ fn hung_coordinator(
     crate::fakes::fake_coordinator(runtime.handle(), dir, answer)
 }
 
-/// The agent's first coordinator hangs (handshake done, no answer on any stream): the agent's
-/// hello passes its deadline, it moves on to the next coordinator in its list, installs what is
-/// pushed there, and serves.
-#[test]
-fn a_hung_coordinator_is_passed_over_at_the_request_deadline() {
+/// A fleet whose first coordinator is a [`hung_coordinator`] (answering hellos when
+/// `answers_hello`) and whose second is the real one, an agent listing them in that order (with
+/// `[coordinator] request_timeout_s` when given), and a push: fails the test unless the agent
+/// serves the new version within 60 s, having tried the hung one. The agent, to read its log.
+fn serves_past_a_hung_first_coordinator(
+    fleet_name: &str,
+    answers_hello: bool,
+    request_timeout_s: Option<u32>,
+) -> (Process, SocketAddr) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let fleet = provision(dir.path(), "hung", 1);
-    let (hung, swallowed) = hung_coordinator(&runtime, &fleet.dir, false);
+    let fleet = provision(dir.path(), fleet_name, 1);
+    let (hung, swallowed) = hung_coordinator(&runtime, &fleet.dir, answers_hello);
     let config = fleet.coordinator_toml.to_str().unwrap();
     let mut coordinator = Process::start("cloud-coordinator", &["serve", "--config", config]);
     coordinator.wait_for("admin API:");
-    // The hung coordinator first in the device's list.
-    let device_toml = fleet.dir.join("devices/hung-0001/agent.toml");
+    let device_toml = fleet
+        .dir
+        .join(format!("devices/{fleet_name}-0001/agent.toml"));
     let text = std::fs::read_to_string(&device_toml).unwrap();
-    let text = text.replacen("addresses = [", &format!("addresses = [\"{hung}\", "), 1);
-    std::fs::write(&device_toml, text).unwrap();
-    let (api, agent_toml) = fleet.first_agent(&dir.path().join("agent"));
-    let mut agent = Process::start(
-        "edge-agent",
-        &["run", "--config", agent_toml.to_str().unwrap()],
-    );
-    agent.wait_for("serving on http://");
-    let pushed = Instant::now();
-    push_ranker(config, &dir.path().join("models"), 1, 1);
-    let deadline = pushed + Duration::from_secs(60);
-    while active_version(api) != Some(1) {
-        assert!(
-            Instant::now() < deadline,
-            "no version 1 60 s after the push; the agent printed:\n{}",
-            agent.printed().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!(
-        "served {:.1} s after the push",
-        pushed.elapsed().as_secs_f64()
-    );
-    assert!(
-        swallowed.load(Ordering::SeqCst) >= 1,
-        "the agent never tried the hung coordinator"
-    );
-    let connected = agent.wait_for("connected to coordinator");
-    assert!(!connected.contains(&hung.to_string()), "{connected}");
-}
-
-/// The agent's first coordinator answers hellos, so it looks alive, but lets every other
-/// request stall: the chunk request passes its deadline (4 s, from `request_timeout_s = 1`),
-/// the agent tries the next coordinator first, installs from it, and serves.
-#[test]
-fn a_coordinator_that_stalls_chunk_requests_is_left_for_the_next() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let fleet = provision(dir.path(), "stall", 1);
-    let (hung, swallowed) = hung_coordinator(&runtime, &fleet.dir, true);
-    let config = fleet.coordinator_toml.to_str().unwrap();
-    let mut coordinator = Process::start("cloud-coordinator", &["serve", "--config", config]);
-    coordinator.wait_for("admin API:");
-    let device_toml = fleet.dir.join("devices/stall-0001/agent.toml");
-    let text = std::fs::read_to_string(&device_toml).unwrap();
+    let timeout = request_timeout_s.map_or(String::new(), |s| format!("request_timeout_s = {s}\n"));
     let text = text.replacen(
         "addresses = [",
-        &format!("request_timeout_s = 1\naddresses = [\"{hung}\", "),
+        &format!("{timeout}addresses = [\"{hung}\", "),
         1,
     );
     std::fs::write(&device_toml, text).unwrap();
@@ -826,13 +787,36 @@ fn a_coordinator_that_stalls_chunk_requests_is_left_for_the_next() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!(
-        "served {:.1} s after the push",
-        pushed.elapsed().as_secs_f64()
-    );
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!(
+            "served {:.1} s after the push",
+            pushed.elapsed().as_secs_f64()
+        );
+    }
     assert!(
         swallowed.load(Ordering::SeqCst) >= 1,
-        "the agent never asked the stalling coordinator for chunks"
+        "the agent never waited on the hung coordinator"
     );
+    drop(coordinator);
+    (agent, hung)
+}
+
+/// The agent's first coordinator hangs (handshake done, no answer on any stream): the agent's
+/// hello passes its deadline, it moves on to the next coordinator in its list, installs what is
+/// pushed there, and serves.
+#[test]
+fn a_hung_coordinator_is_passed_over_at_the_request_deadline() {
+    let (mut agent, hung) = serves_past_a_hung_first_coordinator("hung", false, None);
+    let connected = agent.wait_for("connected to coordinator");
+    assert!(!connected.contains(&hung.to_string()), "{connected}");
+}
+
+/// The agent's first coordinator answers hellos, so it looks alive, but lets every other
+/// request stall: the chunk request passes its deadline (4 s, from `request_timeout_s = 1`),
+/// the agent tries the next coordinator first, installs from it, and serves.
+#[test]
+fn a_coordinator_that_stalls_chunk_requests_is_left_for_the_next() {
+    let (mut agent, _) = serves_past_a_hung_first_coordinator("stall", true, Some(1));
     agent.wait_for("passed its deadline; trying the next coordinator first");
 }
