@@ -116,25 +116,16 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, CoordinatorError> {
 /// verified against the fleet CA.
 pub fn quic_server_config(trust: &Trust) -> Result<quinn::ServerConfig, CoordinatorError> {
     let tls_err = |e: &dyn std::fmt::Display| CoordinatorError::Fleet(format!("TLS setup: {e}"));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(trust.ca.clone()).map_err(|e| tls_err(&e))?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
+    let identity = outpost_runtime::tls::Identity {
+        chain: vec![trust.certificate.clone(), trust.ca.clone()],
+        key: trust.key.clone_key(),
+    };
+    let tls = outpost_runtime::tls::server_config(
+        fleet_roots(trust)?,
+        identity,
+        Some(outpost_shared::frame::ALPN),
     )
-    .build()
-    .map_err(|e| tls_err(&e))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| tls_err(&e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![trust.certificate.clone(), trust.ca.clone()],
-            trust.key.clone_key(),
-        )
-        .map_err(|e| tls_err(&e))?;
-    tls.alpn_protocols = vec![outpost_shared::frame::ALPN.to_vec()];
+    .map_err(tls_error)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| tls_err(&e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

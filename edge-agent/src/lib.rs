@@ -202,10 +202,15 @@ impl Agent {
                 waiting: usize::try_from(config.profile().inference_queue).unwrap_or(0),
             },
         };
-        check_identity(&config)?;
-        let offload = offload::OffloadClient::new(&config).map_err(AgentError::Identity)?;
-        let mqtt_tls = sync::mqtt_tls(&config).map_err(AgentError::Identity)?;
-        let signer = status::StatusSigner::load(&config).map_err(AgentError::Identity)?;
+        // The device's certificate and key, read once: QUIC, MQTT and status signing use them.
+        let identity =
+            outpost_runtime::tls::Identity::load(&config.device.certificate, &config.device.key)
+                .map_err(|e| AgentError::Identity(e.to_string()))?;
+        check_identity(&config, &identity)?;
+        let signer = status::StatusSigner::new(&config, &identity).map_err(AgentError::Identity)?;
+        let offload =
+            offload::OffloadClient::new(&config, identity.clone()).map_err(AgentError::Identity)?;
+        let mqtt_tls = sync::mqtt_tls(&config, identity).map_err(AgentError::Identity)?;
         let verifier = ManifestVerifier::new(config.fleet.manifest_keys.clone());
         let (table, models) =
             ServingTable::new(config.profile().memory_budget_mb.saturating_mul(1 << 20));
@@ -274,13 +279,17 @@ impl Agent {
 }
 
 /// The device id is the one in its certificate: a config naming another is refused.
-fn check_identity(config: &AgentConfig) -> Result<(), AgentError> {
-    let path = &config.device.certificate;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| AgentError::Identity(format!("{}: {e}", path.display())))?;
-    let der =
-        pem::parse(text).map_err(|e| AgentError::Identity(format!("{}: {e}", path.display())))?;
-    let id = firmware_config::device_id_from_certificate(der.contents())
+fn check_identity(
+    config: &AgentConfig,
+    identity: &outpost_runtime::tls::Identity,
+) -> Result<(), AgentError> {
+    let leaf = identity.leaf().ok_or_else(|| {
+        AgentError::Identity(format!(
+            "{}: no certificate in it",
+            config.device.certificate.display()
+        ))
+    })?;
+    let id = firmware_config::device_id_from_certificate(leaf)
         .map_err(|e| AgentError::Identity(e.to_string()))?;
     if id != config.device.id {
         return Err(AgentError::Identity(format!(

@@ -16,7 +16,6 @@ use firmware_config::{AgentConfig, HostPort};
 use outpost_runtime::Backoff;
 use outpost_shared::frame::{self, HEADER_BYTES, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use outpost_shared::{ChunkId, ErrorKind, Request, Response, Tensor};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::Mutex;
 
 /// Why an offloaded request failed.
@@ -123,30 +122,17 @@ impl Link {
     }
 }
 
-fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    pem::parse(text)
-        .map(pem::Pem::into_contents)
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
 impl OffloadClient {
-    /// A client for `config`'s coordinators, with its device certificate and fleet CA.
-    pub fn new(config: &AgentConfig) -> Result<Self, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(read_pem(&config.fleet.ca)?))
-            .map_err(|e| format!("fleet CA: {e}"))?;
-        let cert = CertificateDer::from(read_pem(&config.device.certificate)?);
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(read_pem(&config.device.key)?));
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(vec![cert], key)
-            .map_err(|e| format!("device certificate: {e}"))?;
-        tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+    /// A client for `config`'s coordinators, presenting `identity` (the device's certificate
+    /// and key) and verifying coordinators against the fleet CA.
+    pub fn new(
+        config: &AgentConfig,
+        identity: outpost_runtime::tls::Identity,
+    ) -> Result<Self, String> {
+        let roots =
+            outpost_runtime::tls::roots(&config.fleet.ca).map_err(|e| format!("fleet CA: {e}"))?;
+        let tls = outpost_runtime::tls::client_config(roots, identity, Some(frame::ALPN))
+            .map_err(|e| e.to_string())?;
         let crypto =
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));

@@ -94,11 +94,11 @@ impl std::fmt::Debug for StatusSigner {
 }
 
 impl StatusSigner {
-    /// The device's certificate and key from its config.
-    pub(crate) fn load(config: &firmware_config::AgentConfig) -> Result<Self, String> {
-        let identity =
-            outpost_runtime::tls::Identity::load(&config.device.certificate, &config.device.key)
-                .map_err(|e| e.to_string())?;
+    /// A signer with the device's `identity` (its certificate and key).
+    pub(crate) fn new(
+        config: &firmware_config::AgentConfig,
+        identity: &outpost_runtime::tls::Identity,
+    ) -> Result<Self, String> {
         let certificate = identity
             .leaf()
             .map(|c| c.as_ref().to_vec())

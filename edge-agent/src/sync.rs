@@ -20,12 +20,10 @@ const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::fr
 /// verified against `mqtt.ca` (or the fleet CA).
 pub(crate) fn mqtt_tls(
     config: &firmware_config::AgentConfig,
+    identity: outpost_runtime::tls::Identity,
 ) -> Result<rustls::ClientConfig, String> {
     let roots =
         outpost_runtime::tls::roots(config.broker_ca()).map_err(|e| format!("mqtt.ca: {e}"))?;
-    let identity =
-        outpost_runtime::tls::Identity::load(&config.device.certificate, &config.device.key)
-            .map_err(|e| e.to_string())?;
     outpost_runtime::tls::client_config(roots, identity, None).map_err(|e| e.to_string())
 }
 
