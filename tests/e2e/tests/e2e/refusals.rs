@@ -9,7 +9,7 @@ use firmware_config::AgentConfig;
 use model_zoo::DemoModel;
 use outpost_test_support::agent::agent_config;
 use outpost_test_support::coordinator::{push, start_coordinator};
-use outpost_test_support::eventually::eventually;
+use outpost_test_support::eventually::{eventually, eventually_async};
 use outpost_test_support::mqtt::{ClientIdentity, MqttObserver};
 
 /// A release that would take the device over its storage budget is refused, and the status says
@@ -479,17 +479,4 @@ async fn a_revoked_device_is_cut_off_and_the_others_are_not() {
         ["dev-0001"]
     );
     again.shutdown().await;
-}
-
-/// Polls the async `done` every 50 ms until it holds; fails the test after 60 s.
-async fn eventually_async<F, Fut>(what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !done().await {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
 }
