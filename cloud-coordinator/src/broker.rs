@@ -296,10 +296,14 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = ACCEPT_BACKOFF;
+    // Connection tasks live in this set, so shutdown ends them all, and what they hold (the
+    // revocation list's database among it) is let go before the coordinator says it stopped.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
             accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
         };
         let (stream, remote) = match accepted {
             Ok(a) => {
@@ -320,7 +324,7 @@ async fn accept_loop(
         };
         let front = Arc::clone(&front);
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             match front.serve(stream, shutdown).await {
                 Ok(()) => {}
                 Err(Ended::Refused(why)) => {
@@ -334,6 +338,7 @@ async fn accept_loop(
             drop(slot);
         });
     }
+    connections.shutdown().await;
 }
 
 impl Front {
