@@ -137,7 +137,7 @@ impl Coordinator {
         let coordinator_certificate = trust.certificate.clone();
         let status_verifier = trust::StatusVerifier::new(trust.ca.clone());
 
-        let db = sled::open(data_dir.join("registry.sled"))?;
+        let db = open_database(&data_dir.join("registry.sled")).await?;
         let revocations = Arc::new(revocation::Revocations::open(&db)?);
         let chunks =
             outpost_runtime::ChunkStore::open(&data_dir.join("chunks")).map_err(|source| {
@@ -284,6 +284,25 @@ impl CoordinatorHandle {
         let _ = tokio::task::spawn_blocking(move || workers.stop()).await;
         if let Err(e) = self.db.flush_async().await {
             tracing::error!(error = %e, "could not flush the registry");
+        }
+    }
+}
+
+/// Opens the registry database. A coordinator stopped a moment ago may still be letting go of
+/// its lock (sled's background flusher ends after the last handle is dropped): a lock held is
+/// tried again for up to 2 s, then reported (another coordinator on the same data).
+async fn open_database(path: &Path) -> Result<sled::Db, CoordinatorError> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
