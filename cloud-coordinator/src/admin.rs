@@ -165,6 +165,10 @@ pub struct Revoked {
     /// Whether this call revoked it (false: it was already).
     #[serde(default)]
     pub new: bool,
+    /// What became of the production brokers' revocation files (`crl.pem`,
+    /// `nats-users.conf`): signed again here, or what to run where the CA key is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_files: Option<String>,
 }
 
 /// What the admin API needs.
@@ -180,6 +184,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Revoked devices.
     pub revocations: Arc<crate::revocation::Revocations>,
+    /// The production brokers' revocation files.
+    pub broker_files: Arc<crate::revocation::BrokerFiles>,
     /// The bearer token.
     pub token: String,
     /// The largest upload, bytes.
@@ -190,10 +196,11 @@ pub struct AdminState {
 
 type Reply = Response<Full<Bytes>>;
 
-/// Serves the admin API until shutdown.
+/// Serves the admin API until shutdown, over HTTPS when `tls` is given.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     shutdown: watch::Receiver<bool>,
 ) {
     let limits = ServeLimits {
@@ -204,7 +211,12 @@ pub async fn serve(
         let state = state.clone();
         async move { route(req, &state).await }
     };
-    outpost_runtime::serve::serve_http(listener, limits, handler, shutdown).await;
+    match tls {
+        Some(tls) => {
+            outpost_runtime::serve::serve_https(listener, limits, tls, handler, shutdown).await;
+        }
+        None => outpost_runtime::serve::serve_http(listener, limits, handler, shutdown).await,
+    }
 }
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
@@ -281,22 +293,31 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
                     format!("device id {device:?}: {e}"),
                 );
             }
-            let (revocations, id) = (state.revocations.clone(), (*device).to_owned());
+            let (revocations, files, id) = (
+                state.revocations.clone(),
+                state.broker_files.clone(),
+                (*device).to_owned(),
+            );
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            match tokio::task::spawn_blocking(move || revocations.revoke(&id, now)).await {
-                Ok(Ok(new)) => {
+            let revoked = tokio::task::spawn_blocking(move || {
+                let new = revocations.revoke(&id, now)?;
+                Ok::<_, crate::revocation::RevokeError>((new, files.revoke(&[id])))
+            });
+            match revoked.await {
+                Ok(Ok((new, broker_files))) => {
                     if let Ok(mut fleet) = state.fleet.lock() {
                         fleet.remove(*device);
                     }
-                    tracing::warn!(device, new, "device revoked");
+                    tracing::warn!(device, new, broker_files, "device revoked");
                     json(
                         StatusCode::OK,
                         &Revoked {
                             device: (*device).to_owned(),
                             revoked_at: now,
                             new,
+                            broker_files: Some(broker_files),
                         },
                     )
                 }
@@ -313,6 +334,7 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
                     device,
                     revoked_at,
                     new: false,
+                    broker_files: None,
                 })
                 .collect();
             json(StatusCode::OK, &list)

@@ -34,6 +34,14 @@ pub enum AdminError {
         /// Why.
         source: HttpError,
     },
+    /// HTTPS could not be set up, or the server's certificate is not trusted.
+    #[error("TLS with the admin API at {addr}: {reason}")]
+    Tls {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
     /// The coordinator refused the call, with its reason.
     #[error("{}", refusal(*status, message))]
     Status {
@@ -163,6 +171,23 @@ impl AdminClient {
         AdminClient::new(coordinator.admin_addr, coordinator.admin_token.clone())
     }
 
+    /// The same client over HTTPS (an admin API with `[admin] tls_cert`): the server's
+    /// certificate must chain to a certificate of the PEM file `ca` and be valid for `name` (a
+    /// DNS name or an IP address).
+    pub fn over_tls(mut self, ca: &std::path::Path, name: &str) -> Result<Self, AdminError> {
+        let tls_error = |reason: String| AdminError::Tls {
+            addr: self.http.addr(),
+            reason,
+        };
+        let roots = outpost_runtime::tls::roots(ca).map_err(|e| tls_error(e.to_string()))?;
+        let config = outpost_runtime::tls::client_config_without_identity(roots)
+            .map_err(|e| tls_error(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned())
+            .map_err(|e| tls_error(format!("{name:?} is not a DNS name or an IP address: {e}")))?;
+        self.http = self.http.with_tls(std::sync::Arc::new(config), name);
+        Ok(self)
+    }
+
     /// The same client with other limits.
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.http = self.http.with_limits(limits);
@@ -270,6 +295,12 @@ impl AdminClient {
             .await
             .map_err(|source| match source {
                 HttpError::Connect { source, .. } => AdminError::Connect { addr, source },
+                HttpError::Tls { source, .. } => AdminError::Tls {
+                    addr,
+                    reason: format!(
+                        "{source} (an admin API without TLS answers no handshake; one whose certificate is not from the CA given fails here)"
+                    ),
+                },
                 source => AdminError::Transport { addr, source },
             })
     }

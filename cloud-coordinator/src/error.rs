@@ -27,12 +27,10 @@ pub enum CoordinatorError {
     /// The fleet's trust material is missing or broken.
     #[error("fleet: {0}")]
     Fleet(String),
-    /// The admin API would listen beyond loopback, where its token would cross the network in
-    /// the clear.
-    #[error(
-        "[admin] listen = {0} is beyond loopback, and the admin API has no TLS of its own: its bearer token would cross the network in the clear. Keep [admin] listen on a loopback address (127.0.0.1:7070) and reach it through SSH or a TLS-terminating proxy"
-    )]
-    AdminBeyondLoopback(std::net::SocketAddr),
+    /// The admin API cannot listen as configured: beyond loopback without TLS (its token would
+    /// cross the network in the clear), or half a TLS identity. Names the key to set.
+    #[error("[admin]: {0}")]
+    AdminListen(String),
     /// The registry database failed.
     #[error("registry database: {0}")]
     Database(#[from] sled::Error),

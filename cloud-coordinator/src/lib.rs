@@ -63,6 +63,8 @@ pub struct CoordinatorHandle {
     pub quic_addr: SocketAddr,
     /// The admin API's address.
     pub admin_addr: SocketAddr,
+    /// Whether the admin API speaks HTTPS (`[admin] tls_cert`).
+    pub admin_tls: bool,
     /// The MQTT broker in use (embedded or external).
     pub mqtt: HostPort,
     /// Whether the broker is the embedded one.
@@ -89,9 +91,13 @@ pub struct CoordinatorHandle {
 impl Coordinator {
     /// Starts a coordinator as `config` says.
     pub async fn start(config: CoordinatorConfig) -> Result<CoordinatorHandle, CoordinatorError> {
-        if !config.admin.listen.ip().is_loopback() {
-            return Err(CoordinatorError::AdminBeyondLoopback(config.admin.listen));
+        if let Some((_, problem)) = config.admin.problem() {
+            return Err(CoordinatorError::AdminListen(problem));
         }
+        let admin_tls = match config.admin.tls() {
+            Some((cert, key)) => Some(Arc::new(trust::admin_server_config(cert, key)?)),
+            None => None,
+        };
         let data_dir = config.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|source| CoordinatorError::Io {
             path: data_dir.clone(),
@@ -139,6 +145,10 @@ impl Coordinator {
 
         let db = open_database(&data_dir.join("registry.sled")).await?;
         let revocations = Arc::new(revocation::Revocations::open(&db)?);
+        let broker_files = Arc::new(revocation::BrokerFiles::new(&CoordinatorConfig {
+            fleet: Some(trust.fleet.clone()),
+            ..CoordinatorConfig::default()
+        }));
         let chunks =
             outpost_runtime::ChunkStore::open(&data_dir.join("chunks")).map_err(|source| {
                 CoordinatorError::Io {
@@ -245,16 +255,20 @@ impl Coordinator {
             fleet,
             metrics,
             revocations,
+            broker_files,
             token: admin_token.clone(),
             max_upload,
             max_connections: usize::try_from(config.admin.max_connections).unwrap_or(1),
         };
-        tasks.push(tokio::spawn(admin::serve(listener, state, watcher)));
+        tasks.push(tokio::spawn(admin::serve(
+            listener, state, admin_tls, watcher,
+        )));
 
         tracing::info!(%quic_addr, %admin_addr, mqtt = %mqtt, embedded_broker, "coordinator started");
         Ok(CoordinatorHandle {
             quic_addr,
             admin_addr,
+            admin_tls: config.admin.tls().is_some(),
             mqtt,
             embedded_broker,
             mqtt_router,

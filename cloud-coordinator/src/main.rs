@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use cloud_coordinator::admin::{PlacementArg, Published, PushQuery};
 use cloud_coordinator::registry::Quantize;
 use cloud_coordinator::{ADMIN_TOKEN_FILE, AdminClient, Coordinator, PushOptions};
-use firmware_config::{CoordinatorConfig, FleetAuthority};
+use firmware_config::{CoordinatorConfig, FleetAuthority, HostPort};
 use outpost_runtime::http::UploadProgress;
 
 #[derive(Parser)]
@@ -124,7 +124,11 @@ enum Command {
 struct AdminArgs {
     /// The admin API's address [default: from the config, 127.0.0.1:7070].
     #[arg(long, value_name = "HOST:PORT")]
-    admin: Option<SocketAddr>,
+    admin: Option<HostPort>,
+    /// Speak HTTPS to the admin API, trusting this CA certificate (PEM) [default: HTTPS with
+    /// the fleet CA when the config sets [admin] tls_cert, else plain HTTP on loopback].
+    #[arg(long, value_name = "FILE")]
+    admin_ca: Option<PathBuf>,
     /// The admin token [default: $OUTPOST_ADMIN_TOKEN, else the data folder's admin.token].
     #[arg(long, env = "OUTPOST_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -146,13 +150,49 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<CoordinatorConfig> {
 impl AdminArgs {
     /// The admin API client these arguments name.
     fn client(&self) -> anyhow::Result<AdminClient> {
-        let (addr, token) = self.resolve()?;
-        Ok(AdminClient::new(addr, token))
+        let config = load_config(self.config.as_deref())?;
+        let token = self.token(&config)?;
+        // The address: --admin, else where the config listens (its loopback when it listens on
+        // every address).
+        let target = match &self.admin {
+            Some(target) => target.clone(),
+            None => {
+                let listen = config.admin.listen;
+                let ip = match listen.ip() {
+                    std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    }
+                    std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    }
+                    ip => ip,
+                };
+                HostPort {
+                    host: ip.to_string(),
+                    port: listen.port(),
+                }
+            }
+        };
+        let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&target.to_string())
+            .with_context(|| format!("the admin API's address {target}"))?
+            .next()
+            .with_context(|| format!("{target} names no address"))?;
+        let client = AdminClient::new(addr, token);
+        let ca = match (&self.admin_ca, &config.fleet) {
+            (Some(ca), _) => Some(ca.clone()),
+            (None, Some(fleet)) if config.admin.tls().is_some() => Some(fleet.ca.clone()),
+            (None, None) if config.admin.tls().is_some() => anyhow::bail!(
+                "the config's admin API speaks HTTPS but names no fleet CA: pass --admin-ca"
+            ),
+            (None, _) => None,
+        };
+        Ok(match ca {
+            Some(ca) => client.over_tls(&ca, &target.host)?,
+            None => client,
+        })
     }
 
-    fn resolve(&self) -> anyhow::Result<(SocketAddr, String)> {
-        let config = load_config(self.config.as_deref())?;
-        let addr = self.admin.unwrap_or(config.admin.listen);
+    fn token(&self, config: &CoordinatorConfig) -> anyhow::Result<String> {
         let token = match &self.token {
             Some(t) => {
                 if std::env::var("OUTPOST_ADMIN_TOKEN").ok().as_deref() != Some(t.as_str()) {
@@ -173,7 +213,7 @@ impl AdminArgs {
                     .to_owned()
             }
         };
-        Ok((addr, token))
+        Ok(token)
     }
 }
 
@@ -322,7 +362,8 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let handle = Coordinator::start(config).await?;
     println!("Outpost coordinator");
     println!("  QUIC (agents):  {}", handle.quic_addr);
-    println!("  admin API:      http://{}", handle.admin_addr);
+    let scheme = if handle.admin_tls { "https" } else { "http" };
+    println!("  admin API:      {scheme}://{}", handle.admin_addr);
     println!(
         "  MQTT broker:    {}{}",
         handle.mqtt,

@@ -87,3 +87,62 @@ impl Revocations {
         self.changes.subscribe()
     }
 }
+
+/// The fleet folder's broker files (`crl.pem`, `nats-users.conf`: see
+/// [`firmware_config::provision::FleetAuthority::update_broker_files`]), kept current by a
+/// coordinator that can sign them: one whose fleet CA key is beside its CA certificate or named
+/// by `[fleet] ca_key` (dev mode always is). Without the key they are signed offline with
+/// `firmware-config revoke`.
+#[derive(Debug)]
+pub struct BrokerFiles {
+    fleet_dir: std::path::PathBuf,
+    authority: Option<firmware_config::FleetAuthority>,
+}
+
+impl BrokerFiles {
+    /// The broker files of the fleet `config` names (its CA certificate's folder).
+    pub fn new(config: &firmware_config::CoordinatorConfig) -> Self {
+        let fleet_dir = config
+            .fleet
+            .as_ref()
+            .and_then(|f| f.ca.parent())
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        let authority = firmware_config::FleetAuthority::load(config).ok();
+        Self {
+            fleet_dir,
+            authority,
+        }
+    }
+
+    /// Puts `devices` on the brokers' revocation list (an empty list signs it again): what was
+    /// done, or what the operator must do, in words.
+    pub fn revoke(&self, devices: &[String]) -> String {
+        let dir = self.fleet_dir.display();
+        let Some(authority) = &self.authority else {
+            return format!(
+                "the fleet CA key is not here, so the production brokers' files cannot be signed: run `firmware-config revoke --fleet {dir} {}` where ca.key is, copy crl.pem and nats-users.conf to the brokers and reload them",
+                devices.join(" ")
+            );
+        };
+        let ids: Result<Vec<firmware_config::DeviceId>, _> =
+            devices.iter().map(|d| d.parse()).collect();
+        let written = ids.map_err(|e| e.to_string()).and_then(|ids| {
+            authority
+                .update_broker_files(&self.fleet_dir, &ids)
+                .map_err(|e| e.to_string())
+        });
+        match written {
+            Ok(written) => format!(
+                "{} and {} signed again with {} revoked: reload the production brokers (kill -HUP mosquitto; nats-server --signal reload)",
+                written.crl.display(),
+                written.nats_users.display(),
+                written.revoked.len()
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not update the brokers' revocation files");
+                format!("the production brokers' files in {dir} were not updated: {e}")
+            }
+        }
+    }
+}

@@ -170,6 +170,18 @@ pub fn mqtt_server_config(trust: &Trust) -> Result<rustls::ServerConfig, Coordin
         .map_err(tls_error)
 }
 
+/// The admin API's HTTPS config: `[admin] tls_cert` and `tls_key`; clients prove themselves with
+/// the bearer token, not a certificate.
+pub fn admin_server_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<rustls::ServerConfig, CoordinatorError> {
+    let identity = outpost_runtime::tls::Identity::load(cert, key)
+        .map_err(|e| CoordinatorError::AdminListen(format!("tls_cert / tls_key: {e}")))?;
+    outpost_runtime::tls::server_config_without_client_auth(identity)
+        .map_err(|e| CoordinatorError::AdminListen(format!("tls_cert / tls_key: {e}")))
+}
+
 /// The coordinator's MQTT client TLS config: its certificate, and the broker's verified against
 /// `broker_ca` (`[mqtt] ca`) or the fleet CA.
 pub fn mqtt_client_config(

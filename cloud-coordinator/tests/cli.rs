@@ -220,7 +220,8 @@ fn a_taken_port_is_a_clear_error() {
     );
 }
 
-/// An admin API beyond loopback is refused at start, naming the key; a token given as a flag
+/// An admin API beyond loopback without TLS is refused at start, naming the keys to set; a token
+/// given as a flag
 /// (visible in `ps`) is used, with a warning, and one from the environment is not warned about.
 #[test]
 fn the_admin_api_stays_on_loopback_and_flag_tokens_are_warned_about() {
@@ -234,9 +235,15 @@ fn the_admin_api_stays_on_loopback_and_flag_tokens_are_warned_about() {
     let (ok, _, err) = run(&["serve"], &config);
     assert!(!ok);
     assert!(
-        err.contains("[admin] listen") && err.contains("beyond loopback"),
+        err.contains("admin.tls_cert") && err.contains("beyond loopback"),
         "{err}"
     );
+    // The CLI's warnings, with a config that loads.
+    std::fs::write(
+        &config,
+        "[storage]\ndata_dir = \"data\"\n\n[admin]\nlisten = \"127.0.0.1:9\"\n",
+    )
+    .unwrap();
     let (_, _, err) = run(
         &["models", "--token", "secret", "--admin", "127.0.0.1:9"],
         &config,
@@ -250,4 +257,88 @@ fn the_admin_api_stays_on_loopback_and_flag_tokens_are_warned_about() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("warning"), "{err}");
+}
+
+/// The admin API over HTTPS (`[admin] tls_cert`, here the coordinator's own certificate from
+/// `provision`): `serve` says https, the CLI checks the certificate against the fleet CA named in
+/// the config and is served; a plain HTTP request gets no answer; a client trusting another
+/// fleet's CA is refused by its own check.
+#[test]
+fn the_admin_api_speaks_https_when_given_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet");
+    let plan = firmware_config::FleetPlan::numbered(
+        "adm",
+        1,
+        vec!["127.0.0.1:4433".parse().unwrap()],
+        "127.0.0.1:1883".parse().unwrap(),
+    )
+    .unwrap();
+    firmware_config::provision(&plan, &fleet).unwrap();
+    let config = fleet.join("coordinator.toml");
+    let provisioned = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        provisioned.contains("# tls_cert = \"coordinator.crt\""),
+        "{provisioned}"
+    );
+    let text = provisioned.replace("listen = \"127.0.0.1:4433\"", "listen = \"127.0.0.1:0\"")
+        + "\n[admin]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"coordinator.crt\"\ntls_key = \"coordinator.key\"\n\n[mqtt]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(&config, text).unwrap();
+
+    let mut child = bin()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _server = Server(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let admin = loop {
+        assert!(Instant::now() < deadline, "serve printed no admin address");
+        let line = lines.next().unwrap().unwrap();
+        if let Some(addr) = line.trim().strip_prefix("admin API:") {
+            let addr = addr.trim();
+            assert!(addr.starts_with("https://"), "{line}");
+            break addr.trim_start_matches("https://").to_owned();
+        }
+    };
+
+    let (ok, out, err) = run(&["models", "--admin", &admin], &config);
+    assert!(ok && out.trim() == "[]", "{out}{err}");
+
+    // Plain HTTP to the HTTPS port: no HTTP answer.
+    use std::io::{Read as _, Write as _};
+    let mut plain = std::net::TcpStream::connect(&admin).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plain HTTP was answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // A client that trusts another fleet's CA does not accept this certificate.
+    let other = dir.path().join("other");
+    firmware_config::provision(&plan, &other).unwrap();
+    let other_ca = other.join("ca.crt");
+    let (ok, _, err) = run(
+        &[
+            "models",
+            "--admin",
+            &admin,
+            "--admin-ca",
+            other_ca.to_str().unwrap(),
+        ],
+        &config,
+    );
+    assert!(!ok && err.contains("TLS"), "{err}");
 }

@@ -122,6 +122,13 @@ pub struct AdminSection {
     /// Open admin connections at once (past it, new ones wait to be accepted).
     #[serde(default = "default_admin_connections")]
     pub max_connections: u32,
+    /// The admin API's certificate chain (PEM, leaf first). With `tls_key` the admin API speaks
+    /// HTTPS only (TLS 1.3); needed when `listen` is beyond loopback, where the bearer token
+    /// would otherwise cross the network in the clear. The coordinator's own certificate will
+    /// do: it names the coordinator's hosts, and clients check it against the fleet CA.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PKCS#8 PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for AdminSection {
@@ -129,6 +136,38 @@ impl Default for AdminSection {
         Self {
             listen: default_admin_listen(),
             max_connections: default_admin_connections(),
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+impl AdminSection {
+    /// The admin API's certificate and key, when it speaks HTTPS.
+    pub fn tls(&self) -> Option<(&Path, &Path)> {
+        Some((self.tls_cert.as_deref()?, self.tls_key.as_deref()?))
+    }
+
+    /// Why the admin API may not listen as configured: beyond loopback without TLS, or half a
+    /// TLS identity. The key to set, and the message.
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => Some((
+                "admin.tls_key",
+                "admin.tls_cert is set, so admin.tls_key (its private key) must be too".to_owned(),
+            )),
+            (None, Some(_)) => Some((
+                "admin.tls_cert",
+                "admin.tls_key is set, so admin.tls_cert (its certificate) must be too".to_owned(),
+            )),
+            (None, None) if !self.listen.ip().is_loopback() => Some((
+                "admin.tls_cert",
+                format!(
+                    "admin.listen = {} is beyond loopback, where the admin token would cross the network in the clear: set admin.tls_cert and admin.tls_key (the coordinator's certificate and key will do), or keep admin.listen on loopback (127.0.0.1:7070) and reach it through SSH",
+                    self.listen
+                ),
+            )),
+            _ => None,
         }
     }
 }
@@ -325,6 +364,10 @@ impl CoordinatorConfig {
             if let Some(ca) = &config.mqtt.ca {
                 files.push(("mqtt.ca", ca, FileKind::Certificate));
             }
+            if let (Some(cert), Some(key)) = (&config.admin.tls_cert, &config.admin.tls_key) {
+                files.push(("admin.tls_cert", cert, FileKind::Certificate));
+                files.push(("admin.tls_key", key, FileKind::PrivateKey));
+            }
             for (key, file, kind) in files {
                 if let Err(message) = check_file(file, kind) {
                     errors.push(source.key_error(key, message));
@@ -374,8 +417,15 @@ impl CoordinatorConfig {
             }
         }
         self.storage.data_dir = base.join(&self.storage.data_dir);
-        if let Some(ca) = &mut self.mqtt.ca {
-            *ca = base.join(&*ca);
+        for p in [
+            &mut self.mqtt.ca,
+            &mut self.admin.tls_cert,
+            &mut self.admin.tls_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = base.join(&*p);
         }
     }
 
@@ -399,6 +449,7 @@ impl CoordinatorConfig {
                 "must be at least 2, so a rollback target is kept".to_owned(),
             ));
         }
+        problems.extend(self.admin.problem());
         if self.admin.max_connections == 0 {
             problems.push(("admin.max_connections", "must be at least 1".to_owned()));
         }

@@ -12,6 +12,7 @@ pub struct IdentityError(&'static str);
 const SEQUENCE: u8 = 0x30;
 const SET: u8 = 0x31;
 const OID: u8 = 0x06;
+const INTEGER: u8 = 0x02;
 const CONTEXT_0: u8 = 0xa0;
 /// 2.5.4.3, id-at-commonName.
 const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
@@ -46,6 +47,21 @@ pub fn device_id_from_certificate(der: &[u8]) -> Result<DeviceId, IdentityError>
         }
     }
     Err(IdentityError("no common name in the subject"))
+}
+
+/// The serial number (the INTEGER's content bytes) of a DER certificate: what a revocation list
+/// names it by.
+pub fn serial_from_certificate(der: &[u8]) -> Result<Vec<u8>, IdentityError> {
+    let (cert, _) = expect(der, SEQUENCE, "not a DER certificate")?;
+    let (mut tbs, _) = expect(cert, SEQUENCE, "no to-be-signed part")?;
+    if tbs.first() == Some(&CONTEXT_0) {
+        tbs = tlv(tbs).ok_or(IdentityError("bad version field"))?.2;
+    }
+    let (serial, _) = expect(tbs, INTEGER, "no serial number")?;
+    if serial.is_empty() {
+        return Err(IdentityError("empty serial number"));
+    }
+    Ok(serial.to_vec())
 }
 
 /// One DER element: (tag, contents, rest).

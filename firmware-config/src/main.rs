@@ -66,6 +66,18 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Revoke devices for the fleet's production brokers, where the CA key is: adds them to
+    /// revoked.txt, signs a new crl.pem (Mosquitto's crlfile) and writes nats-users.conf without
+    /// them; reload the broker to apply (`kill -HUP` Mosquitto, `nats-server --signal reload`).
+    /// With no device it signs the list again. Revoke at the coordinator too
+    /// (`cloud-coordinator revoke`), which closes QUIC and the embedded broker to the device.
+    Revoke {
+        /// The fleet folder (`provision --out`).
+        #[arg(long)]
+        fleet: PathBuf,
+        /// The devices to revoke.
+        devices: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -130,9 +142,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("  manifest key: {}", made.manifest_key);
             println!("  coordinator:  {}", made.coordinator_config.display());
             println!(
-                "  broker:       {} (Mosquitto, TLS, with mosquitto.acl; the embedded broker needs none)",
+                "  brokers:      {} (Mosquitto) and {} (NATS), TLS with the fleet's certificates; the embedded broker needs neither",
                 made.dir
                     .join(firmware_config::provision::files::MOSQUITTO_CONFIG)
+                    .display(),
+                made.dir
+                    .join(firmware_config::provision::files::NATS_CONFIG)
                     .display()
             );
             for (id, path) in &made.devices {
@@ -152,6 +167,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let out = out.unwrap_or_else(|| fleet.clone());
             let (id, path) = authority.enroll_next(id, &fleet, config.quic.listen.port(), &out)?;
             println!("enrolled device {id}: {}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revoke { fleet, devices } => {
+            let config_path = fleet.join(firmware_config::provision::files::COORDINATOR_CONFIG);
+            let config = firmware_config::CoordinatorConfig::load(&config_path)
+                .with_context(|| format!("loading the fleet in {}", fleet.display()))?;
+            let authority = firmware_config::provision::FleetAuthority::load(&config)?;
+            let devices = devices
+                .iter()
+                .map(|d| d.parse())
+                .collect::<Result<Vec<firmware_config::DeviceId>, _>>()?;
+            let written = authority.update_broker_files(&fleet, &devices)?;
+            let revoked: Vec<&str> = written.revoked.iter().map(|d| d.as_str()).collect();
+            println!(
+                "revoked for the brokers: {}",
+                if revoked.is_empty() {
+                    "none".to_owned()
+                } else {
+                    revoked.join(", ")
+                }
+            );
+            println!(
+                "  {} (Mosquitto: kill -HUP to reload)",
+                written.crl.display()
+            );
+            println!(
+                "  {} (NATS: nats-server --signal reload)",
+                written.nats_users.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -12,8 +12,10 @@
 //! ```text
 //! coordinator.toml  ca.crt  ca.key  coordinator.crt  coordinator.key
 //! fleet-signing.key  fleet-signing.pub
+//! mosquitto.conf  mosquitto.acl  nats.conf  nats-users.conf  crl.pem  revoked.txt
 //! devices/{id}/agent.toml  devices/{id}/device.crt  devices/{id}/device.key  devices/{id}/ca.crt
 //! ```
+//! The broker files are described in [`brokers`](self::brokers).
 //! Private keys are written with mode 0600, and existing keys are never overwritten.
 
 use std::fs;
@@ -27,6 +29,10 @@ use rcgen::{
     KeyUsagePurpose, SerialNumber,
 };
 use ring::rand::SecureRandom as _;
+
+mod brokers;
+
+pub use brokers::{BrokerFiles, CRL_VALIDITY, revoked_devices};
 
 use crate::coordinator::CoordinatorConfig;
 use crate::profile::DeviceClass;
@@ -60,6 +66,16 @@ pub mod files {
     pub const MOSQUITTO_CONFIG: &str = "mosquitto.conf";
     /// Its topic rules.
     pub const MOSQUITTO_ACL: &str = "mosquitto.acl";
+    /// The fleet's revocation list for its brokers (Mosquitto's `crlfile`).
+    pub const CRL: &str = "crl.pem";
+    /// The devices revoked for the fleet's brokers, a device id a line.
+    pub const REVOKED: &str = "revoked.txt";
+    /// A NATS server config for the fleet's production broker (its MQTT listener).
+    pub const NATS_CONFIG: &str = "nats.conf";
+    /// The NATS server's users, one per device not revoked (included by `nats.conf`).
+    pub const NATS_USERS: &str = "nats-users.conf";
+    /// The NATS server's JetStream folder (MQTT sessions and retained releases).
+    pub const NATS_STORE: &str = "nats-data";
 }
 
 /// What to provision.
@@ -258,12 +274,17 @@ pub fn provision(plan: &FleetPlan, out: &Path) -> Result<ProvisionedFleet, Provi
     })?;
     write_file(
         &out.join(files::MOSQUITTO_CONFIG),
-        mosquitto_conf(&folder, &plan.mqtt).as_bytes(),
+        brokers::mosquitto_conf(&folder, &plan.mqtt).as_bytes(),
         Secrecy::Public,
     )?;
     write_file(
         &out.join(files::MOSQUITTO_ACL),
-        mosquitto_acl(&plan.name).as_bytes(),
+        brokers::mosquitto_acl(&plan.name).as_bytes(),
+        Secrecy::Public,
+    )?;
+    write_file(
+        &out.join(files::NATS_CONFIG),
+        brokers::nats_conf(&folder, &plan.name, &plan.mqtt).as_bytes(),
         Secrecy::Public,
     )?;
 
@@ -276,6 +297,8 @@ pub fn provision(plan: &FleetPlan, out: &Path) -> Result<ProvisionedFleet, Provi
                 .map(|path| (d.clone(), path))
         })
         .collect::<Result<_, _>>()?;
+    // The brokers' revocation list (empty) and NATS users (every device).
+    authority.update_broker_files(out, &[])?;
     Ok(ProvisionedFleet {
         dir: out.to_owned(),
         coordinator_config,
@@ -440,6 +463,10 @@ impl FleetAuthority {
                 .map_err(|e| ProvisionError::Invalid(format!("device id: {e}")))?,
         };
         let path = self.enroll_like_first_device(&id, fleet_dir, quic_port, out)?;
+        // Issued into the fleet folder: the NATS server gets its user too.
+        if same_folder(out, fleet_dir) {
+            self.update_broker_files(fleet_dir, &[])?;
+        }
         Ok((id, path))
     }
 
@@ -512,6 +539,14 @@ fn set_validity(params: &mut CertificateParams, years: i32) -> Result<(), Provis
     Ok(())
 }
 
+/// Whether `a` and `b` are one folder.
+fn same_folder(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
 }
@@ -525,58 +560,6 @@ fn toml_list(items: impl IntoIterator<Item = String>) -> String {
 /// that takes identities from certificates).
 pub fn coordinator_common_name(fleet: &str) -> String {
     format!("Outpost coordinator of fleet {fleet}")
-}
-
-/// A Mosquitto config for the fleet's broker at `mqtt`, with the files of the fleet folder
-/// `folder` (absolute paths: Mosquitto reads relative ones from where it was started).
-fn mosquitto_conf(folder: &Path, mqtt: &HostPort) -> String {
-    let file = |name: &str| folder.join(name).display().to_string();
-    format!(
-        "# Mosquitto for this Outpost fleet, made by `firmware-config provision`: TLS 1.3 only, every
-# client presents a certificate of the fleet CA and is known by its common name (a device by its
-# id, the coordinator by its certificate's), and mosquitto.acl says what each may read and write.
-# Run: mosquitto -c {conf}
-# (Started as root, Mosquitto changes to user `mosquitto`, which must be able to read the key.)
-# Point the coordinator at it with [mqtt] external = \"{host}:{port}\".
-per_listener_settings false
-allow_anonymous false
-acl_file {acl}
-listener {port} {host}
-cafile {ca}
-certfile {cert}
-keyfile {key}
-require_certificate true
-use_identity_as_username true
-tls_version tlsv1.3
-set_tcp_nodelay true
-",
-        conf = file(files::MOSQUITTO_CONFIG),
-        host = mqtt.host,
-        port = mqtt.port,
-        acl = file(files::MOSQUITTO_ACL),
-        ca = file(files::CA_CERT),
-        cert = file(files::COORDINATOR_CERT),
-        key = file(files::COORDINATOR_KEY),
-    )
-}
-
-/// The topic rules of fleet `fleet`'s broker: the coordinator writes releases and reads every
-/// status; a device reads releases and writes only its own status.
-fn mosquitto_acl(fleet: &str) -> String {
-    format!(
-        "# What each client of the fleet's broker may do (user names are certificate common names).
-# The coordinator: writes releases (and reads them back, to put back one that was cleared), reads
-# every device's status.
-user {coordinator}
-topic readwrite outpost/v1/models/+/manifest
-topic read outpost/v1/devices/+/status
-
-# Every device (its user name is its id): reads releases, writes only its own status.
-pattern read outpost/v1/models/+/manifest
-pattern write outpost/v1/devices/%u/status
-",
-        coordinator = coordinator_common_name(fleet)
-    )
 }
 
 fn coordinator_toml(fleet: &str, hosts: &[HostPort]) -> String {
@@ -594,7 +577,11 @@ fn coordinator_toml(fleet: &str, hosts: &[HostPort]) -> String {
          # devices with `firmware-config enroll --fleet DIR` where ca.key is, and keep it offline.\n\n\
          [fleet]\nname = {name}\nca = \"{ca}\"\n# ca_key = \"{ca_key}\"   # only to let `cloud-coordinator enroll` enrol here\ncertificate = \"{cert}\"\nkey = \"{key}\"\nsigning_key = \"{sk}\"\n\n\
          [storage]\ndata_dir = \"data\"\n\n\
-         [quic]\nlisten = \"{ip}:{port}\"\n",
+         [quic]\nlisten = \"{ip}:{port}\"\n\n\
+         # The admin API listens on 127.0.0.1:7070. Beyond loopback it needs TLS; the coordinator's\n\
+         # certificate names its hosts, and `cloud-coordinator ... --config` checks it against the\n\
+         # fleet CA:\n\
+         # [admin]\n# listen = \"0.0.0.0:7070\"\n# tls_cert = \"{cert}\"\n# tls_key = \"{key}\"\n",
         name = toml_string(fleet),
         ca = files::CA_CERT,
         ca_key = files::CA_KEY,

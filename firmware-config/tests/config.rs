@@ -353,3 +353,28 @@ fn allowed_origins_must_be_origins() {
         );
     }
 }
+
+/// The admin API beyond loopback needs TLS, and TLS needs both halves; each error names the key.
+#[test]
+fn the_admin_api_beyond_loopback_needs_tls() {
+    let error = |text: &str| {
+        CoordinatorConfig::from_toml(Path::new("coordinator.toml"), text)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = error("[admin]\nlisten = \"0.0.0.0:7070\"\n");
+    assert!(
+        e.contains("admin.tls_cert") && e.contains("beyond loopback"),
+        "{e}"
+    );
+    let e = error("[admin]\ntls_cert = \"admin.crt\"\n");
+    assert!(e.contains("admin.tls_key"), "{e}");
+    let e = error("[admin]\ntls_key = \"admin.key\"\n");
+    assert!(e.contains("admin.tls_cert"), "{e}");
+    let config = CoordinatorConfig::from_toml(
+        Path::new("coordinator.toml"),
+        "[admin]\nlisten = \"0.0.0.0:7070\"\ntls_cert = \"admin.crt\"\ntls_key = \"admin.key\"\n",
+    )
+    .unwrap();
+    assert!(config.admin.tls().is_some());
+}

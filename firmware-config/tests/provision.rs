@@ -183,3 +183,81 @@ fn enrolled_devices_join_the_same_fleet() {
         Err(ProvisionError::Exists(_))
     ));
 }
+
+/// The broker files follow the revocation list: provision writes an empty CRL and a NATS user per
+/// device; revoking names the device's certificate serial in a CRL signed by the fleet CA, drops
+/// its NATS user and survives the next enrolment; a device this folder never issued is refused
+/// before anything is written.
+#[test]
+fn broker_files_follow_revocation_and_enrolment() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = firmware_config::provision(&plan(2), dir.path()).unwrap();
+    let users = |dir: &Path| std::fs::read_to_string(dir.join("nats-users.conf")).unwrap();
+    let text = users(dir.path());
+    for id in ["acme-0001", "acme-0002"] {
+        assert!(
+            text.contains(&format!("user: \"{id}\""))
+                && text.contains(&format!("outpost.v1.devices.{id}.status")),
+            "{text}"
+        );
+    }
+    assert!(
+        text.contains("CN=Outpost coordinator of fleet acme"),
+        "{text}"
+    );
+    let mosquitto = std::fs::read_to_string(dir.path().join("mosquitto.conf")).unwrap();
+    assert!(mosquitto.contains("crlfile "), "{mosquitto}");
+    let nats = std::fs::read_to_string(dir.path().join("nats.conf")).unwrap();
+    assert!(
+        nats.contains("verify_and_map: true")
+            && nats.contains("max_payload: ")
+            && nats.contains("include \"nats-users.conf\""),
+        "{nats}"
+    );
+    let empty_crl = pem_der(&dir.path().join("crl.pem"));
+
+    let coordinator = CoordinatorConfig::load(&fleet.coordinator_config).unwrap();
+    let authority = FleetAuthority::load(&coordinator).unwrap();
+    let stranger = "acme-9999".parse().unwrap();
+    assert!(matches!(
+        authority.update_broker_files(dir.path(), &[stranger]),
+        Err(ProvisionError::Invalid(m)) if m.contains("acme-9999") && m.contains("not issued")
+    ),);
+    assert_eq!(pem_der(&dir.path().join("crl.pem")), empty_crl);
+
+    let second = "acme-0002".parse().unwrap();
+    let written = authority
+        .update_broker_files(dir.path(), &[second])
+        .unwrap();
+    assert_eq!(written.revoked.len(), 1);
+    let serial = firmware_config::identity::serial_from_certificate(&pem_der(
+        &dir.path().join("devices/acme-0002/device.crt"),
+    ))
+    .unwrap();
+    let crl = pem_der(&written.crl);
+    assert!(
+        crl.windows(serial.len()).any(|w| w == serial),
+        "the serial is not on the CRL"
+    );
+    let ca_name = "Outpost fleet acme CA".as_bytes();
+    assert!(crl.windows(ca_name.len()).any(|w| w == ca_name));
+    let text = users(dir.path());
+    assert!(
+        !text.contains("acme-0002") && text.contains("acme-0001"),
+        "{text}"
+    );
+
+    // A device enrolled later gets its user; the revoked one stays out.
+    let (id, _) = authority
+        .enroll_next(None, dir.path(), 4433, dir.path())
+        .unwrap();
+    let text = users(dir.path());
+    assert!(
+        text.contains(&format!("user: \"{id}\"")) && !text.contains("acme-0002"),
+        "{text}"
+    );
+    assert_eq!(
+        firmware_config::provision::revoked_devices(dir.path()).unwrap(),
+        vec!["acme-0002".parse().unwrap()]
+    );
+}

@@ -149,6 +149,15 @@ pub enum HttpError {
         /// Why.
         source: std::io::Error,
     },
+    /// The TLS handshake failed (the server's certificate is not valid for the name, or not
+    /// from the CA trusted).
+    #[error("TLS with {addr} failed: {source}")]
+    Tls {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The request cannot be written (a bad path, header name or value).
     #[error("cannot send {what} to {addr}: {reason}")]
     InvalidRequest {
@@ -206,6 +215,22 @@ pub enum HttpError {
 pub struct HttpClient {
     addr: SocketAddr,
     limits: Limits,
+    tls: Option<Tls>,
+}
+
+/// HTTPS: the server's certificate is verified by `config` as `name`.
+#[derive(Clone)]
+struct Tls {
+    config: Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HttpClient {
@@ -214,7 +239,19 @@ impl HttpClient {
         HttpClient {
             addr,
             limits: Limits::default(),
+            tls: None,
         }
+    }
+
+    /// The same client over TLS: the server's certificate is checked by `config` (see
+    /// [`crate::tls::client_config_without_identity`]) and must be valid for `name`.
+    pub fn with_tls(
+        mut self,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> Self {
+        self.tls = Some(Tls { config, name });
+        self
     }
 
     /// The same client with other limits.
@@ -237,7 +274,8 @@ impl HttpClient {
     pub async fn send(&self, request: Request) -> Result<Response, HttpError> {
         let what = describe(&request);
         let exchange = async {
-            let mut connection = HttpConnection::open(self.addr, self.limits).await?;
+            let mut connection =
+                HttpConnection::open(self.addr, self.limits, self.tls.as_ref()).await?;
             connection.exchange(request).await
         };
         tokio::time::timeout(self.limits.timeout, exchange)
@@ -253,7 +291,7 @@ impl HttpClient {
     pub async fn connect(&self) -> Result<HttpConnection, HttpError> {
         tokio::time::timeout(
             self.limits.timeout,
-            HttpConnection::open(self.addr, self.limits),
+            HttpConnection::open(self.addr, self.limits, self.tls.as_ref()),
         )
         .await
         .map_err(|_| HttpError::Timeout {
@@ -281,32 +319,50 @@ impl fmt::Debug for HttpConnection {
 }
 
 impl HttpConnection {
-    async fn open(addr: SocketAddr, limits: Limits) -> Result<Self, HttpError> {
+    async fn open(addr: SocketAddr, limits: Limits, tls: Option<&Tls>) -> Result<Self, HttpError> {
         let connect_error = |source| HttpError::Connect { addr, source };
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(connect_error)?;
         // Small requests and answers: do not wait to fill segments.
         stream.set_nodelay(true).map_err(connect_error)?;
+        let sender = match tls {
+            None => Self::handshake(addr, stream).await?,
+            Some(tls) => {
+                let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
+                    .connect(tls.name.clone(), stream)
+                    .await
+                    .map_err(|source| HttpError::Tls { addr, source })?;
+                Self::handshake(addr, stream).await?
+            }
+        };
+        Ok(HttpConnection {
+            addr,
+            limits,
+            sender,
+        })
+    }
+
+    /// HTTP/1's handshake on `io`; the connection is driven on its own task, which ends when
+    /// the sender is dropped.
+    async fn handshake<I>(addr: SocketAddr, io: I) -> Result<SendRequest<UploadBody>, HttpError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
                 .await
                 .map_err(|source| HttpError::Exchange {
                     addr,
                     what: "the handshake".to_owned(),
                     source,
                 })?;
-        // The connection is driven on its own task; it ends when the sender is dropped.
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "HTTP client connection ended");
             }
         });
-        Ok(HttpConnection {
-            addr,
-            limits,
-            sender,
-        })
+        Ok(sender)
     }
 
     /// Sends `request` on this connection and reads the whole answer, within the timeout.

@@ -1,5 +1,5 @@
-//! Serving loops both daemons use: an HTTP/1 server that one bad client cannot starve, whose
-//! connections end with it, and waiting for the signal to stop.
+//! Serving loops both daemons use: an HTTP/1 server (plain, or over TLS) that one bad client
+//! cannot starve, whose connections end with it, and waiting for the signal to stop.
 //!
 //! Bounds ([`ServeLimits`]): at most `max_connections` open connections; a connection must send
 //! a request's headers within `header_timeout` of being accepted or of its last answer (hyper
@@ -126,6 +126,56 @@ pub async fn serve_http<H, F>(
     listener: tokio::net::TcpListener,
     limits: ServeLimits,
     handler: H,
+    shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    serve(listener, limits, None, handler, shutdown).await;
+}
+
+/// [`serve_http`] over TLS (`tls`): the handshake must finish within `header_timeout` of the
+/// accept, and a connection still in it counts as idle at the cap.
+pub async fn serve_https<H, F>(
+    listener: tokio::net::TcpListener,
+    limits: ServeLimits,
+    tls: Arc<rustls::ServerConfig>,
+    handler: H,
+    shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve(listener, limits, Some(acceptor), handler, shutdown).await;
+}
+
+/// Serves one connection's requests until it ends or the client stops.
+async fn serve_connection<I, S>(io: I, limits: ServeLimits, service: S)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "HTTP connection ended");
+    }
+}
+
+async fn serve<H, F>(
+    listener: tokio::net::TcpListener,
+    limits: ServeLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: H,
     mut shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -185,7 +235,7 @@ pub async fn serve_http<H, F>(
         if let Ok(mut open) = open.lock() {
             open.insert(id, Arc::clone(&tracked));
         }
-        let (handler, open) = (handler.clone(), Arc::clone(&open));
+        let (handler, open, tls) = (handler.clone(), Arc::clone(&open), tls.clone());
         connections.spawn(async move {
             let _slot = slot;
             let on_requests = Arc::clone(&tracked);
@@ -202,17 +252,22 @@ pub async fn serve_http<H, F>(
                     Ok::<_, std::convert::Infallible>(answer)
                 }
             });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .serve_connection(io, service);
-            tokio::select! {
-                served = connection => {
-                    if let Err(e) = served {
-                        tracing::debug!(error = %e, "HTTP connection ended");
+            let served = async {
+                match tls {
+                    None => serve_connection(stream, limits, service).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(stream)) => serve_connection(stream, limits, service).await,
+                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        }
                     }
                 }
+            };
+            tokio::select! {
+                () = served => {}
                 () = tracked.close.notified() => {
                     tracing::debug!("closed an idle HTTP connection to make room at the cap");
                 }

@@ -160,3 +160,36 @@ pub fn server_config(
     }
     Ok(config)
 }
+
+/// A server config for clients that prove who they are some other way (the admin API's bearer
+/// token): the server presents `identity` and asks for no client certificate.
+pub fn server_config_without_client_auth(
+    identity: Identity,
+) -> Result<rustls::ServerConfig, TlsError> {
+    rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls {
+            what: "TLS 1.3",
+            source,
+        })?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(|source| TlsError::Rustls {
+            what: "the server certificate",
+            source,
+        })
+}
+
+/// A client config that verifies the server against `roots` and presents no certificate.
+pub fn client_config_without_identity(
+    roots: rustls::RootCertStore,
+) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls {
+            what: "TLS 1.3",
+            source,
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}

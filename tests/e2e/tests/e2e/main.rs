@@ -12,19 +12,20 @@
 //! - [`faults`]: faults done for real to those processes (floods, slowloris, descriptor limits).
 //! - [`fakes`]: a fake coordinator (real QUIC, the fleet's certificate) that answers as a test
 //!   says: one that hangs, one that replays old releases.
-//! - [`mosquitto`]: the coordinator against a real Mosquitto broker.
+//! - [`brokers`]: the coordinator against real production brokers (Mosquitto, NATS) run with
+//!   the provisioned files.
 //! - [`quickstart`]: `outpost up` in-process.
 //! - [`bench`]: `outpost bench` in-process, briefly.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod bench;
+mod brokers;
 mod engines;
 mod fakes;
 mod faults;
 mod foundation;
 mod inference;
-mod mosquitto;
 mod processes;
 mod quickstart;
 mod refusals;

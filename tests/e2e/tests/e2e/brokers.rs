@@ -1,7 +1,11 @@
-//! The coordinator against a real Mosquitto broker (Debian `mosquitto`, started here on a free
-//! loopback port with TCP_NODELAY and stopped when the test ends), TLS only with client
-//! certificates of a provisioned fleet: push, then a device's subscriber receives the retained
-//! manifest and it verifies with the fleet key; a client without a fleet certificate gets nothing.
+//! The coordinator against real production brokers, each started here on a free loopback port
+//! with the files `firmware-config provision` wrote (and stopped when the test ends): Mosquitto
+//! (Debian `mosquitto`: `mosquitto.conf`, `mosquitto.acl`, `crl.pem`) and the MQTT listener of
+//! a NATS server (Debian `nats-server`: `nats.conf`, `nats-users.conf`). TLS only with client
+//! certificates of the fleet: push, sync and status work; a device reads releases but cannot
+//! write another device's status or any release; outsiders (no certificate, another fleet's)
+//! are refused; a device revoked at the coordinator (which holds the CA key here, so it signs
+//! the brokers' files) is refused by the reloaded broker while the others carry on.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,70 +19,137 @@ use outpost_test_support::mqtt::{ClientIdentity, MqttObserver};
 use outpost_test_support::ports::free_tcp_port;
 use outpost_test_support::process::ChildGuard;
 
-/// A Mosquitto broker on a loopback port, stopped on drop.
-struct Mosquitto {
-    _child: ChildGuard,
-    port: u16,
+/// A production broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Mosquitto,
+    Nats,
+}
+
+/// A broker on a loopback port, stopped on drop.
+struct Broker {
+    child: ChildGuard,
+    kind: Kind,
     _dir: tempfile::TempDir,
 }
 
-fn mosquitto_binary() -> &'static str {
-    [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ]
-    .into_iter()
-    .find(|p| std::path::Path::new(p).exists())
-    .expect("mosquitto is not installed (Debian package `mosquitto`; .ci/run installs it)")
+fn installed(candidates: &[&'static str], package: &str) -> &'static str {
+    candidates
+        .iter()
+        .copied()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or_else(|| {
+            panic!("{package} is not installed (Debian package `{package}`; .ci/run installs it)")
+        })
 }
 
-/// Mosquitto with the config `firmware-config provision` wrote into `fleet`
-/// (`mosquitto.conf`: TLS 1.3, fleet client certificates, `mosquitto.acl`), listening on `port`.
-fn start_mosquitto(fleet: &std::path::Path, port: u16) -> Mosquitto {
+/// `kind` with the config `firmware-config provision` wrote into `fleet`, listening on `port`.
+fn start_broker(kind: Kind, fleet: &std::path::Path, port: u16) -> Broker {
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("mosquitto.conf");
-    // Started as root, Mosquitto changes to user `mosquitto`, which cannot read the fleet's
-    // keys (mode 0600): a test run as root keeps it root.
-    let user = if outpost_test_support::process::running_as_root() {
-        "user root\n"
-    } else {
-        ""
+    let mut command = match kind {
+        Kind::Mosquitto => {
+            let conf = dir.path().join("mosquitto.conf");
+            // Started as root, Mosquitto changes to user `mosquitto`, which cannot read the
+            // fleet's keys (mode 0600): a test run as root keeps it root.
+            let user = if outpost_test_support::process::running_as_root() {
+                "user root\n"
+            } else {
+                ""
+            };
+            let provisioned = std::fs::read_to_string(fleet.join("mosquitto.conf")).unwrap();
+            assert!(
+                provisioned.contains(&format!("listener {port} 127.0.0.1"))
+                    && provisioned.contains("crlfile"),
+                "{provisioned}"
+            );
+            std::fs::write(
+                &conf,
+                format!("{user}persistence false\nlog_dest stdout\n{provisioned}"),
+            )
+            .unwrap();
+            let mut command = Command::new(installed(
+                &[
+                    "/usr/sbin/mosquitto",
+                    "/usr/bin/mosquitto",
+                    "/usr/local/sbin/mosquitto",
+                ],
+                "mosquitto",
+            ));
+            command.arg("-c").arg(conf);
+            command
+        }
+        Kind::Nats => {
+            let provisioned = std::fs::read_to_string(fleet.join("nats.conf")).unwrap();
+            assert!(
+                provisioned.contains(&format!("listen: \"127.0.0.1:{port}\""))
+                    && provisioned.contains("verify_and_map: true"),
+                "{provisioned}"
+            );
+            let mut command = Command::new(installed(
+                &[
+                    "/usr/bin/nats-server",
+                    "/usr/sbin/nats-server",
+                    "/usr/local/bin/nats-server",
+                ],
+                "nats-server",
+            ));
+            command.arg("-c").arg(fleet.join("nats.conf"));
+            command
+        }
     };
-    let provisioned = std::fs::read_to_string(fleet.join("mosquitto.conf")).unwrap();
-    assert!(
-        provisioned.contains(&format!("listener {port} 127.0.0.1")),
-        "{provisioned}"
-    );
-    std::fs::write(
-        &conf,
-        format!("{user}persistence false\nlog_dest stdout\n{provisioned}"),
-    )
-    .unwrap();
-    let child = ChildGuard::spawn(
-        Command::new(mosquitto_binary())
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
+    let child = ChildGuard::spawn(command.stdout(Stdio::null()).stderr(Stdio::null()));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
             Instant::now() < deadline,
-            "mosquitto did not start listening on {port}"
+            "{kind:?} did not start listening on {port}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    Mosquitto {
-        _child: child,
-        port,
+    Broker {
+        child,
+        kind,
         _dir: dir,
     }
 }
 
+impl Broker {
+    /// Makes the broker read its files again, as an operator would after a revocation.
+    fn reload(&self) {
+        let pid = self.child.0.id().to_string();
+        let status = match self.kind {
+            Kind::Mosquitto => Command::new("kill").args(["-HUP", &pid]).status(),
+            Kind::Nats => Command::new(installed(
+                &[
+                    "/usr/bin/nats-server",
+                    "/usr/sbin/nats-server",
+                    "/usr/local/bin/nats-server",
+                ],
+                "nats-server",
+            ))
+            .arg("--signal")
+            .arg(format!("reload={pid}"))
+            .status(),
+        };
+        assert!(
+            status.unwrap().success(),
+            "could not reload {:?}",
+            self.kind
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_sync_and_status_through_mosquitto_with_the_provisioned_rules() {
+async fn push_sync_status_and_revocation_through_mosquitto_with_the_provisioned_files() {
+    through_a_production_broker(Kind::Mosquitto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_sync_status_and_revocation_through_nats_with_the_provisioned_files() {
+    through_a_production_broker(Kind::Nats).await;
+}
+
+async fn through_a_production_broker(kind: Kind) {
     let dir = tempfile::tempdir().unwrap();
     let (port, quic) = (
         free_tcp_port(),
@@ -97,7 +168,7 @@ async fn push_sync_and_status_through_mosquitto_with_the_provisioned_rules() {
     .unwrap();
     let fleet = dir.path().join("fleet");
     firmware_config::provision(&plan, &fleet).unwrap();
-    let broker = start_mosquitto(&fleet, port);
+    let broker = start_broker(kind, &fleet, port);
     let mut config = CoordinatorConfig::load(&fleet.join("coordinator.toml")).unwrap();
     config.storage.data_dir = dir.path().join("coordinator");
     config.quic.listen = format!("127.0.0.1:{quic}").parse().unwrap();
@@ -105,7 +176,6 @@ async fn push_sync_and_status_through_mosquitto_with_the_provisioned_rules() {
     config.mqtt.external = Some(broker_addr.clone());
     let handle = Coordinator::start(config).await.unwrap();
     assert!(!handle.embedded_broker);
-    assert_eq!(broker.port, port);
     let device =
         |n: u32| AgentConfig::load(&fleet.join(format!("devices/mosq-000{n}/agent.toml"))).unwrap();
 
@@ -140,7 +210,7 @@ async fn push_sync_and_status_through_mosquitto_with_the_provisioned_rules() {
     // A device's subscriber that connects after the push gets the release (retained).
     let topic = Topic::manifest("music-two-tower").unwrap().name();
     let second = ClientIdentity::device(&device(2));
-    let mut observer = MqttObserver::new(&broker_addr, "mosquitto-test", &second);
+    let mut observer = MqttObserver::new(&broker_addr, "broker-test", &second);
     observer.subscribe(&topic).await;
     let payload = observer.next_message(&topic).await;
     let manifest = ManifestVerifier::new(device(1).fleet.manifest_keys.clone())
@@ -250,6 +320,36 @@ async fn push_sync_and_status_through_mosquitto_with_the_provisioned_rules() {
     .await
     .unwrap_or(false);
     assert!(!anonymous, "an anonymous plain client got in");
+
+    // Revocation: the coordinator holds the CA key here (beside ca.crt), so it signs crl.pem and
+    // nats-users.conf again; once the broker reloads them, device 2 is refused and device 1
+    // is not.
+    let revoked = admin.revoke("mosq-0002").await.unwrap();
+    let files = revoked.broker_files.unwrap_or_default();
+    assert!(files.contains("signed again with 1 revoked"), "{files}");
+    let listed = std::fs::read_to_string(fleet.join("revoked.txt")).unwrap();
+    assert!(listed.lines().any(|l| l == "mosq-0002"), "{listed}");
+    broker.reload();
+    let mut refused = false;
+    for attempt in 0..50 {
+        let mut revoked_device =
+            MqttObserver::new(&broker_addr, &format!("revoked-{attempt}"), &second);
+        if revoked_device.connected().await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused,
+        "{kind:?} still let a revoked device in after reloading"
+    );
+    let mut kept = MqttObserver::new(&broker_addr, "kept", &ClientIdentity::device(&device(1)));
+    kept.subscribe(&topic).await;
+    assert!(
+        kept.next_message(&topic).await == payload,
+        "a device that was not revoked lost the broker"
+    );
     agent.shutdown().await;
     handle.shutdown().await;
 }
