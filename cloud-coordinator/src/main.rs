@@ -312,6 +312,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("device {} was already revoked", revoked.device);
             }
+            if let Some(files) = &revoked.broker_files {
+                println!("production brokers: {files}");
+            }
             Ok(())
         }
         Command::Revoked { admin } => {

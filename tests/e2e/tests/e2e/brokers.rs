@@ -360,3 +360,118 @@ fn now() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+/// An operator's own broker, whose certificate another CA issued (here: the coordinator
+/// certificate of a second provisioned fleet, naming 127.0.0.1): the coordinator and an agent
+/// that name that CA in `[mqtt] ca` connect, the agent's status reaches the fleet view and a
+/// release pushed after it started arrives over MQTT; an agent that trusts only the fleet CA
+/// refuses the broker and says so in its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_certificate_from_another_ca_is_trusted_through_mqtt_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, quic) = (
+        free_tcp_port(),
+        outpost_test_support::ports::free_udp_port(),
+    );
+    let broker_addr = HostPort {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    let fleet = dir.path().join("fleet");
+    let plan = firmware_config::FleetPlan::numbered(
+        "opca",
+        2,
+        vec![format!("127.0.0.1:{quic}").parse().unwrap()],
+        broker_addr.clone(),
+    )
+    .unwrap();
+    firmware_config::provision(&plan, &fleet).unwrap();
+    // The operator's PKI: a second fleet's coordinator certificate serves as the broker's.
+    let pki = dir.path().join("operator-pki");
+    let pki_plan = firmware_config::FleetPlan::numbered(
+        "operator",
+        0,
+        vec!["127.0.0.1:1".parse().unwrap()],
+        broker_addr.clone(),
+    )
+    .unwrap();
+    firmware_config::provision(&pki_plan, &pki).unwrap();
+    let conf = fleet.join("mosquitto.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let text = text
+        .replace(
+            &format!("certfile {}", fleet.join("coordinator.crt").display()),
+            &format!("certfile {}", pki.join("coordinator.crt").display()),
+        )
+        .replace(
+            &format!("keyfile {}", fleet.join("coordinator.key").display()),
+            &format!("keyfile {}", pki.join("coordinator.key").display()),
+        );
+    assert!(text.contains("operator-pki/coordinator.crt"), "{text}");
+    std::fs::write(&conf, text).unwrap();
+    let _broker = start_broker(Kind::Mosquitto, &fleet, port);
+    let broker_ca = pki.join("ca.crt");
+
+    let mut config = CoordinatorConfig::load(&fleet.join("coordinator.toml")).unwrap();
+    config.storage.data_dir = dir.path().join("coordinator");
+    config.quic.listen = format!("127.0.0.1:{quic}").parse().unwrap();
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.external = Some(broker_addr.clone());
+    config.mqtt.ca = Some(broker_ca.clone());
+    let handle = Coordinator::start(config).await.unwrap();
+    let admin = cloud_coordinator::AdminClient::of(&handle);
+
+    let agent = |n: u32, ca: Option<std::path::PathBuf>| {
+        let mut config =
+            AgentConfig::load(&fleet.join(format!("devices/opca-000{n}/agent.toml"))).unwrap();
+        config.api.listen = "127.0.0.1:0".parse().unwrap();
+        config.storage.data_dir = Some(dir.path().join(format!("agent-{n}")));
+        config.mqtt.ca = ca;
+        config
+    };
+    let trusting = edge_agent::Agent::start(agent(1, Some(broker_ca)))
+        .await
+        .unwrap();
+    let unaware = edge_agent::Agent::start(agent(2, None)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !admin
+        .fleet()
+        .await
+        .unwrap()
+        .iter()
+        .any(|d| d.device_id == "opca-0001")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the status of the agent that trusts the broker's CA never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Pushed after both started (past their first ask over QUIC; the next is minutes away):
+    // the release comes over MQTT.
+    let bytes = model_zoo::DemoModel::MusicTwoTower.bytes(model_zoo::DEFAULT_SEED);
+    push(&handle, "music-two-tower", &placed("local"), &bytes).await;
+    eventually("the trusting agent installs over MQTT", || {
+        trusting.active_version("music-two-tower") == Some(1)
+    })
+    .await;
+    assert_eq!(trusting.status().broker_error, None);
+    eventually("the other agent reports the broker it refused", || {
+        unaware.status().broker_error.is_some()
+    })
+    .await;
+    let said = unaware.status().broker_error.unwrap_or_default();
+    assert!(said.contains("MQTT broker"), "{said}");
+    assert!(
+        !admin
+            .fleet()
+            .await
+            .unwrap()
+            .iter()
+            .any(|d| d.device_id == "opca-0002"),
+        "an agent that refused the broker was seen through it"
+    );
+    trusting.shutdown().await;
+    unaware.shutdown().await;
+    handle.shutdown().await;
+}

@@ -14,7 +14,7 @@ use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tracing::{error, field, info, warn, Instrument};
+use tracing::{debug, error, field, info, warn, Instrument};
 use uuid::Uuid;
 
 #[cfg(feature = "websocket")]
@@ -590,7 +590,13 @@ async fn remote<P: Protocol>(
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
         Err(remote::Error::Link(e)) => {
-            error!(error=?e, "router-drop");
+            // Outpost patch: the router ends a link by dropping its channel, as it does for
+            // every client that sent DISCONNECT: that is no error.
+            if matches!(e, crate::link::local::LinkError::Recv(_)) {
+                debug!(error=?e, "router-drop");
+            } else {
+                error!(error=?e, "router-drop");
+            }
             send_disconnect = false;
         }
         // Connection was closed by peer
