@@ -1010,6 +1010,7 @@ async fn a_restarted_coordinator_keeps_its_fleet_and_announces_again() {
         .await;
     let agent = c.agent();
     let token = c.handle.admin_token.clone();
+    assert!(c.client().revoke("dev-0099").await.unwrap().new);
     let TestCoordinator { handle, dir } = c;
     handle.shutdown().await;
 
@@ -1018,6 +1019,10 @@ async fn a_restarted_coordinator_keeps_its_fleet_and_announces_again() {
     let again = start_with(config(dir.path()), dir).await;
     assert_eq!(again.handle.admin_token, token);
     assert!(!again.handle.new_admin_token);
+    // The revocation list is kept.
+    let revoked = again.client().revoked().await.unwrap();
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0].device, "dev-0099");
     let payload = first_message(
         &again.handle,
         &Topic::manifest("video-ranker").unwrap().name(),
