@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::error::RegistryError;
 use crate::metrics::Metrics;
 use crate::mqtt::{Announcer, FleetView};
-use crate::registry::{PushRequest, Quantize, Registry};
+use crate::registry::{PushRequest, Quantize, Registry, RolloutAction};
 
 pub use crate::registry::{Delta, EdgeReport, ModelSummary, Published, Stage, VariantSummary};
 pub use outpost_shared::DeviceStatus;
@@ -58,6 +58,18 @@ pub struct PushQuery {
     pub cloud_size: Option<usize>,
     /// The gate's sample file's size at the very end of the body (`samples_size`).
     pub samples_size: Option<usize>,
+    /// A rollout gated on health (`canary`: the candidate's first share, 1 to 99); the other
+    /// keys override `[rollout]` for this rollout.
+    pub canary: Option<u8>,
+    /// How long each step must stay within the limits (`bake_s`).
+    pub bake_s: Option<u64>,
+    /// The candidate's largest error rate (`max_error_rate`, 0.01 is 1 %).
+    pub max_error_rate: Option<f64>,
+    /// The largest p99 rise over stable (`max_p99_regression`, 0.2 is 20 %).
+    pub max_p99_regression: Option<f64>,
+    /// The largest rise of the offloaded share over stable (`max_offload_increase`, in points
+    /// of share: 0.1 is 10 points).
+    pub max_offload_increase: Option<f64>,
 }
 
 impl Default for PushQuery {
@@ -70,6 +82,11 @@ impl Default for PushQuery {
             dry_run: false,
             cloud_size: None,
             samples_size: None,
+            canary: None,
+            bake_s: None,
+            max_error_rate: None,
+            max_p99_regression: None,
+            max_offload_increase: None,
         }
     }
 }
@@ -78,11 +95,14 @@ impl PushQuery {
     /// The query string, without the `?`.
     pub fn to_query(&self) -> String {
         let mut query = format!(
-            "placement={}&rollout={}&dry_run={}",
+            "placement={}&dry_run={}",
             encode(&PlacementArg(self.placement.clone()).to_string()),
-            self.rollout_percent,
             self.dry_run
         );
+        // A canary's share is its own key.
+        if self.canary.is_none() {
+            query.push_str(&format!("&rollout={}", self.rollout_percent));
+        }
         if let Some(q) = self.quantize {
             query.push_str(match q {
                 Quantize::None => "&quantize=none",
@@ -98,7 +118,48 @@ impl PushQuery {
                 query.push_str(&format!("&{key}={n}"));
             }
         }
+        if let Some(p) = self.canary {
+            query.push_str(&format!("&canary={p}"));
+        }
+        if let Some(s) = self.bake_s {
+            query.push_str(&format!("&bake_s={s}"));
+        }
+        for (key, value) in [
+            ("max_error_rate", self.max_error_rate),
+            ("max_p99_regression", self.max_p99_regression),
+            ("max_offload_increase", self.max_offload_increase),
+        ] {
+            if let Some(v) = value {
+                query.push_str(&format!("&{key}={v}"));
+            }
+        }
         query
+    }
+
+    /// The health gate this push asks for: `[rollout]` (`defaults`) with this push's overrides,
+    /// when it is a canary.
+    pub fn gate(
+        &self,
+        defaults: &firmware_config::RolloutSection,
+    ) -> Option<firmware_config::RolloutSection> {
+        self.canary?;
+        let mut gate = defaults.clone();
+        if let Some(s) = self.bake_s {
+            gate.bake_s = s;
+        }
+        if let Some(v) = self.max_error_rate {
+            gate.max_error_rate = v;
+        }
+        if let Some(v) = self.max_p99_regression {
+            gate.max_p99_regression = v;
+        }
+        if let Some(v) = self.max_offload_increase {
+            gate.max_offload_increase = v;
+        }
+        // Steps past the canary's share only.
+        let canary = self.canary.unwrap_or(0);
+        gate.steps.retain(|p| *p > canary);
+        Some(gate)
     }
 
     /// Reads a decoded query; the error names the key and what it must be.
@@ -143,14 +204,49 @@ impl PushQuery {
         };
         let samples_size = size("samples_size")?;
         let cloud_size = size("cloud_size")?;
+        let canary = match query.get("canary").map(|v| v.parse::<u8>()) {
+            None => None,
+            Some(Ok(p)) if (1..=99).contains(&p) => Some(p),
+            Some(_) => return Err("canary must be a percentage from 1 to 99".to_owned()),
+        };
+        if canary.is_some() && query.contains_key("rollout") {
+            return Err(
+                "give either rollout (a share the operator moves) or canary (a share the health gate moves), not both"
+                    .to_owned(),
+            );
+        }
+        let bake_s = match query.get("bake_s").map(|v| v.parse::<u64>()) {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(_)) => return Err("bake_s must be a number of seconds".to_owned()),
+        };
+        let share = |key: &str| -> Result<Option<f64>, String> {
+            match query.get(key).map(|v| v.parse::<f64>()) {
+                None => Ok(None),
+                Some(Ok(v)) if v >= 0.0 && v.is_finite() => Ok(Some(v)),
+                Some(_) => Err(format!(
+                    "{key} must be a number of at least 0 (0.01 is 1 %)"
+                )),
+            }
+        };
+        let (max_error_rate, max_p99_regression, max_offload_increase) = (
+            share("max_error_rate")?,
+            share("max_p99_regression")?,
+            share("max_offload_increase")?,
+        );
         Ok(PushQuery {
             placement,
-            rollout_percent,
+            rollout_percent: canary.unwrap_or(rollout_percent),
             max_batch,
             quantize,
             dry_run,
             cloud_size,
             samples_size,
+            canary,
+            bake_s,
+            max_error_rate,
+            max_p99_regression,
+            max_offload_increase,
         })
     }
 }
@@ -192,6 +288,8 @@ pub struct AdminState {
     pub max_upload: usize,
     /// Open admin connections at once.
     pub max_connections: usize,
+    /// The defaults of gated rollouts (`[rollout]`).
+    pub rollout: firmware_config::RolloutSection,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -350,6 +448,37 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
             let result = tokio::task::spawn_blocking(move || registry.rollback(&name, to)).await;
             publish(result, state).await
         }
+        (Method::POST, ["v1", "models", name, "rollout"]) => {
+            let action = match (
+                query.get("percent"),
+                query.contains_key("promote"),
+                query.contains_key("abort"),
+            ) {
+                (Some(p), false, false) => match p.parse::<u8>() {
+                    Ok(p) => RolloutAction::Percent(p),
+                    Err(_) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            format!("rollout percent {p:?} is not a number from 1 to 99"),
+                        );
+                    }
+                },
+                (None, true, false) => RolloutAction::Promote,
+                (None, false, true) => RolloutAction::Abort,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "rollout needs one of ?percent=P, ?promote, ?abort",
+                    );
+                }
+            };
+            let (registry, name) = (state.registry.clone(), (*name).to_owned());
+            let result = tokio::task::spawn_blocking(move || {
+                registry.rollout(&name, action, "by the operator", None)
+            })
+            .await;
+            publish(result, state).await
+        }
         _ => error(
             StatusCode::NOT_FOUND,
             format!("no route for {} {path}", req.method()),
@@ -412,6 +541,7 @@ async fn push(
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    let gate = options.gate(&state.rollout);
     let request = PushRequest {
         name,
         model: body,
@@ -422,6 +552,7 @@ async fn push(
         quantize: options.quantize,
         samples,
         dry_run: options.dry_run,
+        gate,
     };
     let registry = state.registry.clone();
     let result = tokio::task::spawn_blocking(move || registry.push(request)).await;
@@ -595,11 +726,47 @@ mod tests {
             dry_run: true,
             cloud_size: Some(5),
             samples_size: Some(3),
+            ..PushQuery::default()
         };
         assert_eq!(
             PushQuery::parse(&parse_query(&query.to_query())).unwrap(),
             query
         );
+        // A canary, with its gate's overrides, and the defaults it fills in.
+        let canary = PushQuery {
+            rollout_percent: 10,
+            canary: Some(10),
+            bake_s: Some(2),
+            max_error_rate: Some(0.05),
+            max_offload_increase: Some(0.25),
+            ..PushQuery::default()
+        };
+        assert_eq!(
+            PushQuery::parse(&parse_query(&canary.to_query())).unwrap(),
+            canary
+        );
+        let gate = canary
+            .gate(&firmware_config::RolloutSection::default())
+            .unwrap();
+        assert_eq!(
+            (gate.bake_s, gate.max_error_rate, gate.max_offload_increase),
+            (2, 0.05, 0.25)
+        );
+        assert_eq!(gate.max_p99_regression, 0.2);
+        assert_eq!(gate.steps, vec![50]);
+        assert!(
+            PushQuery::default()
+                .gate(&firmware_config::RolloutSection::default())
+                .is_none()
+        );
+        for bad in [
+            "canary=0",
+            "canary=100",
+            "canary=10&rollout=10",
+            "max_error_rate=-1",
+        ] {
+            assert!(PushQuery::parse(&parse_query(bad)).is_err(), "{bad}");
+        }
         for bad in ["max_batch=0", "max_batch=-1", "max_batch=many"] {
             let e = PushQuery::parse(&parse_query(bad)).unwrap_err();
             assert!(e.contains("max_batch must be a row count"), "{bad}: {e}");

@@ -243,6 +243,25 @@ impl AdminClient {
         .await
     }
 
+    /// Moves model `name`'s candidate along: another share of devices (the same devices
+    /// first), promoted to stable, or aborted.
+    pub async fn rollout(
+        &self,
+        name: &str,
+        action: crate::registry::RolloutAction,
+    ) -> Result<Published, AdminError> {
+        let query = match action {
+            crate::registry::RolloutAction::Percent(p) => format!("percent={p}"),
+            crate::registry::RolloutAction::Promote => "promote".to_owned(),
+            crate::registry::RolloutAction::Abort => "abort".to_owned(),
+        };
+        self.call(Request::new(
+            Method::POST,
+            format!("/v1/models/{}/rollout?{query}", encode(name)),
+        ))
+        .await
+    }
+
     /// The models and their versions.
     pub async fn models(&self) -> Result<Vec<ModelSummary>, AdminError> {
         self.call(Request::get("/v1/models")).await

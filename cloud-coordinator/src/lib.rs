@@ -30,6 +30,7 @@ pub mod admin;
 mod admin_client;
 pub mod broker;
 pub mod error;
+pub mod gate;
 mod infer;
 pub mod metrics;
 pub mod mqtt;
@@ -181,9 +182,12 @@ impl Coordinator {
             tasks.push(task);
             mqtt_router = Some(router);
         }
+        let mut brokers = vec![mqtt.clone()];
+        if config.mqtt.external.is_some() {
+            brokers.extend(config.mqtt.fallbacks.iter().cloned());
+        }
         let (announcer, mqtt_task) = mqtt::Announcer::start(
-            &mqtt.host,
-            mqtt.port,
+            brokers,
             mqtt_client,
             registry.clone(),
             fleet.clone(),
@@ -196,6 +200,14 @@ impl Coordinator {
             watcher.clone(),
         );
         tasks.push(mqtt_task);
+        tasks.push(tokio::spawn(gate::run(
+            registry.clone(),
+            announcer.clone(),
+            fleet.clone(),
+            metrics.clone(),
+            config.rollout.check_interval(),
+            watcher.clone(),
+        )));
         tasks.push(tokio::spawn(mqtt::keep_releases_fresh(
             registry.clone(),
             announcer.clone(),
@@ -259,6 +271,7 @@ impl Coordinator {
             token: admin_token.clone(),
             max_upload,
             max_connections: usize::try_from(config.admin.max_connections).unwrap_or(1),
+            rollout: config.rollout.clone(),
         };
         tasks.push(tokio::spawn(admin::serve(
             listener, state, admin_tls, watcher,

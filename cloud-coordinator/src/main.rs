@@ -25,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once, at start: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the coordinator. Without --config: dev mode on loopback, with a throwaway fleet and an
@@ -48,8 +50,27 @@ enum Command {
         #[arg(long, default_value = "local")]
         placement: PlacementArg,
         /// Share of devices (0-100) that get the new version first; 100 makes it stable at once.
-        #[arg(long, default_value_t = 100)]
+        /// It stays there until `rollout` moves it.
+        #[arg(long, default_value_t = 100, conflicts_with = "canary")]
         rollout: u8,
+        /// A rollout gated on device health: this share (1-99) gets the new version first; the
+        /// coordinator widens it after each bake within the limits ([rollout] steps, then
+        /// stable) and aborts it past one. Limits default to coordinator.toml's [rollout].
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=99))]
+        canary: Option<u8>,
+        /// With --canary: seconds each step must stay within the limits.
+        #[arg(long, value_name = "SECONDS", requires = "canary")]
+        bake: Option<u64>,
+        /// With --canary: the candidate's largest error rate (0.01 is 1 %).
+        #[arg(long, value_name = "SHARE", requires = "canary")]
+        max_error_rate: Option<f64>,
+        /// With --canary: the largest rise of its p99 latency over stable's (0.2 is 20 %).
+        #[arg(long, value_name = "SHARE", requires = "canary")]
+        max_p99_regression: Option<f64>,
+        /// With --canary: the largest rise of its offloaded share over stable's (0.1 is 10
+        /// points).
+        #[arg(long, value_name = "SHARE", requires = "canary")]
+        max_offload_increase: Option<f64>,
         /// The most rows (outermost dimension) one inference request may carry, like Triton's
         /// max_batch_size; devices and the coordinator refuse more with an error naming it.
         /// Default: bounded only by each device's memory budget.
@@ -79,6 +100,24 @@ enum Command {
         /// The kept version to go back to.
         #[arg(long)]
         to: u64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Move a model's candidate along: give it to another share of devices (those that have it
+    /// keep it: the cohort grows from the same devices), promote it to stable, or abort it (every
+    /// device back to stable). Each is a new signed release.
+    Rollout {
+        /// The model.
+        name: String,
+        /// The share of devices, 1 to 99, that get the candidate.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99), conflicts_with_all = ["promote", "abort"])]
+        percent: Option<u8>,
+        /// Make the candidate the stable version.
+        #[arg(long, conflicts_with = "abort")]
+        promote: bool,
+        /// Drop the candidate.
+        #[arg(long)]
+        abort: bool,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -252,6 +291,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cloud,
             placement,
             rollout,
+            canary,
+            bake,
+            max_error_rate,
+            max_p99_regression,
+            max_offload_increase,
             max_batch,
             quantize,
             samples,
@@ -269,7 +313,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = PushOptions {
                 query: PushQuery {
                     placement: placement.0,
-                    rollout_percent: rollout,
+                    rollout_percent: canary.unwrap_or(rollout),
+                    canary,
+                    bake_s: bake,
+                    max_error_rate,
+                    max_p99_regression,
+                    max_offload_increase,
                     max_batch,
                     quantize: match quantize.as_deref() {
                         Some("none") => Some(Quantize::None),
@@ -293,6 +342,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback { name, to, admin } => {
             let published = admin.client()?.rollback(&name, to).await?;
             println!("{}", serde_json::to_string_pretty(&published)?);
+            Ok(())
+        }
+        Command::Rollout {
+            name,
+            percent,
+            promote,
+            abort,
+            admin,
+        } => {
+            use cloud_coordinator::registry::RolloutAction;
+            let action = match (percent, promote, abort) {
+                (Some(p), false, false) => RolloutAction::Percent(p),
+                (None, true, false) => RolloutAction::Promote,
+                (None, false, true) => RolloutAction::Abort,
+                _ => anyhow::bail!("say one of --percent P, --promote, --abort"),
+            };
+            let published = admin.client()?.rollout(&name, action).await?;
+            println!(
+                "{} release {}: version {} {}",
+                published.model,
+                published.release,
+                published.version,
+                match action {
+                    RolloutAction::Percent(p) => format!("on {p} % of devices"),
+                    RolloutAction::Promote => "promoted to stable".to_owned(),
+                    RolloutAction::Abort => "stable; the candidate is dropped".to_owned(),
+                }
+            );
             Ok(())
         }
         Command::Models { admin } => {

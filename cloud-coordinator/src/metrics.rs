@@ -30,6 +30,12 @@ pub struct Metrics {
     pub status_rejected: AtomicU64,
     /// Releases announced again because the broker's retained copy was cleared or replaced.
     pub releases_reasserted: AtomicU64,
+    /// Gated rollouts widened to their next step.
+    pub rollouts_widened: AtomicU64,
+    /// Gated rollouts promoted to stable.
+    pub rollouts_promoted: AtomicU64,
+    /// Gated rollouts aborted on the candidate's health.
+    pub rollouts_aborted: AtomicU64,
     inference_ok: AtomicU64,
     inference_failed: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
@@ -101,6 +107,13 @@ impl Metrics {
             "outpost_inference_busy_total",
             "Inference requests refused with Busy.",
             get(&self.inference_busy),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outpost_rollout_steps_total Steps the health gate took on rollouts.\n# TYPE outpost_rollout_steps_total counter\noutpost_rollout_steps_total{{step=\"widen\"}} {}\noutpost_rollout_steps_total{{step=\"promote\"}} {}\noutpost_rollout_steps_total{{step=\"abort\"}} {}",
+            get(&self.rollouts_widened),
+            get(&self.rollouts_promoted),
+            get(&self.rollouts_aborted)
         );
         let _ = writeln!(
             out,

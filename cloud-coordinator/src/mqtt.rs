@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use firmware_config::HostPort;
 use outpost_runtime::Backoff;
 use outpost_shared::{DeviceStatus, SignedStatus, StatusOrder, Topic, topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -49,30 +50,27 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    /// Connects to `host:port` over TLS with `tls` (retrying in the background) and starts the
-    /// event loop task.
+    /// Connects to the first of `brokers` over TLS with `tls` (retrying in the background, on
+    /// the next broker of the list after each failure) and starts the event loop task.
     pub fn start(
-        host: &str,
-        port: u16,
+        brokers: Vec<HostPort>,
         tls: rustls::ClientConfig,
         registry: Arc<Registry>,
         fleet: FleetView,
         check: StatusCheck,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let id = format!("outpost-coordinator-{}", std::process::id());
-        let mut options = MqttOptions::new(id, host, port);
-        options.set_keep_alive(Duration::from_secs(15));
-        let limit = outpost_shared::signing::MAX_MANIFEST_BYTES + 64 * 1024;
-        options.set_max_packet_size(limit, limit);
-        options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
-        ));
-        let (client, mut events) = AsyncClient::new(options, 256);
+        let link = Link {
+            id: format!("outpost-coordinator-{}", std::process::id()),
+            brokers,
+            tls: Arc::new(tls),
+        };
+        let (client, mut events) = AsyncClient::new(link.options(0), 256);
         events.network_options.set_tcp_nodelay(true);
         let announcer = Announcer { client };
         let task = tokio::spawn(run_events(
             events,
+            link,
             announcer.clone(),
             registry,
             fleet,
@@ -92,12 +90,39 @@ impl Announcer {
     }
 }
 
+/// What the coordinator's MQTT connection is made of: its client id, the brokers in the order
+/// they are tried (`[mqtt] external`, then `fallbacks`; or the embedded one) and its TLS.
+struct Link {
+    id: String,
+    brokers: Vec<HostPort>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Link {
+    /// The options to connect to broker `index` (of `brokers`, wrapping).
+    fn options(&self, index: usize) -> MqttOptions {
+        let broker = &self.brokers[index % self.brokers.len().max(1)];
+        let mut options = MqttOptions::new(self.id.clone(), broker.host.clone(), broker.port);
+        options.set_keep_alive(Duration::from_secs(15));
+        let limit = outpost_shared::signing::MAX_MANIFEST_BYTES + 64 * 1024;
+        options.set_max_packet_size(limit, limit);
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(self.tls.clone()),
+        ));
+        options
+    }
+}
+
+/// How long after a refused subscription it is asked for again.
+const RESUBSCRIBE: Duration = Duration::from_secs(1);
+
 /// The first wait after the broker connection fails, and the longest.
 const RECONNECT_START: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 async fn run_events(
     mut events: EventLoop,
+    link: Link,
     announcer: Announcer,
     registry: Arc<Registry>,
     fleet: FleetView,
@@ -105,6 +130,7 @@ async fn run_events(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(RECONNECT_START, RECONNECT_MAX);
+    let mut current = 0usize;
     // Announcing tasks live here, so shutdown ends them (and the registry they hold).
     let mut announcing = tokio::task::JoinSet::new();
     loop {
@@ -141,6 +167,30 @@ async fn run_events(
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "could not read the registry to announce")
+                        }
+                    }
+                });
+            }
+            // A broker may refuse a subscription for a while (a NATS cluster electing the
+            // leader of its session store after losing a node): ask again, or no status would
+            // ever arrive on this connection.
+            Ok(Event::Incoming(Packet::SubAck(ack)))
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                tracing::warn!(
+                    retry_in_ms = RESUBSCRIBE.as_millis() as u64,
+                    "the MQTT broker refused a subscription; subscribing again"
+                );
+                let announcer = announcer.clone();
+                while announcing.try_join_next().is_some() {}
+                announcing.spawn(async move {
+                    tokio::time::sleep(RESUBSCRIBE).await;
+                    for filter in [topic::ALL_DEVICE_STATUS, topic::ALL_MANIFESTS] {
+                        if let Err(e) = announcer.client.subscribe(filter, QoS::AtLeastOnce).await {
+                            tracing::warn!(error = %e, filter, "could not subscribe");
                         }
                     }
                 });
@@ -183,7 +233,12 @@ async fn run_events(
             Ok(_) => {}
             Err(e) => {
                 let delay = backoff.fail();
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed");
+                let broker = link.brokers.get(current).map(ToString::to_string);
+                tracing::warn!(error = %e, broker, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed");
+                if link.brokers.len() > 1 {
+                    current = (current + 1) % link.brokers.len();
+                    events.mqtt_options = link.options(current);
+                }
                 tokio::select! {
                     _ = shutdown.changed() => {
                         announcing.shutdown().await;

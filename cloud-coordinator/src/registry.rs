@@ -24,6 +24,7 @@ use outpost_runtime::tract::TractModel;
 
 mod edge;
 mod report;
+mod rollout;
 
 use edge::CHECK_ONLY;
 pub use report::{
@@ -31,6 +32,7 @@ pub use report::{
     VariantSummary,
 };
 use report::{delta, summary};
+pub use rollout::{GatedRollout, HISTORY, RolloutAction, RolloutEvent};
 
 const RECORD_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -49,6 +51,12 @@ struct ModelRecord {
     /// releases expired, which are signed again at start).
     #[serde(default)]
     signed_at: u64,
+    /// The last steps of its rollouts (see [`rollout`]).
+    #[serde(default)]
+    rollout_history: Vec<RolloutEvent>,
+    /// The health gate of the candidate's rollout, when it was pushed with `--canary`.
+    #[serde(default)]
+    gate: Option<firmware_config::RolloutSection>,
 }
 
 impl ModelRecord {
@@ -101,6 +109,11 @@ impl std::fmt::Debug for Registry {
             .field("chunks", &self.chunks)
             .finish_non_exhaustive()
     }
+}
+
+/// Seconds since the Unix epoch (0 before it).
+pub fn unix_now() -> u64 {
+    now()
 }
 
 fn now() -> u64 {
@@ -247,6 +260,8 @@ impl Registry {
             versions: Vec::new(),
             edge_reports: BTreeMap::new(),
             signed_at: 0,
+            rollout_history: Vec::new(),
+            gate: None,
         });
         let stable = record.version(record.stable).cloned();
         let delta: Vec<Delta> = variants
@@ -316,6 +331,7 @@ impl Registry {
             record.edge_reports.insert(version, report.clone());
         }
         let stage = self.promote(&mut record, version, as_candidate, request.rollout_percent);
+        record.gate = if as_candidate { request.gate } else { None };
         let (mut published, signed) = self.commit(record, version, stage, new_chunks)?;
         published.delta = delta;
         Ok((published, Some(signed)))
@@ -348,6 +364,7 @@ impl Registry {
         }
         record.versions.push(ModelVersion { version, ..old });
         let stage = self.promote(&mut record, version, false, 100);
+        record.gate = None;
         let (mut published, signed) = self.commit(record, version, stage, 0)?;
         published.delta = delta;
         Ok((published, Some(signed)))
@@ -364,6 +381,7 @@ impl Registry {
         record.release += 1;
         if as_candidate {
             record.candidate = Some((version, percent, format!("{}-{version}", record.name)));
+            rollout::note(record, version, "candidate", percent, "pushed");
             Stage::Candidate
         } else {
             record.stable = version;
@@ -530,6 +548,8 @@ impl Registry {
                     placement: stable.placement.clone(),
                     variants: stable.variants.iter().map(summary).collect(),
                     edge: r.edge_reports.get(&r.stable).cloned(),
+                    rollout_history: r.rollout_history.clone(),
+                    gate: r.gate.clone(),
                 })
             })
             .collect()

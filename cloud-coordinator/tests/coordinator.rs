@@ -1500,3 +1500,88 @@ async fn a_revoked_device_loses_quic_at_once() {
     assert_eq!(code, 400, "{body}");
     c.handle.shutdown().await;
 }
+
+/// A candidate moved by hand: widening keeps its salt (the same devices first) in a new
+/// release, aborting publishes stable alone, promoting makes it stable; each step is in the
+/// history. Without a candidate, or at a share that is not 1 to 99, the call is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_is_widened_aborted_and_promoted_by_hand() {
+    use cloud_coordinator::registry::RolloutAction;
+    let c = start().await;
+    let bytes = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    let admin = c.client();
+    let (status, message) = refusal(admin.rollout("nothing", RolloutAction::Abort).await);
+    assert_eq!(status, StatusCode::NOT_FOUND, "{message}");
+    c.push("video-ranker", &local(), &bytes).await;
+    let (status, message) = refusal(admin.rollout("video-ranker", RolloutAction::Promote).await);
+    assert!(
+        status == StatusCode::BAD_REQUEST && message.contains("no candidate"),
+        "{message}"
+    );
+    c.push("video-ranker", &local().rollout(10), &bytes).await;
+    let topic = Topic::manifest("video-ranker").unwrap().name();
+    let manifest = |payload: Vec<u8>| verifier(&c).verify_cbor(&payload, now()).unwrap();
+    let before = manifest(first_message(&c.handle, &topic).await);
+    let salt = before.candidate.as_ref().unwrap().salt.clone();
+
+    let widened = admin
+        .rollout("video-ranker", RolloutAction::Percent(50))
+        .await
+        .unwrap();
+    assert_eq!((widened.version, widened.release), (2, before.release + 1));
+    let after = manifest(
+        message_where(&c.handle, &topic, |p| {
+            verifier(&c)
+                .verify_cbor(p, now())
+                .is_ok_and(|m| m.release == widened.release)
+        })
+        .await,
+    );
+    let candidate = after.candidate.unwrap();
+    assert_eq!(
+        (candidate.version.version, candidate.rollout_percent),
+        (2, 50)
+    );
+    assert_eq!(candidate.salt, salt, "widening changed the cohort's salt");
+    let (status, message) = refusal(
+        admin
+            .rollout("video-ranker", RolloutAction::Percent(100))
+            .await,
+    );
+    assert!(
+        status == StatusCode::BAD_REQUEST && message.contains("1 to 99"),
+        "{message}"
+    );
+
+    admin
+        .rollout("video-ranker", RolloutAction::Abort)
+        .await
+        .unwrap();
+    let models = admin.models().await.unwrap();
+    assert_eq!((models[0].stable, models[0].candidate), (1, None));
+    c.push("video-ranker", &local().rollout(10), &bytes).await;
+    let promoted = admin
+        .rollout("video-ranker", RolloutAction::Promote)
+        .await
+        .unwrap();
+    assert_eq!(promoted.version, 3);
+    let models = admin.models().await.unwrap();
+    assert_eq!((models[0].stable, models[0].candidate), (3, None));
+    let steps: Vec<(&str, u64, u8)> = models[0]
+        .rollout_history
+        .iter()
+        .map(|e| (e.step.as_str(), e.version, e.percent))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("candidate", 2, 10),
+            ("widen", 2, 50),
+            ("abort", 2, 0),
+            ("candidate", 3, 10),
+            ("promote", 3, 100)
+        ]
+    );
+    assert!(models[0].rollout_history[1].reason.contains("operator"));
+    c.handle.shutdown().await;
+}

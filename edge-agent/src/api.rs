@@ -302,7 +302,31 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
         );
     }
     let inputs = std::mem::take(&mut request.inputs);
-    match router::infer(ctx, name, &serving, inputs).await {
+    let rows = router::rows(&inputs);
+    let started = std::time::Instant::now();
+    let answered = router::infer(ctx, name, &serving, inputs).await;
+    // The model's service, for the status: what it answered or failed (a caller's bad input and
+    // a full queue say nothing about the model).
+    let call = match &answered {
+        Ok(answer) => Some((false, answer.rows_cloud)),
+        Err(RouteError::Failed(_) | RouteError::Unavailable(_)) => Some((true, 0)),
+        Err(RouteError::BadInput(_) | RouteError::Busy(_)) => None,
+    };
+    if let Some((failed, rows_offloaded)) = call {
+        let now = std::time::Instant::now();
+        ctx.health.record(
+            name,
+            crate::health::Call {
+                version: serving.version.version,
+                latency: now.saturating_duration_since(started),
+                failed,
+                rows,
+                rows_offloaded,
+            },
+            now,
+        );
+    }
+    match answered {
         Ok(answer) => {
             let mut parameters = Map::new();
             parameters.insert("rows_local".into(), json!(answer.rows_local));

@@ -60,6 +60,7 @@ pub mod api;
 mod counters;
 mod engines;
 mod guard;
+mod health;
 mod installer;
 mod offload;
 mod plan;
@@ -126,6 +127,8 @@ pub(crate) struct Context {
     pub(crate) store: Arc<Store>,
     pub(crate) offload: offload::OffloadClient,
     pub(crate) counters: Counters,
+    /// Each model's recent service (the status's `health`).
+    pub(crate) health: health::HealthWindows,
     models: watch::Receiver<Arc<Models>>,
     /// Why the MQTT connection is down, while it is (set and cleared by the MQTT loop).
     pub(crate) broker_error: std::sync::Mutex<Option<String>>,
@@ -147,6 +150,7 @@ impl Context {
             self.config.device.id.as_str(),
             &self.models(),
             &self.counters,
+            &self.health,
             status::now(),
         );
         status.broker_error = self.broker_error.lock().ok().and_then(|e| e.clone());
@@ -219,6 +223,7 @@ impl Agent {
             store,
             offload,
             counters: Counters::default(),
+            health: health::HealthWindows::default(),
             models,
             broker_error: std::sync::Mutex::new(None),
             signer,
@@ -247,7 +252,11 @@ impl Agent {
             reason: e.to_string(),
         })?;
         let (shutdown, watcher) = watch::channel(false);
-        let (client, events) = rumqttc::AsyncClient::new(sync::mqtt_options(&ctx, mqtt_tls), 64);
+        let mqtt_tls = Arc::new(mqtt_tls);
+        let (client, events) = rumqttc::AsyncClient::new(
+            sync::mqtt_options(&ctx, &ctx.config.mqtt.broker, mqtt_tls.clone()),
+            64,
+        );
         let (manifests_tx, manifests_rx) = sync::manifest_queue();
         let tasks = vec![
             tokio::spawn(api::serve(listener, ctx.clone(), watcher.clone())),
@@ -260,9 +269,11 @@ impl Agent {
                 ctx.clone(),
                 client.clone(),
                 events,
+                mqtt_tls,
                 manifests_tx,
-                watcher,
+                watcher.clone(),
             )),
+            tokio::spawn(sync::publish_health(ctx.clone(), client.clone(), watcher)),
             tokio::spawn(installer.run(client.clone(), manifests_rx)),
         ];
         tracing::info!(device = %ctx.config.device.id, %api_addr, "agent started");

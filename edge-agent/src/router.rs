@@ -61,7 +61,7 @@ impl From<RunError> for RouteError {
     }
 }
 
-fn rows(inputs: &[Tensor]) -> u64 {
+pub(crate) fn rows(inputs: &[Tensor]) -> u64 {
     inputs
         .first()
         .and_then(|t| t.shape().first().copied())

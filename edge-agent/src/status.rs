@@ -4,6 +4,7 @@
 use outpost_shared::{DeviceStatus, Health, ModelStatus};
 
 use crate::counters::Counters;
+use crate::health::HealthWindows;
 use crate::serving::Models;
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
@@ -14,13 +15,16 @@ pub(crate) fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The status of device `device_id` serving `models`, at `updated_at`.
+/// The status of device `device_id` serving `models`, at `updated_at`, with each model's recent
+/// service from `health`.
 pub(crate) fn device_status(
     device_id: &str,
     models: &Models,
     counters: &Counters,
+    health: &HealthWindows,
     updated_at: u64,
 ) -> DeviceStatus {
+    let measured_at = std::time::Instant::now();
     let last_error = models.last_error().map(str::to_owned);
     let models: Vec<ModelStatus> = models
         .iter()
@@ -39,6 +43,7 @@ pub(crate) fn device_status(
         })
         .map(|(name, slot, expires_in, expired)| ModelStatus {
             release_expires_in_s: expires_in,
+            health: health.of(name, measured_at),
             model: name.clone(),
             active: slot.active.as_ref().map(|s| s.version.version),
             previous: slot.stored_previous,
@@ -179,14 +184,26 @@ mod tests {
         table.serve_cached("m", Serving::cloud_only(&version), None);
         let counters = Counters::default();
         Counters::count(&counters.local);
-        let ready = device_status("dev-0001", &table.snapshot(), &counters, 7);
+        let ready = device_status(
+            "dev-0001",
+            &table.snapshot(),
+            &counters,
+            &HealthWindows::default(),
+            7,
+        );
         assert_eq!(ready.health, Health::Ready);
         assert_eq!(ready.updated_at, 7);
         assert_eq!(ready.counters.inferences_local, 1);
         let m = &ready.models[0];
         assert_eq!((m.active, m.engine.as_deref()), (Some(4), Some("cloud")));
         table.refuse(Some("m"), "too big".into());
-        let refused = device_status("dev-0001", &table.snapshot(), &counters, 8);
+        let refused = device_status(
+            "dev-0001",
+            &table.snapshot(),
+            &counters,
+            &HealthWindows::default(),
+            8,
+        );
         assert_eq!(refused.health, Health::Degraded);
         assert_eq!(refused.models[0].last_error.as_deref(), Some("too big"));
         assert_eq!(refused.models[0].active, Some(4));

@@ -27,10 +27,14 @@ pub(crate) fn mqtt_tls(
     outpost_runtime::tls::client_config(roots, identity, None).map_err(|e| e.to_string())
 }
 
-/// MQTT options with the device's last will (offline status, retained), over TLS with `tls`.
-pub(crate) fn mqtt_options(ctx: &Context, tls: rustls::ClientConfig) -> MqttOptions {
+/// MQTT options for `broker` with the device's last will (offline status, retained), over TLS
+/// with `tls`.
+pub(crate) fn mqtt_options(
+    ctx: &Context,
+    broker: &firmware_config::HostPort,
+    tls: Arc<rustls::ClientConfig>,
+) -> MqttOptions {
     let id = ctx.config.device.id.to_string();
-    let broker = &ctx.config.mqtt.broker;
     let mut options = MqttOptions::new(
         format!("outpost-agent-{id}"),
         broker.host.clone(),
@@ -40,7 +44,7 @@ pub(crate) fn mqtt_options(ctx: &Context, tls: rustls::ClientConfig) -> MqttOpti
     let limit = outpost_shared::signing::MAX_MANIFEST_BYTES + 64 * 1024;
     options.set_max_packet_size(limit, limit);
     options.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+        rumqttc::TlsConfiguration::Rustls(tls),
     ));
     if let Some(will) = last_will(ctx) {
         options.set_last_will(will);
@@ -105,15 +109,43 @@ impl ManifestSender {
     }
 }
 
+/// How long after a refused subscription it is asked for again.
+const RESUBSCRIBE: Duration = Duration::from_secs(1);
+
+/// Subscribes to the manifests of the models the device follows (every model's by default).
+async fn subscribe(ctx: &Context, client: &AsyncClient) {
+    let filters: Vec<String> = if ctx.config.sync.models.is_empty() {
+        vec![topic::ALL_MANIFESTS.to_owned()]
+    } else {
+        ctx.config
+            .sync
+            .models
+            .iter()
+            .filter_map(|m| Topic::manifest(m).ok())
+            .map(|t| t.name())
+            .collect()
+    };
+    for filter in filters {
+        if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+            tracing::warn!(error = %e, "could not subscribe");
+        }
+    }
+}
+
 /// Polls the MQTT event loop: subscribes on every (re)connect, hands manifests to the installer.
+/// A failed connection moves on to the next of the configured brokers (`[mqtt] broker`, then
+/// `fallbacks`, round and round), with `tls` for each.
 pub(crate) async fn run_mqtt(
     ctx: Arc<Context>,
     client: AsyncClient,
     mut events: EventLoop,
+    tls: Arc<rustls::ClientConfig>,
     manifests: ManifestSender,
     mut shutdown: watch::Receiver<bool>,
 ) {
     events.network_options.set_tcp_nodelay(true);
+    let brokers: Vec<firmware_config::HostPort> = ctx.config.mqtt.brokers().cloned().collect();
+    let mut current = 0usize;
     let mut backoff = RECONNECT;
     loop {
         let event = tokio::select! {
@@ -130,26 +162,28 @@ pub(crate) async fn run_mqtt(
                 }
                 // What was published while the connection was down: ask over QUIC too.
                 ctx.poll_releases.notify_one();
-                let filters: Vec<String> = if ctx.config.sync.models.is_empty() {
-                    vec![topic::ALL_MANIFESTS.to_owned()]
-                } else {
-                    ctx.config
-                        .sync
-                        .models
-                        .iter()
-                        .filter_map(|m| Topic::manifest(m).ok())
-                        .map(|t| t.name())
-                        .collect()
-                };
                 let (client, ctx) = (client.clone(), ctx.clone());
                 // Subscribing and publishing wait on this loop: do them from another task.
                 tokio::spawn(async move {
-                    for filter in filters {
-                        if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
-                            tracing::warn!(error = %e, "could not subscribe");
-                        }
-                    }
+                    subscribe(&ctx, &client).await;
                     publish_status(&ctx, &client).await;
+                });
+            }
+            // A broker may refuse a subscription for a while (a NATS cluster electing the
+            // leader of its session store after losing a node): ask again, and over QUIC
+            // meanwhile.
+            Ok(Event::Incoming(Packet::SubAck(ack)))
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                tracing::warn!("the MQTT broker refused a subscription; subscribing again");
+                ctx.poll_releases.notify_one();
+                let (client, ctx) = (client.clone(), ctx.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(RESUBSCRIBE).await;
+                    subscribe(&ctx, &client).await;
                 });
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -163,12 +197,16 @@ pub(crate) async fn run_mqtt(
             Ok(_) => {}
             Err(e) => {
                 let delay = backoff.fail();
-                // The next connection is a new session, with a last will of its own.
+                let broker = brokers[current].clone();
+                // The next connection is a new session, with a last will of its own, to the
+                // next broker of the list.
                 ctx.signer.new_session();
-                if let Some(will) = last_will(&ctx) {
+                if brokers.len() > 1 {
+                    current = (current + 1) % brokers.len();
+                    events.mqtt_options = mqtt_options(&ctx, &brokers[current], tls.clone());
+                } else if let Some(will) = last_will(&ctx) {
                     events.mqtt_options.set_last_will(will);
                 }
-                let broker = &ctx.config.mqtt.broker;
                 let why = format!("the MQTT broker {broker}: {e}");
                 if let Ok(mut slot) = ctx.broker_error.lock() {
                     if slot.as_deref() != Some(why.as_str()) {
@@ -182,6 +220,33 @@ pub(crate) async fn run_mqtt(
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
+        }
+    }
+}
+
+/// Publishes the status again for the models' recent service: every `[sync] health_interval_s`
+/// when calls were served since the last time, and once more after, so the figures of a model
+/// that stopped being called slide out. Calls are coalesced: at most one status per interval
+/// comes from here, however many calls there are.
+pub(crate) async fn publish_health(
+    ctx: Arc<Context>,
+    client: AsyncClient,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let every = ctx.config.sync.health_interval();
+    let mut showing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let models = ctx.models();
+        ctx.health
+            .retain(|m| models.iter().any(|(name, _)| name == m));
+        let served = ctx.health.take_changed();
+        if served || showing {
+            publish_status(&ctx, &client).await;
+            showing = served;
         }
     }
 }

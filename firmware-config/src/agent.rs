@@ -120,6 +120,11 @@ pub struct MqttBroker {
     /// broker whose certificate the fleet CA did not issue; default `fleet.ca`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
+    /// More nodes of the same broker cluster (same certificate rules), tried in turn, after
+    /// `broker`, whenever the one in use cannot be reached: a node going down leaves no device
+    /// without its broker. Spread devices over the nodes by giving each its own `broker`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<HostPort>,
 }
 
 impl Default for MqttBroker {
@@ -127,7 +132,15 @@ impl Default for MqttBroker {
         Self {
             broker: default_broker(),
             ca: None,
+            fallbacks: Vec::new(),
         }
+    }
+}
+
+impl MqttBroker {
+    /// The brokers in the order they are tried: `broker`, then `fallbacks`.
+    pub fn brokers(&self) -> impl Iterator<Item = &HostPort> {
+        std::iter::once(&self.broker).chain(&self.fallbacks)
     }
 }
 
@@ -188,6 +201,11 @@ pub struct SyncSection {
     /// release hidden from the broker, or a broker that is down, still reaches the device.
     #[serde(default = "default_release_poll_s")]
     pub release_poll_s: u64,
+    /// How often, at most, the status is published again for the models' recent service
+    /// (calls, errors, latency, offload share over the last minute), seconds (at least 1): calls
+    /// are coalesced, never published one by one. Rollouts gated on health read it.
+    #[serde(default = "default_health_interval_s")]
+    pub health_interval_s: u64,
 }
 
 impl Default for SyncSection {
@@ -196,8 +214,20 @@ impl Default for SyncSection {
             models: Vec::new(),
             install_retry_max_s: default_install_retry_max_s(),
             release_poll_s: default_release_poll_s(),
+            health_interval_s: default_health_interval_s(),
         }
     }
+}
+
+impl SyncSection {
+    /// [`SyncSection::health_interval_s`], at least one second.
+    pub fn health_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.health_interval_s.max(1))
+    }
+}
+
+const fn default_health_interval_s() -> u64 {
+    30
 }
 
 const fn default_release_poll_s() -> u64 {

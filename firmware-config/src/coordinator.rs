@@ -34,6 +34,112 @@ pub struct CoordinatorConfig {
     /// Offloaded inference.
     #[serde(default)]
     pub inference: InferenceSection,
+    /// Rollouts gated on device health: the defaults of `push --canary`.
+    #[serde(default)]
+    pub rollout: RolloutSection,
+}
+
+/// `[rollout]`: how a gated rollout (`push --canary P`) is judged, unless the push says
+/// otherwise. The candidate cohort's health (from the devices' signed statuses) is compared with
+/// the stable cohort's; past a limit the rollout is aborted, and after `bake_s` within them it
+/// widens to the next of `steps`, then is promoted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSection {
+    /// How often the coordinator looks at gated rollouts, seconds.
+    #[serde(default = "default_check_interval_s")]
+    pub check_interval_s: u64,
+    /// How long each step runs within the limits before the next, seconds.
+    #[serde(default = "default_bake_s")]
+    pub bake_s: u64,
+    /// The candidate cohort's largest error rate (errors per call, 0.01 is 1 %).
+    #[serde(default = "default_max_error_rate")]
+    pub max_error_rate: f64,
+    /// The largest rise of the candidate's p99 latency over the stable cohort's (0.2 is 20 %).
+    #[serde(default = "default_max_p99_regression")]
+    pub max_p99_regression: f64,
+    /// The largest rise of the candidate's offloaded share of rows over the stable cohort's, in
+    /// points of share (0.1 is 10 points): a less confident cascade model sends more to the cloud.
+    #[serde(default = "default_max_offload_increase")]
+    pub max_offload_increase: f64,
+    /// Calls each cohort must have served in the window before a step is judged.
+    #[serde(default = "default_min_calls")]
+    pub min_calls: u64,
+    /// The shares the candidate widens to after the canary, in order (then it is promoted).
+    #[serde(default = "default_steps")]
+    pub steps: Vec<u8>,
+}
+
+impl Default for RolloutSection {
+    fn default() -> Self {
+        Self {
+            check_interval_s: default_check_interval_s(),
+            bake_s: default_bake_s(),
+            max_error_rate: default_max_error_rate(),
+            max_p99_regression: default_max_p99_regression(),
+            max_offload_increase: default_max_offload_increase(),
+            min_calls: default_min_calls(),
+            steps: default_steps(),
+        }
+    }
+}
+
+impl RolloutSection {
+    /// [`RolloutSection::check_interval_s`], at least one second.
+    pub fn check_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.check_interval_s.max(1))
+    }
+
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        for (key, value) in [
+            ("rollout.max_error_rate", self.max_error_rate),
+            ("rollout.max_p99_regression", self.max_p99_regression),
+            ("rollout.max_offload_increase", self.max_offload_increase),
+        ] {
+            if !(value >= 0.0 && value.is_finite()) {
+                problems.push((key, "must be a finite number of at least 0".to_owned()));
+            }
+        }
+        if self.steps.iter().any(|p| !(1..=99).contains(p))
+            || self.steps.windows(2).any(|w| w[0] >= w[1])
+        {
+            problems.push((
+                "rollout.steps",
+                "must be rising shares from 1 to 99 (after the last the candidate is promoted)"
+                    .to_owned(),
+            ));
+        }
+        problems
+    }
+}
+
+const fn default_check_interval_s() -> u64 {
+    5
+}
+
+const fn default_bake_s() -> u64 {
+    300
+}
+
+const fn default_max_error_rate() -> f64 {
+    0.01
+}
+
+const fn default_max_p99_regression() -> f64 {
+    0.2
+}
+
+const fn default_max_offload_increase() -> f64 {
+    0.1
+}
+
+const fn default_min_calls() -> u64 {
+    50
+}
+
+fn default_steps() -> Vec<u8> {
+    vec![50]
 }
 
 /// `[fleet]`: files made by `firmware-config provision`.
@@ -202,6 +308,10 @@ pub struct CoordinatorMqtt {
     /// [`CoordinatorMqtt::DEFAULT_MAX_CONNECTIONS`]); past it a new connection is closed at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// With `external`: more nodes of the same broker cluster, tried in turn after it whenever
+    /// the one in use cannot be reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<HostPort>,
 }
 
 impl CoordinatorMqtt {
@@ -437,6 +547,13 @@ impl CoordinatorConfig {
                 "set either mqtt.listen (embedded broker) or mqtt.external, not both".to_owned(),
             ));
         }
+        if !self.mqtt.fallbacks.is_empty() && self.mqtt.external.is_none() {
+            problems.push((
+                "mqtt.fallbacks",
+                "fallback brokers need mqtt.external (the embedded broker is one machine)"
+                    .to_owned(),
+            ));
+        }
         if self.registry.release_ttl_s < 2 {
             problems.push((
                 "registry.release_ttl_s",
@@ -450,6 +567,7 @@ impl CoordinatorConfig {
             ));
         }
         problems.extend(self.admin.problem());
+        problems.extend(self.rollout.problems());
         if self.admin.max_connections == 0 {
             problems.push(("admin.max_connections", "must be at least 1".to_owned()));
         }

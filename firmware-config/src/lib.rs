@@ -21,7 +21,7 @@ pub use agent::{
 };
 pub use coordinator::{
     AdminSection, CoordinatorConfig, CoordinatorMqtt, CoordinatorStorage, FleetMaterial,
-    InferenceSection, QuicSection, RegistrySection,
+    InferenceSection, QuicSection, RegistrySection, RolloutSection,
 };
 pub use diagnostic::{ConfigError, ConfigErrors};
 pub use identity::{IdentityError, device_id_from_certificate};

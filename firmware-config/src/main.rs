@@ -66,6 +66,21 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write configs for a NATS server cluster as the fleet's broker: nats-node-N.conf in the
+    /// fleet folder, one per node (at least 3), each like nats.conf plus routes to the others.
+    /// Give each node's MQTT address and cluster route address, in the same order. Agents list
+    /// the other nodes in [mqtt] fallbacks.
+    NatsCluster {
+        /// The fleet folder (`provision --out`).
+        #[arg(long)]
+        fleet: PathBuf,
+        /// A node's MQTT listener (repeat: one per node).
+        #[arg(long = "mqtt", required = true, value_name = "HOST:PORT")]
+        mqtt: Vec<HostPort>,
+        /// A node's cluster listener (repeat: one per node, in the order of --mqtt).
+        #[arg(long = "route", required = true, value_name = "HOST:PORT")]
+        routes: Vec<HostPort>,
+    },
     /// Revoke devices for the fleet's production brokers, where the CA key is: adds them to
     /// revoked.txt, signs a new crl.pem (Mosquitto's crlfile) and writes nats-users.conf without
     /// them; reload the broker to apply (`kill -HUP` Mosquitto, `nats-server --signal reload`).
@@ -167,6 +182,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let out = out.unwrap_or_else(|| fleet.clone());
             let (id, path) = authority.enroll_next(id, &fleet, config.quic.listen.port(), &out)?;
             println!("enrolled device {id}: {}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::NatsCluster {
+            fleet,
+            mqtt,
+            routes,
+        } => {
+            anyhow::ensure!(
+                mqtt.len() == routes.len(),
+                "{} --mqtt addresses but {} --route addresses: give one of each per node",
+                mqtt.len(),
+                routes.len()
+            );
+            let config_path = fleet.join(firmware_config::provision::files::COORDINATOR_CONFIG);
+            let config = firmware_config::CoordinatorConfig::load(&config_path)
+                .with_context(|| format!("loading the fleet in {}", fleet.display()))?;
+            let name = config
+                .fleet
+                .as_ref()
+                .map(|f| f.name.clone())
+                .context("the fleet's coordinator.toml has no [fleet]")?;
+            let nodes: Vec<_> = mqtt
+                .into_iter()
+                .zip(routes)
+                .map(|(mqtt, route)| firmware_config::provision::NatsNode { mqtt, route })
+                .collect();
+            for path in firmware_config::provision::write_nats_cluster(&fleet, &name, &nodes)? {
+                println!(
+                    "{} (run: nats-server -c {})",
+                    path.display(),
+                    path.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Revoke { fleet, devices } => {

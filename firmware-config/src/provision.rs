@@ -32,7 +32,7 @@ use ring::rand::SecureRandom as _;
 
 mod brokers;
 
-pub use brokers::{BrokerFiles, CRL_VALIDITY, revoked_devices};
+pub use brokers::{BrokerFiles, CRL_VALIDITY, NatsNode, revoked_devices, write_nats_cluster};
 
 use crate::coordinator::CoordinatorConfig;
 use crate::profile::DeviceClass;

@@ -38,6 +38,8 @@ pub use release::{
     TensorSpec, Variant,
 };
 pub use signing::{KeyId, ManifestSigner, ManifestVerifier, PublicKey, SignedManifest};
-pub use status::{Counters, DeviceStatus, Health, ModelStatus, SignedStatus, StatusOrder};
+pub use status::{
+    Counters, DeviceStatus, Health, ModelHealth, ModelStatus, SignedStatus, StatusOrder,
+};
 pub use tensor::{DataType, Tensor, TensorError};
 pub use topic::{Topic, TopicError};

@@ -74,6 +74,52 @@ pub struct ModelStatus {
     /// the model keeps serving, but no install happens until a fresh release comes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_expires_in_s: Option<i64>,
+    /// How the model has served lately (a sliding window), for rollouts gated on health;
+    /// absent before its first call in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<ModelHealth>,
+}
+
+/// A model's service over the last `window_s` seconds on one device, as one version served it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelHealth {
+    /// The version these figures are of.
+    pub version: u64,
+    /// The window's length, in seconds (shorter while the version has served less long).
+    pub window_s: u32,
+    /// Inference calls answered or failed.
+    pub calls: u64,
+    /// Calls the model or the device failed (500, or 503 for no coordinator); a caller's bad
+    /// input and a full queue are not the model's errors and are not counted here.
+    pub errors: u64,
+    /// Rows asked for.
+    pub rows: u64,
+    /// Rows answered by the coordinator (all of a cloud model's, a cascade's unsure ones).
+    pub rows_offloaded: u64,
+    /// Median call latency, milliseconds (to within a quarter octave).
+    pub p50_ms: f64,
+    /// 99th-percentile call latency, milliseconds (to within a quarter octave).
+    pub p99_ms: f64,
+}
+
+impl ModelHealth {
+    /// Errors per call (0 with no calls).
+    pub fn error_rate(&self) -> f64 {
+        if self.calls == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.calls as f64
+        }
+    }
+
+    /// Offloaded rows per row (0 with no rows).
+    pub fn offload_share(&self) -> f64 {
+        if self.rows == 0 {
+            0.0
+        } else {
+            self.rows_offloaded as f64 / self.rows as f64
+        }
+    }
 }
 
 /// Counters an agent keeps; unknown or missing fields read as zero, so agents and coordinators
@@ -295,6 +341,7 @@ mod tests {
                         last_error,
                         retry_in_ms,
                         release_expires_in_s: None,
+                        health: None,
                     }
                 },
             )

@@ -31,6 +31,9 @@ pub struct PushRequest {
     pub samples: Option<Vec<u8>>,
     /// Measure and report, but store and publish nothing.
     pub dry_run: bool,
+    /// When the version goes out as a candidate: the health gate that widens, promotes or
+    /// aborts its rollout (`None`: it stays where the operator puts it).
+    pub gate: Option<firmware_config::RolloutSection>,
 }
 
 /// Weight quantisation of the edge variant.
@@ -155,6 +158,12 @@ pub struct ModelSummary {
     pub variants: Vec<VariantSummary>,
     /// The stable version's int8 figures, when its edge variant is int8.
     pub edge: Option<EdgeReport>,
+    /// The last steps of its rollouts, oldest first.
+    #[serde(default)]
+    pub rollout_history: Vec<super::RolloutEvent>,
+    /// The health gate of the candidate's rollout, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<firmware_config::RolloutSection>,
 }
 
 /// `variant` against the stable version's variant for the same place (any edge variant stands

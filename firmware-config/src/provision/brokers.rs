@@ -284,6 +284,89 @@ pub(super) fn nats_conf(folder: &Path, fleet: &str, mqtt: &HostPort) -> String {
     )
 }
 
+/// One node of a NATS server cluster for the fleet: where MQTT clients connect, and where the
+/// other nodes reach it (its cluster route).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsNode {
+    /// Its MQTT listener (TLS, fleet client certificates).
+    pub mqtt: HostPort,
+    /// Its cluster listener, which the other nodes route to.
+    pub route: HostPort,
+}
+
+/// Writes `nats-node-{n}.conf` (n from 1) into the fleet folder `folder` for a NATS cluster of
+/// `nodes`, each like `nats.conf` (its MQTT listener with the fleet's TLS and `nats-users.conf`)
+/// plus its cluster block (routes to every other node, on loopback or a private network: routes
+/// carry no TLS here) and its own JetStream folder; MQTT's sessions and retained releases are
+/// replicated on up to three nodes, so one node lost loses nothing. Their paths, in order.
+pub fn write_nats_cluster(
+    folder: &Path,
+    fleet: &str,
+    nodes: &[NatsNode],
+) -> Result<Vec<PathBuf>, ProvisionError> {
+    if nodes.len() < 3 {
+        return Err(ProvisionError::Invalid(format!(
+            "a NATS cluster needs at least 3 nodes (JetStream, which keeps MQTT's state, needs a majority to survive a node), not {}",
+            nodes.len()
+        )));
+    }
+    let folder = fs::canonicalize(folder).map_err(|source| ProvisionError::Io {
+        path: folder.to_owned(),
+        source,
+    })?;
+    let replicas = nodes.len().min(3);
+    let mut written = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let n = i + 1;
+        let routes: Vec<String> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, other)| nats_string(&format!("nats-route://{}", other.route)))
+            .collect();
+        let text = nats_conf(&folder, fleet, &node.mqtt)
+            .replace(
+                &format!("server_name: {}", nats_string(&format!("outpost-{fleet}"))),
+                &format!(
+                    "server_name: {}",
+                    nats_string(&format!("outpost-{fleet}-{n}"))
+                ),
+            )
+            .replace(
+                &format!(
+                    "store_dir: {}",
+                    nats_string(&folder.join(files::NATS_STORE).display().to_string())
+                ),
+                &format!(
+                    "store_dir: {}",
+                    nats_string(
+                        &folder
+                            .join(files::NATS_STORE)
+                            .join(format!("node-{n}"))
+                            .display()
+                            .to_string()
+                    )
+                ),
+            )
+            .replace(
+                "  listen: ",
+                &format!(
+                    "  stream_replicas: {replicas}\n  consumer_replicas: {replicas}\n  listen: "
+                ),
+            )
+            + &format!(
+                "cluster {{\n  name: {name}\n  listen: {listen}\n  routes: [{routes}]\n}}\n",
+                name = nats_string(&format!("outpost-{fleet}")),
+                listen = nats_string(&node.route.to_string()),
+                routes = routes.join(", "),
+            );
+        let path = folder.join(format!("nats-node-{n}.conf"));
+        replace_file(&path, text.as_bytes())?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 /// A Mosquitto config for the fleet's broker at `mqtt`, with the files of the fleet folder
 /// `folder` (absolute paths: Mosquitto reads relative ones from where it was started).
 pub(super) fn mosquitto_conf(folder: &Path, mqtt: &HostPort) -> String {

@@ -475,3 +475,149 @@ async fn a_broker_certificate_from_another_ca_is_trusted_through_mqtt_ca() {
     unaware.shutdown().await;
     handle.shutdown().await;
 }
+
+/// A three-node NATS cluster (`firmware-config nats-cluster` configs; JetStream replicated over
+/// the nodes) as the fleet's broker, agents spread over the nodes, each listing the others in
+/// `[mqtt] fallbacks`, and the coordinator on node 1 with the others as its fallbacks. Node 1 is
+/// killed mid-rollout: its agent and the coordinator move to the other nodes, the next version
+/// reaches every agent (over MQTT, or the QUIC ask an agent makes on reconnecting; the timed
+/// poll is minutes away), and every status arrives. A first run found the coordinator deaf after
+/// the failover: the cluster refused its subscription while electing, and nothing asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_cluster_loses_a_node_mid_rollout_and_no_agent_is_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let quic = outpost_test_support::ports::free_udp_port();
+    let node = |port: u16| HostPort {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    let nodes: Vec<firmware_config::provision::NatsNode> = (0..3)
+        .map(|_| firmware_config::provision::NatsNode {
+            mqtt: node(free_tcp_port()),
+            route: node(free_tcp_port()),
+        })
+        .collect();
+    let fleet = dir.path().join("fleet");
+    let plan = firmware_config::FleetPlan::numbered(
+        "clu",
+        3,
+        vec![format!("127.0.0.1:{quic}").parse().unwrap()],
+        nodes[0].mqtt.clone(),
+    )
+    .unwrap();
+    firmware_config::provision(&plan, &fleet).unwrap();
+    let out = outpost_test_support::process::run(
+        "firmware-config",
+        &[
+            "nats-cluster",
+            "--fleet",
+            fleet.to_str().unwrap(),
+            "--mqtt",
+            &nodes[0].mqtt.to_string(),
+            "--mqtt",
+            &nodes[1].mqtt.to_string(),
+            "--mqtt",
+            &nodes[2].mqtt.to_string(),
+            "--route",
+            &nodes[0].route.to_string(),
+            "--route",
+            &nodes[1].route.to_string(),
+            "--route",
+            &nodes[2].route.to_string(),
+        ],
+    );
+    assert!(out.contains("nats-node-3.conf"), "{out}");
+    let nats = installed(
+        &[
+            "/usr/bin/nats-server",
+            "/usr/sbin/nats-server",
+            "/usr/local/bin/nats-server",
+        ],
+        "nats-server",
+    );
+    let mut servers: Vec<Option<ChildGuard>> = (1..=3)
+        .map(|n| {
+            Some(ChildGuard::spawn(
+                Command::new(nats)
+                    .arg("-c")
+                    .arg(fleet.join(format!("nats-node-{n}.conf")))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            ))
+        })
+        .collect();
+    for n in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", n.mqtt.port)).is_err() {
+            assert!(Instant::now() < deadline, "node {} did not listen", n.mqtt);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    let mut config = CoordinatorConfig::load(&fleet.join("coordinator.toml")).unwrap();
+    config.storage.data_dir = dir.path().join("coordinator");
+    config.quic.listen = format!("127.0.0.1:{quic}").parse().unwrap();
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.external = Some(nodes[0].mqtt.clone());
+    config.mqtt.fallbacks = vec![nodes[1].mqtt.clone(), nodes[2].mqtt.clone()];
+    let handle = Coordinator::start(config).await.unwrap();
+    let admin = cloud_coordinator::AdminClient::of(&handle);
+    let mut agents = Vec::new();
+    for n in 0..3 {
+        let mut config =
+            AgentConfig::load(&fleet.join(format!("devices/clu-000{}/agent.toml", n + 1))).unwrap();
+        config.api.listen = "127.0.0.1:0".parse().unwrap();
+        config.storage.data_dir = Some(dir.path().join(format!("agent-{n}")));
+        config.mqtt.broker = nodes[n].mqtt.clone();
+        config.mqtt.fallbacks = (0..3)
+            .filter(|m| *m != n)
+            .map(|m| nodes[m].mqtt.clone())
+            .collect();
+        agents.push(edge_agent::Agent::start(config).await.unwrap());
+    }
+    let bytes = model_zoo::DemoModel::VideoRanker.bytes(model_zoo::DEFAULT_SEED);
+    push(&handle, "video-ranker", &placed("local"), &bytes).await;
+    for agent in &agents {
+        eventually("every agent serves version 1", || {
+            agent.active_version("video-ranker") == Some(1)
+        })
+        .await;
+    }
+
+    // Node 1 goes down (the coordinator's node and agent 1's), then version 2 is pushed.
+    drop(servers[0].take());
+    let bytes = model_zoo::DemoModel::VideoRanker.bytes(model_zoo::DEFAULT_SEED + 1);
+    push(&handle, "video-ranker", &placed("local"), &bytes).await;
+    for agent in &agents {
+        eventually(
+            "every agent serves version 2 after the node is gone",
+            || agent.active_version("video-ranker") == Some(2),
+        )
+        .await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let fleet_view = admin.fleet().await.unwrap();
+        let on_two = fleet_view
+            .iter()
+            .filter(|d| {
+                d.models
+                    .iter()
+                    .any(|m| m.model == "video-ranker" && m.active == Some(2))
+            })
+            .count();
+        if on_two == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "statuses of version 2 reached the coordinator from {on_two} of 3 devices"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for agent in agents {
+        agent.shutdown().await;
+    }
+    handle.shutdown().await;
+    drop(servers);
+}

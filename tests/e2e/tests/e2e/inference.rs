@@ -300,3 +300,136 @@ async fn requests_past_max_batch_or_the_memory_budget_are_refused_by_name() {
     agent.shutdown().await;
     coordinator.shutdown().await;
 }
+
+/// Each model's recent service is in the status (`health`: calls, errors, rows, offloaded rows,
+/// p50/p99) and reaches the coordinator's fleet view, coalesced: fifty calls in a second or two
+/// make a handful of statuses at `[sync] health_interval_s` = 1, not fifty. A cloud model with no
+/// coordinator counts its failures; a caller's bad request is not the model's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_carries_each_models_recent_service_coalesced() {
+    use outpost_test_support::mqtt::{ClientIdentity, MqttObserver};
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    push(
+        &coordinator,
+        "intent-classifier",
+        &placed("cascade:intent_probs:0.6"),
+        &DemoModel::IntentClassifier.bytes(DEFAULT_SEED),
+    )
+    .await;
+    push(
+        &coordinator,
+        "music-two-tower",
+        &placed("cloud"),
+        &DemoModel::MusicTwoTower.bytes(DEFAULT_SEED),
+    )
+    .await;
+    let mut config = agent_config(&coordinator, dir.path());
+    config.sync.health_interval_s = 1;
+    let agent = Agent::start(config).await.unwrap();
+    eventually("both models served", || {
+        ["intent-classifier", "music-two-tower"]
+            .iter()
+            .all(|m| agent.active_version(m) == Some(1))
+    })
+    .await;
+    let status_topic = outpost_shared::Topic::device_status("dev-0001")
+        .unwrap()
+        .name();
+    let mut watcher = MqttObserver::new(
+        &coordinator.mqtt,
+        "health-watcher",
+        &ClientIdentity::coordinator_of(&coordinator),
+    );
+    watcher.subscribe(&status_topic).await;
+    // The retained status, and any published as the models came up.
+    while watcher
+        .message_within(&status_topic, std::time::Duration::from_millis(1500))
+        .await
+        .is_some()
+    {}
+
+    let started = std::time::Instant::now();
+    let tokens: Vec<i64> = (0..64 * 8).map(|i| (i * 7919) % 8000).collect();
+    let intents = json!({ "inputs": [Tensor::from_values("token_ids", vec![64, 8], &tokens).unwrap().to_json().unwrap()] });
+    let mut offloaded = 0;
+    for _ in 0..40 {
+        let (status, reply) = infer(&agent, "intent-classifier", &intents).await;
+        assert_eq!(status, 200, "{reply}");
+        offloaded += reply["parameters"]["rows_cloud"].as_u64().unwrap();
+    }
+    let user = Tensor::from_values("user_features", vec![2, 24], &[0.5f32; 48]).unwrap();
+    let tracks = Tensor::from_values("track_ids", vec![2], &[1i64, 2]).unwrap();
+    let music = json!({ "inputs": [user.to_json().unwrap(), tracks.to_json().unwrap()] });
+    for _ in 0..10 {
+        let (status, reply) = infer(&agent, "music-two-tower", &music).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    // A caller's mistake: not the model's error, not a call of its service.
+    let (status, _) = infer(&agent, "music-two-tower", &json!({ "inputs": [] })).await;
+    assert_eq!(status, 400);
+    let calls_took = started.elapsed();
+
+    let admin = AdminClient::of(&coordinator);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let (intent, music_health) = loop {
+        let fleet = admin.fleet().await.unwrap();
+        let health = |model: &str| {
+            fleet
+                .iter()
+                .find(|d| d.device_id == "dev-0001")
+                .and_then(|d| d.models.iter().find(|m| m.model == model))
+                .and_then(|m| m.health.clone())
+        };
+        if let (Some(i), Some(m)) = (health("intent-classifier"), health("music-two-tower"))
+            && i.calls == 40
+            && m.calls == 10
+        {
+            break (i, m);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fleet view never showed the calls: {fleet:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (intent.version, intent.errors, intent.rows),
+        (1, 0, 40 * 64)
+    );
+    assert_eq!(intent.rows_offloaded, offloaded);
+    assert!(offloaded > 0 && offloaded < 40 * 64, "{intent:?}");
+    assert!(
+        intent.p50_ms > 0.0 && intent.p99_ms >= intent.p50_ms,
+        "{intent:?}"
+    );
+    assert_eq!((music_health.rows, music_health.rows_offloaded), (20, 20));
+    assert_eq!(music_health.offload_share(), 1.0);
+
+    // Coalesced: statuses at most about one a second while the calls went on (and the one that
+    // carried the last of them), where one per call would be 50.
+    let mut statuses = 0;
+    while watcher
+        .message_within(&status_topic, std::time::Duration::from_millis(1500))
+        .await
+        .is_some()
+    {
+        statuses += 1;
+    }
+    let bound = calls_took.as_secs() + 4;
+    assert!(
+        statuses >= 1 && statuses as u64 <= bound,
+        "{statuses} statuses for 50 calls in {calls_took:?}"
+    );
+
+    // With no coordinator, the cloud model fails: counted as its errors.
+    coordinator.shutdown().await;
+    let (status, _) = infer(&agent, "music-two-tower", &music).await;
+    assert_eq!(status, 503);
+    let music = outpost_test_support::agent::model_status(&agent, "music-two-tower")
+        .health
+        .unwrap();
+    assert_eq!((music.calls, music.errors), (11, 1));
+    assert!((music.error_rate() - 1.0 / 11.0).abs() < 1e-9);
+    agent.shutdown().await;
+}

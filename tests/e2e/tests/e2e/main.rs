@@ -14,6 +14,7 @@
 //!   says: one that hangs, one that replays old releases.
 //! - [`brokers`]: the coordinator against real production brokers (Mosquitto, NATS) run with
 //!   the provisioned files.
+//! - [`rollouts`]: rollouts gated on device health (abort, widen, promote).
 //! - [`quickstart`]: `outpost up` in-process.
 //! - [`bench`]: `outpost bench` in-process, briefly.
 
@@ -30,4 +31,5 @@ mod processes;
 mod quickstart;
 mod refusals;
 mod resilience;
+mod rollouts;
 mod sync;
