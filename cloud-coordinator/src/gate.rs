@@ -57,20 +57,12 @@ impl Cohort {
 
     /// Errors per call.
     pub fn error_rate(&self) -> f64 {
-        if self.calls == 0 {
-            0.0
-        } else {
-            self.errors as f64 / self.calls as f64
-        }
+        outpost_shared::status::share(self.errors, self.calls)
     }
 
     /// Offloaded rows per row.
     pub fn offload_share(&self) -> f64 {
-        if self.rows == 0 {
-            0.0
-        } else {
-            self.rows_offloaded as f64 / self.rows as f64
-        }
+        outpost_shared::status::share(self.rows_offloaded, self.rows)
     }
 
     fn describe(&self) -> String {

@@ -105,20 +105,21 @@ pub struct ModelHealth {
 impl ModelHealth {
     /// Errors per call (0 with no calls).
     pub fn error_rate(&self) -> f64 {
-        if self.calls == 0 {
-            0.0
-        } else {
-            self.errors as f64 / self.calls as f64
-        }
+        share(self.errors, self.calls)
     }
 
     /// Offloaded rows per row (0 with no rows).
     pub fn offload_share(&self) -> f64 {
-        if self.rows == 0 {
-            0.0
-        } else {
-            self.rows_offloaded as f64 / self.rows as f64
-        }
+        share(self.rows_offloaded, self.rows)
+    }
+}
+
+/// `part` of `whole` as a share from 0 to 1 (0 when `whole` is 0).
+pub fn share(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
     }
 }
 

@@ -73,6 +73,33 @@ async fn load(agents: &[AgentHandle], rounds: usize) {
     }
 }
 
+/// Calls `MODEL` on every agent, ten rounds at a time with `each` after them, until the
+/// model's rollout history has a `step`; fails after 150 s with the history.
+async fn load_until(
+    admin: &AdminClient,
+    agents: &[AgentHandle],
+    step: &str,
+    mut each: impl FnMut(),
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
+    while !history(admin).await.iter().any(|e| e.0 == step) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gate took no {step}: {:?}",
+            history(admin).await
+        );
+        load(agents, 10).await;
+        each();
+    }
+}
+
+/// Waits until every agent serves `version` of `MODEL`.
+async fn all_serve(agents: &[AgentHandle], version: u64, what: &str) {
+    for agent in agents {
+        eventually(what, || agent.active_version(MODEL) == Some(version)).await;
+    }
+}
+
 async fn history(admin: &AdminClient) -> Vec<(String, u64, u8, String)> {
     admin
         .models()
@@ -117,12 +144,7 @@ async fn a_less_confident_candidate_is_aborted_and_a_healthy_one_widens_and_is_p
             && in_cohort(id, "intent-classifier-3", 60)
     };
     let agents = agents_where(&coordinator, dir.path(), &[&v2_in, &early, &late]).await;
-    for agent in &agents {
-        eventually("every agent serves version 1", || {
-            agent.active_version(MODEL) == Some(1)
-        })
-        .await;
-    }
+    all_serve(&agents, 1, "every agent serves version 1").await;
 
     // Version 2: the same model, far less sure of itself (threshold 0.99), as a 50 % canary.
     let mut canary = placed("cascade:intent_probs:0.99");
@@ -137,26 +159,12 @@ async fn a_less_confident_candidate_is_aborted_and_a_healthy_one_widens_and_is_p
         agents[0].active_version(MODEL) == Some(2)
     })
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !history(&admin).await.iter().any(|e| e.0 == "abort") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the gate never aborted: {:?}",
-            history(&admin).await
-        );
-        load(&agents, 3).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    load_until(&admin, &agents, "abort", || {}).await;
     let steps = history(&admin).await;
     let abort = steps.iter().find(|e| e.0 == "abort").unwrap();
     assert_eq!(abort.1, 2);
     assert!(abort.3.contains("offloaded share"), "{abort:?}");
-    for agent in &agents {
-        eventually("every device is back on version 1", || {
-            agent.active_version(MODEL) == Some(1)
-        })
-        .await;
-    }
+    all_serve(&agents, 1, "every device is back on version 1").await;
 
     // Version 3: healthy (as version 1), 30 %, 2 s bakes: widened to 60 %, then promoted. The
     // early device, in at 30 %, stays on version 3 throughout.
@@ -172,17 +180,11 @@ async fn a_less_confident_candidate_is_aborted_and_a_healthy_one_widens_and_is_p
     })
     .await;
     // Each step needs 200 calls in each cohort's window (gate::P99_MIN_CALLS).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(150);
     let mut early_left = false;
-    while !history(&admin).await.iter().any(|e| e.0 == "promote") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the gate never promoted: {:?}",
-            history(&admin).await
-        );
-        load(&agents, 10).await;
+    load_until(&admin, &agents, "promote", || {
         early_left |= agents[1].active_version(MODEL) != Some(3);
-    }
+    })
+    .await;
     assert!(
         !early_left,
         "the early device left the candidate while it widened"
@@ -201,12 +203,7 @@ async fn a_less_confident_candidate_is_aborted_and_a_healthy_one_widens_and_is_p
             ("promote".to_owned(), 3, 100)
         ]
     );
-    for agent in &agents {
-        eventually("every agent serves version 3", || {
-            agent.active_version(MODEL) == Some(3)
-        })
-        .await;
-    }
+    all_serve(&agents, 3, "every agent serves version 3").await;
     let metrics = admin.metrics().await.unwrap();
     for line in [
         "outpost_rollout_steps_total{step=\"abort\"} 1",
