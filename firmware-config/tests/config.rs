@@ -378,3 +378,33 @@ fn the_admin_api_beyond_loopback_needs_tls() {
     .unwrap();
     assert!(config.admin.tls().is_some());
 }
+
+/// Fallback brokers are for an external cluster: without `mqtt.external` they are refused by
+/// name; a NATS cluster of fewer than three nodes is refused with the reason.
+#[test]
+fn fallback_brokers_need_an_external_cluster() {
+    let e = CoordinatorConfig::from_toml(
+        Path::new("coordinator.toml"),
+        "[mqtt]\nfallbacks = [\"127.0.0.1:1884\"]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("mqtt.fallbacks") && e.contains("mqtt.external"),
+        "{e}"
+    );
+    CoordinatorConfig::from_toml(
+        Path::new("coordinator.toml"),
+        "[mqtt]\nexternal = \"127.0.0.1:1883\"\nfallbacks = [\"127.0.0.1:1884\"]\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = |p: u16| firmware_config::provision::NatsNode {
+        mqtt: format!("127.0.0.1:{p}").parse().unwrap(),
+        route: format!("127.0.0.1:{}", p + 1000).parse().unwrap(),
+    };
+    let e = firmware_config::provision::write_nats_cluster(dir.path(), "f", &[node(1), node(2)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least 3 nodes"), "{e}");
+}
