@@ -395,13 +395,15 @@ fn metrics(ctx: &Context) -> Reply {
          # HELP outpost_agent_inference_errors_total Failed inferences.\n# TYPE outpost_agent_inference_errors_total counter\noutpost_agent_inference_errors_total {}\n\
          # HELP outpost_agent_manifests_rejected_total Releases refused.\n# TYPE outpost_agent_manifests_rejected_total counter\noutpost_agent_manifests_rejected_total {}\n\
          # HELP outpost_agent_chunks_fetched_total Chunks fetched.\n# TYPE outpost_agent_chunks_fetched_total counter\noutpost_agent_chunks_fetched_total {}\n\
-         # HELP outpost_agent_bytes_fetched_total Bytes fetched.\n# TYPE outpost_agent_bytes_fetched_total counter\noutpost_agent_bytes_fetched_total {}\n",
+         # HELP outpost_agent_bytes_fetched_total Bytes fetched.\n# TYPE outpost_agent_bytes_fetched_total counter\noutpost_agent_bytes_fetched_total {}\n\
+         # HELP outpost_agent_broker_connects_total Connections made to the MQTT broker.\n# TYPE outpost_agent_broker_connects_total counter\noutpost_agent_broker_connects_total {}\n",
         c.inferences_local,
         c.inferences_offloaded,
         c.inference_errors,
         c.manifests_rejected,
         c.chunks_fetched,
         c.bytes_fetched,
+        c.broker_connects,
     );
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(

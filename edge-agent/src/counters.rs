@@ -19,6 +19,8 @@ pub(crate) struct Counters {
     pub(crate) chunks: AtomicU64,
     /// Bytes fetched.
     pub(crate) bytes: AtomicU64,
+    /// Connections made to the MQTT broker.
+    pub(crate) broker_connects: AtomicU64,
 }
 
 impl Counters {
@@ -42,6 +44,7 @@ impl Counters {
             manifests_rejected: self.rejected.load(Ordering::Relaxed),
             chunks_fetched: self.chunks.load(Ordering::Relaxed),
             bytes_fetched: self.bytes.load(Ordering::Relaxed),
+            broker_connects: self.broker_connects.load(Ordering::Relaxed),
         }
     }
 }

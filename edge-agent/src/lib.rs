@@ -323,6 +323,27 @@ impl AgentHandle {
         self.ctx.models().active_version(model)
     }
 
+    /// The version of `model` being fetched or loaded, if any: the agent has heard of it.
+    pub fn pending_version(&self, model: &str) -> Option<u64> {
+        self.ctx.models().get(model)?.pending
+    }
+
+    /// Whether the agent is connected to its MQTT broker now (it has been once, and has not
+    /// lost the connection since).
+    pub fn broker_connected(&self) -> bool {
+        self.ctx
+            .counters
+            .broker_connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+            && self.ctx.broker_error.lock().is_ok_and(|e| e.is_none())
+    }
+
+    /// The agent's counters now (cheaper than [`AgentHandle::status`]).
+    pub fn counters(&self) -> outpost_shared::Counters {
+        self.ctx.counters.snapshot()
+    }
+
     /// Publishes an offline status, stops serving, and flushes the store.
     pub async fn shutdown(self) {
         let mut status = self.ctx.status();

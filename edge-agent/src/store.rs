@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 /// The largest model record read or written (a release with its chunk lists).
 const RECORD_LIMIT: usize = 64 * 1024 * 1024;
 
+/// sled's page cache: the records are read once at start and written on each install.
+const STORE_CACHE_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Why the local store failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -68,7 +71,13 @@ impl Store {
     /// Opens (creating) the store in the data folder `dir`: `state.sled` and `chunks/`.
     pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(StoreError::Folder)?;
-        let db = sled::open(dir.join("state.sled"))?;
+        // Every write flushes itself (`save`), so no background flusher thread is needed; the
+        // records are a few hundred bytes a model, so a small cache holds them all.
+        let db = sled::Config::new()
+            .path(dir.join("state.sled"))
+            .cache_capacity(STORE_CACHE_BYTES)
+            .flush_every_ms(None)
+            .open()?;
         let records = db.open_tree("models")?;
         let chunks = ChunkStore::open(&dir.join("chunks")).map_err(StoreError::Chunks)?;
         Ok(Self {

@@ -146,7 +146,11 @@ pub(crate) async fn run_mqtt(
     events.network_options.set_tcp_nodelay(true);
     let brokers: Vec<firmware_config::HostPort> = ctx.config.mqtt.brokers().cloned().collect();
     let mut current = 0usize;
-    let mut backoff = RECONNECT;
+    let mut backoff = if ctx.config.mqtt.reconnect_jitter {
+        RECONNECT
+    } else {
+        RECONNECT.without_jitter()
+    };
     loop {
         let event = tokio::select! {
             _ = shutdown.changed() => return,
@@ -154,6 +158,7 @@ pub(crate) async fn run_mqtt(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                crate::counters::Counters::count(&ctx.counters.broker_connects);
                 // Forgotten only once the connection proves stable (a broker that accepts and
                 // drops at once must not be retried at the shortest delay forever).
                 backoff.connected();

@@ -125,6 +125,11 @@ pub struct MqttBroker {
     /// without its broker. Spread devices over the nodes by giving each its own `broker`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallbacks: Vec<HostPort>,
+    /// Whether reconnect delays are jittered (default true), so a fleet that lost its broker
+    /// at once does not come back in lockstep. Off only to measure what the jitter does
+    /// (`outpost sim --scenario broker-restart`).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub reconnect_jitter: bool,
 }
 
 impl Default for MqttBroker {
@@ -133,8 +138,17 @@ impl Default for MqttBroker {
             broker: default_broker(),
             ca: None,
             fallbacks: Vec::new(),
+            reconnect_jitter: true,
         }
     }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 impl MqttBroker {

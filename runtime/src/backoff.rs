@@ -17,6 +17,7 @@ pub struct Backoff {
     max: Duration,
     failures: u32,
     up_since: Option<Instant>,
+    jittered: bool,
 }
 
 impl Backoff {
@@ -27,7 +28,15 @@ impl Backoff {
             max,
             failures: 0,
             up_since: None,
+            jittered: true,
         }
+    }
+
+    /// The same back-off without its jitter: every delay is the base one. Only for measuring
+    /// what the jitter does (`outpost sim`); a fleet without it comes back in lockstep.
+    pub const fn without_jitter(mut self) -> Self {
+        self.jittered = false;
+        self
     }
 
     /// Records a failure and returns how long to wait before the next attempt.
@@ -44,7 +53,7 @@ impl Backoff {
             self.failures = 0;
         }
         self.failures = self.failures.saturating_add(1);
-        self.delay(self.failures, jitter())
+        self.delay(self.failures, if self.jittered { jitter() } else { 0.5 })
     }
 
     /// Forgets the failures: the next one waits `start` again (for attempts that end, such as
@@ -115,6 +124,14 @@ mod tests {
         assert_eq!(b.delay(u32::MAX, 0.5), MAX);
         assert_eq!(b.delay(3, 0.0), Duration::from_millis(500));
         assert_eq!(b.delay(3, 1.0), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn without_jitter_every_delay_is_the_base_one() {
+        let mut b = Backoff::new(START, MAX).without_jitter();
+        assert_eq!(b.fail(), START);
+        assert_eq!(b.fail(), START * 2);
+        assert_eq!(b.fail(), START * 4);
     }
 
     #[test]

@@ -140,6 +140,9 @@ pub struct Counters {
     pub chunks_fetched: u64,
     /// Bytes fetched from a coordinator.
     pub bytes_fetched: u64,
+    /// Connections made to the MQTT broker (CONNACKs): more than one means the connection was
+    /// lost and made again.
+    pub broker_connects: u64,
 }
 
 impl DeviceStatus {
@@ -354,10 +357,10 @@ mod tests {
             id in "[a-z0-9-]{1,30}",
             health in health(),
             models in proptest::collection::vec(model(), 0..5),
-            counters in proptest::array::uniform6(any::<u64>()),
+            counters in proptest::array::uniform7(any::<u64>()),
             last_error in proptest::option::of(".{0,60}"),
         ) {
-            let [a, b, c, d, e, f] = counters;
+            let [a, b, c, d, e, f, g] = counters;
             let status = DeviceStatus {
                 device_id: id,
                 agent_version: "0.1.0".into(),
@@ -367,6 +370,7 @@ mod tests {
                 counters: Counters {
                     inferences_local: a, inferences_offloaded: b, inference_errors: c,
                     manifests_rejected: d, chunks_fetched: e, bytes_fetched: f,
+                    broker_connects: g,
                 },
                 last_error,
                 broker_error: None,
