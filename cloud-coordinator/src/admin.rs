@@ -349,6 +349,11 @@ async fn push(
         samples,
         dry_run: options.dry_run,
         gate,
+        known_devices: state
+            .fleet
+            .lock()
+            .map(|fleet| fleet.keys().cloned().collect())
+            .unwrap_or_default(),
     };
     let registry = state.registry.clone();
     let result = tokio::task::spawn_blocking(move || registry.push(request)).await;

@@ -330,7 +330,13 @@ impl Registry {
         if let Some(report) = &edge_report {
             record.edge_reports.insert(version, report.clone());
         }
-        let stage = self.promote(&mut record, version, as_candidate, request.rollout_percent);
+        let stage = self.promote(
+            &mut record,
+            version,
+            as_candidate,
+            request.rollout_percent,
+            &request.known_devices,
+        );
         record.gate = if as_candidate { request.gate } else { None };
         let (mut published, signed) = self.commit(record, version, stage, new_chunks)?;
         published.delta = delta;
@@ -363,7 +369,7 @@ impl Registry {
             record.edge_reports.insert(version, report);
         }
         record.versions.push(ModelVersion { version, ..old });
-        let stage = self.promote(&mut record, version, false, 100);
+        let stage = self.promote(&mut record, version, false, 100, &[]);
         record.gate = None;
         let (mut published, signed) = self.commit(record, version, stage, 0)?;
         published.delta = delta;
@@ -376,11 +382,18 @@ impl Registry {
         version: u64,
         as_candidate: bool,
         percent: u8,
+        known_devices: &[String],
     ) -> Stage {
         record.next_version = version + 1;
         record.release += 1;
         if as_candidate {
-            record.candidate = Some((version, percent, format!("{}-{version}", record.name)));
+            let devices: Vec<&str> = known_devices.iter().map(String::as_str).collect();
+            let salt = outpost_shared::rollout::choose_salt(
+                &format!("{}-{version}", record.name),
+                &devices,
+                percent,
+            );
+            record.candidate = Some((version, percent, salt));
             rollout::note(record, version, "candidate", percent, "pushed");
             Stage::Candidate
         } else {

@@ -26,6 +26,45 @@ pub fn in_cohort(device_id: &str, salt: &str, percent: u8) -> bool {
     u64::from_be_bytes(first) % 100 < u64::from(percent)
 }
 
+/// Fleets smaller than this get the plain salt from [`choose_salt`]: a device is more than a
+/// percent of them, so no salt makes the share exact, and the candidate's devices are few.
+pub const SALT_CHOICE_MIN_DEVICES: usize = 100;
+
+/// Salts [`choose_salt`] tries.
+pub const SALT_TRIES: u32 = 64;
+
+/// The salt of a new candidate's cohort: `base`, or `{base}.{k}` for the first `k` below
+/// [`SALT_TRIES`] that puts the most of `devices` (the fleet known now) in a `percent` cohort
+/// without going over `percent` percent of them. A hash cohort alone is only proportional on
+/// average (1000 devices at 10 % land anywhere from about 80 to 120); this bounds the share of
+/// the known fleet that ever runs a canary, and devices that join later fall in it at
+/// `percent`. Fleets under [`SALT_CHOICE_MIN_DEVICES`] get `base`.
+pub fn choose_salt(base: &str, devices: &[&str], percent: u8) -> String {
+    if devices.len() < SALT_CHOICE_MIN_DEVICES || percent >= 100 {
+        return base.to_owned();
+    }
+    let most = devices.len() * usize::from(percent) / 100;
+    let mut best: Option<(usize, String)> = None;
+    for k in 0..SALT_TRIES {
+        let salt = if k == 0 {
+            base.to_owned()
+        } else {
+            format!("{base}.{k}")
+        };
+        let count = devices
+            .iter()
+            .filter(|d| in_cohort(d, &salt, percent))
+            .count();
+        if count == most {
+            return salt;
+        }
+        if count < most && best.as_ref().is_none_or(|(c, _)| count > *c) {
+            best = Some((count, salt));
+        }
+    }
+    best.map_or_else(|| base.to_owned(), |(_, salt)| salt)
+}
+
 /// Checks that `next` moves forward from `current`, the last release accepted for the model:
 /// a higher release number and a stable version that does not go back.
 pub fn check_forward(current: Option<&Manifest>, next: &Manifest) -> Result<(), ManifestError> {
@@ -80,6 +119,26 @@ mod tests {
         regressed.release += 1;
         regressed.stable.version = 1;
         assert!(check_forward(Some(&next), &regressed).is_err());
+    }
+
+    #[test]
+    fn a_chosen_salt_puts_at_most_the_percent_of_the_known_fleet_in_the_cohort() {
+        let ids: Vec<String> = (0..1000).map(|i| format!("sim-{i:04}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        for percent in [1u8, 10, 25, 50] {
+            let salt = choose_salt("ranker-2", &ids, percent);
+            let count = ids.iter().filter(|d| in_cohort(d, &salt, percent)).count();
+            assert!(count <= 10 * usize::from(percent), "{percent}%: {count}");
+            assert!(
+                count * 100 >= 9 * 10 * usize::from(percent),
+                "{percent}%: {count}"
+            );
+            // The same fleet, the same salt.
+            assert_eq!(choose_salt("ranker-2", &ids, percent), salt);
+        }
+        // A small fleet keeps the plain salt.
+        assert_eq!(choose_salt("ranker-2", &ids[..99], 10), "ranker-2");
+        assert_eq!(choose_salt("ranker-2", &ids, 100), "ranker-2");
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct PushRequest {
     /// When the version goes out as a candidate: the health gate that widens, promotes or
     /// aborts its rollout (`None`: it stays where the operator puts it).
     pub gate: Option<firmware_config::RolloutSection>,
+    /// The devices known now (those with a status): a candidate's cohort salt is chosen so
+    /// that at most `rollout_percent` percent of them fall in it
+    /// ([`outpost_shared::rollout::choose_salt`]).
+    pub known_devices: Vec<String>,
 }
 
 /// Weight quantisation of the edge variant.
