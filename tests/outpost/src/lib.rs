@@ -1,9 +1,10 @@
-//! The `outpost` tool's library: the quickstart ([`quickstart`], `outpost up`) and the
-//! benchmarks ([`bench`], `outpost bench`). The end-to-end tests are the `outpost-e2e` package
+//! The `outpost` tool's library: the quickstart ([`quickstart`], `outpost up`), the
+//! benchmarks ([`bench`], `outpost bench`) and the fleet simulator ([`sim`], `outpost sim`). The end-to-end tests are the `outpost-e2e` package
 //! (`tests/e2e/`); what they share is `outpost-test-support` (`tests/support/`).
 
 pub mod bench;
 pub mod memory;
 pub mod mqtt_connect;
 pub mod quickstart;
+pub mod sim;
 pub mod switching;

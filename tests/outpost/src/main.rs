@@ -1,5 +1,4 @@
-//! `outpost`: the quickstart (`up`) and the benchmarks (`bench`). The fleet simulator is not
-//! built yet.
+//! `outpost`: the quickstart (`up`), the benchmarks (`bench`) and the fleet simulator (`sim`).
 
 #[cfg(target_os = "linux")]
 mod runtime_dir;
@@ -9,6 +8,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use outpost::bench::{self, BenchOptions};
 use outpost::quickstart::{self, Options};
+use outpost::sim::{self, Scenario, SimOptions};
 use outpost::{memory, mqtt_connect, switching};
 
 #[derive(Parser)]
@@ -33,8 +33,51 @@ enum Command {
         #[arg(long, default_value = "outpost-data/quickstart")]
         data: PathBuf,
     },
-    /// Simulate a fleet (not built yet).
-    Sim,
+    /// Simulate a fleet: N real agents (each with its own device certificate, store, MQTT and
+    /// QUIC connections, the tract engine) in this process against a coordinator in a child
+    /// process, through a scenario. Prints a table of figures (or JSON) and writes a plot.
+    Sim {
+        /// Agents at once.
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        /// What happens: push (a new version), canary (a worse candidate the gate must
+        /// abort), broker-restart, coordinator-restart (the reconnect storm, with and without
+        /// jitter), churn (agents leaving and joining during a rollout).
+        #[arg(long, value_enum, default_value_t = Scenario::Push)]
+        scenario: Scenario,
+        /// Print the report as JSON on stdout (figures, notes and curves) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Where to write the plot of convergence over time (SVG) [default:
+        /// outpost-sim-SCENARIO.svg]; `-` for none.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// canary: the candidate's share of the fleet, percent.
+        #[arg(long, default_value_t = 10)]
+        canary: u8,
+        /// canary: seconds the candidate bakes before the gate decides.
+        #[arg(long, default_value_t = 10)]
+        bake: u64,
+        /// broker-restart, coordinator-restart: seconds the killed process stays down.
+        #[arg(long, default_value_t = 5)]
+        down: u64,
+        /// churn: seconds agents leave and join.
+        #[arg(long, default_value_t = 20)]
+        churn: u64,
+        /// The longest any phase may take, seconds, before the simulation fails.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Keep the fleet, stores and logs (coordinator.log, broker.log) in this new folder
+        /// [default: a temporary one, removed at the end].
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// The simulation's coordinator, in this process (run by `sim`).
+    #[command(hide = true)]
+    SimCoordinator {
+        /// Its config.
+        config: PathBuf,
+    },
     /// Measure the agent against its baselines, side by side in one run: local API vs the
     /// engine in-process, idle memory, push-to-serving for 1, 10 and 100 agents. Build with
     /// --release.
@@ -91,7 +134,10 @@ fn main() -> std::process::ExitCode {
     #[cfg(target_os = "linux")]
     if matches!(
         cli.command,
-        Command::Up { .. } | Command::Bench { .. } | Command::BenchMemoryCase { .. }
+        Command::Up { .. }
+            | Command::Bench { .. }
+            | Command::BenchMemoryCase { .. }
+            | Command::Sim { .. }
     ) {
         runtime_dir::ensure();
     }
@@ -137,9 +183,47 @@ fn main() -> std::process::ExitCode {
         Command::BenchMqttBroker { case, fleet, port } => {
             return exit(mqtt_connect::run_broker(&case, &fleet, port));
         }
-        Command::Sim => {
-            eprintln!("error: `outpost sim` (the fleet simulator) is not built yet");
-            return std::process::ExitCode::FAILURE;
+        Command::Sim {
+            agents,
+            scenario,
+            json,
+            plot,
+            canary,
+            bake,
+            down,
+            churn,
+            timeout,
+            data,
+        } => {
+            let options = SimOptions {
+                agents,
+                scenario,
+                canary_percent: canary,
+                bake: std::time::Duration::from_secs(bake),
+                down: std::time::Duration::from_secs(down),
+                churn: std::time::Duration::from_secs(churn),
+                timeout: std::time::Duration::from_secs(timeout),
+                data_dir: data,
+            };
+            let plot = match plot {
+                Some(p) if p.as_os_str() == "-" => None,
+                Some(p) => Some(p),
+                None => Some(PathBuf::from(format!(
+                    "outpost-sim-{}.svg",
+                    scenario.name()
+                ))),
+            };
+            return exit(run_sim(&options, json, plot.as_deref()));
+        }
+        Command::SimCoordinator { config } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "warn".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            return exit(sim::run_coordinator_child(&config));
         }
     };
     tracing_subscriber::fmt()
@@ -189,6 +273,57 @@ fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a simulation: a progress line on stderr while it runs, then the table or the JSON on
+/// stdout and the plot.
+#[allow(clippy::print_stdout, clippy::print_stderr)]
+fn run_sim(options: &SimOptions, json: bool, plot: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use std::io::{IsTerminal as _, Write as _};
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: a debug build; run `cargo run --release -p outpost -- sim` for figures"
+        );
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let terminal = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut progress = |line: &str| {
+        let elapsed = started.elapsed().as_secs_f64();
+        if terminal {
+            eprint!("\r\x1b[2K[{elapsed:>6.1} s] {line}");
+        } else {
+            eprintln!("[{elapsed:>6.1} s] {line}");
+        }
+        let _ = std::io::stderr().flush();
+    };
+    let report = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(sim::run(options, &mut progress)));
+    if terminal {
+        eprintln!();
+    }
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for line in report.table() {
+            println!("{line}");
+        }
+    }
+    if let Some(path) = plot {
+        report.plot(path)?;
+        eprintln!("plot: {}", path.display());
+    }
+    Ok(())
 }
 
 #[allow(clippy::print_stdout, clippy::print_stderr)]

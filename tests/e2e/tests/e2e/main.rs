@@ -17,6 +17,7 @@
 //! - [`rollouts`]: rollouts gated on device health (abort, widen, promote).
 //! - [`quickstart`]: `outpost up` in-process.
 //! - [`bench`]: `outpost bench` in-process, briefly.
+//! - [`sim`]: `outpost sim`, the real executable, each scenario on a small fleet.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -32,4 +33,5 @@ mod quickstart;
 mod refusals;
 mod resilience;
 mod rollouts;
+mod sim;
 mod sync;
