@@ -518,7 +518,7 @@ async fn old_versions_and_their_chunks_are_dropped() {
         .iter()
         .map(|&s| {
             let int8 = quantize_int8(&DemoModel::MusicTwoTower.bytes(s)).unwrap();
-            outpost_shared::chunk::split(&int8.bytes).len()
+            outpost_shared::chunk::split_model(&int8.bytes).len()
         })
         .sum();
     let on_disk = walk(&c.handle.data_dir.join("chunks"));

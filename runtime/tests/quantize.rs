@@ -179,11 +179,11 @@ fn retraining_the_head_of_the_xl_ranker_changes_few_chunks() {
         quantize::quantize_int8(&v2).unwrap(),
     );
     assert!(q1.report.ratio() <= 0.30, "{:?}", q1.report);
-    let held: HashSet<_> = outpost_shared::chunk::split(&q1.bytes)
+    let held: HashSet<_> = outpost_shared::chunk::split_model(&q1.bytes)
         .iter()
         .map(|s| s.id)
         .collect();
-    let spans = outpost_shared::chunk::split(&q2.bytes);
+    let spans = outpost_shared::chunk::split_model(&q2.bytes);
     let new: usize = spans
         .iter()
         .filter(|s| !held.contains(&s.id))
@@ -207,4 +207,38 @@ fn retraining_the_head_of_the_xl_ranker_changes_few_chunks() {
         report.violations(&default_tolerance()).is_empty(),
         "{report}"
     );
+}
+
+/// Chunks cut at tensors make a retrained classifier head a download of a few KiB, where
+/// FastCDC alone refetches the ~64 KiB chunk around it.
+#[test]
+fn a_retrained_intent_head_is_under_two_percent_of_the_int8_variant() {
+    let mut proto = DemoModel::IntentClassifier.build(DEFAULT_SEED);
+    let v1 = quantize::quantize_int8(&proto.encode_to_vec())
+        .unwrap()
+        .bytes;
+    assert_eq!(model_zoo::retrain_head(&mut proto, 7), 2);
+    let v2 = quantize::quantize_int8(&proto.encode_to_vec())
+        .unwrap()
+        .bytes;
+    let new_bytes = |split: fn(&[u8]) -> Vec<outpost_shared::chunk::ChunkSpan>| {
+        let held: HashSet<_> = split(&v1).iter().map(|s| s.id).collect();
+        split(&v2)
+            .iter()
+            .filter(|s| !held.contains(&s.id))
+            .map(|s| s.len)
+            .sum::<usize>()
+    };
+    let (by_tensor, plain) = (
+        new_bytes(outpost_shared::chunk::split_model),
+        new_bytes(outpost_shared::chunk::split),
+    );
+    eprintln!(
+        "intent-classifier int8: {} bytes; retrained head: {by_tensor} bytes new ({:.2} %) cut at tensors, {plain} ({:.2} %) by FastCDC alone",
+        v2.len(),
+        100.0 * by_tensor as f64 / v2.len() as f64,
+        100.0 * plain as f64 / v2.len() as f64
+    );
+    assert!(by_tensor * 50 <= v2.len(), "{by_tensor} of {}", v2.len());
+    assert!(by_tensor < plain);
 }

@@ -150,6 +150,114 @@ pub fn split(data: &[u8]) -> Vec<ChunkSpan> {
         .collect()
 }
 
+/// Consecutive weight tensors smaller than this share a chunk (see [`split_model`]).
+pub const MIN_TENSOR_CHUNK: usize = 4 * 1024;
+
+/// Splits an ONNX model's bytes at its weight tensors: a cut before each initializer of the
+/// graph, consecutive small ones grouped until a group holds [`MIN_TENSOR_CHUNK`] bytes, and
+/// FastCDC ([`split`]) inside a group larger than [`MAX_CHUNK`]. A retrained layer then changes
+/// only its own tensors' chunks (a few KiB for a classifier head) instead of the ~64 KiB chunk
+/// FastCDC alone would cut around it. Bytes that do not read as an ONNX protobuf are split by
+/// [`split`] alone. The chunks cover `data` in order, without gaps.
+pub fn split_model(data: &[u8]) -> Vec<ChunkSpan> {
+    let Some(cuts) = initializer_offsets(data) else {
+        return split(data);
+    };
+    let mut groups = Vec::new();
+    let mut start = 0;
+    for cut in cuts {
+        if cut - start >= MIN_TENSOR_CHUNK {
+            groups.push((start, cut));
+            start = cut;
+        }
+    }
+    if start < data.len() {
+        groups.push((start, data.len()));
+    }
+    let mut spans = Vec::new();
+    for (from, to) in groups {
+        let part = &data[from..to];
+        if part.len() <= MAX_CHUNK as usize {
+            spans.push(ChunkSpan {
+                offset: from,
+                len: part.len(),
+                id: Digest::of(part),
+            });
+        } else {
+            spans.extend(split(part).into_iter().map(|s| ChunkSpan {
+                offset: s.offset + from,
+                ..s
+            }));
+        }
+    }
+    spans
+}
+
+fn varint(data: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *data.get(*pos)?;
+        *pos += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// Walks the fields of one protobuf message in `data[from..to]`, calling `field(number,
+/// key_offset, payload)` for each length-delimited one; `None` if the bytes are not a message.
+fn fields(
+    data: &[u8],
+    from: usize,
+    to: usize,
+    mut field: impl FnMut(u64, usize, (usize, usize)),
+) -> Option<()> {
+    let mut pos = from;
+    while pos < to {
+        let key_at = pos;
+        let key = varint(data, &mut pos)?;
+        match key & 7 {
+            0 => {
+                varint(data, &mut pos)?;
+            }
+            1 => pos = pos.checked_add(8)?,
+            5 => pos = pos.checked_add(4)?,
+            2 => {
+                let len = usize::try_from(varint(data, &mut pos)?).ok()?;
+                let end = pos.checked_add(len)?;
+                if end > to {
+                    return None;
+                }
+                field(key >> 3, key_at, (pos, end));
+                pos = end;
+            }
+            _ => return None,
+        }
+    }
+    (pos == to).then_some(())
+}
+
+/// Where each initializer of an ONNX model's graph starts (its field key), in order.
+fn initializer_offsets(data: &[u8]) -> Option<Vec<usize>> {
+    // ModelProto.graph is field 7; GraphProto.initializer is field 5.
+    let mut graph = None;
+    fields(data, 0, data.len(), |number, _, payload| {
+        if number == 7 {
+            graph = Some(payload);
+        }
+    })?;
+    let (from, to) = graph?;
+    let mut offsets = Vec::new();
+    fields(data, from, to, |number, key_at, _| {
+        if number == 5 {
+            offsets.push(key_at);
+        }
+    })?;
+    (!offsets.is_empty()).then_some(offsets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,7 +332,78 @@ mod tests {
         );
     }
 
+    /// A protobuf length-delimited field.
+    fn message(field: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for mut v in [field << 3 | 2, payload.len() as u64] {
+            loop {
+                let byte = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    out.push(byte);
+                    break;
+                }
+                out.push(byte | 0x80);
+            }
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// An ONNX-shaped protobuf: a graph (field 7) of a node and initializers (field 5) of the
+    /// given sizes, then opset-like trailing fields.
+    fn model(tensors: &[(usize, u64)]) -> Vec<u8> {
+        let mut graph = message(1, b"a node");
+        for &(len, seed) in tensors {
+            graph.extend(message(5, &pseudo_random(len, seed)));
+        }
+        graph.extend(message(11, b"an input"));
+        let mut out = vec![0x08, 0x08]; // ir_version 8
+        out.extend(message(7, &graph));
+        out.extend(message(8, b"opset"));
+        out
+    }
+
+    #[test]
+    fn a_model_is_cut_at_its_tensors_and_a_changed_head_is_its_own_chunk() {
+        let layers = [(600_000, 1), (40_000, 2), (512, 3), (2048, 4), (64, 5)];
+        let v1 = model(&layers);
+        let mut changed = layers;
+        changed[3].1 = 99; // the head's weights
+        changed[4].1 = 98; // and its bias
+        let v2 = model(&changed);
+        assert_eq!(v1.len(), v2.len());
+        for data in [&v1, &v2] {
+            let spans = split_model(data);
+            let mut offset = 0;
+            for s in &spans {
+                assert_eq!(s.offset, offset);
+                assert!(s.len <= MAX_CHUNK as usize);
+                offset += s.len;
+            }
+            assert_eq!(offset, data.len());
+        }
+        let before: std::collections::HashSet<_> = split_model(&v1).iter().map(|s| s.id).collect();
+        let new: usize = split_model(&v2)
+            .iter()
+            .filter(|s| !before.contains(&s.id))
+            .map(|s| s.len)
+            .sum();
+        // The 512-byte tensor before the head shares its group; nothing else is new.
+        assert!(new > 2048 && new < 3 * 1024, "{new} new bytes");
+        // Not a model: plain FastCDC.
+        let noise = pseudo_random(100_000, 3);
+        assert_eq!(split_model(&noise), split(&noise));
+    }
+
     proptest! {
+        #[test]
+        fn split_model_covers_any_bytes(data in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let spans = split_model(&data);
+            let total: usize = spans.iter().map(|s| s.len).sum();
+            prop_assert_eq!(total, data.len());
+        }
+
         #[test]
         fn digest_text_round_trips(bytes in proptest::array::uniform32(any::<u8>())) {
             let d = Digest::from_bytes(bytes);

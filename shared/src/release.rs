@@ -202,7 +202,10 @@ pub struct ChunkRef {
 impl Variant {
     /// Describes `bytes` as a variant: size, digest and content-defined chunks.
     pub fn describe(target: Target, format: ModelFormat, bytes: &[u8]) -> Self {
-        let chunks = chunk::split(bytes)
+        let spans = match format {
+            ModelFormat::Onnx => chunk::split_model(bytes),
+        };
+        let chunks = spans
             .into_iter()
             // Chunks are at most MAX_CHUNK bytes, far below u32::MAX.
             .map(|s| ChunkRef {

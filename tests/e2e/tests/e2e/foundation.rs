@@ -88,7 +88,7 @@ fn provisioned_fleet_signs_chunks_and_runs_a_demo_model() {
             model: "video-ranker".into()
         }
     );
-    let store: HashMap<_, _> = outpost_shared::chunk::split(&model_bytes)
+    let store: HashMap<_, _> = outpost_shared::chunk::split_model(&model_bytes)
         .iter()
         .map(|s| (s.id, s.bytes(&model_bytes).to_vec()))
         .collect();

@@ -24,7 +24,7 @@ async fn a_restarted_download_fetches_only_the_missing_chunks() {
         &bytes,
     )
     .await;
-    let spans = outpost_shared::chunk::split(&bytes);
+    let spans = outpost_shared::chunk::split_model(&bytes);
     assert!(spans.len() >= 4, "{} chunks", spans.len());
 
     // What an interrupted download left behind: the first half of the chunks.
