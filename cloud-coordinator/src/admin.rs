@@ -7,6 +7,7 @@
 //! | `POST /v1/models/{name}?placement=&rollout=&max_batch=&quantize=&cloud_size=&samples_size=&dry_run=` | push (query: [`PushQuery`]; body: the model file, then the cloud model's `cloud_size` bytes, then the gate's sample file's `samples_size` bytes) | [`Published`]: 201, or 200 for a dry run |
 //! | `POST /v1/models/{name}/rollback?to=V` | publish version V's content as a new version | [`Published`], 201 |
 //! | `POST /v1/models/{name}/rollout?percent=P` \| `?promote` \| `?abort` | move the candidate along (see [`crate::registry::RolloutAction`]) | [`Published`], 201 |
+//! | `POST /v1/models/{name}/finetune?output=&layer=&holdout=&seed=&min_gain=&rollout=&dry_run=` | retrain the head on the body's labelled examples (JSON Lines; see [`crate::finetune`]) and publish it when it is better | [`FinetuneReport`]: 201, 200 for a dry run, 422 (with the figures) when the head is not better |
 //! | `POST /v1/devices/{id}/revoke` | revoke a device | [`Revoked`] |
 //! | `GET /v1/revoked` | the revoked devices | a list of [`Revoked`] |
 //! | `GET /v1/models` | models, versions, rollout gates and histories | a list of [`ModelSummary`] |
@@ -35,8 +36,15 @@ mod query;
 
 pub(crate) use query::encode;
 use query::parse_query;
+
+/// The query parser, for the tests of other modules.
+#[cfg(test)]
+pub(crate) fn parse_query_for_tests(query: &str) -> HashMap<String, String> {
+    parse_query(query)
+}
 pub use query::{PlacementArg, PushQuery};
 
+pub use crate::finetune::{FinetuneQuery, FinetuneReport};
 pub use crate::registry::{Delta, EdgeReport, ModelSummary, Published, Stage, VariantSummary};
 pub use outpost_shared::DeviceStatus;
 
@@ -236,6 +244,9 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
         (Method::POST, ["v1", "models", name]) => {
             push(req, (*name).to_owned(), &query, state).await
         }
+        (Method::POST, ["v1", "models", name, "finetune"]) => {
+            finetune(req, (*name).to_owned(), &query, state).await
+        }
         (Method::POST, ["v1", "models", name, "rollback"]) => {
             let Some(to) = query.get("to").and_then(|v| v.parse::<u64>().ok()) else {
                 return error(StatusCode::BAD_REQUEST, "rollback needs ?to=VERSION");
@@ -282,6 +293,27 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
     }
 }
 
+/// Reads an upload within `[registry] max_upload_mb`; the refusal is the reply.
+async fn read_upload(req: Request<Incoming>, state: &AdminState) -> Result<Bytes, Reply> {
+    match read_body(req.into_body(), &BodyLimits::up_to(state.max_upload)).await {
+        Ok(b) => Ok(b),
+        Err(BodyError::TooLarge { .. }) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the upload is larger than the limit of {} MiB (registry.max_upload_mb)",
+                state.max_upload >> 20
+            ),
+        )),
+        Err(e @ BodyError::TooSlow { .. }) => {
+            Err(error(StatusCode::REQUEST_TIMEOUT, e.to_string()))
+        }
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("could not read the upload: {e}"),
+        )),
+    }
+}
+
 async fn push(
     req: Request<Incoming>,
     name: String,
@@ -289,26 +321,9 @@ async fn push(
     state: &AdminState,
 ) -> Reply {
     // Read the upload before judging the options (see `read_body`).
-    let body = match read_body(req.into_body(), &BodyLimits::up_to(state.max_upload)).await {
+    let body = match read_upload(req, state).await {
         Ok(b) => b,
-        Err(BodyError::TooLarge { .. }) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the upload is larger than the limit of {} MiB (registry.max_upload_mb)",
-                    state.max_upload >> 20
-                ),
-            );
-        }
-        Err(e @ BodyError::TooSlow { .. }) => {
-            return error(StatusCode::REQUEST_TIMEOUT, e.to_string());
-        }
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("could not read the upload: {e}"),
-            );
-        }
+        Err(reply) => return reply,
     };
     let options = match PushQuery::parse(query) {
         Ok(o) => o,
@@ -349,15 +364,122 @@ async fn push(
         samples,
         dry_run: options.dry_run,
         gate,
-        known_devices: state
-            .fleet
-            .lock()
-            .map(|fleet| fleet.keys().cloned().collect())
-            .unwrap_or_default(),
+        known_devices: known_devices(state),
     };
     let registry = state.registry.clone();
     let result = tokio::task::spawn_blocking(move || registry.push(request)).await;
     publish(result, state).await
+}
+
+/// Fine-tunes `name`'s head on the upload and, when the new head is better, pushes it with the
+/// stable version's placement and quantisation, as a canary under the health gate unless the
+/// query says `rollout=100`.
+async fn finetune(
+    req: Request<Incoming>,
+    name: String,
+    query: &HashMap<String, String>,
+    state: &AdminState,
+) -> Reply {
+    let body = match read_upload(req, state).await {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    let options = match FinetuneQuery::parse(query) {
+        Ok(o) => o,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let (registry, model, q) = (state.registry.clone(), name.clone(), options.clone());
+    let trained = tokio::task::spawn_blocking(move || {
+        let mut shown = 0;
+        let mut progress = |done: usize, total: usize| {
+            let tenth = done * 10 / total.max(1);
+            if tenth > shown {
+                shown = tenth;
+                tracing::info!(model, done, total, "fine-tune: features");
+            }
+        };
+        crate::finetune::train(&registry, &model, &body, &q, threads, &mut progress)
+    })
+    .await;
+    let (mut report, model, source) = match trained {
+        Ok(Ok((report, Some((model, source))))) => (report, model, source),
+        Ok(Ok((report, None))) => {
+            tracing::info!(model = name, refused = report.error, "fine-tune");
+            return json(StatusCode::UNPROCESSABLE_ENTITY, &report);
+        }
+        Ok(Err(e)) => return registry_error(e),
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the fine-tune task failed: {e}"),
+            );
+        }
+    };
+    let percent = options.rollout_percent();
+    let gate = (percent < 100).then(|| {
+        let mut gate = state.rollout.clone();
+        gate.steps.retain(|p| *p > percent);
+        gate
+    });
+    let request = PushRequest {
+        name,
+        model,
+        cloud_model: source.cloud_model,
+        placement: source.placement,
+        rollout_percent: percent,
+        max_batch: source.max_batch,
+        quantize: Some(source.quantize),
+        samples: None,
+        dry_run: options.dry_run,
+        gate,
+        known_devices: known_devices(state),
+    };
+    let registry = state.registry.clone();
+    match tokio::task::spawn_blocking(move || registry.push(request)).await {
+        Ok(Ok((published, signed))) => {
+            let status = match signed {
+                Some(signed) => {
+                    announce(state, &published, signed).await;
+                    StatusCode::CREATED
+                }
+                None => StatusCode::OK,
+            };
+            report.published = Some(published);
+            json(status, &report)
+        }
+        Ok(Err(e)) => registry_error(e),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the push task failed: {e}"),
+        ),
+    }
+}
+
+/// The devices the fleet view knows now (a canary's salt is chosen over them).
+fn known_devices(state: &AdminState) -> Vec<String> {
+    state
+        .fleet
+        .lock()
+        .map(|fleet| fleet.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Counts, logs and announces a stored, signed release.
+async fn announce(state: &AdminState, published: &Published, signed: Vec<u8>) {
+    state.metrics.pushes.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        model = published.model,
+        version = published.version,
+        release = published.release,
+        "published"
+    );
+    crash_point!("admin.before_announce");
+    if let Err(e) = state.announcer.announce(&published.model, signed).await {
+        // Stored and signed; it is announced again on the next broker (re)connect.
+        tracing::warn!(model = published.model, error = %e, "could not announce now");
+    }
+    crash_point!("admin.announced");
 }
 
 async fn publish(
@@ -367,19 +489,7 @@ async fn publish(
     match result {
         Ok(Ok((published, None))) => json(StatusCode::OK, &published),
         Ok(Ok((published, Some(signed)))) => {
-            state.metrics.pushes.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
-                model = published.model,
-                version = published.version,
-                release = published.release,
-                "published"
-            );
-            crash_point!("admin.before_announce");
-            if let Err(e) = state.announcer.announce(&published.model, signed).await {
-                // Stored and signed; it is announced again on the next broker (re)connect.
-                tracing::warn!(model = published.model, error = %e, "could not announce now");
-            }
-            crash_point!("admin.announced");
+            announce(state, &published, signed).await;
             json(StatusCode::CREATED, &published)
         }
         Ok(Err(e)) => registry_error(e),

@@ -234,6 +234,25 @@ impl AdminClient {
         self.call(request).await
     }
 
+    /// Retrains `name`'s head on `data` (JSON Lines of labelled examples) and, when the new
+    /// head is better on held-out examples, publishes it. A head that is not better is the
+    /// refusal [`AdminError::Status`] (422) whose message carries both figures.
+    pub async fn finetune(
+        &self,
+        name: &str,
+        data: Vec<u8>,
+        query: &crate::finetune::FinetuneQuery,
+    ) -> Result<crate::finetune::FinetuneReport, AdminError> {
+        let mut request = Request::post(
+            format!("/v1/models/{}/finetune?{}", encode(name), query.to_query()),
+            data,
+        );
+        if let Some(progress) = &self.upload_progress {
+            request = request.on_upload(progress.clone());
+        }
+        self.call(request).await
+    }
+
     /// Publishes kept version `to` of `name` as a new, stable version.
     pub async fn rollback(&self, name: &str, to: u64) -> Result<Published, AdminError> {
         self.call(Request::new(

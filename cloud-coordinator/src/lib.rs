@@ -30,6 +30,7 @@ pub mod admin;
 mod admin_client;
 pub mod broker;
 pub mod error;
+pub mod finetune;
 pub mod gate;
 mod infer;
 pub mod metrics;

@@ -93,6 +93,45 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Retrain a model's head (its last MatMul/Gemm layer before the output) on labelled
+    /// examples, judge it against the current head on held-out examples, and publish it only
+    /// when it is better: the usual int8 variant and accuracy gate, a signed release, as a canary
+    /// under the health gate by default. Devices fetch only the head's chunks.
+    Finetune {
+        /// The model (its stable version is the starting point).
+        name: String,
+        /// The examples: JSON Lines, one a line, the model's inputs as in an inference request
+        /// (one row) plus "label" (a class index or name, or a 0-1 target for a score).
+        #[arg(long)]
+        data: PathBuf,
+        /// The output whose head is retrained (needed when the model has several).
+        #[arg(long)]
+        output: Option<String>,
+        /// The layer to retrain: auto (the MatMul/Gemm before the output) or a node name.
+        #[arg(long, default_value = "auto")]
+        layer: String,
+        /// Share of the examples held out to judge the old and the new head.
+        #[arg(long, default_value_t = 0.2)]
+        holdout: f64,
+        /// Seed of the split into train, validation and held-out examples.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The least gain in accuracy (classifier) or AUC (score) that publishes.
+        #[arg(long, default_value_t = cloud_coordinator::finetune::DEFAULT_MIN_GAIN)]
+        min_gain: f64,
+        /// Share of devices (1-100) that get the new head first; under 100 the rollout is gated
+        /// on device health ([rollout] in coordinator.toml).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=100))]
+        rollout: u8,
+        /// Train and judge, and report what devices would fetch; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the coordinator's JSON answer instead of a summary.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Publish an earlier kept version's content as a new, stable version.
     Rollback {
         /// The model.
@@ -281,7 +320,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-#[allow(clippy::print_stdout)]
+#[allow(clippy::print_stdout, clippy::print_stderr)]
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => serve(config).await,
@@ -336,6 +375,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&published)?);
             } else {
                 print!("{}", summarise_push(&published)?);
+            }
+            Ok(())
+        }
+        Command::Finetune {
+            name,
+            data,
+            output,
+            layer,
+            holdout,
+            seed,
+            min_gain,
+            rollout,
+            dry_run,
+            json,
+            admin,
+        } => {
+            let client = admin.client()?.on_upload(upload_progress());
+            let body =
+                std::fs::read(&data).with_context(|| format!("reading {}", data.display()))?;
+            let query = cloud_coordinator::finetune::FinetuneQuery {
+                output,
+                layer: (layer != "auto").then_some(layer),
+                holdout: Some(holdout),
+                seed,
+                min_gain: Some(min_gain),
+                rollout: Some(rollout),
+                dry_run,
+            };
+            eprintln!(
+                "fine-tuning {name} on {} ({} bytes): features, training and the gate run on the coordinator (its log shows the progress)",
+                data.display(),
+                body.len()
+            );
+            let report = client.finetune(&name, body, &query).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", summarise_finetune(&report)?);
             }
             Ok(())
         }
@@ -543,6 +620,43 @@ fn size(bytes: u64) -> String {
         b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
         b => format!("{b} B"),
     }
+}
+
+/// The summary `finetune` prints: the head, the figures side by side, and what was published.
+fn summarise_finetune(r: &cloud_coordinator::finetune::FinetuneReport) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    writeln!(
+        out,
+        "{} version {}: head {} ({} features -> {} {}), {} examples: {} train, {} validation, {} held out",
+        r.model,
+        r.from_version,
+        r.head.node,
+        r.head.inputs,
+        r.head.outputs,
+        match r.head.kind {
+            outpost_runtime::finetune::HeadKind::Classifier => "classes",
+            outpost_runtime::finetune::HeadKind::Score => "score",
+        },
+        r.examples,
+        r.train,
+        r.validation,
+        r.holdout
+    )?;
+    writeln!(
+        out,
+        "features: {:.1} s ({:.0} examples/s); training: {:.1} s, {} L-BFGS iterations",
+        r.features_s, r.examples_per_s, r.train_s, r.iterations
+    )?;
+    writeln!(
+        out,
+        "held out: {}",
+        cloud_coordinator::finetune::describe(r)
+    )?;
+    if let Some(p) = &r.published {
+        out.push_str(&summarise_push(p)?);
+    }
+    Ok(out)
 }
 
 /// Shows a big upload's progress on a terminal: a percentage, then a line once it is all sent.

@@ -9,8 +9,10 @@
 //! | `music-two-tower` | `user_features` f32 `[batch, 24]`, `track_ids` i64 `[batch]` | `score` f32 `[batch, 1]` |
 //!
 //! The weights are random (Glorot-uniform): the models show shapes, sizes and speed, not taste.
+//! [`labelled`] writes labelled data sets for the fine-tuning demo.
 
 pub mod graph;
+pub mod labelled;
 
 use std::fs;
 use std::io::Write as _;

@@ -36,6 +36,25 @@ enum Command {
         #[arg(long, value_name = "SEED")]
         retrain_head: Option<u64>,
     },
+    /// Write a labelled data set for `cloud-coordinator finetune --data` (JSON Lines): inputs
+    /// plus a label that follows a rule the model's current head does not know.
+    Labelled {
+        /// intent-classifier (16 intents) or video-ranker (a 0/1 score).
+        #[arg(long)]
+        model: String,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Examples.
+        #[arg(long, default_value_t = 10_000)]
+        examples: usize,
+        /// The seed of the model the data is for (the one pushed).
+        #[arg(long, default_value_t = model_zoo::DEFAULT_SEED)]
+        seed: u64,
+        /// The seed of the rule the labels follow.
+        #[arg(long, default_value_t = 7)]
+        rule_seed: u64,
+    },
     /// List the models.
     List,
 }
@@ -53,6 +72,22 @@ fn main() -> anyhow::Result<()> {
                     proto.doc_string
                 );
             }
+        }
+        Command::Labelled {
+            model,
+            out,
+            examples,
+            seed,
+            rule_seed,
+        } => {
+            let m =
+                DemoModel::from_name(&model).with_context(|| format!("unknown model {model:?}"))?;
+            let text = model_zoo::labelled::labelled_examples(m, seed, rule_seed, examples)?;
+            let tmp = out.with_extension("tmp");
+            std::fs::write(&tmp, &text)
+                .and_then(|()| std::fs::rename(&tmp, &out))
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("{examples} examples for {model} in {}", out.display());
         }
         Command::Write {
             out,

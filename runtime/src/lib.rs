@@ -12,11 +12,13 @@
 //! - [`admission`]: how many calls of a model run and wait at once; past that, busy.
 //! - [`quantize`]: weight-only int8 quantisation as an ONNX rewrite (`DequantizeLinear`).
 //! - [`accuracy`]: the gate that measures a quantised model against the original.
+//! - [`finetune`]: transfer learning of a model's head (find, cut, train, write back).
 
 pub mod accuracy;
 pub mod admission;
 pub mod backoff;
 pub mod engine;
+pub mod finetune;
 pub mod http;
 pub mod plans;
 pub mod quantize;

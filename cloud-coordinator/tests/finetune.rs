@@ -1,0 +1,193 @@
+//! Fine-tuning a head at an in-process coordinator, on the model-zoo's labelled data sets: the
+//! gate, the delta devices fetch, refusals with their figures and line numbers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use cloud_coordinator::admin::Stage;
+use cloud_coordinator::finetune::FinetuneQuery;
+use cloud_coordinator::registry::Quantize;
+use cloud_coordinator::{AdminError, PushOptions};
+use common::*;
+use model_zoo::labelled::labelled_examples;
+use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_shared::{Placement, Target};
+
+fn refusal<T: std::fmt::Debug>(result: Result<T, AdminError>) -> (u16, String) {
+    match result {
+        Err(AdminError::Status { status, message }) => (status.as_u16(), message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_intent_rule_is_learnt_published_as_a_small_delta_and_not_learnt_twice() {
+    let c = start().await;
+    let cascade = PushOptions::default().placement(Placement::Cascade {
+        output: "intent_probs".into(),
+        threshold: 0.6,
+    });
+    let bytes = DemoModel::IntentClassifier.bytes(DEFAULT_SEED);
+    c.push("intent-classifier", &cascade, &bytes).await;
+    let data = labelled_examples(DemoModel::IntentClassifier, DEFAULT_SEED, 7, 10_000).unwrap();
+
+    // A dry run: judged, a canary by default, nothing published.
+    let dry = c
+        .client()
+        .finetune(
+            "intent-classifier",
+            data.clone().into_bytes(),
+            &FinetuneQuery {
+                dry_run: true,
+                ..FinetuneQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    let published = dry.published.as_ref().unwrap();
+    assert!(published.dry_run);
+    assert_eq!(published.stage, Stage::Candidate);
+    assert_eq!(c.client().models().await.unwrap()[0].versions, [1]);
+
+    let report = c
+        .client()
+        .finetune(
+            "intent-classifier",
+            data.clone().into_bytes(),
+            &FinetuneQuery {
+                rollout: Some(100),
+                ..FinetuneQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    eprintln!(
+        "{}; features {:.2} s ({:.0}/s), training {:.2} s, {} iterations",
+        cloud_coordinator::finetune::describe(&report),
+        report.features_s,
+        report.examples_per_s,
+        report.train_s,
+        report.iterations
+    );
+    assert_eq!((report.head.inputs, report.head.outputs), (128, 16));
+    assert_eq!((report.examples, report.holdout), (10_000, 2000));
+    // The old head knows nothing of the rule; the new one learnt it.
+    assert!(report.old.accuracy.unwrap() < 0.2, "{report:?}");
+    assert!(report.new.accuracy.unwrap() >= 0.9, "{report:?}");
+    assert!(report.new.log_loss < report.old.log_loss);
+    let published = report.published.as_ref().unwrap();
+    assert_eq!((published.version, published.stage), (2, Stage::Stable));
+    // The int8 variant passed its gate again, and devices fetch only the head's chunks.
+    assert!(published.edge.is_some());
+    let edge = published
+        .delta
+        .iter()
+        .find(|d| d.target == Target::EdgeInt8)
+        .unwrap();
+    eprintln!("edge delta: {} of {} bytes", edge.new_bytes, edge.bytes);
+    assert!(
+        edge.new_bytes > 0 && edge.new_bytes * 50 <= edge.bytes,
+        "{edge:?}"
+    );
+    assert_eq!(edge.against_version, Some(1));
+
+    // The same data again: the head already knows the rule, so nothing is better by 1 point.
+    let (status, message) = refusal(
+        c.client()
+            .finetune(
+                "intent-classifier",
+                data.into_bytes(),
+                &FinetuneQuery::default(),
+            )
+            .await,
+    );
+    assert_eq!(status, 422, "{message}");
+    assert!(
+        message.contains("not better") && message.contains("accuracy") && message.contains('→'),
+        "{message}"
+    );
+    assert_eq!(c.client().models().await.unwrap()[0].versions, [1, 2]);
+
+    // Bad data is refused with the line numbers.
+    let good = r#"{"inputs":[{"name":"token_ids","shape":[1,2],"datatype":"INT64","data":[4,5]}],"label":1}"#;
+    let mut lines = vec![good; 30];
+    lines[4] = r#"{"inputs":[{"name":"token_ids","shape":[1,2],"datatype":"INT64","data":[4,5]}],"label":"dance"}"#;
+    lines[9] = "{";
+    let (status, message) = refusal(
+        c.client()
+            .finetune(
+                "intent-classifier",
+                lines.join("\n").into_bytes(),
+                &FinetuneQuery::default(),
+            )
+            .await,
+    );
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains("2 bad line(s)")
+            && message.contains("line 5: label \"dance\"")
+            && message.contains("line 10: not JSON"),
+        "{message}"
+    );
+    let (status, message) = refusal(
+        c.client()
+            .finetune("nope", good.as_bytes().to_vec(), &FinetuneQuery::default())
+            .await,
+    );
+    assert_eq!(status, 404, "{message}");
+    c.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_score_head_is_retrained_and_a_model_without_its_fp32_file_is_refused() {
+    let c = start().await;
+    let fp32 = PushOptions {
+        query: cloud_coordinator::admin::PushQuery {
+            quantize: Some(Quantize::None),
+            ..PushOptions::default().placement(Placement::Local).query
+        },
+        ..PushOptions::default()
+    };
+    let bytes = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    c.push("video-ranker", &fp32, &bytes).await;
+    let data = labelled_examples(DemoModel::VideoRanker, DEFAULT_SEED, 3, 2000).unwrap();
+    let report = c
+        .client()
+        .finetune(
+            "video-ranker",
+            data.clone().into_bytes(),
+            &FinetuneQuery::default(),
+        )
+        .await
+        .unwrap();
+    eprintln!("{}", cloud_coordinator::finetune::describe(&report));
+    assert!(report.new.auc.unwrap() >= 0.9, "{report:?}");
+    assert!(
+        report.new.auc.unwrap() > report.old.auc.unwrap() + 0.2,
+        "{report:?}"
+    );
+    let published = report.published.unwrap();
+    assert_eq!(published.stage, Stage::Candidate);
+    let models = c.client().models().await.unwrap();
+    assert!(models[0].gate.is_some(), "a canary under the health gate");
+
+    // Local and int8: the fp32 file is not kept, so there is nothing to retrain.
+    c.push(
+        "ranker-int8",
+        &PushOptions::default().placement(Placement::Local),
+        &bytes,
+    )
+    .await;
+    let (status, message) = refusal(
+        c.client()
+            .finetune("ranker-int8", data.into_bytes(), &FinetuneQuery::default())
+            .await,
+    );
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains("keeps only its int8 edge variant"),
+        "{message}"
+    );
+    c.handle.shutdown().await;
+}
