@@ -149,3 +149,96 @@ async fn a_damaged_cache_serves_the_previous_version_and_heals() {
     agent.shutdown().await;
     coordinator.shutdown().await;
 }
+
+/// A head fine-tuned at the coordinator reaches a device as its own chunks: the agent downloads
+/// what the coordinator's delta says (under 2 % of the int8 variant) and then answers by the
+/// rule the data taught, which the old head did not know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finetuned_head_is_fetched_as_its_chunks_and_answers_by_the_new_rule() {
+    use cloud_coordinator::finetune::FinetuneQuery;
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let cascade = placed("cascade:intent_probs:0.6");
+    let bytes = DemoModel::IntentClassifier.bytes(DEFAULT_SEED);
+    push(&coordinator, "intent-classifier", &cascade, &bytes).await;
+    let agent = Agent::start(agent_config(&coordinator, dir.path()))
+        .await
+        .unwrap();
+    eventually("version 1", || {
+        agent.active_version("intent-classifier") == Some(1)
+    })
+    .await;
+    let data =
+        model_zoo::labelled::labelled_examples(DemoModel::IntentClassifier, DEFAULT_SEED, 7, 3000)
+            .unwrap();
+    let examples: Vec<serde_json::Value> = data
+        .lines()
+        .take(100)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let agreement = |answers: &[usize]| {
+        let right = examples
+            .iter()
+            .zip(answers)
+            .filter(|(e, a)| e["label"] == model_zoo::INTENTS[**a])
+            .count();
+        right as f64 / examples.len() as f64
+    };
+    let before = agreement(&top_intents(&agent, &examples).await);
+    let fetched_before = agent.status().counters.bytes_fetched;
+
+    let report = cloud_coordinator::AdminClient::of(&coordinator)
+        .finetune(
+            "intent-classifier",
+            data.into_bytes(),
+            &FinetuneQuery {
+                rollout: Some(100),
+                ..FinetuneQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    let published = report.published.unwrap();
+    eventually("version 2", || {
+        agent.active_version("intent-classifier") == Some(published.version)
+    })
+    .await;
+    let fetched = agent.status().counters.bytes_fetched - fetched_before;
+    let edge = published
+        .delta
+        .iter()
+        .find(|d| d.target == Target::EdgeInt8)
+        .unwrap();
+    assert_eq!(fetched, edge.new_bytes, "{edge:?}");
+    assert!(fetched > 0 && fetched * 50 <= edge.bytes, "{edge:?}");
+    let after = agreement(&top_intents(&agent, &examples).await);
+    eprintln!(
+        "agreement with the new rule: {before:.2} -> {after:.2}; fetched {fetched} of {} bytes",
+        edge.bytes
+    );
+    assert!(before < 0.2, "{before}");
+    assert!(after >= 0.7, "{after}");
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
+
+/// The agent's top intent for each example's inputs.
+async fn top_intents(
+    agent: &edge_agent::AgentHandle,
+    examples: &[serde_json::Value],
+) -> Vec<usize> {
+    let mut out = Vec::new();
+    for e in examples {
+        let body = serde_json::json!({ "inputs": e["inputs"] });
+        let (status, reply) =
+            outpost_test_support::agent::infer(agent, "intent-classifier", &body).await;
+        assert_eq!(status, 200, "{reply}");
+        let probs: Vec<f64> = serde_json::from_value(reply["outputs"][0]["data"].clone()).unwrap();
+        out.push(
+            (0..probs.len())
+                .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
+                .unwrap(),
+        );
+    }
+    out
+}
