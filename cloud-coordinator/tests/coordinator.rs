@@ -1521,7 +1521,14 @@ async fn a_candidate_is_widened_aborted_and_promoted_by_hand() {
     c.push("video-ranker", &local().rollout(10), &bytes).await;
     let topic = Topic::manifest("video-ranker").unwrap().name();
     let manifest = |payload: Vec<u8>| verifier(&c).verify_cbor(&payload, now()).unwrap();
-    let before = manifest(first_message(&c.handle, &topic).await);
+    // The retained release may still be release 1 for a moment: wait for the candidate's.
+    let v = verifier(&c);
+    let before = manifest(
+        message_where(&c.handle, &topic, |p| {
+            v.verify_cbor(p, now()).is_ok_and(|m| m.candidate.is_some())
+        })
+        .await,
+    );
     let salt = before.candidate.as_ref().unwrap().salt.clone();
 
     let widened = admin
