@@ -7,7 +7,7 @@
 //! | `POST /v1/models/{name}?placement=&rollout=&max_batch=&quantize=&cloud_size=&samples_size=&dry_run=` | push (query: [`PushQuery`]; body: the model file, then the cloud model's `cloud_size` bytes, then the gate's sample file's `samples_size` bytes) | [`Published`]: 201, or 200 for a dry run |
 //! | `POST /v1/models/{name}/rollback?to=V` | publish version V's content as a new version | [`Published`], 201 |
 //! | `POST /v1/models/{name}/rollout?percent=P` \| `?promote` \| `?abort` | move the candidate along (see [`crate::registry::RolloutAction`]) | [`Published`], 201 |
-//! | `POST /v1/models/{name}/finetune?output=&layer=&holdout=&seed=&min_gain=&rollout=&dry_run=` | retrain the head on the body's labelled examples (JSON Lines; see [`crate::finetune`]) and publish it when it is better | [`FinetuneReport`]: 201, 200 for a dry run, 422 (with the figures) when the head is not better |
+//! | `POST /v1/models/{name}/finetune?output=&layer=&holdout=&seed=&min_gain=&rollout=&dry_run=` | retrain the head on the body's labelled examples (JSON Lines; see [`crate::finetune`]) and publish it when it is better | [`FinetuneReport`]: 201, 200 for a dry run, 422 (with the figures) when the head is not better, 429 past `[registry] max_finetunes`; with `Accept: application/x-ndjson`, a 200 streaming [`FinetuneEvent`] lines, the last with that status |
 //! | `POST /v1/devices/{id}/revoke` | revoke a device | [`Revoked`] |
 //! | `GET /v1/revoked` | the revoked devices | a list of [`Revoked`] |
 //! | `GET /v1/models` | models, versions, rollout gates and histories | a list of [`ModelSummary`] |
@@ -44,7 +44,7 @@ pub(crate) fn parse_query_for_tests(query: &str) -> HashMap<String, String> {
 }
 pub use query::{PlacementArg, PushQuery};
 
-pub use crate::finetune::{FinetuneQuery, FinetuneReport};
+pub use crate::finetune::{FinetuneEvent, FinetuneQuery, FinetuneReport};
 pub use crate::registry::{Delta, EdgeReport, ModelSummary, Published, Stage, VariantSummary};
 pub use outpost_shared::DeviceStatus;
 
@@ -94,9 +94,16 @@ pub struct AdminState {
     pub max_connections: usize,
     /// The defaults of gated rollouts (`[rollout]`).
     pub rollout: firmware_config::RolloutSection,
+    /// Fine-tunes that may run at once (`[registry] max_finetunes`).
+    pub max_finetunes: usize,
+    /// Their permits.
+    pub finetunes: Arc<tokio::sync::Semaphore>,
 }
 
-type Reply = Response<Full<Bytes>>;
+/// An answer's body: whole, or streamed (a fine-tune's progress).
+type Body = http_body_util::Either<Full<Bytes>, http_body_util::Channel<Bytes>>;
+
+type Reply = Response<Body>;
 
 /// Serves the admin API until shutdown, over HTTPS when `tls` is given.
 pub async fn serve(
@@ -123,7 +130,7 @@ pub async fn serve(
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Reply {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    let mut reply = Response::new(Body::Left(Full::new(Bytes::from(body))));
     *reply.status_mut() = status;
     reply.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -160,7 +167,7 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
 async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
     let path = req.uri().path().to_owned();
     if req.method() == Method::GET && path == "/metrics" {
-        let mut reply = Response::new(Full::new(Bytes::from(state.metrics.render())));
+        let mut reply = Response::new(Body::Left(Full::new(Bytes::from(state.metrics.render()))));
         reply.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
             hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -371,15 +378,34 @@ async fn push(
     publish(result, state).await
 }
 
+/// The media type of a streamed fine-tune: one [`FinetuneEvent`] a line.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// Progress lines a streamed fine-tune holds for a slow reader; past them, progress lines are
+/// dropped (each tells the whole state so far) and the last line still comes.
+const PROGRESS_QUEUE: usize = 64;
+
+/// How long a streamed fine-tune's last line waits for a reader that stopped reading.
+const LAST_LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Fine-tunes `name`'s head on the upload and, when the new head is better, pushes it with the
 /// stable version's placement and quantisation, as a canary under the health gate unless the
-/// query says `rollout=100`.
+/// query says `rollout=100`. With `Accept: application/x-ndjson` the answer is a 200 whose
+/// body streams [`FinetuneEvent`]s as the work goes, the last one [`FinetuneEvent::Done`] with
+/// the status the plain answer would have had. At most `[registry] max_finetunes` run at once;
+/// one more is a 429. A client that goes away does not stop a fine-tune already running.
 async fn finetune(
     req: Request<Incoming>,
     name: String,
     query: &HashMap<String, String>,
     state: &AdminState,
 ) -> Reply {
+    let streamed = req
+        .headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with(NDJSON)));
     let body = match read_upload(req, state).await {
         Ok(b) => b,
         Err(reply) => return reply,
@@ -388,34 +414,122 @@ async fn finetune(
         Ok(o) => o,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    let Ok(permit) = Arc::clone(&state.finetunes).try_acquire_owned() else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} fine-tune(s) are running, the most at once (registry.max_finetunes); try again when one ends",
+                state.max_finetunes
+            ),
+        );
+    };
+    if !streamed {
+        let logged = name.clone();
+        let mut shown = 0;
+        let progress = move |event: FinetuneEvent| {
+            if let FinetuneEvent::Features { done, total, .. } = event {
+                let tenth = done * 10 / total.max(1);
+                if tenth > shown {
+                    shown = tenth;
+                    tracing::info!(model = logged, done, total, "fine-tune: features");
+                }
+            }
+        };
+        let (status, answer) = run_finetune(name, body, options, state, progress).await;
+        drop(permit);
+        return match answer {
+            Ok(report) => json(status, &report),
+            Err(message) => error(status, message),
+        };
+    }
+    let (mut lines, stream) = http_body_util::Channel::<Bytes>::new(PROGRESS_QUEUE);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let (events, mut queued) = tokio::sync::mpsc::channel(PROGRESS_QUEUE);
+        let progress = move |event| {
+            // Full (a slow reader): this line is dropped, the next tells the same and more.
+            let _ = events.try_send(event);
+        };
+        let run = run_finetune(name, body, options, &state, progress);
+        tokio::pin!(run);
+        // Progress lines never wait for the reader (one that does not read cannot hold the
+        // fine-tune's permit); the last line waits up to `LAST_LINE_WAIT`.
+        let mut tell = |event: &FinetuneEvent| {
+            let _ = lines.try_send(hyper::body::Frame::data(line(event)));
+        };
+        let (status, answer) = loop {
+            tokio::select! {
+                ended = &mut run => break ended,
+                Some(event) = queued.recv() => tell(&event),
+            }
+        };
+        // What the work told after its last poll, then the end.
+        while let Ok(event) = queued.try_recv() {
+            tell(&event);
+        }
+        let (report, error) = match answer {
+            Ok(report) => (Some(Box::new(report)), None),
+            Err(message) => (None, Some(message)),
+        };
+        let done = FinetuneEvent::Done {
+            status: status.as_u16(),
+            report,
+            error,
+        };
+        let sent = tokio::time::timeout(LAST_LINE_WAIT, lines.send_data(line(&done))).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::info!(
+                status = status.as_u16(),
+                "the fine-tune's caller left before its end (it ran to the end)"
+            );
+        }
+    });
+    let mut reply = Response::new(Body::Right(stream));
+    reply.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(NDJSON),
+    );
+    reply
+}
+
+/// One JSON Lines line.
+fn line(event: &FinetuneEvent) -> Bytes {
+    let mut line = serde_json::to_vec(event).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Runs a fine-tune to its end: the status and the report, or the status and why it failed.
+async fn run_finetune(
+    name: String,
+    body: Bytes,
+    options: FinetuneQuery,
+    state: &AdminState,
+    mut progress: impl FnMut(FinetuneEvent) + Send + 'static,
+) -> (StatusCode, Result<FinetuneReport, String>) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let (registry, model, q) = (state.registry.clone(), name.clone(), options.clone());
     let trained = tokio::task::spawn_blocking(move || {
-        let mut shown = 0;
-        let mut progress = |done: usize, total: usize| {
-            let tenth = done * 10 / total.max(1);
-            if tenth > shown {
-                shown = tenth;
-                tracing::info!(model, done, total, "fine-tune: features");
-            }
-        };
-        crate::finetune::train(&registry, &model, &body, &q, threads, &mut progress)
+        let trained = crate::finetune::train(&registry, &model, &body, &q, threads, &mut progress);
+        (trained, progress)
     })
     .await;
-    let (mut report, model, source) = match trained {
-        Ok(Ok((report, Some((model, source))))) => (report, model, source),
-        Ok(Ok((report, None))) => {
+    let (mut report, model, source, mut progress) = match trained {
+        Ok((Ok((report, Some((model, source)))), progress)) => (report, model, source, progress),
+        Ok((Ok((report, None)), _)) => {
             tracing::info!(model = name, refused = report.error, "fine-tune");
-            return json(StatusCode::UNPROCESSABLE_ENTITY, &report);
+            return (StatusCode::UNPROCESSABLE_ENTITY, Ok(report));
         }
-        Ok(Err(e)) => return registry_error(e),
+        Ok((Err(e), _)) => return registry_refusal(e),
         Err(e) => {
-            return error(
+            return (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the fine-tune task failed: {e}"),
+                Err(format!("the fine-tune task failed: {e}")),
             );
         }
     };
+    progress(FinetuneEvent::Publishing);
     let percent = options.rollout_percent();
     let gate = (percent < 100).then(|| {
         let mut gate = state.rollout.clone();
@@ -446,12 +560,12 @@ async fn finetune(
                 None => StatusCode::OK,
             };
             report.published = Some(published);
-            json(status, &report)
+            (status, Ok(report))
         }
-        Ok(Err(e)) => registry_error(e),
-        Err(e) => error(
+        Ok(Err(e)) => registry_refusal(e),
+        Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the push task failed: {e}"),
+            Err(format!("the push task failed: {e}")),
         ),
     }
 }
@@ -501,11 +615,17 @@ async fn publish(
 }
 
 fn registry_error(e: RegistryError) -> Reply {
+    let (status, message) = registry_refusal::<()>(e);
+    error(status, message.err().unwrap_or_default())
+}
+
+/// A registry error's status and message.
+fn registry_refusal<T>(e: RegistryError) -> (StatusCode, Result<T, String>) {
     let status = match &e {
         RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
         RegistryError::BadModel(_) => StatusCode::UNPROCESSABLE_ENTITY,
         RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    error(status, e.to_string())
+    (status, Err(e.to_string()))
 }

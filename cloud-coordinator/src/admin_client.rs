@@ -3,6 +3,7 @@
 //! types the server writes ([`crate::admin`]); the CLI, the `outpost` tool and the tests use it.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outpost_runtime::http::{
@@ -11,7 +12,9 @@ use outpost_runtime::http::{
 use outpost_shared::Placement;
 use serde::de::DeserializeOwned;
 
-use crate::admin::{DeviceStatus, ErrorReply, ModelSummary, Published, PushQuery, encode};
+use crate::admin::{
+    DeviceStatus, ErrorReply, FinetuneEvent, ModelSummary, Published, PushQuery, encode,
+};
 use crate::registry::Quantize;
 
 /// Why an admin call failed.
@@ -139,7 +142,11 @@ pub struct AdminClient {
     http: HttpClient,
     token: String,
     upload_progress: Option<UploadProgress>,
+    finetune_progress: Option<FinetuneProgress>,
 }
+
+/// Told each line of a fine-tune's progress.
+pub type FinetuneProgress = Arc<dyn Fn(&FinetuneEvent) + Send + Sync>;
 
 impl std::fmt::Debug for AdminClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,6 +170,7 @@ impl AdminClient {
             }),
             token: token.into(),
             upload_progress: None,
+            finetune_progress: None,
         }
     }
 
@@ -197,6 +205,12 @@ impl AdminClient {
     /// The same client, telling `progress` as pushes upload.
     pub fn on_upload(mut self, progress: UploadProgress) -> Self {
         self.upload_progress = Some(progress);
+        self
+    }
+
+    /// The same client, telling `progress` each line of a fine-tune's progress.
+    pub fn on_finetune(mut self, progress: FinetuneProgress) -> Self {
+        self.finetune_progress = Some(progress);
         self
     }
 
@@ -236,21 +250,81 @@ impl AdminClient {
 
     /// Retrains `name`'s head on `data` (JSON Lines of labelled examples) and, when the new
     /// head is better on held-out examples, publishes it. A head that is not better is the
-    /// refusal [`AdminError::Status`] (422) whose message carries both figures.
+    /// refusal [`AdminError::Status`] (422) whose message carries both figures. The answer is
+    /// streamed: [`AdminClient::on_finetune`] is told each [`FinetuneEvent`] as it comes.
     pub async fn finetune(
         &self,
         name: &str,
         data: Vec<u8>,
         query: &crate::finetune::FinetuneQuery,
     ) -> Result<crate::finetune::FinetuneReport, AdminError> {
+        let what = format!("POST /v1/models/{name}/finetune");
         let mut request = Request::post(
             format!("/v1/models/{}/finetune?{}", encode(name), query.to_query()),
             data,
-        );
+        )
+        .header("Accept", crate::admin::NDJSON);
         if let Some(progress) = &self.upload_progress {
             request = request.on_upload(progress.clone());
         }
-        self.call(request).await
+        if let Some(tell) = &self.finetune_progress {
+            let (tell, pending) = (Arc::clone(tell), Mutex::new(Vec::<u8>::new()));
+            request = request.on_download(Arc::new(move |piece: &[u8]| {
+                let Ok(mut pending) = pending.lock() else {
+                    return;
+                };
+                pending.extend_from_slice(piece);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    if let Ok(event) = serde_json::from_slice::<FinetuneEvent>(&line) {
+                        tell(&event);
+                    }
+                }
+            }));
+        }
+        let answer = self.exchange(request.bearer(&self.token)).await?;
+        let streamed = answer
+            .header("content-type")
+            .is_some_and(|t| t.starts_with(crate::admin::NDJSON));
+        if !streamed {
+            check(&answer)?;
+            return serde_json::from_slice(&answer.body).map_err(|e| AdminError::BadBody {
+                what,
+                reason: e.to_string(),
+            });
+        }
+        let last = answer
+            .body
+            .split(|&b| b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap_or_default();
+        let bad = |reason: String| AdminError::BadBody {
+            what: what.clone(),
+            reason,
+        };
+        match serde_json::from_slice::<FinetuneEvent>(last) {
+            Ok(FinetuneEvent::Done {
+                status,
+                report,
+                error,
+            }) => {
+                let status = StatusCode::from_u16(status)
+                    .map_err(|e| bad(format!("status {status}: {e}")))?;
+                match report {
+                    Some(report) if status.is_success() => Ok(*report),
+                    report => Err(AdminError::Status {
+                        status,
+                        message: error
+                            .or_else(|| report.and_then(|r| r.error))
+                            .unwrap_or_else(|| status.to_string()),
+                    }),
+                }
+            }
+            Ok(other) => Err(bad(format!(
+                "the stream ended before its last line (after {other:?}): did the coordinator stop?"
+            ))),
+            Err(e) => Err(bad(format!("its last line: {e}"))),
+        }
     }
 
     /// Publishes kept version `to` of `name` as a new, stable version.

@@ -152,6 +152,46 @@ pub struct FinetuneReport {
     pub error: Option<String>,
 }
 
+/// What a running fine-tune tells, in order: the admin API streams these as JSON Lines (one
+/// object a line, `"event"` naming it) when the call sends `Accept: application/x-ndjson`, and
+/// the last line is always [`FinetuneEvent::Done`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum FinetuneEvent {
+    /// The examples were read and checked.
+    Read {
+        /// How many.
+        examples: usize,
+    },
+    /// Features computed so far.
+    Features {
+        /// Examples through the feature model.
+        done: usize,
+        /// Of how many.
+        total: usize,
+        /// Examples a second so far.
+        per_s: f64,
+    },
+    /// The head is being trained.
+    Training {
+        /// On how many examples.
+        examples: usize,
+    },
+    /// The new head passed; the new version is being quantised, gated and signed.
+    Publishing,
+    /// The end.
+    Done {
+        /// The HTTP status the call ends with (as the answer without streaming would have).
+        status: u16,
+        /// The report, when it got as far as judging the head.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        report: Option<Box<FinetuneReport>>,
+        /// Why it failed, when it did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
 /// The figure the gate reads, named.
 fn headline(kind: HeadKind) -> &'static str {
     match kind {
@@ -184,7 +224,7 @@ pub fn train(
     data: &[u8],
     query: &FinetuneQuery,
     threads: usize,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(FinetuneEvent),
 ) -> Result<(FinetuneReport, Option<Trained>), RegistryError> {
     let bad = RegistryError::BadRequest;
     let source = registry.finetune_source(name)?;
@@ -200,6 +240,9 @@ pub fn train(
         ..TrainOptions::default()
     };
     let split = finetune::split(examples.len(), &options).map_err(|e| bad(e.to_string()))?;
+    progress(FinetuneEvent::Read {
+        examples: examples.len(),
+    });
     let labels: Vec<Label> = examples.iter().map(|e| e.label).collect();
     let held_classes = |kind| match kind {
         HeadKind::Classifier => true,
@@ -222,8 +265,21 @@ pub fn train(
         .map_err(|e| bad(e.to_string()))?
         .encode_to_vec();
     let started = Instant::now();
-    let features = finetune::compute_features(&cut, &examples, FEATURE_BATCH, threads, progress)
-        .map_err(|e| bad(e.to_string()))?;
+    let mut features_progress = |done: usize, total: usize| {
+        progress(FinetuneEvent::Features {
+            done,
+            total,
+            per_s: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        });
+    };
+    let features = finetune::compute_features(
+        &cut,
+        &examples,
+        FEATURE_BATCH,
+        threads,
+        &mut features_progress,
+    )
+    .map_err(|e| bad(e.to_string()))?;
     let features_s = started.elapsed().as_secs_f64();
     if features.width != head.inputs {
         return Err(bad(format!(
@@ -244,6 +300,9 @@ pub fn train(
         .map_err(|e| RegistryError::Storage(e.to_string()))
     };
     let old = judge(&old_w, &old_b)?;
+    progress(FinetuneEvent::Training {
+        examples: split.train.len(),
+    });
     let started = Instant::now();
     let trained = finetune::train_head(
         &features,

@@ -47,7 +47,7 @@ use std::sync::Arc;
 use firmware_config::{CoordinatorConfig, HostPort};
 use tokio::sync::watch;
 
-pub use admin_client::{AdminClient, AdminError, PushOptions};
+pub use admin_client::{AdminClient, AdminError, FinetuneProgress, PushOptions};
 pub use error::{CoordinatorError, RegistryError};
 pub use quic::{MAX_CONNECTIONS_PER_DEVICE, MAX_STREAMS_PER_CONNECTION};
 
@@ -273,6 +273,10 @@ impl Coordinator {
             max_upload,
             max_connections: usize::try_from(config.admin.max_connections).unwrap_or(1),
             rollout: config.rollout.clone(),
+            max_finetunes: config.registry.max_finetunes as usize,
+            finetunes: Arc::new(tokio::sync::Semaphore::new(
+                config.registry.max_finetunes.max(1) as usize,
+            )),
         };
         tasks.push(tokio::spawn(admin::serve(
             listener, state, admin_tls, watcher,

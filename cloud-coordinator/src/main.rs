@@ -391,7 +391,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             admin,
         } => {
-            let client = admin.client()?.on_upload(upload_progress());
+            let client = admin
+                .client()?
+                .on_upload(upload_progress())
+                .on_finetune(finetune_progress());
             let body =
                 std::fs::read(&data).with_context(|| format!("reading {}", data.display()))?;
             let query = cloud_coordinator::finetune::FinetuneQuery {
@@ -404,7 +407,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 dry_run,
             };
             eprintln!(
-                "fine-tuning {name} on {} ({} bytes): features, training and the gate run on the coordinator (its log shows the progress)",
+                "fine-tuning {name} on {} ({} bytes) at the coordinator",
                 data.display(),
                 body.len()
             );
@@ -657,6 +660,55 @@ fn summarise_finetune(r: &cloud_coordinator::finetune::FinetuneReport) -> anyhow
         out.push_str(&summarise_push(p)?);
     }
     Ok(out)
+}
+
+/// Shows a fine-tune's progress on stderr: a bar redrawn in place on a terminal, a line every
+/// 10 % otherwise (a CI log).
+fn finetune_progress() -> cloud_coordinator::FinetuneProgress {
+    use cloud_coordinator::admin::FinetuneEvent;
+    let terminal = std::io::stderr().is_terminal();
+    let shown = AtomicU64::new(0);
+    Arc::new(move |event: &FinetuneEvent| {
+        let line = match event {
+            FinetuneEvent::Read { examples } => format!("read {examples} examples"),
+            FinetuneEvent::Features { done, total, per_s } => {
+                let tenth = (done * 10 / (*total).max(1)) as u64;
+                if !terminal && tenth <= shown.swap(tenth, Ordering::Relaxed) {
+                    return;
+                }
+                let width = 30;
+                let filled = done * width / (*total).max(1);
+                let bar = format!("{}{}", "#".repeat(filled), ".".repeat(width - filled));
+                let text = format!(
+                    "features [{bar}] {done}/{total} ({:.0} %), {per_s:.0} examples/s",
+                    *done as f64 * 100.0 / (*total).max(1) as f64
+                );
+                if terminal && done < total {
+                    #[allow(clippy::print_stderr)]
+                    {
+                        eprint!("\r\x1b[2K{text}");
+                    }
+                    return;
+                }
+                text
+            }
+            FinetuneEvent::Training { examples } => {
+                format!("training the head on {examples} examples")
+            }
+            FinetuneEvent::Publishing => {
+                "the new head is better: making the edge variant, gating and signing it".to_owned()
+            }
+            FinetuneEvent::Done { .. } => return,
+        };
+        #[allow(clippy::print_stderr)]
+        {
+            if terminal {
+                eprintln!("\r\x1b[2K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    })
 }
 
 /// Shows a big upload's progress on a terminal: a percentage, then a line once it is all sent.

@@ -5,13 +5,16 @@
 
 mod common;
 
-use cloud_coordinator::admin::Stage;
+use std::sync::{Arc, Mutex};
+
+use cloud_coordinator::admin::{FinetuneEvent, Stage};
 use cloud_coordinator::finetune::FinetuneQuery;
 use cloud_coordinator::registry::Quantize;
 use cloud_coordinator::{AdminError, PushOptions};
 use common::*;
 use model_zoo::labelled::labelled_examples;
 use model_zoo::{DEFAULT_SEED, DemoModel};
+use outpost_runtime::http::Method;
 use outpost_shared::{Placement, Target};
 
 fn refusal<T: std::fmt::Debug>(result: Result<T, AdminError>) -> (u16, String) {
@@ -32,23 +35,75 @@ async fn a_new_intent_rule_is_learnt_published_as_a_small_delta_and_not_learnt_t
     c.push("intent-classifier", &cascade, &bytes).await;
     let data = labelled_examples(DemoModel::IntentClassifier, DEFAULT_SEED, 7, 10_000).unwrap();
 
-    // A dry run: judged, a canary by default, nothing published.
-    let dry = c
+    // A dry run: judged, a canary by default, nothing published. Its progress streams; a
+    // second fine-tune while it runs is refused (`[registry] max_finetunes` is 1).
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let (first_features, features_seen) = tokio::sync::oneshot::channel();
+    let first_features = Mutex::new(Some(first_features));
+    let seen = Arc::clone(&events);
+    let client = c
         .client()
-        .finetune(
-            "intent-classifier",
-            data.clone().into_bytes(),
-            &FinetuneQuery {
-                dry_run: true,
-                ..FinetuneQuery::default()
-            },
-        )
-        .await
-        .unwrap();
+        .on_finetune(Arc::new(move |event: &FinetuneEvent| {
+            if matches!(event, FinetuneEvent::Features { .. })
+                && let Some(tx) = first_features.lock().unwrap().take()
+            {
+                let _ = tx.send(());
+            }
+            seen.lock().unwrap().push(event.clone());
+        }));
+    let query = FinetuneQuery {
+        dry_run: true,
+        ..FinetuneQuery::default()
+    };
+    let dry = client.finetune("intent-classifier", data.clone().into_bytes(), &query);
+    let second = async {
+        features_seen.await.unwrap();
+        let path = format!("/v1/models/intent-classifier/finetune?{}", query.to_query());
+        c.admin(Method::POST, &path, data.as_bytes()).await
+    };
+    let (dry, (status, refused)) = tokio::join!(dry, second);
+    assert_eq!(status, 429, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("registry.max_finetunes"),
+        "{refused}"
+    );
+    let dry = dry.unwrap();
     let published = dry.published.as_ref().unwrap();
     assert!(published.dry_run);
     assert_eq!(published.stage, Stage::Candidate);
     assert_eq!(c.client().models().await.unwrap()[0].versions, [1]);
+    // The stream told every stage in order, the features as they went, and ended with the
+    // answer (200: a dry run).
+    let events = events.lock().unwrap().clone();
+    assert!(
+        matches!(events[0], FinetuneEvent::Read { examples: 10_000 }),
+        "{events:?}"
+    );
+    let features: Vec<(usize, usize)> = events
+        .iter()
+        .filter_map(|e| match e {
+            FinetuneEvent::Features { done, total, .. } => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    assert!(features.len() >= 10, "{features:?}");
+    assert!(features.windows(2).all(|w| w[0].0 < w[1].0), "{features:?}");
+    assert_eq!(features.last(), Some(&(10_000, 10_000)));
+    let n = events.len();
+    assert!(
+        matches!(
+            &events[n - 3..],
+            [
+                FinetuneEvent::Training { examples },
+                FinetuneEvent::Publishing,
+                FinetuneEvent::Done { status: 200, report: Some(_), error: None },
+            ] if *examples == dry.train
+        ),
+        "{events:?}"
+    );
 
     let report = c
         .client()
@@ -130,12 +185,15 @@ async fn a_new_intent_rule_is_learnt_published_as_a_small_delta_and_not_learnt_t
             && message.contains("line 10: not JSON"),
         "{message}"
     );
-    let (status, message) = refusal(
-        c.client()
-            .finetune("nope", good.as_bytes().to_vec(), &FinetuneQuery::default())
-            .await,
-    );
+    // Without `Accept: application/x-ndjson` the answer is plain JSON.
+    let (status, message) = c
+        .admin(Method::POST, "/v1/models/nope/finetune", good.as_bytes())
+        .await;
     assert_eq!(status, 404, "{message}");
+    assert!(
+        message["error"].as_str().unwrap().contains("nope"),
+        "{message}"
+    );
     c.handle.shutdown().await;
 }
 

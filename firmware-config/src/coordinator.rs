@@ -371,6 +371,14 @@ pub struct RegistrySection {
     /// same content) once half of this has passed.
     #[serde(default = "default_release_ttl_s")]
     pub release_ttl_s: u64,
+    /// Fine-tunes that may run at once; one more is refused (429) until one ends. Each holds its
+    /// upload (up to `max_upload_mb`), the examples' features and a tract plan of the model.
+    #[serde(default = "default_max_finetunes")]
+    pub max_finetunes: u32,
+}
+
+fn default_max_finetunes() -> u32 {
+    1
 }
 
 fn default_release_ttl_s() -> u64 {
@@ -381,6 +389,7 @@ impl Default for RegistrySection {
     fn default() -> Self {
         Self {
             release_ttl_s: default_release_ttl_s(),
+            max_finetunes: default_max_finetunes(),
             keep_versions: default_keep_versions(),
             max_upload_mb: default_max_upload_mb(),
             int8_max_abs_error: default_int8_max_abs_error(),
@@ -570,6 +579,9 @@ impl CoordinatorConfig {
         problems.extend(self.rollout.problems());
         if self.admin.max_connections == 0 {
             problems.push(("admin.max_connections", "must be at least 1".to_owned()));
+        }
+        if self.registry.max_finetunes == 0 {
+            problems.push(("registry.max_finetunes", "must be at least 1".to_owned()));
         }
         if self.registry.max_upload_mb == 0 {
             problems.push(("registry.max_upload_mb", "must be at least 1".to_owned()));

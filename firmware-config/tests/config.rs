@@ -191,6 +191,7 @@ fn coordinator_defaults_are_dev_mode_on_loopback() {
     let config = CoordinatorConfig::from_toml(Path::new("c.toml"), "").unwrap();
     assert!(config.is_dev_mode());
     assert_eq!(config, CoordinatorConfig::default());
+    assert_eq!(config.registry.max_finetunes, 1);
     assert_eq!(config.quic.listen.to_string(), "127.0.0.1:4433");
     assert_eq!(config.admin.listen.to_string(), "127.0.0.1:7070");
     assert_eq!(
@@ -221,6 +222,13 @@ fn coordinator_errors() {
     assert_eq!(
         err,
         "c.toml:2:1: unknown key \"registry.keep_version\", did you mean \"keep_versions\"?"
+    );
+    let err = CoordinatorConfig::from_toml(Path::new("c.toml"), "[registry]\nmax_finetunes = 0\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("registry.max_finetunes: must be at least 1"),
+        "{err}"
     );
     let config = CoordinatorConfig::from_toml(
         Path::new("c.toml"),

@@ -42,6 +42,10 @@ impl Default for Limits {
 /// Told after each piece of a request body is handed to the connection: bytes sent, bytes in all.
 pub type UploadProgress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
+/// Told each piece of an answer's body as it arrives (a streamed answer's lines, say), before
+/// the whole answer is returned.
+pub type DownloadProgress = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// A request: method, path (with its query), headers and body. `Host` is added when absent;
 /// `Content-Length` comes from the body.
 #[derive(Clone)]
@@ -55,6 +59,7 @@ pub struct Request {
     /// The body (empty for none).
     pub body: Bytes,
     progress: Option<UploadProgress>,
+    download: Option<DownloadProgress>,
 }
 
 impl fmt::Debug for Request {
@@ -77,6 +82,7 @@ impl Request {
             headers: Vec::new(),
             body: Bytes::new(),
             progress: None,
+            download: None,
         }
     }
 
@@ -110,6 +116,12 @@ impl Request {
     /// Calls `progress` as the body goes out.
     pub fn on_upload(mut self, progress: UploadProgress) -> Self {
         self.progress = Some(progress);
+        self
+    }
+
+    /// Calls `download` with each piece of the answer's body as it arrives.
+    pub fn on_download(mut self, download: DownloadProgress) -> Self {
+        self.download = Some(download);
         self
     }
 }
@@ -414,23 +426,34 @@ impl HttpConnection {
             .map_err(exchange)?;
         let (parts, body) = answer.into_parts();
         let limit = self.limits.max_response_bytes;
-        let body = match Limited::new(body, limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(HttpError::TooLarge {
-                    addr,
-                    what: what.clone(),
-                    limit,
-                });
+        let mut body = Limited::new(body, limit);
+        let mut whole = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Err(HttpError::TooLarge {
+                        addr,
+                        what: what.clone(),
+                        limit,
+                    });
+                }
+                Err(e) => {
+                    return Err(HttpError::Body {
+                        addr,
+                        what: what.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            };
+            if let Ok(data) = frame.into_data() {
+                if let Some(download) = &request.download {
+                    download(&data);
+                }
+                whole.extend_from_slice(&data);
             }
-            Err(e) => {
-                return Err(HttpError::Body {
-                    addr,
-                    what: what.clone(),
-                    reason: e.to_string(),
-                });
-            }
-        };
+        }
+        let body = whole.freeze();
         Ok(Response {
             status: parts.status,
             headers: parts.headers,

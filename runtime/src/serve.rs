@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::{Body as _, Incoming};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use tokio::sync::{Notify, Semaphore, watch};
 
@@ -116,27 +116,71 @@ fn evict_longest_idle(open: &Open, min_idle: Duration) -> bool {
     }
 }
 
+/// One request running on a connection, from its arrival until its answer's body has been
+/// sent or dropped.
+#[derive(Debug)]
+struct Running(Arc<Tracked>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut since) = self.0.idle_since.lock() {
+            *since = Instant::now();
+        }
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An answer's body, holding its request's [`Running`] until it ends.
+#[derive(Debug)]
+struct Counted<B> {
+    body: B,
+    _running: Running,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// How often the accept loop, holding a connection at the cap, looks again for one to close.
 const EVICT_CHECK: Duration = Duration::from_millis(25);
 
 /// Serves HTTP/1 on `listener` with `handler` within `limits` until `shutdown` changes.
 /// Connection tasks live in one set, so shutdown ends them all, and with them whatever state the
-/// handler holds.
-pub async fn serve_http<H, F>(
+/// handler holds. An answer's body may be streamed (`B`): its request counts as running, so its
+/// connection is never closed at the cap, until the body has been sent or dropped.
+pub async fn serve_http<H, F, B>(
     listener: tokio::net::TcpListener,
     limits: ServeLimits,
     handler: H,
     shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     serve(listener, limits, None, handler, shutdown).await;
 }
 
 /// [`serve_http`] over TLS (`tls`): the handshake must finish within `header_timeout` of the
 /// accept, and a connection still in it counts as idle at the cap.
-pub async fn serve_https<H, F>(
+pub async fn serve_https<H, F, B>(
     listener: tokio::net::TcpListener,
     limits: ServeLimits,
     tls: Arc<rustls::ServerConfig>,
@@ -144,23 +188,27 @@ pub async fn serve_https<H, F>(
     shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     serve(listener, limits, Some(acceptor), handler, shutdown).await;
 }
 
 /// Serves one connection's requests until it ends or the client stops.
-async fn serve_connection<I, S>(io: I, limits: ServeLimits, service: S)
+async fn serve_connection<I, S, B>(io: I, limits: ServeLimits, service: S)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             Request<Incoming>,
-            Response = Response<Full<Bytes>>,
+            Response = Response<Counted<B>>,
             Error = std::convert::Infallible,
         > + Send
         + 'static,
     S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -171,7 +219,7 @@ where
     }
 }
 
-async fn serve<H, F>(
+async fn serve<H, F, B>(
     listener: tokio::net::TcpListener,
     limits: ServeLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -179,7 +227,9 @@ async fn serve<H, F>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let open: Open = Arc::default();
@@ -242,14 +292,13 @@ async fn serve<H, F>(
             let service = hyper::service::service_fn(move |req| {
                 on_requests.running.fetch_add(1, Ordering::SeqCst);
                 let answer = handler(req);
-                let tracked = Arc::clone(&on_requests);
+                let running = Running(Arc::clone(&on_requests));
                 async move {
                     let answer = answer.await;
-                    if let Ok(mut since) = tracked.idle_since.lock() {
-                        *since = Instant::now();
-                    }
-                    tracked.running.fetch_sub(1, Ordering::SeqCst);
-                    Ok::<_, std::convert::Infallible>(answer)
+                    Ok::<_, std::convert::Infallible>(answer.map(|body| Counted {
+                        body,
+                        _running: running,
+                    }))
                 }
             });
             let served = async {
