@@ -4,7 +4,7 @@
 //!
 //! | route | what | answer (JSON) |
 //! |---|---|---|
-//! | `POST /v1/models/{name}?placement=&rollout=&max_batch=&quantize=&cloud_size=&samples_size=&dry_run=` | push (query: [`PushQuery`]; body: the model file, then the cloud model's `cloud_size` bytes, then the gate's sample file's `samples_size` bytes) | [`Published`]: 201, or 200 for a dry run |
+//! | `POST /v1/models/{name}?placement=&rollout=&max_batch=&quantize=&output_kinds=&int8_…=&cloud_size=&samples_size=&dry_run=` | push (query: [`PushQuery`]; body: the model file, then the cloud model's `cloud_size` bytes, then the gate's sample file's `samples_size` bytes) | [`Published`]: 201, or 200 for a dry run |
 //! | `POST /v1/models/{name}/rollback?to=V` | publish version V's content as a new version | [`Published`], 201 |
 //! | `POST /v1/models/{name}/rollout?percent=P` \| `?promote` \| `?abort` | move the candidate along (see [`crate::registry::RolloutAction`]) | [`Published`], 201 |
 //! | `POST /v1/models/{name}/finetune?output=&layer=&holdout=&seed=&min_gain=&rollout=&dry_run=` | retrain the head on the body's labelled examples (JSON Lines; see [`crate::finetune`]) and publish it when it is better | [`FinetuneReport`]: 201, 200 for a dry run, 422 (with the figures) when the head is not better, 429 past `[registry] max_finetunes`; with `Accept: application/x-ndjson`, a 200 streaming [`FinetuneEvent`] lines, the last with that status |
@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use crate::error::RegistryError;
 use crate::metrics::Metrics;
 use crate::mqtt::{Announcer, FleetView};
-use crate::registry::{PushRequest, Registry, RolloutAction};
+use crate::registry::{Int8Overrides, PushRequest, Registry, RolloutAction};
 
 mod query;
 
@@ -42,7 +42,7 @@ use query::parse_query;
 pub(crate) fn parse_query_for_tests(query: &str) -> HashMap<String, String> {
     parse_query(query)
 }
-pub use query::{PlacementArg, PushQuery};
+pub use query::{PlacementArg, PushQuery, parse_output_kinds};
 
 pub use crate::finetune::{FinetuneEvent, FinetuneQuery, FinetuneReport};
 pub use crate::registry::{Delta, EdgeReport, ModelSummary, Published, Stage, VariantSummary};
@@ -369,6 +369,8 @@ async fn push(
         max_batch: options.max_batch,
         quantize: options.quantize,
         samples,
+        output_kinds: options.output_kinds,
+        int8: options.int8,
         dry_run: options.dry_run,
         gate,
         known_devices: known_devices(state),
@@ -545,6 +547,8 @@ async fn run_finetune(
         max_batch: source.max_batch,
         quantize: Some(source.quantize),
         samples: None,
+        output_kinds: Vec::new(),
+        int8: Int8Overrides::default(),
         dry_run: options.dry_run,
         gate,
         known_devices: known_devices(state),

@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use cloud_coordinator::admin::{PlacementArg, Published, PushQuery};
-use cloud_coordinator::registry::Quantize;
+use cloud_coordinator::admin::{PlacementArg, Published, PushQuery, parse_output_kinds};
+use cloud_coordinator::registry::{Int8Overrides, Quantize};
 use cloud_coordinator::{ADMIN_TOKEN_FILE, AdminClient, Coordinator, PushOptions};
 use firmware_config::{CoordinatorConfig, FleetAuthority, HostPort};
+use outpost_runtime::accuracy::OutputKind;
 use outpost_runtime::http::UploadProgress;
 
 #[derive(Parser)]
@@ -84,6 +85,30 @@ enum Command {
         /// Without it the gate generates inputs from the model's signature.
         #[arg(long, value_name = "FILE")]
         samples: Option<PathBuf>,
+        /// What an output is, for the int8 gate, which judges classifiers by top-1 agreement
+        /// and probability error, embeddings by cosine, scores by absolute error, and shows
+        /// hidden states without judging them. Repeat for several outputs. Default: a
+        /// Softmax's or the cascade's output is a classifier; otherwise rank 3+ is hidden,
+        /// one value a row a score, the rest embeddings.
+        #[arg(long = "output-kind", value_name = "NAME:KIND", value_parser = parse_output_kind)]
+        output_kinds: Vec<(String, OutputKind)>,
+        /// This push's int8 gate tolerance for scores ([registry] int8_max_abs_error).
+        #[arg(long, value_name = "ERROR")]
+        int8_max_abs_error: Option<f64>,
+        /// ... for classifiers' probabilities ([registry] int8_max_prob_error).
+        #[arg(long, value_name = "ERROR")]
+        int8_max_prob_error: Option<f64>,
+        /// ... for embeddings: the smallest cosine of a vector ([registry] int8_min_cosine).
+        #[arg(long, value_name = "COSINE")]
+        int8_min_cosine: Option<f64>,
+        /// ... for classifiers: the least share of rows whose top class agrees (0.9 is 90 %;
+        /// [registry] int8_min_top1_agreement).
+        #[arg(long, value_name = "SHARE")]
+        int8_min_top1_agreement: Option<f64>,
+        /// The most of the weights (0-1, by elements) the gate may keep in fp32 to pass
+        /// ([registry] int8_max_kept_share).
+        #[arg(long, value_name = "SHARE")]
+        int8_max_kept_share: Option<f64>,
         /// Report sizes, accuracy and the download against the current version; publish nothing.
         #[arg(long)]
         dry_run: bool,
@@ -338,6 +363,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_batch,
             quantize,
             samples,
+            output_kinds,
+            int8_max_abs_error,
+            int8_max_prob_error,
+            int8_min_cosine,
+            int8_min_top1_agreement,
+            int8_max_kept_share,
             dry_run,
             json,
             admin,
@@ -363,6 +394,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         Some("none") => Some(Quantize::None),
                         Some(_) => Some(Quantize::Int8),
                         None => None,
+                    },
+                    output_kinds,
+                    int8: Int8Overrides {
+                        max_abs_error: int8_max_abs_error,
+                        max_prob_error: int8_max_prob_error,
+                        min_cosine: int8_min_cosine,
+                        min_top1_agreement: int8_min_top1_agreement,
+                        max_kept_share: int8_max_kept_share,
                     },
                     dry_run,
                     ..PushQuery::default()
@@ -600,21 +639,43 @@ fn summarise_push(published: &Published) -> anyhow::Result<String> {
             size(q.int8_bytes),
             100.0 * q.int8_bytes as f64 / q.fp32_bytes.max(1) as f64
         )?;
+        if let Some(f) = &edge.fallback {
+            writeln!(
+                out,
+                "  all-int8 missed the gate ({}); kept {} weight tensors in fp32 ({:.1} % of the weights, +{}, {} gate runs):",
+                f.missed.join("; "),
+                f.kept.len(),
+                f.kept_share * 100.0,
+                size(f.extra_bytes),
+                f.gate_runs
+            )?;
+            for k in &f.kept {
+                let alone = k
+                    .distance_alone
+                    .map_or("NaN".to_owned(), |d| format!("{d:.2}"));
+                writeln!(
+                    out,
+                    "    {} ({} elements; alone {alone} of the tolerance)",
+                    k.name, k.elements
+                )?;
+            }
+        }
         let a = &edge.accuracy;
         writeln!(out, "  accuracy gate ({} rows, {}):", a.rows, a.samples)?;
         for o in &a.outputs {
-            write!(
-                out,
-                "    {}: max abs error {:.6}, cosine {:.6}",
-                o.name, o.max_abs_error, o.cosine
-            )?;
-            if let Some(t) = o.top1_agreement {
-                write!(out, ", top-1 agreement {:.1} %", t * 100.0)?;
-            }
-            out.push('\n');
+            writeln!(out, "    {o}")?;
         }
     }
     Ok(out)
+}
+
+/// `--output-kind NAME:KIND`.
+fn parse_output_kind(text: &str) -> Result<(String, OutputKind), String> {
+    let mut kinds = parse_output_kinds(text)?;
+    match (kinds.pop(), kinds.is_empty()) {
+        (Some(kind), true) => Ok(kind),
+        _ => Err(format!("{text:?} must be one NAME:KIND")),
+    }
 }
 
 fn size(bytes: u64) -> String {

@@ -30,8 +30,8 @@ mod rollout;
 use edge::CHECK_ONLY;
 pub use finetune::FinetuneSource;
 pub use report::{
-    Delta, EdgeReport, ModelSummary, Outcome, Published, PushRequest, Quantize, Stage,
-    VariantSummary,
+    Delta, EdgeReport, Fallback, Int8Overrides, KeptWeight, ModelSummary, Outcome, Published,
+    PushRequest, Quantize, Stage, VariantSummary,
 };
 use report::{delta, summary};
 pub use rollout::{GatedRollout, HISTORY, RolloutAction, RolloutEvent};
@@ -100,6 +100,8 @@ pub struct Registry {
     signer: ManifestSigner,
     keep_versions: usize,
     tolerance: Tolerance,
+    /// The share of quantisable weights the gate's fallback may keep in fp32.
+    max_kept_share: f64,
     /// How long a signed release is valid, seconds.
     release_ttl: u64,
     write: Mutex<()>,
@@ -142,9 +144,11 @@ impl Registry {
             keep_versions: options.keep_versions.max(2) as usize,
             tolerance: Tolerance {
                 max_abs_error: options.int8_max_abs_error,
+                max_prob_error: options.int8_max_prob_error,
                 min_cosine: options.int8_min_cosine,
                 min_top1_agreement: options.int8_min_top1_agreement,
             },
+            max_kept_share: options.int8_max_kept_share,
             release_ttl: options.release_ttl_s.max(2),
             write: Mutex::new(()),
         })

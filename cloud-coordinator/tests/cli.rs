@@ -86,7 +86,7 @@ fn serve_push_list_rollback_enroll_and_stop() {
         out.contains("published video-ranker version 1 (release 1, stable)")
             && out.contains("edge-int8")
             && out.contains("accuracy gate (64 rows, generated from the signature)")
-            && out.contains("score: max abs error"),
+            && out.contains("score (score): max abs error"),
         "{out}"
     );
     // A dry run prints the same figures and the delta, and publishes nothing.

@@ -629,7 +629,8 @@ async fn int8_variants_pass_a_gate_and_dry_runs_publish_nothing() {
     assert_eq!(status, 422, "{message}");
     assert!(
         message.contains("fails the accuracy gate")
-            && message.contains("score: max abs error")
+            && message.contains("score (score): max abs error")
+            && message.contains("int8_max_kept_share")
             && message.contains("is over 0"),
         "{message}"
     );
@@ -645,6 +646,159 @@ async fn int8_variants_pass_a_gate_and_dry_runs_publish_nothing() {
     assert_eq!(reply.variants[0].target, Target::EdgeFp32);
     assert!(reply.edge.is_none(), "{reply:?}");
     strict.handle.shutdown().await;
+}
+
+/// The gate judges each output by its kind (a push may say it), and when all-int8 misses it
+/// keeps the most sensitive weight in fp32 rather than refuse, within `int8_max_kept_share`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_int8_gate_judges_by_output_kind_and_keeps_sensitive_weights_in_fp32() {
+    use cloud_coordinator::admin::PushQuery;
+    use cloud_coordinator::registry::Int8Overrides;
+    use model_zoo::gate::{OUTLIER_WEIGHT, encoder_outputs, outlier_ranker};
+    use outpost_runtime::accuracy::OutputKind;
+
+    let c = start().await;
+    let with = |query: PushQuery| PushOptions {
+        query,
+        ..PushOptions::default()
+    };
+
+    // An encoder's outputs: the embedding is judged by cosine, the hidden state only shown —
+    // their elements move by more than a score's tolerance, which alone would refuse the push.
+    let encoder = encoder_outputs(DEFAULT_SEED);
+    let reply = c.push("encoder", &PushOptions::default(), &encoder).await;
+    let edge = reply.edge.as_ref().unwrap();
+    assert!(edge.fallback.is_none(), "{edge:?}");
+    let out = |name: &str| {
+        edge.accuracy
+            .outputs
+            .iter()
+            .find(|o| o.name == name)
+            .unwrap()
+            .clone()
+    };
+    let (hidden, embedding) = (out("hidden"), out("embedding"));
+    assert_eq!((hidden.kind, hidden.judged), (OutputKind::Hidden, false));
+    assert_eq!(
+        (embedding.kind, embedding.judged),
+        (OutputKind::Embedding, true)
+    );
+    assert!(embedding.min_vector_cosine > 0.999, "{}", edge.accuracy);
+    assert!(embedding.max_abs_error > 0.05, "{}", edge.accuracy);
+    // Said to be a score, the embedding fails; its only weight is all of the model's, past
+    // int8_max_kept_share, so the push is refused with the figures.
+    let as_score = PushQuery {
+        output_kinds: vec![("embedding".into(), OutputKind::Score)],
+        dry_run: true,
+        ..PushQuery::default()
+    };
+    let (status, message) = refusal(
+        c.client()
+            .push("encoder", encoder.clone(), &with(as_score))
+            .await,
+    );
+    assert_eq!(status, 422, "{message}");
+    assert!(
+        message.contains("embedding (score): max abs error")
+            && message.contains("int8_max_kept_share 0.5; kept none"),
+        "{message}"
+    );
+    // A kind for an output the model lacks is named.
+    let unknown = PushQuery {
+        output_kinds: vec![("logits".into(), OutputKind::Classifier)],
+        dry_run: true,
+        ..PushQuery::default()
+    };
+    let (status, message) = refusal(c.client().push("encoder", encoder, &with(unknown)).await);
+    assert_eq!(status, 400, "{message}");
+    assert!(
+        message.contains("\"logits\"") && message.contains("its outputs: hidden, embedding"),
+        "{message}"
+    );
+
+    // A weight int8 cannot hold: all-int8 misses, keeping that one weight in fp32 passes.
+    let outlier = outlier_ranker(DEFAULT_SEED);
+    let reply = c.push("outlier", &PushOptions::default(), &outlier).await;
+    let edge = reply.edge.as_ref().unwrap();
+    let fallback = edge.fallback.as_ref().unwrap();
+    assert!(
+        fallback
+            .missed
+            .iter()
+            .any(|m| m.starts_with("score (score): max abs error")),
+        "{fallback:?}"
+    );
+    let kept: Vec<&str> = fallback.kept.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(kept, [OUTLIER_WEIGHT]);
+    assert!(
+        fallback.kept[0].distance_alone.unwrap() > 1.0,
+        "{fallback:?}"
+    );
+    assert_eq!(edge.quantize.kept_fp32, [OUTLIER_WEIGHT]);
+    assert_eq!(edge.quantize.tensors, 1);
+    assert!((fallback.kept_share - 0.2).abs() < 1e-9, "{fallback:?}");
+    // 1024 weights of 4 bytes instead of 1, less their 16 scales and the DequantizeLinear.
+    assert!(
+        (2800..=1024 * 3 - 16 * 4).contains(&fallback.extra_bytes),
+        "{fallback:?}"
+    );
+    assert_eq!(fallback.gate_runs, 3);
+    assert_eq!(
+        edge.quantize.int8_bytes,
+        fallback.all_int8_bytes + fallback.extra_bytes
+    );
+    assert!(
+        edge.accuracy.outputs[0].max_abs_error < 0.05,
+        "{}",
+        edge.accuracy
+    );
+    assert_eq!(reply.variants[0].target, Target::EdgeInt8);
+    // The listing keeps the report.
+    let models = c.client().models().await.unwrap();
+    let listed = models.iter().find(|m| m.name == "outlier").unwrap();
+    assert_eq!(
+        listed.edge.as_ref().unwrap().fallback.as_ref(),
+        Some(fallback)
+    );
+    // A push that allows less keeps nothing and is refused, naming the limit.
+    let strict = PushQuery {
+        int8: Int8Overrides {
+            max_kept_share: Some(0.1),
+            ..Int8Overrides::default()
+        },
+        dry_run: true,
+        ..PushQuery::default()
+    };
+    let (status, message) = refusal(
+        c.client()
+            .push("outlier", outlier.clone(), &with(strict))
+            .await,
+    );
+    assert_eq!(status, 422, "{message}");
+    assert!(
+        message.contains("int8_max_kept_share 0.1; kept none"),
+        "{message}"
+    );
+    // A push that tolerates the error passes all-int8.
+    let loose = PushQuery {
+        int8: Int8Overrides {
+            max_abs_error: Some(1e3),
+            ..Int8Overrides::default()
+        },
+        dry_run: true,
+        ..PushQuery::default()
+    };
+    let reply = c
+        .client()
+        .push("outlier", outlier, &with(loose))
+        .await
+        .unwrap();
+    let edge = reply.edge.unwrap();
+    assert!(
+        edge.fallback.is_none() && edge.quantize.tensors == 2,
+        "{edge:?}"
+    );
+    c.handle.shutdown().await;
 }
 
 fn walk(dir: &std::path::Path) -> usize {

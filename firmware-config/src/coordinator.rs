@@ -355,17 +355,25 @@ pub struct RegistrySection {
     /// The largest model upload accepted, MiB.
     #[serde(default = "default_max_upload_mb")]
     pub max_upload_mb: u64,
-    /// The accuracy gate of int8 edge variants: the largest absolute difference of any output
-    /// element from the fp32 model.
+    /// The accuracy gate of int8 edge variants judges each output by its kind. Scores: the
+    /// largest absolute difference of any element from the fp32 model's.
     #[serde(default = "default_int8_max_abs_error")]
     pub int8_max_abs_error: f64,
-    /// The smallest cosine similarity of any output to the fp32 model's.
+    /// Classifiers: the largest absolute difference of any class probability.
+    #[serde(default = "default_int8_max_prob_error")]
+    pub int8_max_prob_error: f64,
+    /// Embeddings: the smallest cosine similarity of any vector to the fp32 model's.
     #[serde(default = "default_int8_min_cosine")]
     pub int8_min_cosine: f64,
-    /// The smallest share (0–1) of rows whose top-1 class agrees with the fp32 model's, on
-    /// classifier outputs.
+    /// Classifiers: the smallest share (0–1) of rows whose top-1 class agrees with the fp32
+    /// model's.
     #[serde(default = "default_int8_min_top1_agreement")]
     pub int8_min_top1_agreement: f64,
+    /// When the int8 variant misses the tolerance, its most sensitive weights are kept in fp32
+    /// one by one until it passes; past this share (0–1) of the quantisable weights (by element
+    /// count) the push is refused instead.
+    #[serde(default = "default_int8_max_kept_share")]
+    pub int8_max_kept_share: f64,
     /// How long a signed release is valid, seconds (default 7 days). Agents refuse an expired
     /// release; the coordinator signs every current release again (a new release number, the
     /// same content) once half of this has passed.
@@ -393,7 +401,9 @@ impl Default for RegistrySection {
             keep_versions: default_keep_versions(),
             max_upload_mb: default_max_upload_mb(),
             int8_max_abs_error: default_int8_max_abs_error(),
+            int8_max_prob_error: default_int8_max_prob_error(),
             int8_min_cosine: default_int8_min_cosine(),
+            int8_max_kept_share: default_int8_max_kept_share(),
             int8_min_top1_agreement: default_int8_min_top1_agreement(),
         }
     }
@@ -403,8 +413,38 @@ fn default_int8_max_abs_error() -> f64 {
     0.05
 }
 
+fn default_int8_max_prob_error() -> f64 {
+    0.05
+}
+
+/// Retrieval keeps its ranking well above this; a standard sentence encoder's int8 variant
+/// measures about 0.998.
 fn default_int8_min_cosine() -> f64 {
-    0.999
+    0.99
+}
+
+fn default_int8_max_kept_share() -> f64 {
+    0.5
+}
+
+/// What is wrong with `value` for the int8 gate's tolerance `key` (`int8_max_abs_error` and
+/// the others of `[registry]`, which a push may override); `None` when it is fine, or the key
+/// is not one of them.
+pub fn int8_tolerance_problem(key: &str, value: f64) -> Option<&'static str> {
+    let ok = match key {
+        "int8_max_abs_error" | "int8_max_prob_error" => value >= 0.0 && value.is_finite(),
+        "int8_min_cosine" => (-1.0..=1.0).contains(&value),
+        "int8_min_top1_agreement" | "int8_max_kept_share" => (0.0..=1.0).contains(&value),
+        _ => true,
+    };
+    match key {
+        _ if ok => None,
+        "int8_min_cosine" => Some("must be between -1 and 1"),
+        "int8_max_abs_error" | "int8_max_prob_error" => {
+            Some("must be a finite number of at least 0")
+        }
+        _ => Some("must be a share between 0 and 1 (0.95 is 95 %)"),
+    }
 }
 
 fn default_int8_min_top1_agreement() -> f64 {
@@ -586,25 +626,37 @@ impl CoordinatorConfig {
         if self.registry.max_upload_mb == 0 {
             problems.push(("registry.max_upload_mb", "must be at least 1".to_owned()));
         }
-        if !(self.registry.int8_max_abs_error >= 0.0
-            && self.registry.int8_max_abs_error.is_finite())
-        {
-            problems.push((
+        let r = &self.registry;
+        for (key, full, value) in [
+            (
+                "int8_max_abs_error",
                 "registry.int8_max_abs_error",
-                "must be a finite number of at least 0".to_owned(),
-            ));
-        }
-        if !(-1.0..=1.0).contains(&self.registry.int8_min_cosine) {
-            problems.push((
+                r.int8_max_abs_error,
+            ),
+            (
+                "int8_max_prob_error",
+                "registry.int8_max_prob_error",
+                r.int8_max_prob_error,
+            ),
+            (
+                "int8_min_cosine",
                 "registry.int8_min_cosine",
-                "must be between -1 and 1".to_owned(),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.registry.int8_min_top1_agreement) {
-            problems.push((
+                r.int8_min_cosine,
+            ),
+            (
+                "int8_min_top1_agreement",
                 "registry.int8_min_top1_agreement",
-                "must be a share between 0 and 1 (0.95 is 95 %)".to_owned(),
-            ));
+                r.int8_min_top1_agreement,
+            ),
+            (
+                "int8_max_kept_share",
+                "registry.int8_max_kept_share",
+                r.int8_max_kept_share,
+            ),
+        ] {
+            if let Some(problem) = int8_tolerance_problem(key, value) {
+                problems.push((full, problem.to_owned()));
+            }
         }
         if self.inference.workers == 0 {
             problems.push(("inference.workers", "must be at least 1".to_owned()));

@@ -21,7 +21,7 @@ pub use agent::{
 };
 pub use coordinator::{
     AdminSection, CoordinatorConfig, CoordinatorMqtt, CoordinatorStorage, FleetMaterial,
-    InferenceSection, QuicSection, RegistrySection, RolloutSection,
+    InferenceSection, QuicSection, RegistrySection, RolloutSection, int8_tolerance_problem,
 };
 pub use diagnostic::{ConfigError, ConfigErrors};
 pub use identity::{IdentityError, device_id_from_certificate};

@@ -230,6 +230,17 @@ fn coordinator_errors() {
         err.contains("registry.max_finetunes: must be at least 1"),
         "{err}"
     );
+    let err = CoordinatorConfig::from_toml(
+        Path::new("c.toml"),
+        "[registry]\nint8_max_prob_error = -1\nint8_max_kept_share = 1.5\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("registry.int8_max_prob_error: must be a finite number of at least 0")
+            && err.contains("registry.int8_max_kept_share: must be a share between 0 and 1"),
+        "{err}"
+    );
     let config = CoordinatorConfig::from_toml(
         Path::new("c.toml"),
         "[mqtt]\nexternal = \"broker.example.com:8883\"\n",

@@ -11,6 +11,7 @@
 //! The weights are random (Glorot-uniform): the models show shapes, sizes and speed, not taste.
 //! [`labelled`] writes labelled data sets for the fine-tuning demo.
 
+pub mod gate;
 pub mod graph;
 pub mod labelled;
 

@@ -3,13 +3,20 @@
 //! Both models run on the same inputs — the operator's sample file, or inputs generated from the
 //! signature: integer inputs that index an embedding table are drawn within the table (its size is
 //! read from the graph), other integers from `{0, 1}`, floats uniformly from `[-1, 1)`, dynamic
-//! dimensions [`SAMPLE_ROWS`] (the first) or [`SAMPLE_WIDTH`] (the others). For each output:
-//! the largest absolute difference, the cosine similarity of the two outputs as vectors, and for
-//! classifier outputs (a Softmax's, or one the caller names, such as a cascade's) the share of rows
-//! whose top-1 class agrees.
+//! dimensions [`SAMPLE_ROWS`] (the first) or [`SAMPLE_WIDTH`] (the others).
+//!
+//! Each output is judged by what it is ([`OutputKind`]), because the same error means different
+//! things: a classifier by the share of rows whose top-1 class agrees and the largest error of a
+//! class probability; an embedding by the smallest cosine of any of its vectors (retrieval reads
+//! directions); a score by its largest absolute error. Hidden states (a transformer's last hidden
+//! state) are measured and shown but not judged — they are not what an app reads — unless the
+//! push names another kind for them, or the model has no other output. Kinds are read from the graph
+//! (a Softmax's output, or a cascade's, is a classifier) and the output's shape (rank 3 or more:
+//! hidden; one value a row: a score; otherwise an embedding); a push may name them.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::str::FromStr;
 
 use outpost_shared::{DataType, Tensor, TensorSpec};
 use prost::Message as _;
@@ -23,15 +30,84 @@ pub const SAMPLE_ROWS: u64 = 64;
 /// Size generated for other dynamic dimensions (a sequence length, say).
 pub const SAMPLE_WIDTH: u64 = 8;
 
-/// How far a quantised model may be from the original.
+/// How far a quantised model may be from the original, by output kind.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tolerance {
-    /// The largest absolute difference of any output element.
+    /// Scores: the largest absolute difference of any element.
     pub max_abs_error: f64,
-    /// The smallest cosine similarity of any output.
+    /// Classifiers: the largest absolute difference of any class probability (of the softmax
+    /// of each row, when the output holds logits).
+    pub max_prob_error: f64,
+    /// Embeddings: the smallest cosine similarity of any vector (along the last axis).
     pub min_cosine: f64,
-    /// The smallest share (0–1) of rows whose top-1 class agrees, on classifier outputs.
+    /// Classifiers: the smallest share (0–1) of rows whose top-1 class agrees.
     pub min_top1_agreement: f64,
+}
+
+/// What an output is, which decides how the gate judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    /// Class probabilities or logits: top-1 agreement and the largest probability error.
+    Classifier,
+    /// Vectors read by direction (retrieval): the smallest cosine of any vector.
+    Embedding,
+    /// Numbers read as they are (a ranking score): the largest absolute error. (Also what a
+    /// report written before kinds existed reads as.)
+    #[default]
+    Score,
+    /// Intermediate states: measured, not judged unless asked.
+    Hidden,
+}
+
+impl OutputKind {
+    /// Every kind.
+    pub const ALL: [OutputKind; 4] = [
+        OutputKind::Classifier,
+        OutputKind::Embedding,
+        OutputKind::Score,
+        OutputKind::Hidden,
+    ];
+
+    /// The kind's name, as a push writes it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OutputKind::Classifier => "classifier",
+            OutputKind::Embedding => "embedding",
+            OutputKind::Score => "score",
+            OutputKind::Hidden => "hidden",
+        }
+    }
+
+    /// The kind an output of `shape` has when nothing else says: rank 3 or more is a hidden
+    /// state, one value a row a score, anything else an embedding.
+    pub fn from_shape(shape: &[u64]) -> Self {
+        match shape {
+            s if s.len() >= 3 => OutputKind::Hidden,
+            [] | [_] => OutputKind::Score,
+            [.., 1] => OutputKind::Score,
+            _ => OutputKind::Embedding,
+        }
+    }
+}
+
+impl fmt::Display for OutputKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for OutputKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        OutputKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == text)
+            .ok_or_else(|| {
+                format!("output kind {text:?} must be classifier, embedding, score or hidden")
+            })
+    }
 }
 
 /// The figures the gate measured.
@@ -50,12 +126,86 @@ pub struct AccuracyReport {
 pub struct OutputAccuracy {
     /// The output.
     pub name: String,
+    /// What it is, which decides the figures judged.
+    #[serde(default)]
+    pub kind: OutputKind,
+    /// Whether the gate judged it (hidden states are only shown).
+    #[serde(default = "judged_by_default")]
+    pub judged: bool,
     /// The largest absolute difference of an element.
     pub max_abs_error: f64,
     /// Cosine similarity of the two outputs as flat vectors (1: same direction).
     pub cosine: f64,
+    /// The smallest cosine similarity of any vector along the last axis (a row of a
+    /// `[batch, width]` output).
+    #[serde(default = "one")]
+    pub min_vector_cosine: f64,
     /// The share of rows whose top-1 class agrees, for classifier outputs.
     pub top1_agreement: Option<f64>,
+    /// The largest difference of a class probability, for classifier outputs.
+    #[serde(default)]
+    pub max_prob_error: Option<f64>,
+}
+
+fn judged_by_default() -> bool {
+    true
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl OutputAccuracy {
+    /// The judged figures as `(what, measured, allowed, distance)`: `distance` is 0 for an
+    /// exact match and 1 at the tolerance (more: over it; NaN counts as infinitely far).
+    fn figures(&self, tolerance: &Tolerance) -> Vec<(&'static str, f64, f64, f64)> {
+        // How far `error` is along the way to `allowed` (an allowance of 0 is passed only by 0).
+        let ratio = |error: f64, allowed: f64| {
+            if error.is_nan() {
+                f64::INFINITY
+            } else if allowed <= 0.0 {
+                if error <= 0.0 { 0.0 } else { f64::INFINITY }
+            } else {
+                error / allowed
+            }
+        };
+        if !self.judged {
+            return Vec::new();
+        }
+        match self.kind {
+            OutputKind::Classifier => {
+                let mut out = Vec::new();
+                if let Some(agree) = self.top1_agreement {
+                    out.push((
+                        "top-1 agreement",
+                        agree,
+                        tolerance.min_top1_agreement,
+                        ratio(1.0 - agree, 1.0 - tolerance.min_top1_agreement),
+                    ));
+                }
+                let prob = self.max_prob_error.unwrap_or(self.max_abs_error);
+                out.push((
+                    "probability error",
+                    prob,
+                    tolerance.max_prob_error,
+                    ratio(prob, tolerance.max_prob_error),
+                ));
+                out
+            }
+            OutputKind::Embedding | OutputKind::Hidden => vec![(
+                "smallest vector cosine",
+                self.min_vector_cosine,
+                tolerance.min_cosine,
+                ratio(1.0 - self.min_vector_cosine, 1.0 - tolerance.min_cosine),
+            )],
+            OutputKind::Score => vec![(
+                "max abs error",
+                self.max_abs_error,
+                tolerance.max_abs_error,
+                ratio(self.max_abs_error, tolerance.max_abs_error),
+            )],
+        }
+    }
 }
 
 impl AccuracyReport {
@@ -63,31 +213,50 @@ impl AccuracyReport {
     pub fn violations(&self, tolerance: &Tolerance) -> Vec<String> {
         let mut out = Vec::new();
         for o in &self.outputs {
-            // A NaN figure (the model produced NaN) fails every test.
-            if o.max_abs_error.is_nan() || o.max_abs_error > tolerance.max_abs_error {
-                out.push(format!(
-                    "{}: max abs error {:.6} is over {}",
-                    o.name, o.max_abs_error, tolerance.max_abs_error
-                ));
+            // A NaN anywhere means the model is broken, judged output or not.
+            if o.max_abs_error.is_nan() && !o.judged {
+                out.push(format!("{}: the quantised model produced NaN", o.name));
             }
-            if o.cosine.is_nan() || o.cosine < tolerance.min_cosine {
-                out.push(format!(
-                    "{}: cosine similarity {:.6} is under {}",
-                    o.name, o.cosine, tolerance.min_cosine
-                ));
-            }
-            if let Some(agree) = o.top1_agreement
-                && (agree.is_nan() || agree < tolerance.min_top1_agreement)
-            {
-                out.push(format!(
-                    "{}: top-1 agreement {:.1} % is under {:.1} %",
-                    o.name,
-                    agree * 100.0,
-                    tolerance.min_top1_agreement * 100.0
-                ));
+            for (what, measured, allowed, distance) in o.figures(tolerance) {
+                if distance <= 1.0 {
+                    continue;
+                }
+                out.push(match what {
+                    "top-1 agreement" => format!(
+                        "{} ({}): top-1 agreement {:.1} % is under {:.1} %",
+                        o.name,
+                        o.kind,
+                        measured * 100.0,
+                        allowed * 100.0
+                    ),
+                    "smallest vector cosine" => format!(
+                        "{} ({}): smallest vector cosine {measured:.6} is under {allowed}",
+                        o.name, o.kind
+                    ),
+                    _ => format!(
+                        "{} ({}): {what} {measured:.6} is over {allowed}",
+                        o.name, o.kind
+                    ),
+                });
             }
         }
         out
+    }
+
+    /// How far the worst judged figure is towards its tolerance: 0 for an exact match, 1 at
+    /// the tolerance, more past it (infinite for NaN). The fallback ranks weights by it.
+    pub fn distance(&self, tolerance: &Tolerance) -> f64 {
+        self.outputs
+            .iter()
+            .flat_map(|o| {
+                let nan = o.max_abs_error.is_nan().then_some(f64::INFINITY);
+                o.figures(tolerance)
+                    .into_iter()
+                    .map(|f| f.3)
+                    .chain(nan)
+                    .collect::<Vec<_>>()
+            })
+            .fold(0.0, f64::max)
     }
 }
 
@@ -97,16 +266,32 @@ impl fmt::Display for AccuracyReport {
             if i > 0 {
                 f.write_str("; ")?;
             }
-            write!(
-                f,
-                "{}: max abs error {:.6}, cosine {:.6}",
-                o.name, o.max_abs_error, o.cosine
-            )?;
-            if let Some(a) = o.top1_agreement {
-                write!(f, ", top-1 agreement {:.1} %", a * 100.0)?;
-            }
+            write!(f, "{o}")?;
         }
         write!(f, " ({} rows, {})", self.rows, self.samples)
+    }
+}
+
+impl fmt::Display for OutputAccuracy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({}{}): max abs error {:.6}",
+            self.name,
+            self.kind,
+            if self.judged { "" } else { ", not judged" },
+            self.max_abs_error,
+        )?;
+        if matches!(self.kind, OutputKind::Embedding | OutputKind::Hidden) {
+            write!(f, ", smallest vector cosine {:.6}", self.min_vector_cosine)?;
+        }
+        if let Some(a) = self.top1_agreement {
+            write!(f, ", top-1 agreement {:.1} %", a * 100.0)?;
+        }
+        if let Some(p) = self.max_prob_error {
+            write!(f, ", probability error {p:.6}")?;
+        }
+        Ok(())
     }
 }
 
@@ -120,6 +305,14 @@ pub struct GraphFacts {
 }
 
 impl GraphFacts {
+    /// The output kinds the graph says: a Softmax's output is a classifier.
+    pub fn kinds(&self) -> HashMap<String, OutputKind> {
+        self.softmax_outputs
+            .iter()
+            .map(|o| (o.clone(), OutputKind::Classifier))
+            .collect()
+    }
+
     /// Reads the facts from an ONNX file.
     pub fn read(model: &[u8]) -> Result<Self, String> {
         let proto = ModelProto::decode(model).map_err(|e| format!("not an ONNX model: {e}"))?;
@@ -245,13 +438,13 @@ pub fn generate_samples(
         .collect()
 }
 
-/// Runs `reference` and `candidate` on `samples` and measures the difference. `classifiers`
-/// names the outputs whose top-1 class is compared.
+/// Runs `reference` and `candidate` on `samples` and measures the difference. `kinds` names
+/// what outputs are; the others' kind is read from their shape ([`OutputKind::from_shape`]).
 pub fn compare(
     reference: &TractModel,
     candidate: &TractModel,
     samples: &[Tensor],
-    classifiers: &HashSet<String>,
+    kinds: &HashMap<String, OutputKind>,
     source: &str,
 ) -> Result<AccuracyReport, String> {
     let want = reference
@@ -265,7 +458,7 @@ pub fn compare(
         .and_then(|t| t.shape().first())
         .copied()
         .unwrap_or(1);
-    let outputs = want
+    let mut outputs = want
         .iter()
         .zip(&got)
         .map(|(w, g)| {
@@ -290,26 +483,77 @@ pub fn compare(
                     b.len()
                 ));
             }
-            let classes = w.shape().last().copied().unwrap_or(1) as usize;
-            let top1_agreement = (classifiers.contains(&name) && classes > 1)
-                .then(|| agreement(&a, &b, classes));
+            let width = usize::try_from(w.shape().last().copied().unwrap_or(1))
+                .unwrap_or(1)
+                .max(1);
+            let kind = kinds
+                .get(&name)
+                .copied()
+                .unwrap_or_else(|| OutputKind::from_shape(w.shape()));
+            let classifier = kind == OutputKind::Classifier && width > 1;
             Ok(OutputAccuracy {
-                max_abs_error: a
-                    .iter()
-                    .zip(&b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0.0, f64::max),
+                max_abs_error: max_abs_error(&a, &b),
                 cosine: cosine(&a, &b),
-                top1_agreement,
+                min_vector_cosine: a
+                    .chunks(width)
+                    .zip(b.chunks(width))
+                    .map(|(x, y)| cosine(x, y))
+                    .fold(1.0, |m, c| if c.is_nan() || c < m { c } else { m }),
+                top1_agreement: classifier.then(|| agreement(&a, &b, width)),
+                max_prob_error: classifier.then(|| {
+                    let (pa, pb) = (probabilities(&a, width), probabilities(&b, width));
+                    max_abs_error(&pa, &pb)
+                }),
+                judged: kind != OutputKind::Hidden,
+                kind,
                 name,
             })
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<Vec<_>, String>>()?;
+    // A model whose outputs are all hidden states is judged on them.
+    if !outputs.iter().any(|o| o.judged) {
+        for o in &mut outputs {
+            o.judged = true;
+        }
+    }
     Ok(AccuracyReport {
         samples: source.to_owned(),
         rows,
         outputs,
     })
+}
+
+fn max_abs_error(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(d)
+            }
+        })
+}
+
+/// The rows of `values` (`width` a row) as probabilities: as they are when every row already is
+/// one (values in `[0, 1]` summing to 1), else the softmax of each row (logits).
+fn probabilities(values: &[f64], width: usize) -> Vec<f64> {
+    let is_distribution = values.chunks(width).all(|row| {
+        row.iter().all(|v| (0.0..=1.0).contains(v)) && (row.iter().sum::<f64>() - 1.0).abs() < 1e-3
+    });
+    if is_distribution {
+        return values.to_vec();
+    }
+    values
+        .chunks(width)
+        .flat_map(|row| {
+            let top = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let exp: Vec<f64> = row.iter().map(|v| (v - top).exp()).collect();
+            let sum: f64 = exp.iter().sum();
+            exp.into_iter().map(move |e| e / sum)
+        })
+        .collect()
 }
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -371,40 +615,132 @@ mod tests {
     use super::*;
     use outpost_shared::Dim;
 
-    fn output(name: &str, err: f64, cos: f64, top1: Option<f64>) -> OutputAccuracy {
+    fn output(
+        name: &str,
+        kind: OutputKind,
+        err: f64,
+        cos: f64,
+        top1: Option<f64>,
+    ) -> OutputAccuracy {
         OutputAccuracy {
             name: name.into(),
+            kind,
+            judged: kind != OutputKind::Hidden,
             max_abs_error: err,
             cosine: cos,
+            min_vector_cosine: cos,
             top1_agreement: top1,
+            max_prob_error: top1.map(|_| err),
         }
     }
 
+    const TOLERANCE: Tolerance = Tolerance {
+        max_abs_error: 0.01,
+        max_prob_error: 0.02,
+        min_cosine: 0.99,
+        min_top1_agreement: 0.95,
+    };
+
     #[test]
-    fn violations_name_each_figure_over_tolerance() {
-        let tolerance = Tolerance {
-            max_abs_error: 0.01,
-            min_cosine: 0.999,
-            min_top1_agreement: 0.95,
-        };
+    fn each_kind_is_judged_by_its_own_figures() {
+        use OutputKind::*;
         let report = AccuracyReport {
             samples: "generated".into(),
             rows: 4,
             outputs: vec![
-                output("score", 0.001, 0.99999, None),
-                output("probs", 0.5, 0.9, Some(0.5)),
-                output("broken", f64::NAN, f64::NAN, None),
+                // A score with a cosine that would fail an embedding: judged by its error only.
+                output("score", Score, 0.001, 0.5, None),
+                output("probs", Classifier, 0.5, 0.9, Some(0.5)),
+                // An embedding with a large element error but the right direction passes.
+                output("embedding", Embedding, 0.3, 0.995, None),
+                output("bad_embedding", Embedding, 0.0, 0.9, None),
+                // A hidden state is shown, not judged.
+                output("hidden", Hidden, 0.28, 0.5, None),
+                output("broken", Score, f64::NAN, f64::NAN, None),
             ],
         };
-        let v = report.violations(&tolerance);
-        assert_eq!(v.len(), 5, "{v:?}");
-        assert!(v[0].starts_with("probs: max abs error 0.5"));
-        assert!(v[2].contains("top-1 agreement 50.0 % is under 95.0 %"));
-        assert!(v[3].starts_with("broken"), "NaN must fail: {v:?}");
+        let v = report.violations(&TOLERANCE);
+        assert_eq!(v.len(), 4, "{v:?}");
+        assert_eq!(
+            v[0],
+            "probs (classifier): top-1 agreement 50.0 % is under 95.0 %"
+        );
+        assert_eq!(
+            v[1],
+            "probs (classifier): probability error 0.500000 is over 0.02"
+        );
+        assert_eq!(
+            v[2],
+            "bad_embedding (embedding): smallest vector cosine 0.900000 is under 0.99"
+        );
+        assert!(v[3].starts_with("broken (score)"), "NaN must fail: {v:?}");
+        assert!(report.distance(&TOLERANCE).is_infinite());
         let text = report.to_string();
         assert!(
-            text.contains("probs: max abs error 0.500000, cosine 0.900000, top-1 agreement 50.0 %")
+            text.contains("hidden (hidden, not judged): max abs error 0.280000"),
+            "{text}"
         );
+        // An unjudged output that is NaN still fails: the model is broken.
+        let mut nan = output("hidden", Hidden, f64::NAN, f64::NAN, None);
+        nan.judged = false;
+        let broken = AccuracyReport {
+            outputs: vec![nan],
+            ..report.clone()
+        };
+        assert_eq!(
+            broken.violations(&TOLERANCE),
+            ["hidden: the quantised model produced NaN"]
+        );
+    }
+
+    #[test]
+    fn distance_is_one_at_the_tolerance() {
+        let at = |o: OutputAccuracy| {
+            AccuracyReport {
+                samples: String::new(),
+                rows: 1,
+                outputs: vec![o],
+            }
+            .distance(&TOLERANCE)
+        };
+        assert!((at(output("s", OutputKind::Score, 0.01, 1.0, None)) - 1.0).abs() < 1e-9);
+        assert!((at(output("e", OutputKind::Embedding, 0.0, 0.995, None)) - 0.5).abs() < 1e-9);
+        assert_eq!(at(output("h", OutputKind::Hidden, 9.0, 0.0, None)), 0.0);
+        let exact = Tolerance {
+            max_abs_error: 0.0,
+            ..TOLERANCE
+        };
+        let zero = AccuracyReport {
+            samples: String::new(),
+            rows: 1,
+            outputs: vec![output("s", OutputKind::Score, 0.0, 1.0, None)],
+        };
+        assert_eq!(zero.distance(&exact), 0.0);
+        assert_eq!(zero.violations(&exact), Vec::<String>::new());
+    }
+
+    #[test]
+    fn kinds_by_shape_and_by_name() {
+        assert_eq!(OutputKind::from_shape(&[4, 1]), OutputKind::Score);
+        assert_eq!(OutputKind::from_shape(&[4]), OutputKind::Score);
+        assert_eq!(OutputKind::from_shape(&[4, 384]), OutputKind::Embedding);
+        assert_eq!(OutputKind::from_shape(&[4, 8, 384]), OutputKind::Hidden);
+        for kind in OutputKind::ALL {
+            assert_eq!(kind.as_str().parse::<OutputKind>(), Ok(kind));
+        }
+        let err = "logits".parse::<OutputKind>().unwrap_err();
+        assert!(
+            err.contains("classifier, embedding, score or hidden"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn probabilities_of_logits_are_their_softmax() {
+        let probs = [0.25, 0.75, 1.0, 0.0];
+        assert_eq!(probabilities(&probs, 2), probs);
+        let p = probabilities(&[0.0, 0.0, 2.0, 2.0], 2);
+        assert!(p.iter().all(|v| (v - 0.5).abs() < 1e-12), "{p:?}");
     }
 
     #[test]
@@ -433,7 +769,7 @@ mod tests {
         ];
         let facts = GraphFacts {
             index_bounds: HashMap::from([("ids".to_owned(), 10)]),
-            softmax_outputs: HashSet::new(),
+            ..GraphFacts::default()
         };
         let samples = generate_samples(&specs, &facts, 7).unwrap();
         assert_eq!(samples[0].shape(), &[SAMPLE_ROWS, SAMPLE_WIDTH]);

@@ -47,6 +47,10 @@ pub struct QuantizeReport {
     pub fp32_bytes: u64,
     /// The int8 model's size in bytes.
     pub int8_bytes: u64,
+    /// Weights that could be int8 but were kept in fp32 (the gate's fallback), in the order they
+    /// were kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_fp32: Vec<String>,
 }
 
 impl QuantizeReport {
@@ -66,6 +70,8 @@ pub struct Quantized {
     pub bytes: Vec<u8>,
     /// What was done.
     pub report: QuantizeReport,
+    /// The weights stored as int8, with their element counts, in file order.
+    pub weights: Vec<(String, u64)>,
 }
 
 /// Why a model could not be quantised.
@@ -89,6 +95,12 @@ pub enum QuantizeError {
 
 /// Quantises the weights of `model` (an ONNX file) to int8.
 pub fn quantize_int8(model: &[u8]) -> Result<Quantized, QuantizeError> {
+    quantize_int8_keeping(model, &[])
+}
+
+/// Quantises the weights of `model` to int8 but those named in `keep`, which stay fp32 (and are
+/// listed in the report's `kept_fp32`).
+pub fn quantize_int8_keeping(model: &[u8], keep: &[String]) -> Result<Quantized, QuantizeError> {
     let mut proto = ModelProto::decode(model).map_err(|e| QuantizeError::NotOnnx(e.to_string()))?;
     if proto.metadata_props.iter().any(|p| p.key == METADATA_KEY) {
         return Err(QuantizeError::AlreadyQuantized);
@@ -121,7 +133,9 @@ pub fn quantize_int8(model: &[u8]) -> Result<Quantized, QuantizeError> {
         weights: 0,
         fp32_bytes: model.len() as u64,
         int8_bytes: 0,
+        kept_fp32: Vec::new(),
     };
+    let mut weights = Vec::new();
     let mut dequantize = Vec::new();
     let mut quantized_names = HashSet::new();
     let mut initializers = Vec::with_capacity(graph.initializer.len() + 8);
@@ -135,6 +149,11 @@ pub fn quantize_int8(model: &[u8]) -> Result<Quantized, QuantizeError> {
             continue;
         };
         if values.len() < MIN_ELEMENTS {
+            initializers.push(tensor);
+            continue;
+        }
+        if keep.contains(&tensor.name) {
+            report.kept_fp32.push(tensor.name.clone());
             initializers.push(tensor);
             continue;
         }
@@ -158,6 +177,7 @@ pub fn quantize_int8(model: &[u8]) -> Result<Quantized, QuantizeError> {
         });
         report.tensors += 1;
         report.weights += values.len() as u64;
+        weights.push((tensor.name.clone(), values.len() as u64));
         quantized_names.insert(tensor.name.clone());
         initializers.push(TensorProto {
             dims: tensor.dims.clone(),
@@ -186,7 +206,15 @@ pub fn quantize_int8(model: &[u8]) -> Result<Quantized, QuantizeError> {
     });
     let bytes = proto.encode_to_vec();
     report.int8_bytes = bytes.len() as u64;
-    Ok(Quantized { bytes, report })
+    // In the order asked (the fallback's order: most sensitive first).
+    report
+        .kept_fp32
+        .sort_by_key(|name| keep.iter().position(|k| k == name));
+    Ok(Quantized {
+        bytes,
+        report,
+        weights,
+    })
 }
 
 /// The weights worth quantising, with the axis of their output channels: the right operand of

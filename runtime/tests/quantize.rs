@@ -20,6 +20,7 @@ fn default_tolerance() -> Tolerance {
     let r = RegistrySection::default();
     Tolerance {
         max_abs_error: r.int8_max_abs_error,
+        max_prob_error: r.int8_max_prob_error,
         min_cosine: r.int8_min_cosine,
         min_top1_agreement: r.int8_min_top1_agreement,
     }
@@ -32,7 +33,7 @@ fn gate(fp32: &[u8], int8: &[u8]) -> accuracy::AccuracyReport {
         TractModel::load(int8).unwrap(),
     );
     let samples = accuracy::generate_samples(&a.inputs, &facts, 1).unwrap();
-    accuracy::compare(&a, &b, &samples, &facts.softmax_outputs, "generated").unwrap()
+    accuracy::compare(&a, &b, &samples, &facts.kinds(), "generated").unwrap()
 }
 
 #[test]
@@ -241,4 +242,82 @@ fn a_retrained_intent_head_is_under_two_percent_of_the_int8_variant() {
     );
     assert!(by_tensor * 50 <= v2.len(), "{by_tensor} of {}", v2.len());
     assert!(by_tensor < plain);
+}
+
+#[test]
+fn named_weights_stay_fp32_and_the_rest_is_int8() {
+    use model_zoo::gate::{OUTLIER_WEIGHT, outlier_ranker};
+    let fp32 = outlier_ranker(DEFAULT_SEED);
+    let all = quantize::quantize_int8(&fp32).unwrap();
+    assert_eq!(
+        all.weights,
+        [
+            ("exact.weight".to_owned(), 4096),
+            (OUTLIER_WEIGHT.to_owned(), 1024)
+        ]
+    );
+    // All-int8 misses the score's tolerance: the outlier's column zeroes its small weights.
+    let missed = gate(&fp32, &all.bytes).violations(&default_tolerance());
+    assert!(
+        missed.len() == 1 && missed[0].starts_with("score (score): max abs error"),
+        "{missed:?}"
+    );
+    let keep = [OUTLIER_WEIGHT.to_owned(), "no-such-weight".to_owned()];
+    let kept = quantize::quantize_int8_keeping(&fp32, &keep).unwrap();
+    assert_eq!(kept.report.kept_fp32, [OUTLIER_WEIGHT]);
+    assert_eq!(kept.report.tensors, 1);
+    assert_eq!(kept.weights, [("exact.weight".to_owned(), 4096)]);
+    let graph = ModelProto::decode(&kept.bytes[..]).unwrap().graph.unwrap();
+    let weight = graph
+        .initializer
+        .iter()
+        .find(|t| t.name == OUTLIER_WEIGHT)
+        .unwrap();
+    assert_eq!(weight.data_type, PbType::Float as i32);
+    // exact.weight holds multiples of its int8 step: quantised, it is exact.
+    let report = gate(&fp32, &kept.bytes);
+    assert!(report.outputs[0].max_abs_error < 1e-3, "{report}");
+    assert_eq!(
+        report.violations(&default_tolerance()),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn outputs_are_judged_by_kind() {
+    use model_zoo::gate::encoder_outputs;
+    use outpost_runtime::accuracy::OutputKind;
+    let fp32 = encoder_outputs(DEFAULT_SEED);
+    let q = quantize::quantize_int8(&fp32).unwrap();
+    let report = gate(&fp32, &q.bytes);
+    let kinds: Vec<(OutputKind, bool)> =
+        report.outputs.iter().map(|o| (o.kind, o.judged)).collect();
+    assert_eq!(
+        kinds,
+        [(OutputKind::Hidden, false), (OutputKind::Embedding, true)],
+        "{report}"
+    );
+    assert_eq!(
+        report.violations(&default_tolerance()),
+        Vec::<String>::new(),
+        "{report}"
+    );
+    // The same figures fail when the embedding is read as a score.
+    let (a, b) = (
+        TractModel::load(&fp32).unwrap(),
+        TractModel::load(&q.bytes).unwrap(),
+    );
+    let samples = accuracy::generate_samples(&a.inputs, &GraphFacts::default(), 1).unwrap();
+    let kinds = std::collections::HashMap::from([("embedding".to_owned(), OutputKind::Score)]);
+    let as_score = accuracy::compare(&a, &b, &samples, &kinds, "generated").unwrap();
+    let v = as_score.violations(&default_tolerance());
+    assert!(
+        v.len() == 1 && v[0].starts_with("embedding (score)"),
+        "{v:?}"
+    );
+    // A model with only hidden states is judged on them.
+    let only_hidden =
+        std::collections::HashMap::from([("embedding".to_owned(), OutputKind::Hidden)]);
+    let hidden = accuracy::compare(&a, &b, &samples, &only_hidden, "generated").unwrap();
+    assert!(hidden.outputs.iter().all(|o| o.judged), "{hidden}");
 }

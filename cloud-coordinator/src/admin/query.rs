@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use outpost_shared::Placement;
 
-use crate::registry::Quantize;
+use outpost_runtime::accuracy::OutputKind;
+
+use crate::registry::{Int8Overrides, Quantize};
 
 /// The query of a push, `POST /v1/models/{name}?…`: written by the client, read by the server.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +22,12 @@ pub struct PushQuery {
     /// The edge variant's weights (`quantize`: `none` or `int8`; default: int8 when devices run
     /// the model).
     pub quantize: Option<Quantize>,
+    /// What outputs are, for the int8 gate (`output_kinds=NAME:KIND,…`, KIND one of
+    /// classifier, embedding, score, hidden); the others' kind is read from the model.
+    pub output_kinds: Vec<(String, OutputKind)>,
+    /// Overrides of the int8 gate's tolerance (`int8_max_abs_error`, `int8_max_prob_error`,
+    /// `int8_min_cosine`, `int8_min_top1_agreement`, `int8_max_kept_share`: as in `[registry]`).
+    pub int8: Int8Overrides,
     /// Measure and report only (`dry_run`).
     pub dry_run: bool,
     /// The cloud model's size at the end of the body, before the samples (`cloud_size`).
@@ -47,6 +55,8 @@ impl Default for PushQuery {
             rollout_percent: 100,
             max_batch: None,
             quantize: None,
+            output_kinds: Vec::new(),
+            int8: Int8Overrides::default(),
             dry_run: false,
             cloud_size: None,
             samples_size: None,
@@ -84,6 +94,19 @@ impl PushQuery {
         ] {
             if let Some(n) = size {
                 query.push_str(&format!("&{key}={n}"));
+            }
+        }
+        if !self.output_kinds.is_empty() {
+            let kinds: Vec<String> = self
+                .output_kinds
+                .iter()
+                .map(|(name, kind)| format!("{name}:{kind}"))
+                .collect();
+            query.push_str(&format!("&output_kinds={}", encode(&kinds.join(","))));
+        }
+        for (key, value) in self.int8.entries() {
+            if let Some(v) = value {
+                query.push_str(&format!("&{key}={v}"));
             }
         }
         if let Some(p) = self.canary {
@@ -202,7 +225,26 @@ impl PushQuery {
             share("max_p99_regression")?,
             share("max_offload_increase")?,
         );
+        let output_kinds = match query.get("output_kinds") {
+            None => Vec::new(),
+            Some(text) => parse_output_kinds(text)?,
+        };
+        let mut int8 = Int8Overrides::default();
+        for (key, _) in Int8Overrides::default().entries() {
+            let Some(text) = query.get(key) else { continue };
+            let value: f64 = text
+                .parse()
+                .map_err(|_| format!("{key} must be a number, not {text:?}"))?;
+            if let Some(problem) = firmware_config::int8_tolerance_problem(key, value) {
+                return Err(format!("{key} {problem}"));
+            }
+            if let Some(slot) = int8.entry_mut(key) {
+                *slot = Some(value);
+            }
+        }
         Ok(PushQuery {
+            output_kinds,
+            int8,
             placement,
             rollout_percent: canary.unwrap_or(rollout_percent),
             max_batch,
@@ -217,6 +259,22 @@ impl PushQuery {
             max_offload_increase,
         })
     }
+}
+
+/// `NAME:KIND,NAME:KIND`: the last `:` of each item splits the output's name from its kind.
+pub fn parse_output_kinds(text: &str) -> Result<Vec<(String, OutputKind)>, String> {
+    text.split(',')
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (name, kind) = item.rsplit_once(':').ok_or_else(|| {
+                format!("output_kinds item {item:?} must be NAME:KIND (e.g. sentence_embedding:embedding)")
+            })?;
+            if name.is_empty() {
+                return Err(format!("output_kinds item {item:?} has no output name"));
+            }
+            Ok((name.to_owned(), kind.parse::<OutputKind>()?))
+        })
+        .collect()
 }
 
 /// `local`, `cloud`, or `cascade:OUTPUT:THRESHOLD`.
@@ -395,6 +453,46 @@ mod tests {
             PushQuery::parse(&parse_query("")).unwrap(),
             PushQuery::default()
         );
+    }
+
+    #[test]
+    fn gate_overrides_round_trip_and_bad_ones_are_named() {
+        let query = PushQuery {
+            output_kinds: vec![
+                ("sentence_embedding".into(), OutputKind::Embedding),
+                ("output:0".into(), OutputKind::Hidden),
+            ],
+            int8: Int8Overrides {
+                min_cosine: Some(0.98),
+                max_kept_share: Some(0.25),
+                ..Int8Overrides::default()
+            },
+            ..PushQuery::default()
+        };
+        assert_eq!(
+            PushQuery::parse(&parse_query(&query.to_query())).unwrap(),
+            query
+        );
+        for (bad, names) in [
+            ("output_kinds=probs:logits", "must be classifier, embedding"),
+            ("output_kinds=probs", "must be NAME:KIND"),
+            ("output_kinds=:score", "has no output name"),
+            (
+                "int8_min_cosine=2",
+                "int8_min_cosine must be between -1 and 1",
+            ),
+            (
+                "int8_max_abs_error=-0.1",
+                "int8_max_abs_error must be a finite",
+            ),
+            (
+                "int8_max_kept_share=x",
+                "int8_max_kept_share must be a number",
+            ),
+        ] {
+            let e = PushQuery::parse(&parse_query(bad)).unwrap_err();
+            assert!(e.contains(names), "{bad}: {e}");
+        }
     }
 
     #[test]

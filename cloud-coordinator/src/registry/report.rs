@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use outpost_runtime::accuracy::AccuracyReport;
+use outpost_runtime::accuracy::{AccuracyReport, OutputKind, Tolerance};
 use outpost_runtime::quantize::QuantizeReport;
 use outpost_shared::{ChunkId, ModelVersion, Placement, Target, TensorSpec, Variant};
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,11 @@ pub struct PushRequest {
     /// Inputs for the accuracy gate, as an Open Inference Protocol request body
     /// (`{"inputs": [...]}`); generated from the signature when absent.
     pub samples: Option<Vec<u8>>,
+    /// What outputs are, for the accuracy gate; the others' kind is read from the graph and
+    /// their shape ([`OutputKind`]).
+    pub output_kinds: Vec<(String, OutputKind)>,
+    /// This push's overrides of the gate's tolerance (`[registry] int8_*`).
+    pub int8: Int8Overrides,
     /// Measure and report, but store and publish nothing.
     pub dry_run: bool,
     /// When the version goes out as a candidate: the health gate that widens, promotes or
@@ -49,13 +54,99 @@ pub enum Quantize {
     Int8,
 }
 
+/// One push's overrides of the int8 gate's tolerance; `None` keeps `[registry]`'s.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Int8Overrides {
+    /// `int8_max_abs_error` (scores).
+    pub max_abs_error: Option<f64>,
+    /// `int8_max_prob_error` (classifiers).
+    pub max_prob_error: Option<f64>,
+    /// `int8_min_cosine` (embeddings).
+    pub min_cosine: Option<f64>,
+    /// `int8_min_top1_agreement` (classifiers).
+    pub min_top1_agreement: Option<f64>,
+    /// `int8_max_kept_share` (the fallback).
+    pub max_kept_share: Option<f64>,
+}
+
+impl Int8Overrides {
+    /// Each override with its key, as the push query and `[registry]` name it.
+    pub fn entries(&self) -> [(&'static str, Option<f64>); 5] {
+        [
+            ("int8_max_abs_error", self.max_abs_error),
+            ("int8_max_prob_error", self.max_prob_error),
+            ("int8_min_cosine", self.min_cosine),
+            ("int8_min_top1_agreement", self.min_top1_agreement),
+            ("int8_max_kept_share", self.max_kept_share),
+        ]
+    }
+
+    /// The override named `key`, to set.
+    pub fn entry_mut(&mut self, key: &str) -> Option<&mut Option<f64>> {
+        match key {
+            "int8_max_abs_error" => Some(&mut self.max_abs_error),
+            "int8_max_prob_error" => Some(&mut self.max_prob_error),
+            "int8_min_cosine" => Some(&mut self.min_cosine),
+            "int8_min_top1_agreement" => Some(&mut self.min_top1_agreement),
+            "int8_max_kept_share" => Some(&mut self.max_kept_share),
+            _ => None,
+        }
+    }
+
+    /// `defaults` with these overrides.
+    pub fn apply(&self, defaults: &Tolerance) -> Tolerance {
+        Tolerance {
+            max_abs_error: self.max_abs_error.unwrap_or(defaults.max_abs_error),
+            max_prob_error: self.max_prob_error.unwrap_or(defaults.max_prob_error),
+            min_cosine: self.min_cosine.unwrap_or(defaults.min_cosine),
+            min_top1_agreement: self
+                .min_top1_agreement
+                .unwrap_or(defaults.min_top1_agreement),
+        }
+    }
+}
+
 /// What making the int8 edge variant did: kept per version, shown by `GET /v1/models`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EdgeReport {
     /// Sizes and what was quantised.
     pub quantize: QuantizeReport,
-    /// The accuracy gate's figures against the fp32 model.
+    /// The accuracy gate's figures against the fp32 model (of the variant shipped).
     pub accuracy: AccuracyReport,
+    /// When the all-int8 variant missed the tolerance: the weights kept in fp32 so that it
+    /// passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+}
+
+/// How the gate quantised less: the all-int8 variant missed the tolerance, so the weights that
+/// hurt most when quantised alone were kept in fp32, one by one, until it passed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fallback {
+    /// What the all-int8 variant missed.
+    pub missed: Vec<String>,
+    /// The weights kept in fp32, most sensitive first.
+    pub kept: Vec<KeptWeight>,
+    /// The share (0–1) of the quantisable weights, by element count, kept in fp32.
+    pub kept_share: f64,
+    /// What keeping them costs: bytes over the all-int8 variant.
+    pub extra_bytes: u64,
+    /// The all-int8 variant's size in bytes.
+    pub all_int8_bytes: u64,
+    /// Gate runs it took (one a weight to rank them, one a weight kept).
+    pub gate_runs: usize,
+}
+
+/// A weight the fallback kept in fp32.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeptWeight {
+    /// The initializer.
+    pub name: String,
+    /// Its elements.
+    pub elements: u64,
+    /// How far the gate was towards its tolerance with this weight alone quantised (1: at the
+    /// tolerance); `None` when that made the model produce NaN or infinity.
+    pub distance_alone: Option<f64>,
 }
 
 /// How much of a variant devices that run the stable version lack.
