@@ -95,29 +95,20 @@ impl Gate<'_> {
                 "the int8 variant does not load ({e}); push with quantize=none"
             ))
         })?;
-        if self.operator_samples {
-            accuracy::compare(
-                self.fp32,
-                &int8,
-                &self.samples,
-                &self.kinds,
-                "the operator's samples",
-            )
-            .map_err(|e| RegistryError::BadRequest(format!("sample file: {e}")))
+        let source = if self.operator_samples {
+            "the operator's samples"
         } else {
-            accuracy::compare(
-                self.fp32,
-                &int8,
-                &self.samples,
-                &self.kinds,
-                "generated from the signature",
-            )
-            .map_err(|e| {
+            "generated from the signature"
+        };
+        accuracy::compare(self.fp32, &int8, &self.samples, &self.kinds, source).map_err(|e| {
+            if self.operator_samples {
+                RegistryError::BadRequest(format!("sample file: {e}"))
+            } else {
                 RegistryError::BadModel(format!(
                     "accuracy gate: {e}; give sample inputs (samples) or push with quantize=none"
                 ))
-            })
-        }
+            }
+        })
     }
 
     /// The fallback: ranks the weights of `all_int8` by the gate's distance with each alone
