@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use crate::error::RegistryError;
 use crate::metrics::Metrics;
 use crate::mqtt::{Announcer, FleetView};
-use crate::registry::{Int8Overrides, PushRequest, Registry, RolloutAction};
+use crate::registry::{Int8Overrides, PushRequest, Registry, RolloutAction, TextOptions};
 
 mod query;
 
@@ -336,7 +336,7 @@ async fn push(
         Ok(o) => o,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    // The body is the model, then the optional cloud model, then the optional sample file: each
+    // The body is the model, then the optional cloud model, tokenizer and sample file: each
     // optional part is cut from the end by its size.
     let mut body = body.to_vec();
     let mut take_tail = |key: &str, size: Option<usize>| -> Result<Option<Vec<u8>>, String> {
@@ -355,6 +355,10 @@ async fn push(
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    let tokenizer = match take_tail("tokenizer_size", options.tokenizer_size) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
     let cloud_model = match take_tail("cloud_size", options.cloud_size) {
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -369,6 +373,8 @@ async fn push(
         max_batch: options.max_batch,
         quantize: options.quantize,
         samples,
+        tokenizer,
+        text: options.text,
         output_kinds: options.output_kinds,
         int8: options.int8,
         dry_run: options.dry_run,
@@ -547,6 +553,16 @@ async fn run_finetune(
         max_batch: source.max_batch,
         quantize: Some(source.quantize),
         samples: None,
+        tokenizer: source.text.as_ref().map(|(_, json)| json.clone()),
+        text: source
+            .text
+            .as_ref()
+            .map(|(spec, _)| TextOptions {
+                name: Some(spec.name.clone()),
+                max_tokens: Some(spec.max_tokens),
+                truncate: spec.truncate,
+            })
+            .unwrap_or_default(),
         output_kinds: Vec::new(),
         int8: Int8Overrides::default(),
         dry_run: options.dry_run,

@@ -90,6 +90,9 @@ pub struct PushOptions {
     pub cloud_model: Option<Vec<u8>>,
     /// Inputs for the int8 accuracy gate: an inference request body (`{"inputs": [...]}`).
     pub samples: Option<Vec<u8>>,
+    /// A HuggingFace `tokenizer.json`: devices then take text for the model's token ids
+    /// (`query.text` describes the text input).
+    pub tokenizer: Option<Vec<u8>>,
 }
 
 impl PushOptions {
@@ -132,6 +135,12 @@ impl PushOptions {
     /// The accuracy gate's sample file.
     pub fn samples(mut self, bytes: Vec<u8>) -> Self {
         self.samples = Some(bytes);
+        self
+    }
+
+    /// The model's `tokenizer.json`: devices take text for it.
+    pub fn tokenizer(mut self, json: Vec<u8>) -> Self {
+        self.tokenizer = Some(json);
         self
     }
 }
@@ -231,8 +240,9 @@ impl AdminClient {
         let mut query = options.query.clone();
         query.cloud_size = options.cloud_model.as_ref().map(Vec::len);
         query.samples_size = options.samples.as_ref().map(Vec::len);
-        // The body's order is the server's: model, cloud model, samples.
-        for extra in [&options.cloud_model, &options.samples]
+        query.tokenizer_size = options.tokenizer.as_ref().map(Vec::len);
+        // The body's order is the server's: model, cloud model, tokenizer, samples.
+        for extra in [&options.cloud_model, &options.tokenizer, &options.samples]
             .into_iter()
             .flatten()
         {

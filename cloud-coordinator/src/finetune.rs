@@ -16,6 +16,7 @@ use outpost_runtime::finetune::{
     self, Evaluation, Head, HeadKind, Label, TrainOptions, feature_model, find_head,
     head::read_head, parse_examples, write_head,
 };
+use outpost_runtime::text::TextTokenizer;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
@@ -232,8 +233,20 @@ pub fn train(
         .map_err(|e| RegistryError::Storage(format!("the stored model does not decode: {e}")))?;
     let head = find_head(&model, query.output.as_deref(), query.layer.as_deref())
         .map_err(|e| bad(format!("{name} version {}: {e}", source.version)))?;
-    let examples = parse_examples(data, &source.inputs, &head, MAX_EXAMPLES)
-        .map_err(|e| bad(e.to_string()))?;
+    let tokenizer = source
+        .text
+        .as_ref()
+        .map(|(spec, json)| TextTokenizer::load(json, spec))
+        .transpose()
+        .map_err(|e| RegistryError::Storage(format!("the stored tokenizer: {e}")))?;
+    let examples = parse_examples(
+        data,
+        &source.inputs,
+        &head,
+        MAX_EXAMPLES,
+        tokenizer.as_ref(),
+    )
+    .map_err(|e| bad(e.to_string()))?;
     let options = TrainOptions {
         holdout: query.holdout.unwrap_or(TrainOptions::default().holdout),
         seed: query.seed.unwrap_or(TrainOptions::default().seed),

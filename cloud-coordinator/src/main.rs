@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use cloud_coordinator::admin::{PlacementArg, PushQuery, parse_output_kinds};
-use cloud_coordinator::registry::{Int8Overrides, Quantize};
+use cloud_coordinator::registry::{Int8Overrides, Quantize, TextOptions};
 use cloud_coordinator::{ADMIN_TOKEN_FILE, AdminClient, Coordinator, PushOptions};
 use firmware_config::{CoordinatorConfig, FleetAuthority, HostPort};
 use outpost_runtime::accuracy::OutputKind;
@@ -85,6 +85,24 @@ enum Command {
         /// Without it the gate generates inputs from the model's signature.
         #[arg(long, value_name = "FILE")]
         samples: Option<PathBuf>,
+        /// The model's HuggingFace tokenizer.json (WordPiece, BPE or Unigram): devices then
+        /// take text, a BYTES input of UTF-8 strings, and tokenize it into the model's
+        /// input_ids (and attention_mask, token_type_ids when it has them). Token ids keep
+        /// working. Stored as chunks and signed with the model.
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
+        /// With --tokenizer: the text input's name apps send.
+        #[arg(long, value_name = "NAME", requires = "tokenizer", default_value = cloud_coordinator::registry::DEFAULT_TEXT_INPUT)]
+        text_input: String,
+        /// With --tokenizer: the most tokens a text may have, special tokens included
+        /// (default: the tokenizer's truncation length, else 512). The push runs the model
+        /// once at this length.
+        #[arg(long, value_name = "TOKENS", requires = "tokenizer")]
+        max_tokens: Option<u32>,
+        /// With --tokenizer: cut longer texts to --max-tokens (the answer's "truncated"
+        /// parameter lists them) instead of refusing them with a 400.
+        #[arg(long, requires = "tokenizer")]
+        truncate: bool,
         /// What an output is, for the int8 gate, which judges classifiers by top-1 agreement
         /// and probability error, embeddings by cosine, scores by absolute error, and shows
         /// hidden states without judging them. Repeat for several outputs. Default: a
@@ -363,6 +381,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_batch,
             quantize,
             samples,
+            tokenizer,
+            text_input,
+            max_tokens,
+            truncate,
             output_kinds,
             int8_max_abs_error,
             int8_max_prob_error,
@@ -404,10 +426,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         max_kept_share: int8_max_kept_share,
                     },
                     dry_run,
+                    text: TextOptions {
+                        name: tokenizer.is_some().then_some(text_input),
+                        max_tokens,
+                        truncate,
+                    },
                     ..PushQuery::default()
                 },
                 cloud_model: read(cloud)?,
                 samples: read(samples)?,
+                tokenizer: read(tokenizer)?,
             };
             let published = client.push(&name, model, &options).await?;
             if json {

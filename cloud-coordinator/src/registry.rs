@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use outpost_shared::cbor;
-use outpost_shared::release::Candidate;
+use outpost_shared::release::{Candidate, ChunkRef};
 use outpost_shared::{
     ChunkId, Manifest, ManifestSigner, ModelFormat, ModelVersion, Placement, Target, TensorSpec,
     Variant,
@@ -26,15 +26,17 @@ mod edge;
 mod finetune;
 mod report;
 mod rollout;
+mod text;
 
 use edge::CHECK_ONLY;
 pub use finetune::FinetuneSource;
 pub use report::{
     Delta, EdgeReport, Fallback, Int8Overrides, KeptWeight, ModelSummary, Outcome, Published,
-    PushRequest, Quantize, Stage, VariantSummary,
+    PushRequest, Quantize, Stage, TextOptions, VariantSummary,
 };
 use report::{delta, summary};
 pub use rollout::{GatedRollout, HISTORY, RolloutAction, RolloutEvent};
+pub use text::{DEFAULT_MAX_TOKENS, DEFAULT_TEXT_INPUT};
 
 const RECORD_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -228,11 +230,22 @@ impl Registry {
                     .into(),
             ));
         }
+        let text = match &request.tokenizer {
+            Some(_) => {
+                let facts = outpost_runtime::accuracy::GraphFacts::read(&request.model)
+                    .map_err(RegistryError::BadModel)?;
+                text::text_input(&request, &model, &facts)?
+            }
+            None => None,
+        };
         let (int8_bytes, edge_report) = match quantize {
-            Quantize::Int8 => self.int8_variant(&request, &model)?.unzip(),
+            Quantize::Int8 => self
+                .int8_variant(&request, &model, text.as_ref().map(|(_, t)| t))?
+                .unzip(),
             Quantize::None => (None, None),
         };
         drop(model);
+        let text = text.map(|(spec, _)| spec);
 
         let mut sources: Vec<(Target, &[u8])> = Vec::new();
         if on_devices {
@@ -277,12 +290,19 @@ impl Registry {
         let version = record.next_version;
         let as_candidate = request.rollout_percent < 100 && record.stable > 0;
 
+        // Every file the version stores, as its chunks and bytes: the variants and the tokenizer.
+        let mut files: Vec<(&[ChunkRef], &[u8])> = variants
+            .iter()
+            .map(|(v, bytes)| (v.chunks.as_slice(), *bytes))
+            .collect();
+        if let (Some(spec), Some(json)) = (&text, &request.tokenizer) {
+            files.push((spec.tokenizer.chunks.as_slice(), json.as_slice()));
+        }
         if request.dry_run {
             let mut new: HashSet<ChunkId> = HashSet::new();
-            for (variant, _) in &variants {
+            for (chunks, _) in &files {
                 new.extend(
-                    variant
-                        .chunks
+                    chunks
                         .iter()
                         .map(|c| c.id)
                         .filter(|id| !self.chunks.contains(id)),
@@ -307,13 +327,13 @@ impl Registry {
         }
 
         let mut new_chunks = 0;
-        for (variant, bytes) in &variants {
+        for (chunks, bytes) in &files {
             let mut offset = 0usize;
-            for c in &variant.chunks {
+            for c in *chunks {
                 let end = offset + c.size as usize;
-                let data = bytes.get(offset..end).ok_or_else(|| {
-                    RegistryError::Storage("a chunk runs past its variant".into())
-                })?;
+                let data = bytes
+                    .get(offset..end)
+                    .ok_or_else(|| RegistryError::Storage("a chunk runs past its file".into()))?;
                 if self
                     .chunks
                     .put(&c.id, data)
@@ -332,6 +352,7 @@ impl Registry {
             placement: request.placement,
             max_batch: request.max_batch,
             variants: variants.into_iter().map(|(v, _)| v).collect(),
+            text,
         });
         if let Some(report) = &edge_report {
             record.edge_reports.insert(version, report.clone());
@@ -518,6 +539,7 @@ impl Registry {
                 for variant in &v.variants {
                     referenced.extend(variant.chunks.iter().map(|c| c.id));
                 }
+                referenced.extend(v.extra_chunks().map(|c| c.id));
             }
         }
         crash_point!("registry.gc_listed");
@@ -565,6 +587,7 @@ impl Registry {
                     inputs: stable.inputs.clone(),
                     outputs: stable.outputs.clone(),
                     placement: stable.placement.clone(),
+                    text: stable.text.clone(),
                     variants: stable.variants.iter().map(summary).collect(),
                     edge: r.edge_reports.get(&r.stable).cloned(),
                     rollout_history: r.rollout_history.clone(),

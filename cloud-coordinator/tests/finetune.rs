@@ -197,6 +197,69 @@ async fn a_new_intent_rule_is_learnt_published_as_a_small_delta_and_not_learnt_t
     c.handle.shutdown().await;
 }
 
+/// A text model learns from the text itself: its tokenizer, pushed with it, tokenizes the
+/// examples, and the fine-tuned version keeps the tokenizer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_model_is_fine_tuned_on_text_and_keeps_its_tokenizer() {
+    let c = start().await;
+    let cascade = PushOptions::default()
+        .placement(Placement::Cascade {
+            output: "intent_probs".into(),
+            threshold: 0.6,
+        })
+        .tokenizer(model_zoo::vocab::tokenizer_json().into_bytes());
+    let bytes = model_zoo::TextModel::IntentClassifierText
+        .bytes(DEFAULT_SEED)
+        .unwrap();
+    c.push("intent-classifier-text", &cascade, &bytes).await;
+    let data = model_zoo::labelled::text_examples(7, 2000);
+    assert!(
+        data.lines().next().unwrap().starts_with("{\"label\":"),
+        "{data:.200}"
+    );
+    let report = c
+        .client()
+        .finetune(
+            "intent-classifier-text",
+            data.into_bytes(),
+            &FinetuneQuery {
+                rollout: Some(100),
+                ..FinetuneQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    eprintln!("{}", cloud_coordinator::finetune::describe(&report));
+    assert_eq!((report.head.inputs, report.head.outputs), (128, 16));
+    assert!(report.old.accuracy.unwrap() < 0.1, "{report:?}");
+    assert!(report.new.accuracy.unwrap() >= 0.9, "{report:?}");
+    let published = report.published.as_ref().unwrap();
+    assert_eq!(published.version, 2);
+    let models = c.client().models().await.unwrap();
+    let text = models[0]
+        .text
+        .as_ref()
+        .expect("version 2 keeps its text input");
+    assert_eq!(text.name, "text");
+    assert_eq!(text.max_tokens, 512);
+
+    // Text where the model has no tokenizer is a bad line that says so.
+    let plain = DemoModel::IntentClassifier.bytes(DEFAULT_SEED);
+    let fp32 = PushOptions::default().quantize(Quantize::None);
+    c.push("intent-classifier", &fp32, &plain).await;
+    let (status, message) = refusal(
+        c.client()
+            .finetune(
+                "intent-classifier",
+                model_zoo::labelled::text_examples(7, 200).into_bytes(),
+                &FinetuneQuery::default(),
+            )
+            .await,
+    );
+    assert_eq!(status, 400, "{message}");
+    assert!(message.contains("the model has no tokenizer"), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_score_head_is_retrained_and_a_model_without_its_fp32_file_is_refused() {
     let c = start().await;

@@ -201,19 +201,42 @@ fn metadata(ctx: &Context, name: &str, version: Option<&str>) -> Reply {
                         .collect()
                 })
                 .unwrap_or_default();
+            // A text model lists its text input first; its token inputs still work.
+            let inputs: Vec<outpost_shared::TensorSpec> = s
+                .text
+                .iter()
+                .map(|t| t.metadata_spec())
+                .chain(s.version.inputs.iter().cloned())
+                .collect();
+            let text = s.text.as_ref().map(|t| {
+                let spec = t.spec();
+                let token_inputs: Vec<&String> = [&spec.input_ids]
+                    .into_iter()
+                    .chain(spec.attention_mask.as_ref())
+                    .chain(spec.token_type_ids.as_ref())
+                    .collect();
+                json!({
+                    "name": spec.name,
+                    "tokenizer": t.kind(),
+                    "max_tokens": spec.max_tokens,
+                    "truncate": spec.truncate,
+                    "token_inputs": token_inputs,
+                })
+            });
             reply(
                 StatusCode::OK,
                 &json!({
                     "name": name,
                     "versions": versions,
                     "platform": "onnx",
-                    "inputs": specs(&s.version.inputs),
+                    "inputs": specs(&inputs),
                     "outputs": specs(&s.version.outputs),
                     "parameters": {
                         "engine": s.engine_name(),
                         "placement": s.version.placement,
                         "adapter": s.adapter,
                         "gpu_fallback": s.gpu_fallback,
+                        "text_input": text,
                     },
                 }),
             )
@@ -334,6 +357,9 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
             if let Some(note) = answer.note {
                 parameters.insert("fallback".into(), Value::String(note));
             }
+            if !answer.truncated.is_empty() {
+                parameters.insert("truncated".into(), json!(answer.truncated));
+            }
             let mut fields = Map::new();
             fields.insert("model_name".into(), json!(name));
             fields.insert("model_version".into(), json!(answer.version.to_string()));
@@ -452,6 +478,7 @@ mod tests {
             outputs: vec![],
             placement: Placement::Local,
             max_batch: None,
+            text: None,
             variants: vec![],
         }
     }

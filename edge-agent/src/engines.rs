@@ -7,8 +7,10 @@ use std::sync::Arc;
 use firmware_config::{EngineChoice, GpuPreference};
 use outpost_gpu::{GpuContext, GpuModel, GpuOptions};
 use outpost_runtime::admission::AdmissionLimits;
+use outpost_runtime::text::{TextError, TextTokenizer};
 use outpost_runtime::tract::{self, TractModel, TractOptions};
 use outpost_runtime::{AssembleError, ChunkStore, Engine, RunError};
+use outpost_shared::release::ChunkRef;
 use outpost_shared::{ModelVersion, Placement, Target, Variant};
 
 use crate::serving::Serving;
@@ -23,6 +25,9 @@ pub enum LoadError {
     /// tract cannot load the model.
     #[error(transparent)]
     Tract(#[from] tract::LoadError),
+    /// The version's tokenizer cannot be read.
+    #[error(transparent)]
+    Text(#[from] TextError),
     /// The model loads but cannot run zeros of its own signature.
     #[error(transparent)]
     WarmUp(#[from] RunError),
@@ -57,6 +62,15 @@ pub(crate) fn local_variant(version: &ModelVersion) -> Option<&Variant> {
     version
         .variant(Target::EdgeInt8)
         .or_else(|| version.variant(Target::EdgeFp32))
+}
+
+/// The chunks a device stores for `version`: its local variant's (none for a cloud-only
+/// version) and its tokenizer's (a text model's device tokenizes wherever the model runs).
+pub(crate) fn stored_chunks(version: &ModelVersion) -> impl Iterator<Item = &ChunkRef> {
+    local_variant(version)
+        .into_iter()
+        .flat_map(|v| v.chunks.iter())
+        .chain(version.extra_chunks())
 }
 
 /// The profile's inference threads, at most the CPUs present.
@@ -103,8 +117,25 @@ pub(crate) fn choose_gpu(
 
 impl Engines {
     /// Loads a version for serving from the stored chunks: its local engine (warmed up), or
-    /// none for a cloud-only version. Blocking.
+    /// none for a cloud-only version, and its tokenizer when it takes text. Blocking.
     pub(crate) fn load(
+        &self,
+        version: &ModelVersion,
+        chunks: &ChunkStore,
+    ) -> Result<Serving, LoadError> {
+        let text = match &version.text {
+            Some(spec) => {
+                let json = chunks.assemble_blob(&spec.tokenizer)?;
+                Some(Arc::new(TextTokenizer::load(&json, spec)?))
+            }
+            None => None,
+        };
+        let mut serving = self.load_engine(version, chunks)?;
+        serving.text = text;
+        Ok(serving)
+    }
+
+    fn load_engine(
         &self,
         version: &ModelVersion,
         chunks: &ChunkStore,

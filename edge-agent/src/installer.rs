@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::Context;
 use crate::counters::Counters;
-use crate::engines::{Engines, LoadError, local_variant};
+use crate::engines::{Engines, LoadError, stored_chunks};
 use crate::offload::OffloadError;
 use crate::plan::{Device, Install, KeptChunks, Refusal, plan_install};
 use crate::serving::ServingTable;
@@ -362,7 +362,7 @@ impl Installer {
                 store.save(&model, &record).map_err(InstallError::from)
             }
             Install::Switch { target, missing } => {
-                self.switch(record, manifest, target, missing).await
+                self.switch(record, manifest, *target, missing).await
             }
         };
         if outcome.is_ok() {
@@ -386,7 +386,7 @@ impl Installer {
         tracing::info!(
             model,
             version,
-            chunks = local_variant(&target).map_or(0, |v| v.chunks.len()),
+            chunks = stored_chunks(&target).count(),
             missing = missing.len(),
             "fetching"
         );
@@ -452,14 +452,10 @@ impl Installer {
             Err(e) => tracing::warn!(error = %e, "could not delete old chunks"),
         }
         let missing: std::collections::HashSet<&ChunkId> = missing.iter().collect();
-        let needed: u64 = local_variant(target).map_or(0, |variant| {
-            variant
-                .chunks
-                .iter()
-                .filter(|c| missing.contains(&c.id))
-                .map(|c| u64::from(c.size))
-                .sum()
-        });
+        let needed: u64 = stored_chunks(target)
+            .filter(|c| missing.contains(&c.id))
+            .map(|c| u64::from(c.size))
+            .sum();
         match self.ctx.store.available() {
             Ok(available) if available < needed.saturating_add(DISK_RESERVE) => {
                 return Err(InstallError::DiskFull {

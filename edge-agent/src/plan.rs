@@ -8,9 +8,9 @@ use std::collections::HashMap;
 
 use firmware_config::Profile;
 use outpost_shared::rollout::check_forward;
-use outpost_shared::{ChunkId, Manifest, ManifestError, ModelVersion, Variant};
+use outpost_shared::{ChunkId, Manifest, ManifestError, ModelVersion};
 
-use crate::engines::local_variant;
+use crate::engines::{local_variant, stored_chunks};
 use crate::store::Record;
 
 /// The device a release is judged for.
@@ -32,7 +32,7 @@ pub(crate) enum Install {
     /// Fetch the `missing` chunks (in order; possibly none), load `target`, and switch to it.
     Switch {
         /// The version this device runs: the candidate in its cohort, else stable.
-        target: ModelVersion,
+        target: Box<ModelVersion>,
         /// The chunks of its local variant not stored yet.
         missing: Vec<ChunkId>,
     },
@@ -98,28 +98,23 @@ impl KeptChunks {
             } else {
                 record.previous.as_ref()
             };
-            for variant in record
-                .active
-                .iter()
-                .chain(previous)
-                .filter_map(local_variant)
-            {
-                kept.add(variant);
+            for version in record.active.iter().chain(previous) {
+                kept.add(version);
             }
         }
         kept
     }
 
-    fn add(&mut self, variant: &Variant) {
-        for c in &variant.chunks {
+    fn add(&mut self, version: &ModelVersion) {
+        for c in stored_chunks(version) {
             self.0.insert(c.id, c.size);
         }
     }
 
-    /// The bytes kept once `variant` is kept too.
-    pub(crate) fn bytes_with(&self, variant: &Variant) -> u64 {
+    /// The bytes kept once `version` is kept too.
+    pub(crate) fn bytes_with(&self, version: &ModelVersion) -> u64 {
         let mut all = self.clone();
-        all.add(variant);
+        all.add(version);
         all.0.values().map(|&n| u64::from(n)).sum()
     }
 }
@@ -160,7 +155,6 @@ pub(crate) fn plan_install(
     {
         return Ok(Install::RecordRelease);
     }
-    let mut missing = Vec::new();
     if let Some(variant) = local_variant(target) {
         let limit = profile.max_model_mb.saturating_mul(1 << 20);
         if variant.size > limit {
@@ -171,7 +165,7 @@ pub(crate) fn plan_install(
             });
         }
         let budget = profile.storage_budget_mb.saturating_mul(1 << 20);
-        let with = kept.bytes_with(variant);
+        let with = kept.bytes_with(target);
         if with > budget {
             return Err(Refusal::OverBudget {
                 version: target.version,
@@ -179,15 +173,13 @@ pub(crate) fn plan_install(
                 budget,
             });
         }
-        missing = variant
-            .chunks
-            .iter()
-            .map(|c| c.id)
-            .filter(|id| !has_chunk(id))
-            .collect();
     }
+    let missing = stored_chunks(target)
+        .map(|c| c.id)
+        .filter(|id| !has_chunk(id))
+        .collect();
     Ok(Install::Switch {
-        target: target.clone(),
+        target: Box::new(target.clone()),
         missing,
     })
 }
@@ -197,7 +189,7 @@ mod tests {
     use std::collections::HashSet;
 
     use outpost_shared::release::ChunkRef;
-    use outpost_shared::{Candidate, Digest, ModelFormat, Placement, Target};
+    use outpost_shared::{Candidate, Digest, ModelFormat, Placement, Target, Variant};
 
     use super::*;
 
@@ -236,6 +228,7 @@ mod tests {
             outputs: vec![],
             placement,
             max_batch: None,
+            text: None,
             variants,
         }
     }
@@ -458,7 +451,7 @@ mod tests {
         let kept = KeptChunks::beside("m", [("m", &this), ("n", &neighbour)]);
         let next = local(3, &[shared, new]);
         // shared + old + other + new: 2 MiB; `shared` and `other` count once.
-        assert_eq!(kept.bytes_with(local_variant(&next).unwrap()), 2 * MB);
+        assert_eq!(kept.bytes_with(&next), 2 * MB);
         let m = release("m", 2, next);
         let judge = |budget_mb| {
             plan_install(&this, &m, device(), &profile(64, budget_mb), &kept, |_| {

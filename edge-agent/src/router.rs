@@ -27,6 +27,8 @@ pub struct Answer {
     pub rows_cloud: u64,
     /// Why the cloud was skipped, when it was.
     pub note: Option<String>,
+    /// The texts cut to the model's `max_tokens` (by position in the text input).
+    pub truncated: Vec<usize>,
 }
 
 /// Why an inference failed.
@@ -111,6 +113,68 @@ pub(crate) async fn infer(
     serving: &Serving,
     inputs: Vec<Tensor>,
 ) -> Result<Answer, RouteError> {
+    let max_elements = ctx.config.profile().max_request_elements();
+    let (inputs, truncated) = tokenize(serving, inputs, max_elements).await?;
+    let mut answer = route(ctx, model, serving, inputs).await?;
+    answer.truncated = truncated;
+    Ok(answer)
+}
+
+/// Replaces the text input, when the request carries it and the version takes text, by the
+/// model's token-id inputs (off the async threads); returns the inputs and the texts cut.
+async fn tokenize(
+    serving: &Serving,
+    mut inputs: Vec<Tensor>,
+    max_elements: u64,
+) -> Result<(Vec<Tensor>, Vec<usize>), RouteError> {
+    let Some(tokenizer) = serving.text.clone() else {
+        return Ok((inputs, Vec::new()));
+    };
+    let spec = tokenizer.spec();
+    let Some(at) = inputs.iter().position(|t| t.name() == spec.name) else {
+        return Ok((inputs, Vec::new()));
+    };
+    if let Some(both) = inputs.iter().find(|t| {
+        t.name() == spec.input_ids
+            || Some(t.name()) == spec.attention_mask.as_deref()
+            || Some(t.name()) == spec.token_type_ids.as_deref()
+    }) {
+        return Err(RouteError::BadInput(format!(
+            "send either the text {:?} or the token inputs ({:?}…), not both",
+            spec.name,
+            both.name()
+        )));
+    }
+    let ids = serving
+        .version
+        .inputs
+        .iter()
+        .find(|i| i.name == spec.input_ids)
+        .cloned()
+        .ok_or_else(|| RouteError::Failed("the model lost its token-id input".into()))?;
+    let text = inputs.remove(at);
+    let encoded = tokio::task::spawn_blocking(move || tokenizer.encode(&text, &ids))
+        .await
+        .map_err(|e| RouteError::Failed(e.to_string()))?
+        .map_err(|e| RouteError::BadInput(e.to_string()))?;
+    let elements: u64 = encoded.inputs.iter().map(Tensor::len).sum();
+    if elements > max_elements {
+        return Err(RouteError::BadInput(format!(
+            "the texts make {elements} token elements (padded to {} tokens), more than the {max_elements} one request may carry on this device (max_elements); send fewer or shorter texts",
+            encoded.length
+        )));
+    }
+    inputs.extend(encoded.inputs);
+    Ok((inputs, encoded.truncated))
+}
+
+/// Runs token-level `inputs` where the placement says.
+async fn route(
+    ctx: &Context,
+    model: &str,
+    serving: &Serving,
+    inputs: Vec<Tensor>,
+) -> Result<Answer, RouteError> {
     let version = serving.version.version;
     let n = rows(&inputs);
     let counters = &ctx.counters;
@@ -124,6 +188,7 @@ pub(crate) async fn infer(
                 rows_local: n,
                 rows_cloud: 0,
                 note: None,
+                truncated: Vec::new(),
             })
         }
         Placement::Cloud => {
@@ -140,6 +205,7 @@ pub(crate) async fn infer(
                 rows_local: 0,
                 rows_cloud: n,
                 note: None,
+                truncated: Vec::new(),
             })
         }
         Placement::Cascade { output, threshold } => {
@@ -153,6 +219,7 @@ pub(crate) async fn infer(
                     rows_local: n,
                     rows_cloud: 0,
                     note: None,
+                    truncated: Vec::new(),
                 });
             }
             let subset = inputs
@@ -175,6 +242,7 @@ pub(crate) async fn infer(
                         rows_local: n - cloud_rows,
                         rows_cloud: cloud_rows,
                         note: None,
+                        truncated: Vec::new(),
                     })
                 }
                 // Unsure answers are still answers: serve them, and say why the cloud was skipped.
@@ -184,6 +252,7 @@ pub(crate) async fn infer(
                     rows_local: n,
                     rows_cloud: 0,
                     note: Some(e.to_string()),
+                    truncated: Vec::new(),
                 }),
             }
         }

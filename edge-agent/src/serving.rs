@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use outpost_runtime::Engine;
 use outpost_runtime::admission::{Admission, AdmissionLimits};
+use outpost_runtime::text::TextTokenizer;
 use outpost_shared::ModelVersion;
 use tokio::sync::watch;
 
@@ -38,6 +39,8 @@ pub(crate) struct Serving {
     pub(crate) admission: Admission,
     /// The memory its engine is taken to hold ([`ENGINE_MEMORY_FACTOR`]), bytes; 0 in the cloud.
     pub(crate) memory: u64,
+    /// The tokenizer of its text input, when the version takes text.
+    pub(crate) text: Option<Arc<TextTokenizer>>,
 }
 
 impl Serving {
@@ -64,6 +67,7 @@ impl Serving {
             gpu_fallback: None,
             admission: Admission::new(limits),
             memory,
+            text: None,
         }
     }
 
@@ -288,6 +292,7 @@ mod tests {
             outputs: vec![],
             placement: outpost_shared::Placement::Cloud,
             max_batch: None,
+            text: None,
             variants: vec![],
         })
     }
@@ -357,6 +362,7 @@ mod tests {
             outputs: vec![],
             placement: outpost_shared::Placement::Local,
             max_batch: None,
+            text: None,
             variants: vec![outpost_shared::Variant {
                 target: outpost_shared::Target::EdgeInt8,
                 format: outpost_shared::release::ModelFormat::Onnx,

@@ -179,6 +179,7 @@ mod tests {
             outputs: vec![],
             placement: Placement::Cloud,
             max_batch: None,
+            text: None,
             variants: vec![],
         };
         table.serve_cached("m", Serving::cloud_only(&version), None);

@@ -156,6 +156,7 @@ impl Store {
                 for variant in &v.variants {
                     keep.extend(variant.chunks.iter().map(|c| c.id));
                 }
+                keep.extend(v.extra_chunks().map(|c| c.id));
             }
         }
         if let Some((name, version)) = installing
@@ -164,6 +165,7 @@ impl Store {
             for variant in &version.variants {
                 keep.extend(variant.chunks.iter().map(|c| c.id));
             }
+            keep.extend(version.extra_chunks().map(|c| c.id));
         }
         crash_point!("store.gc_kept_listed");
         let deleted = self
@@ -227,6 +229,7 @@ mod tests {
             outputs: vec![],
             placement: outpost_shared::Placement::Local,
             max_batch: None,
+            text: None,
             variants: vec![outpost_shared::Variant::describe(
                 outpost_shared::Target::EdgeInt8,
                 outpost_shared::ModelFormat::Onnx,

@@ -135,6 +135,7 @@ fn signing_key_signs_what_agents_verify() {
             }],
             placement: outpost_shared::Placement::Local,
             max_batch: None,
+            text: None,
             variants: vec![outpost_shared::Variant::describe(
                 outpost_shared::Target::EdgeFp32,
                 outpost_shared::ModelFormat::Onnx,

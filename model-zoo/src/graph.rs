@@ -56,6 +56,7 @@ pub struct GraphBuilder {
     inputs: Vec<ValueInfoProto>,
     outputs: Vec<ValueInfoProto>,
     next_id: usize,
+    opset: i64,
 }
 
 impl GraphBuilder {
@@ -67,7 +68,47 @@ impl GraphBuilder {
             inputs: Vec::new(),
             outputs: Vec::new(),
             next_id: 0,
+            opset: OPSET,
         }
+    }
+
+    /// Declares a later opset than [`OPSET`] (the text models are written at 14, as exporters of
+    /// BERT-class models write them).
+    pub fn with_opset(mut self, opset: i64) -> Self {
+        self.opset = opset;
+        self
+    }
+
+    /// The generator that fills the weights, for values drawn another way than [`Self::random`].
+    pub fn rng(&mut self) -> &mut Rng {
+        &mut self.rng
+    }
+
+    /// A fresh name, `{prefix}_{n}`, for a constant or a value that must not clash.
+    pub fn fresh(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}_{}", self.next_id)
+    }
+
+    /// Renames the value `from` (a node's output) to `to`, and every use of it.
+    pub fn rename_value(&mut self, from: &str, to: &str) {
+        for node in &mut self.nodes {
+            for name in node.input.iter_mut().chain(node.output.iter_mut()) {
+                if name == from {
+                    *name = to.to_owned();
+                }
+            }
+        }
+    }
+
+    /// A scalar i64 initializer (a `Gather` index, a `Range` bound).
+    pub fn int_scalar(&mut self, name: &str, value: i64) -> String {
+        self.initializer(name, DataType::Int64, &[], value.to_le_bytes().to_vec())
+    }
+
+    /// A scalar f32 initializer.
+    pub fn float_scalar(&mut self, name: &str, value: f32) -> String {
+        self.floats(name, &[], &[value])
     }
 
     pub fn input(&mut self, name: &str, elem: DataType, dims: &[Dim]) -> String {
@@ -179,7 +220,7 @@ impl GraphBuilder {
             ir_version: 8,
             opset_import: vec![OperatorSetIdProto {
                 domain: String::new(),
-                version: OPSET,
+                version: self.opset,
             }],
             producer_name: "outpost-model-zoo".to_owned(),
             producer_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -31,6 +31,49 @@ pub enum LabelledError {
     Weight(String),
 }
 
+/// Words an operator's messages carry around their point, added to the example messages.
+const FILLER: [&str; 8] = [
+    "please", "hi", "thanks", "today", "again", "now", "help", "hello",
+];
+
+/// `count` labelled text examples for `intent-classifier-text` (`{"text": …, "label": …}`):
+/// the intent examples of [`crate::encoder::INTENT_EXAMPLES`], a word dropped or a polite word
+/// added here and there, each intent's messages labelled as another intent (a derangement
+/// drawn from `rule_seed`: this season's taxonomy). The old head answers the old intents, so it
+/// is at 0 %; the encoder's embedding keeps the messages of one intent together, so a new head
+/// learns the mapping.
+pub fn text_examples(rule_seed: u64, count: usize) -> String {
+    let mut rng = Rng::new(rule_seed ^ 0x7e47_da7a);
+    let n = INTENTS.len();
+    // A random rotation of the intents by 1..n: every intent moves.
+    let shift = 1 + (rng.next_u64() % (n as u64 - 1)) as usize;
+    let mut out = String::new();
+    for _ in 0..count {
+        let intent = (rng.next_u64() % n as u64) as usize;
+        let examples = &crate::encoder::INTENT_EXAMPLES[intent];
+        let base = examples[(rng.next_u64() % examples.len() as u64) as usize];
+        let mut words: Vec<&str> = base.split(' ').collect();
+        if words.len() > 3 && rng.next_u64().is_multiple_of(3) {
+            let at = (rng.next_u64() % words.len() as u64) as usize;
+            words.remove(at);
+        }
+        if rng.next_u64().is_multiple_of(2) {
+            let filler = FILLER[(rng.next_u64() % FILLER.len() as u64) as usize];
+            if rng.next_u64().is_multiple_of(2) {
+                words.insert(0, filler);
+            } else {
+                words.push(filler);
+            }
+        }
+        let line = serde_json::json!({
+            "text": words.join(" "),
+            "label": INTENTS[(intent + shift) % n],
+        });
+        let _ = writeln!(out, "{line}");
+    }
+    out
+}
+
 /// `count` labelled examples for `model` built from `model_seed`, labelled by the rule drawn from
 /// `rule_seed`, as JSON Lines.
 pub fn labelled_examples(

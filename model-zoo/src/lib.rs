@@ -9,11 +9,17 @@
 //! | `music-two-tower` | `user_features` f32 `[batch, 24]`, `track_ids` i64 `[batch]` | `score` f32 `[batch, 1]` |
 //!
 //! The weights are random (Glorot-uniform): the models show shapes, sizes and speed, not taste.
+//! The text models (`text-encoder`, `intent-classifier-text`, `video-search`: token ids in, with
+//! a HuggingFace `tokenizer.json`) are in [`encoder`], their vocabulary in [`vocab`].
 //! [`labelled`] writes labelled data sets for the fine-tuning demo.
 
+pub mod encoder;
 pub mod gate;
 pub mod graph;
 pub mod labelled;
+pub mod vocab;
+
+pub use encoder::TextModel;
 
 use std::fs;
 use std::io::Write as _;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use model_zoo::DemoModel;
+use model_zoo::{DemoModel, TextModel};
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +28,8 @@ enum Command {
         #[arg(long, default_value_t = model_zoo::DEFAULT_SEED)]
         seed: u64,
         /// Only these models (repeatable): video-ranker, video-ranker-xl, intent-classifier,
-        /// music-two-tower.
+        /// music-two-tower, and the text models text-encoder, intent-classifier-text,
+        /// video-search (each written with its NAME.tokenizer.json).
         #[arg(long = "model", value_name = "NAME")]
         models: Vec<String>,
         /// Re-draw only the output layer's weights from this seed, as a fine-tune of the last
@@ -39,7 +40,8 @@ enum Command {
     /// Write a labelled data set for `cloud-coordinator finetune --data` (JSON Lines): inputs
     /// plus a label that follows a rule the model's current head does not know.
     Labelled {
-        /// intent-classifier (16 intents) or video-ranker (a 0/1 score).
+        /// intent-classifier (16 intents), intent-classifier-text (16 intents, the text
+        /// itself) or video-ranker (a 0/1 score).
         #[arg(long)]
         model: String,
         /// The file to write.
@@ -63,11 +65,16 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::List => {
-            for m in DemoModel::ALL {
-                let proto = m.build(model_zoo::DEFAULT_SEED);
+            let mut protos: Vec<_> = DemoModel::ALL
+                .iter()
+                .map(|m| (m.name(), m.build(model_zoo::DEFAULT_SEED)))
+                .collect();
+            for m in TextModel::ALL {
+                protos.push((m.name(), m.build(model_zoo::DEFAULT_SEED)?));
+            }
+            for (name, proto) in protos {
                 println!(
-                    "{:<18} {:>11} parameters  {}",
-                    m.name(),
+                    "{name:<22} {:>11} parameters  {}",
                     model_zoo::parameter_count(&proto),
                     proto.doc_string
                 );
@@ -80,9 +87,13 @@ fn main() -> anyhow::Result<()> {
             seed,
             rule_seed,
         } => {
-            let m =
-                DemoModel::from_name(&model).with_context(|| format!("unknown model {model:?}"))?;
-            let text = model_zoo::labelled::labelled_examples(m, seed, rule_seed, examples)?;
+            let text = if model == TextModel::IntentClassifierText.name() {
+                model_zoo::labelled::text_examples(rule_seed, examples)
+            } else {
+                let m = DemoModel::from_name(&model)
+                    .with_context(|| format!("unknown model {model:?}"))?;
+                model_zoo::labelled::labelled_examples(m, seed, rule_seed, examples)?
+            };
             let tmp = out.with_extension("tmp");
             std::fs::write(&tmp, &text)
                 .and_then(|()| std::fs::rename(&tmp, &out))
@@ -95,21 +106,32 @@ fn main() -> anyhow::Result<()> {
             models,
             retrain_head,
         } => {
-            let chosen = if models.is_empty() {
-                DemoModel::ALL.to_vec()
+            let all: Vec<Chosen> = DemoModel::ALL
+                .into_iter()
+                .map(Chosen::Demo)
+                .chain(TextModel::ALL.into_iter().map(Chosen::Text))
+                .collect();
+            let chosen: Vec<Chosen> = if models.is_empty() {
+                all
             } else {
                 models
                     .iter()
                     .map(|n| {
-                        DemoModel::from_name(n).with_context(|| {
-                            let names: Vec<_> = DemoModel::ALL.iter().map(|m| m.name()).collect();
-                            format!("unknown model {n:?} (known: {})", names.join(", "))
-                        })
+                        all.iter()
+                            .copied()
+                            .find(|m| m.name() == n)
+                            .with_context(|| {
+                                let names: Vec<_> = all.iter().map(|m| m.name()).collect();
+                                format!("unknown model {n:?} (known: {})", names.join(", "))
+                            })
                     })
                     .collect::<anyhow::Result<_>>()?
             };
             for (i, m) in chosen.iter().enumerate() {
-                let mut proto = m.build(seed);
+                let mut proto = match m {
+                    Chosen::Demo(d) => d.build(seed),
+                    Chosen::Text(t) => t.build(seed)?,
+                };
                 if let Some(head_seed) = retrain_head {
                     model_zoo::retrain_head(&mut proto, head_seed);
                 }
@@ -124,8 +146,29 @@ fn main() -> anyhow::Result<()> {
                     path.display(),
                     size as f64 / 1e6
                 );
+                if let Chosen::Text(_) = m {
+                    let path = model_zoo::vocab::write_tokenizer(&out, m.name())
+                        .with_context(|| format!("writing {}'s tokenizer", m.name()))?;
+                    println!("      {}", path.display());
+                }
             }
         }
     }
     Ok(())
+}
+
+/// A model the `write` command may write.
+#[derive(Clone, Copy)]
+enum Chosen {
+    Demo(DemoModel),
+    Text(TextModel),
+}
+
+impl Chosen {
+    fn name(self) -> &'static str {
+        match self {
+            Chosen::Demo(m) => m.name(),
+            Chosen::Text(m) => m.name(),
+        }
+    }
 }

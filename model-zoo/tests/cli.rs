@@ -42,8 +42,32 @@ fn write_selected_models_then_list() {
 
     let list = cli().arg("list").output().unwrap();
     let stdout = String::from_utf8_lossy(&list.stdout);
-    assert_eq!(stdout.lines().count(), 4, "{stdout}");
-    assert!(stdout.contains("video-ranker-xl"));
+    assert_eq!(stdout.lines().count(), 7, "{stdout}");
+    assert!(stdout.contains("video-ranker-xl") && stdout.contains("video-search"));
+}
+
+#[test]
+fn a_text_model_is_written_with_its_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli()
+        .args(["write", "--model", "video-search", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let model = std::fs::read(dir.path().join("video-search.onnx")).unwrap();
+    assert_eq!(
+        model,
+        model_zoo::TextModel::VideoSearch
+            .bytes(model_zoo::DEFAULT_SEED)
+            .unwrap()
+    );
+    let json = std::fs::read(dir.path().join("video-search.tokenizer.json")).unwrap();
+    assert_eq!(json, model_zoo::vocab::tokenizer_json().into_bytes());
 }
 
 #[test]

@@ -24,6 +24,7 @@ pub mod plans;
 pub mod quantize;
 pub mod serve;
 pub mod store;
+pub mod text;
 pub mod tls;
 pub mod tract;
 

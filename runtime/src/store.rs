@@ -5,7 +5,8 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use outpost_shared::{ChunkId, Variant};
+use outpost_shared::release::ChunkRef;
+use outpost_shared::{Blob, ChunkId, Digest, Variant};
 
 /// Why a variant could not be assembled from stored chunks.
 #[derive(Debug, thiserror::Error)]
@@ -115,11 +116,25 @@ impl ChunkStore {
 
     /// A variant's bytes from its stored chunks, checked against the variant's digest.
     pub fn assemble(&self, variant: &Variant) -> Result<Vec<u8>, AssembleError> {
+        self.assemble_parts(variant.size, &variant.digest, &variant.chunks)
+    }
+
+    /// A file's bytes (the tokenizer) from its stored chunks, checked against its digest.
+    pub fn assemble_blob(&self, blob: &Blob) -> Result<Vec<u8>, AssembleError> {
+        self.assemble_parts(blob.size, &blob.digest, &blob.chunks)
+    }
+
+    fn assemble_parts(
+        &self,
+        size: u64,
+        digest: &Digest,
+        chunks: &[ChunkRef],
+    ) -> Result<Vec<u8>, AssembleError> {
         // The declared size is only a hint (capped): the chunks decide what is allocated.
-        let hint = usize::try_from(variant.size).unwrap_or(0).min(1 << 30);
+        let hint = usize::try_from(size).unwrap_or(0).min(1 << 30);
         let mut bytes = Vec::with_capacity(hint);
         let mut missing: Option<(ChunkId, usize)> = None;
-        for c in &variant.chunks {
+        for c in chunks {
             // Every chunk is read, even after one is missing: each damaged file is found (and
             // deleted) now, so one fetch brings them all back.
             match self.get(&c.id) {
@@ -134,8 +149,7 @@ impl ChunkStore {
         if let Some((first, count)) = missing {
             return Err(AssembleError::Missing { first, count });
         }
-        variant
-            .digest
+        digest
             .verify(&bytes)
             .map_err(|e| AssembleError::Digest(e.to_string()))?;
         Ok(bytes)

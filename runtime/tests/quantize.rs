@@ -72,6 +72,32 @@ fn every_demo_model_quantises_within_the_default_tolerance() {
 }
 
 #[test]
+fn the_text_models_quantise_within_the_default_tolerance() {
+    for model in model_zoo::TextModel::ALL {
+        let fp32 = model.bytes(DEFAULT_SEED).unwrap();
+        let q = quantize::quantize_int8(&fp32).unwrap();
+        let report = gate(&fp32, &q.bytes);
+        eprintln!(
+            "{}: {} tensors, {} -> {} bytes ({:.1} %); {report}",
+            model.name(),
+            q.report.tensors,
+            q.report.fp32_bytes,
+            q.report.int8_bytes,
+            q.report.ratio() * 100.0
+        );
+        // Every MatMul weight (2 layers × 6) and the big embedding tables.
+        assert!(q.report.tensors >= 13, "{}: {:?}", model.name(), q.report);
+        assert!(q.report.ratio() <= 0.35, "{:?}", q.report);
+        assert_eq!(
+            report.violations(&default_tolerance()),
+            Vec::<String>::new(),
+            "{}",
+            model.name()
+        );
+    }
+}
+
+#[test]
 fn the_int8_file_keeps_int8_weights_behind_dequantize_linear() {
     let fp32 = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
     let q = quantize::quantize_int8(&fp32).unwrap();

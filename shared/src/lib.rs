@@ -34,8 +34,8 @@ pub use chunk::{ChunkId, ChunkSpan, Digest};
 pub use frame::{ErrorKind, FrameError, Request, Response};
 pub use oip::JsonTensor;
 pub use release::{
-    Candidate, Dim, Manifest, ManifestError, ModelFormat, ModelVersion, Placement, Target,
-    TensorSpec, Variant,
+    Blob, Candidate, Dim, Manifest, ManifestError, ModelFormat, ModelVersion, Placement, Target,
+    TensorSpec, TextInput, Variant,
 };
 pub use signing::{KeyId, ManifestSigner, ManifestVerifier, PublicKey, SignedManifest};
 pub use status::{

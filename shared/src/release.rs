@@ -54,6 +54,66 @@ pub struct ModelVersion {
     pub max_batch: Option<u64>,
     /// The stored forms of the model (at most one per target).
     pub variants: Vec<Variant>,
+    /// The text input apps may send instead of token ids, when the push carried a tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextInput>,
+}
+
+/// A text input: a `BYTES` tensor of UTF-8 strings that the device tokenizes into the model's
+/// token-id inputs with a HuggingFace `tokenizer.json`, stored as chunks and covered by the
+/// release's signature like the model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextInput {
+    /// The name apps give the text (`"text"`); not one of the model's own inputs.
+    pub name: String,
+    /// The model's token-id input, i64 `[batch, sequence]`.
+    pub input_ids: String,
+    /// The model's attention-mask input (1 for a token, 0 for padding), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_mask: Option<String>,
+    /// The model's token-type input (all 0 for one text), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_type_ids: Option<String>,
+    /// The most tokens a text may have, with the tokenizer's special tokens.
+    pub max_tokens: u32,
+    /// Longer texts are cut to `max_tokens` (and the answer says so) instead of refused.
+    pub truncate: bool,
+    /// The `tokenizer.json` file.
+    pub tokenizer: Blob,
+}
+
+/// A file other than a model that a version needs, as an ordered list of chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob {
+    /// Total size in bytes.
+    pub size: u64,
+    /// SHA-256 of the whole file.
+    pub digest: Digest,
+    /// The chunks that make up the file, in order.
+    pub chunks: Vec<ChunkRef>,
+}
+
+impl Blob {
+    /// Describes `bytes`: size, digest and content-defined chunks.
+    pub fn describe(bytes: &[u8]) -> Self {
+        Blob {
+            size: bytes.len() as u64,
+            digest: Digest::of(bytes),
+            chunks: chunk_refs(chunk::split(bytes)),
+        }
+    }
+}
+
+/// Chunk spans as references (chunks are at most [`chunk::MAX_CHUNK`] bytes, far below
+/// `u32::MAX`).
+fn chunk_refs(spans: Vec<chunk::ChunkSpan>) -> Vec<ChunkRef> {
+    spans
+        .into_iter()
+        .map(|s| ChunkRef {
+            id: s.id,
+            size: u32::try_from(s.len).unwrap_or(u32::MAX),
+        })
+        .collect()
 }
 
 /// A candidate version and the devices that get it.
@@ -202,17 +262,9 @@ pub struct ChunkRef {
 impl Variant {
     /// Describes `bytes` as a variant: size, digest and content-defined chunks.
     pub fn describe(target: Target, format: ModelFormat, bytes: &[u8]) -> Self {
-        let spans = match format {
+        let chunks = chunk_refs(match format {
             ModelFormat::Onnx => chunk::split_model(bytes),
-        };
-        let chunks = spans
-            .into_iter()
-            // Chunks are at most MAX_CHUNK bytes, far below u32::MAX.
-            .map(|s| ChunkRef {
-                id: s.id,
-                size: u32::try_from(s.len).unwrap_or(u32::MAX),
-            })
-            .collect();
+        });
         Variant {
             target,
             format,
@@ -263,7 +315,11 @@ impl Manifest {
                     c.rollout_percent
                 )));
             }
-            if c.version.inputs != self.stable.inputs || c.version.outputs != self.stable.outputs {
+            let text_name = |v: &ModelVersion| v.text.as_ref().map(|t| t.name.clone());
+            if c.version.inputs != self.stable.inputs
+                || c.version.outputs != self.stable.outputs
+                || text_name(&c.version) != text_name(&self.stable)
+            {
                 return Err(invalid(format!(
                     "candidate version {v} changes the model's inputs or outputs"
                 )));
@@ -301,6 +357,9 @@ impl ModelVersion {
                 return Err(format!("cascade threshold {threshold} is outside 0..=1"));
             }
         }
+        if let Some(text) = &self.text {
+            text.validate(&self.inputs)?;
+        }
         if self.variants.is_empty() {
             return Err("it has no variants".to_owned());
         }
@@ -319,9 +378,79 @@ impl ModelVersion {
         Ok(())
     }
 
+    /// Checks the text input against the inputs (what [`Manifest::validate`] checks of it),
+    /// so a push can refuse it before anything is stored.
+    pub fn validate_text(&self) -> Result<(), String> {
+        match &self.text {
+            Some(text) => text.validate(&self.inputs),
+            None => Ok(()),
+        }
+    }
+
+    /// The chunks of the files beside the model (the tokenizer), in order.
+    pub fn extra_chunks(&self) -> impl Iterator<Item = &ChunkRef> {
+        self.text.iter().flat_map(|t| t.tokenizer.chunks.iter())
+    }
+
     /// The variant for `target`, if the version has one.
     pub fn variant(&self, target: Target) -> Option<&Variant> {
         self.variants.iter().find(|v| v.target == target)
+    }
+}
+
+impl TextInput {
+    /// The tokenizer's shortest useful `max_tokens`: room for a special token each side and one
+    /// token of text.
+    pub const MIN_TOKENS: u32 = 3;
+
+    fn validate(&self, inputs: &[TensorSpec]) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("the text input has no name".to_owned());
+        }
+        if inputs.iter().any(|i| i.name == self.name) {
+            return Err(format!(
+                "the text input {:?} has the name of one of the model's inputs",
+                self.name
+            ));
+        }
+        let roles = [
+            ("token ids", Some(&self.input_ids)),
+            ("attention mask", self.attention_mask.as_ref()),
+            ("token types", self.token_type_ids.as_ref()),
+        ];
+        for (role, name) in roles {
+            let Some(name) = name else { continue };
+            let Some(spec) = inputs.iter().find(|i| &i.name == name) else {
+                return Err(format!(
+                    "the text input's {role} {name:?} is not one of the model's inputs"
+                ));
+            };
+            if spec.datatype != DataType::Int64 || spec.shape.len() != 2 {
+                return Err(format!(
+                    "the text input's {role} {name:?} must be INT64 [batch, sequence]"
+                ));
+            }
+        }
+        if self.max_tokens < Self::MIN_TOKENS {
+            return Err(format!(
+                "the text input's max_tokens {} is under {}",
+                self.max_tokens,
+                Self::MIN_TOKENS
+            ));
+        }
+        let total: u64 = self
+            .tokenizer
+            .chunks
+            .iter()
+            .map(|c| u64::from(c.size))
+            .sum();
+        if total != self.tokenizer.size {
+            return Err(format!(
+                "the tokenizer's chunks add up to {total} bytes, not {}",
+                self.tokenizer.size
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -407,7 +536,7 @@ pub(crate) mod tests {
             version,
             inputs: vec![
                 spec("user_features", DataType::Fp32, &[-1, 32]),
-                spec("item_ids", DataType::Int64, &[-1]),
+                spec("item_ids", DataType::Int64, &[-1, -1]),
             ],
             outputs: vec![spec("score", DataType::Fp32, &[-1, 1])],
             placement: Placement::Cascade {
@@ -415,6 +544,7 @@ pub(crate) mod tests {
                 threshold: 0.6,
             },
             max_batch: None,
+            text: None,
             variants: vec![
                 Variant::describe(Target::EdgeInt8, ModelFormat::Onnx, content),
                 Variant::describe(
@@ -423,6 +553,19 @@ pub(crate) mod tests {
                     &[content, content].concat(),
                 ),
             ],
+        }
+    }
+
+    /// A text input over a `[batch, sequence]` id input.
+    fn text_input() -> TextInput {
+        TextInput {
+            name: "text".into(),
+            input_ids: "item_ids".into(),
+            attention_mask: None,
+            token_type_ids: None,
+            max_tokens: 16,
+            truncate: false,
+            tokenizer: Blob::describe(b"{\"model\": {}}"),
         }
     }
 
@@ -490,6 +633,30 @@ pub(crate) mod tests {
                 "outside 0..=1",
             ),
             (|m| m.stable.variants.clear(), "no variants"),
+            (
+                |m| m.stable.text.as_mut().unwrap().name = "item_ids".into(),
+                "has the name of one of the model's inputs",
+            ),
+            (
+                |m| m.stable.text.as_mut().unwrap().input_ids = "tokens".into(),
+                "token ids \"tokens\" is not one of the model's inputs",
+            ),
+            (
+                |m| m.stable.text.as_mut().unwrap().input_ids = "user_features".into(),
+                "must be INT64 [batch, sequence]",
+            ),
+            (
+                |m| m.stable.text.as_mut().unwrap().max_tokens = 2,
+                "max_tokens 2 is under 3",
+            ),
+            (
+                |m| m.stable.text.as_mut().unwrap().tokenizer.size += 1,
+                "the tokenizer's chunks add up",
+            ),
+            (
+                |m| m.candidate.as_mut().unwrap().version.text = None,
+                "inputs or outputs",
+            ),
             (|m| m.stable.variants[0].size += 1, "add up to"),
             (
                 |m| m.stable.outputs.push(m.stable.outputs[0].clone()),
@@ -498,6 +665,11 @@ pub(crate) mod tests {
         ];
         for (change, needle) in cases {
             let mut m = manifest();
+            m.stable.text = Some(text_input());
+            if let Some(c) = m.candidate.as_mut() {
+                c.version.text = Some(text_input());
+            }
+            signer.sign(&m).unwrap();
             change(&mut m);
             let err = signer.sign(&m).unwrap_err();
             assert!(

@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use outpost_shared::Placement;
+use outpost_shared::{Placement, TextInput};
 
 use outpost_runtime::accuracy::OutputKind;
 
-use crate::registry::{Int8Overrides, Quantize};
+use crate::registry::{Int8Overrides, Quantize, TextOptions};
 
 /// The query of a push, `POST /v1/models/{name}?…`: written by the client, read by the server.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +34,11 @@ pub struct PushQuery {
     pub cloud_size: Option<usize>,
     /// The gate's sample file's size at the very end of the body (`samples_size`).
     pub samples_size: Option<usize>,
+    /// The tokenizer's size (`tokenizer_size`): a HuggingFace `tokenizer.json` after the cloud
+    /// model, before the samples.
+    pub tokenizer_size: Option<usize>,
+    /// The text input the tokenizer serves (`text_input`, `max_tokens`, `truncate`).
+    pub text: TextOptions,
     /// A rollout gated on health (`canary`: the candidate's first share, 1 to 99); the other
     /// keys override `[rollout]` for this rollout.
     pub canary: Option<u8>,
@@ -60,6 +65,8 @@ impl Default for PushQuery {
             dry_run: false,
             cloud_size: None,
             samples_size: None,
+            tokenizer_size: None,
+            text: TextOptions::default(),
             canary: None,
             bake_s: None,
             max_error_rate: None,
@@ -91,10 +98,18 @@ impl PushQuery {
             ("max_batch", self.max_batch),
             ("cloud_size", self.cloud_size.map(|n| n as u64)),
             ("samples_size", self.samples_size.map(|n| n as u64)),
+            ("tokenizer_size", self.tokenizer_size.map(|n| n as u64)),
+            ("max_tokens", self.text.max_tokens.map(u64::from)),
         ] {
             if let Some(n) = size {
                 query.push_str(&format!("&{key}={n}"));
             }
+        }
+        if let Some(name) = &self.text.name {
+            query.push_str(&format!("&text_input={}", encode(name)));
+        }
+        if self.text.truncate {
+            query.push_str("&truncate=true");
         }
         if !self.output_kinds.is_empty() {
             let kinds: Vec<String> = self
@@ -195,6 +210,35 @@ impl PushQuery {
         };
         let samples_size = size("samples_size")?;
         let cloud_size = size("cloud_size")?;
+        let tokenizer_size = size("tokenizer_size")?;
+        let text = TextOptions {
+            name: query.get("text_input").cloned(),
+            max_tokens: match query.get("max_tokens").map(|v| v.parse::<u32>()) {
+                None => None,
+                Some(Ok(n)) if n >= TextInput::MIN_TOKENS => Some(n),
+                Some(_) => {
+                    return Err(format!(
+                        "max_tokens must be a token count of at least {}",
+                        TextInput::MIN_TOKENS
+                    ));
+                }
+            },
+            truncate: match query.get("truncate").map(String::as_str) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(other) => {
+                    return Err(format!("truncate must be true or false, not {other:?}"));
+                }
+            },
+        };
+        if tokenizer_size.is_none()
+            && (text.name.is_some() || text.max_tokens.is_some() || text.truncate)
+        {
+            return Err(
+                "text_input, max_tokens and truncate describe a tokenizer: send one (tokenizer_size)"
+                    .to_owned(),
+            );
+        }
         let canary = match query.get("canary").map(|v| v.parse::<u8>()) {
             None => None,
             Some(Ok(p)) if (1..=99).contains(&p) => Some(p),
@@ -252,6 +296,8 @@ impl PushQuery {
             dry_run,
             cloud_size,
             samples_size,
+            tokenizer_size,
+            text,
             canary,
             bake_s,
             max_error_rate,

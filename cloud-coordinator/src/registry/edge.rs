@@ -13,6 +13,7 @@ use super::{EdgeReport, Fallback, KeptWeight, PushRequest, Registry};
 use crate::error::RegistryError;
 use outpost_runtime::accuracy::{self, AccuracyReport, GraphFacts, OutputKind, Tolerance};
 use outpost_runtime::quantize::{self, Quantized};
+use outpost_runtime::text::TextTokenizer;
 use outpost_runtime::tract::{TractModel, TractOptions};
 use outpost_shared::{Placement, Tensor};
 
@@ -23,6 +24,7 @@ impl Registry {
         &self,
         request: &PushRequest,
         fp32: &TractModel,
+        text: Option<&TextTokenizer>,
     ) -> Result<Option<(Vec<u8>, EdgeReport)>, RegistryError> {
         let quantized = quantize::quantize_int8(&request.model)
             .map_err(|e| RegistryError::BadModel(format!("int8: {e}; push with quantize=none")))?;
@@ -35,14 +37,22 @@ impl Registry {
             return Ok(None);
         }
         let facts = GraphFacts::read(&request.model).map_err(RegistryError::BadModel)?;
+        let (samples, source) = match (&request.samples, text) {
+            (Some(file), _) => (parse_samples(file)?, Source::Operator),
+            (None, Some(tokenizer)) => (
+                super::text::gate_samples(tokenizer, fp32, &facts, SAMPLE_SEED)?,
+                Source::Texts,
+            ),
+            (None, None) => (
+                accuracy::generate_samples(&fp32.inputs, &facts, SAMPLE_SEED)
+                    .map_err(RegistryError::BadModel)?,
+                Source::Signature,
+            ),
+        };
         let gate = Gate {
             fp32,
-            samples: match &request.samples {
-                Some(file) => parse_samples(file)?,
-                None => accuracy::generate_samples(&fp32.inputs, &facts, SAMPLE_SEED)
-                    .map_err(RegistryError::BadModel)?,
-            },
-            operator_samples: request.samples.is_some(),
+            samples,
+            source,
             kinds: output_kinds(request, &facts, fp32)?,
             tolerance: request.int8.apply(&self.tolerance),
         };
@@ -77,12 +87,23 @@ impl Registry {
     }
 }
 
+/// Where the gate's samples come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The push's sample file.
+    Operator,
+    /// Texts of the tokenizer's words, tokenized (a push with a tokenizer).
+    Texts,
+    /// Generated from the signature and the graph's index ranges.
+    Signature,
+}
+
 /// The accuracy gate of one push: the fp32 model, the samples, what each output is and the
 /// tolerance.
 struct Gate<'a> {
     fp32: &'a TractModel,
     samples: Vec<Tensor>,
-    operator_samples: bool,
+    source: Source,
     kinds: HashMap<String, OutputKind>,
     tolerance: Tolerance,
 }
@@ -95,13 +116,13 @@ impl Gate<'_> {
                 "the int8 variant does not load ({e}); push with quantize=none"
             ))
         })?;
-        let source = if self.operator_samples {
-            "the operator's samples"
-        } else {
-            "generated from the signature"
+        let source = match self.source {
+            Source::Operator => "the operator's samples",
+            Source::Texts => "texts from the tokenizer's vocabulary",
+            Source::Signature => "generated from the signature",
         };
         accuracy::compare(self.fp32, &int8, &self.samples, &self.kinds, source).map_err(|e| {
-            if self.operator_samples {
+            if self.source == Source::Operator {
                 RegistryError::BadRequest(format!("sample file: {e}"))
             } else {
                 RegistryError::BadModel(format!(

@@ -1,7 +1,7 @@
 //! What a fine-tune starts from: the stable version's fp32 model and the options it was pushed
 //! with (see [`crate::finetune`]).
 
-use outpost_shared::{Placement, Target, TensorSpec, Variant};
+use outpost_shared::{Placement, Target, TensorSpec, TextInput, Variant};
 
 use super::{Quantize, Registry};
 use crate::error::RegistryError;
@@ -23,6 +23,8 @@ pub struct FinetuneSource {
     pub quantize: Quantize,
     /// Its inputs.
     pub inputs: Vec<TensorSpec>,
+    /// Its text input and `tokenizer.json`, kept by the fine-tuned version.
+    pub text: Option<(TextInput, Vec<u8>)>,
 }
 
 impl Registry {
@@ -89,6 +91,16 @@ impl Registry {
             max_batch: v.max_batch,
             quantize,
             inputs: v.inputs.clone(),
+            text: v
+                .text
+                .as_ref()
+                .map(|t| {
+                    self.chunks
+                        .assemble_blob(&t.tokenizer)
+                        .map(|json| (t.clone(), json))
+                        .map_err(|e| RegistryError::Storage(e.to_string()))
+                })
+                .transpose()?,
         })
     }
 }

@@ -29,6 +29,10 @@ pub struct PushRequest {
     /// Inputs for the accuracy gate, as an Open Inference Protocol request body
     /// (`{"inputs": [...]}`); generated from the signature when absent.
     pub samples: Option<Vec<u8>>,
+    /// A HuggingFace `tokenizer.json`: devices then take text for the model's token ids.
+    pub tokenizer: Option<Vec<u8>>,
+    /// The text input the tokenizer serves.
+    pub text: TextOptions,
     /// What outputs are, for the accuracy gate; the others' kind is read from the graph and
     /// their shape ([`OutputKind`]).
     pub output_kinds: Vec<(String, OutputKind)>,
@@ -43,6 +47,18 @@ pub struct PushRequest {
     /// that at most `rollout_percent` percent of them fall in it
     /// ([`outpost_shared::rollout::choose_salt`]).
     pub known_devices: Vec<String>,
+}
+
+/// How a pushed tokenizer's text input is described; `None` fields are found from the model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TextOptions {
+    /// The name apps give the text (default `text`).
+    pub name: Option<String>,
+    /// The most tokens a text may have (default: the tokenizer's own truncation length, else
+    /// 512); the push checks that the model runs at it.
+    pub max_tokens: Option<u32>,
+    /// Cut longer texts instead of refusing them.
+    pub truncate: bool,
 }
 
 /// Weight quantisation of the edge variant.
@@ -249,6 +265,9 @@ pub struct ModelSummary {
     pub outputs: Vec<TensorSpec>,
     /// The stable version's placement.
     pub placement: Placement,
+    /// The stable version's text input, when it was pushed with a tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<outpost_shared::TextInput>,
     /// The stable version's variants.
     pub variants: Vec<VariantSummary>,
     /// The stable version's int8 figures, when its edge variant is int8.

@@ -5,6 +5,13 @@
 //! {"inputs":[{"name":"token_ids","shape":[1,5],"datatype":"INT64","data":[12,873,4410,95,7]}],"label":"refund_request"}
 //! ```
 //!
+//! A model with a tokenizer takes its text instead of token ids, as an input (the text input's
+//! name, `BYTES`, shape `[1]`) or, shorter, a `"text"` field:
+//!
+//! ```json
+//! {"text":"refund my order","label":"refund_request"}
+//! ```
+//!
 //! A classifier's label is a class index or, where the model names its classes, a name; a
 //! score's is a target from 0 to 1. Blank lines are skipped. Every bad line is reported with its
 //! number (the first [`MAX_REPORTED`]), and one bad line refuses the whole file: a head trained
@@ -16,6 +23,7 @@ use serde::Deserialize;
 
 use super::head::{Head, HeadKind};
 use crate::engine::check_inputs;
+use crate::text::TextTokenizer;
 
 /// Bad lines named in a [`DataError`]; the rest are counted.
 pub const MAX_REPORTED: usize = 20;
@@ -70,14 +78,17 @@ pub enum DataError {
 #[derive(Deserialize)]
 struct LabelField {
     label: Option<serde_json::Value>,
+    text: Option<String>,
 }
 
 /// Reads `text` as examples for `head` of a model taking `inputs`; at most `max_examples`.
+/// `tokenizer`: the model's, when it takes text.
 pub fn parse_examples(
     text: &[u8],
     inputs: &[TensorSpec],
     head: &Head,
     max_examples: usize,
+    tokenizer: Option<&TextTokenizer>,
 ) -> Result<Vec<Example>, DataError> {
     let mut examples = Vec::new();
     let mut bad = Vec::new();
@@ -93,7 +104,7 @@ pub fn parse_examples(
                 limit: max_examples,
             });
         }
-        match parse_line(line, inputs, head) {
+        match parse_line(line, inputs, head, tokenizer) {
             Ok((inputs, label)) => examples.push(Example {
                 inputs,
                 label,
@@ -117,15 +128,38 @@ fn parse_line(
     line: &[u8],
     specs: &[TensorSpec],
     head: &Head,
+    tokenizer: Option<&TextTokenizer>,
 ) -> Result<(Vec<Tensor>, Label), String> {
     let field: LabelField = serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
     let label = match field.label {
         None => return Err("no \"label\"".into()),
         Some(value) => label(&value, head)?,
     };
-    let request =
-        InferRequest::parse(line, None, &RequestLimits::UNLIMITED).map_err(|e| e.to_string())?;
-    let ordered = check_inputs(specs, &request.inputs).map_err(|e| e.to_string())?;
+    let mut given = match field.text {
+        Some(text) => {
+            let t = tokenizer.ok_or("\"text\": the model has no tokenizer; give its inputs")?;
+            vec![
+                Tensor::from_byte_strings(t.spec().name.clone(), vec![1], &[text.as_bytes()])
+                    .map_err(|e| e.to_string())?,
+            ]
+        }
+        None => {
+            InferRequest::parse(line, None, &RequestLimits::UNLIMITED)
+                .map_err(|e| e.to_string())?
+                .inputs
+        }
+    };
+    if let Some(t) = tokenizer
+        && let Some(at) = given.iter().position(|g| g.name() == t.spec().name)
+    {
+        let text = given.remove(at);
+        let ids = specs
+            .iter()
+            .find(|s| s.name == t.spec().input_ids)
+            .ok_or("the model lost its token-id input")?;
+        given.extend(t.encode(&text, ids).map_err(|e| e.to_string())?.inputs);
+    }
+    let ordered = check_inputs(specs, &given).map_err(|e| e.to_string())?;
     let mut inputs = Vec::with_capacity(ordered.len());
     for t in ordered {
         if t.shape().first() != Some(&1) {
@@ -217,7 +251,7 @@ mod tests {
             r#"{"inputs":[{"name":"token_ids","shape":[1,2],"datatype":"INT64","data":[4,5]}],"label":15}"#,
             "\r\n"
         );
-        let examples = parse_examples(text.as_bytes(), &specs, &head, 10).unwrap();
+        let examples = parse_examples(text.as_bytes(), &specs, &head, 10, None).unwrap();
         assert_eq!(examples.len(), 2);
         assert_eq!(examples[0].label, Label::Class(4));
         assert_eq!((examples[1].label, examples[1].line), (Label::Class(15), 3));
@@ -236,7 +270,7 @@ mod tests {
             r#"{"inputs":[{"name":"token_ids","shape":[2,1],"datatype":"INT64","data":[4,5]}],"label":1}"#,
             r#"{"inputs":[{"name":"words","shape":[1,2],"datatype":"INT64","data":[4,5]}],"label":1}"#,
         ];
-        let e = parse_examples(lines.join("\n").as_bytes(), &specs, &head, 100).unwrap_err();
+        let e = parse_examples(lines.join("\n").as_bytes(), &specs, &head, 100, None).unwrap_err();
         let DataError::BadLines { lines: bad, count } = &e else {
             panic!("{e}");
         };
@@ -256,7 +290,7 @@ mod tests {
         }
         let many = [good; 11].join("\n");
         assert_eq!(
-            parse_examples(many.as_bytes(), &specs, &head, 10).unwrap_err(),
+            parse_examples(many.as_bytes(), &specs, &head, 10, None).unwrap_err(),
             DataError::TooMany { limit: 10 }
         );
     }

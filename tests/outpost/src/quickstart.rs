@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use cloud_coordinator::{AdminClient, Coordinator, CoordinatorHandle, PushOptions};
 use edge_agent::{Agent, AgentHandle};
 use firmware_config::{AgentConfig, CoordinatorConfig, DeviceId, FleetAuthority};
-use model_zoo::{DEFAULT_SEED, DemoModel};
+use model_zoo::{DEFAULT_SEED, DemoModel, TextModel};
 use outpost_shared::Placement;
 
 /// What `outpost up` starts.
@@ -26,9 +26,24 @@ pub struct Options {
     pub coordinator: CoordinatorConfig,
 }
 
+/// A model the quickstart pushes.
+#[derive(Debug, Clone, Copy)]
+enum Pushed {
+    /// Tensors in.
+    Demo(DemoModel),
+    /// Text in: pushed with the model-zoo tokenizer.json.
+    Text(TextModel),
+}
+
 /// The models the quickstart pushes: (name, placement, model, optional cloud model).
-fn demo_pushes() -> Vec<(&'static str, Placement, DemoModel, Option<DemoModel>)> {
-    vec![
+fn demo_pushes() -> Vec<(&'static str, Placement, Pushed, Option<DemoModel>)> {
+    let demo = |(name, placement, model, cloud): (
+        &'static str,
+        Placement,
+        DemoModel,
+        Option<DemoModel>,
+    )| { (name, placement, Pushed::Demo(model), cloud) };
+    let mut pushes: Vec<_> = [
         (
             "video-ranker",
             Placement::Local,
@@ -57,6 +72,27 @@ fn demo_pushes() -> Vec<(&'static str, Placement, DemoModel, Option<DemoModel>)>
             None,
         ),
     ]
+    .into_iter()
+    .map(demo)
+    .collect();
+    // The seed's use cases with text in: customer service as a cascade (the device answers the
+    // messages it is sure of, the cloud the rest) and search on the device.
+    pushes.push((
+        "intent-classifier-text",
+        Placement::Cascade {
+            output: "intent_probs".into(),
+            threshold: 0.6,
+        },
+        Pushed::Text(TextModel::IntentClassifierText),
+        None,
+    ));
+    pushes.push((
+        "video-search",
+        Placement::Local,
+        Pushed::Text(TextModel::VideoSearch),
+        None,
+    ));
+    pushes
 }
 
 /// A running quickstart.
@@ -94,8 +130,15 @@ pub async fn up(options: &Options, mut progress: impl FnMut(&str)) -> anyhow::Re
     let fleet = DevFleet::of(&coordinator)?;
     let admin = AdminClient::of(&coordinator);
     for (name, placement, model, cloud) in demo_pushes() {
-        let model = model.bytes(DEFAULT_SEED);
         let mut options = PushOptions::default().placement(placement);
+        let model = match model {
+            Pushed::Demo(m) => m.bytes(DEFAULT_SEED),
+            Pushed::Text(m) => {
+                options = options.tokenizer(model_zoo::vocab::tokenizer_json().into_bytes());
+                m.bytes(DEFAULT_SEED)
+                    .with_context(|| format!("building {name}"))?
+            }
+        };
         if let Some(cloud) = cloud {
             options = options.cloud_model(cloud.bytes(DEFAULT_SEED));
         }
@@ -242,6 +285,8 @@ pub fn curl_examples(api: SocketAddr) -> String {
         "curl -s http://{api}/v2/models/video-ranker\n\
          curl -s http://{api}/v2/models/video-ranker/infer -d '{{\"inputs\":[{{\"name\":\"user_features\",\"shape\":[2,32],\"datatype\":\"FP32\",\"data\":[{features},{features}]}},{{\"name\":\"item_ids\",\"shape\":[2],\"datatype\":\"INT64\",\"data\":[42,4242]}}]}}'\n\
          curl -s http://{api}/v2/models/intent-classifier/infer -d '{{\"inputs\":[{{\"name\":\"token_ids\",\"shape\":[1,6],\"datatype\":\"INT64\",\"data\":[12,873,4410,95,7,3021]}}]}}'\n\
+         curl -s http://{api}/v2/models/intent-classifier-text/infer -d '{{\"inputs\":[{{\"name\":\"text\",\"shape\":[2],\"datatype\":\"BYTES\",\"data\":[\"refund my order\",\"the video keeps buffering\"]}}]}}'\n\
+         curl -s http://{api}/v2/models/video-search/infer -d '{{\"inputs\":[{{\"name\":\"text\",\"shape\":[1],\"datatype\":\"BYTES\",\"data\":[\"calm piano music for study\"]}}]}}'\n\
          curl -s http://{api}/v1/status"
     )
 }

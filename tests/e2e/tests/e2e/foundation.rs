@@ -46,6 +46,7 @@ fn ranker_version(version: u64, bytes: &[u8]) -> ModelVersion {
         )],
         placement: Placement::Local,
         max_batch: None,
+        text: None,
         variants: vec![Variant::describe(
             Target::EdgeFp32,
             ModelFormat::Onnx,

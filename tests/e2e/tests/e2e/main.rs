@@ -18,6 +18,7 @@
 //! - [`quickstart`]: `outpost up` in-process.
 //! - [`bench`]: `outpost bench` in-process, briefly.
 //! - [`sim`]: `outpost sim`, the real executable, each scenario on a small fleet.
+//! - [`text`]: text in through the OIP API, with the model's tokenizer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -35,3 +36,4 @@ mod resilience;
 mod rollouts;
 mod sim;
 mod sync;
+mod text;

@@ -52,6 +52,25 @@ async fn up_serves_every_demo_model_on_every_agent() {
         };
         let answer = send(running.agents[0].api_addr, request).await;
         assert_eq!(answer.status, 200, "{line}\n{}", answer.text());
+        // The text examples answer what their text asks.
+        let top = |width: usize| {
+            let reply: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+            let v: Vec<f64> = serde_json::from_value(reply["outputs"][0]["data"].clone()).unwrap();
+            let first = &v[..width];
+            (0..width)
+                .max_by(|&a, &b| first[a].total_cmp(&first[b]))
+                .unwrap()
+        };
+        if path.contains("intent-classifier-text") {
+            assert_eq!(model_zoo::INTENTS[top(16)], "refund_request", "{line}");
+        }
+        if path.contains("video-search") {
+            assert_eq!(
+                model_zoo::encoder::CATALOG_TITLES[top(48)],
+                "calm piano for study",
+                "{line}"
+            );
+        }
     }
     running.shutdown().await;
 }
