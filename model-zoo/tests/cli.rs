@@ -8,21 +8,13 @@ fn cli() -> Command {
     Command::new(env!("CARGO_BIN_EXE_model-zoo"))
 }
 
-#[test]
-fn write_selected_models_then_list() {
-    let dir = tempfile::tempdir().unwrap();
+/// `model-zoo write ARGS --out DIR`, which must succeed; its stdout.
+fn write(args: &[&str], dir: &std::path::Path) -> String {
     let out = cli()
-        .args([
-            "write",
-            "--model",
-            "video-ranker",
-            "--model",
-            "intent-classifier",
-            "--seed",
-            "5",
-            "--out",
-        ])
-        .arg(dir.path())
+        .arg("write")
+        .args(args)
+        .arg("--out")
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
@@ -30,7 +22,23 @@ fn write_selected_models_then_list() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn write_selected_models_then_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = write(
+        &[
+            "--model",
+            "video-ranker",
+            "--model",
+            "intent-classifier",
+            "--seed",
+            "5",
+        ],
+        dir.path(),
+    );
     assert!(
         stdout.contains("[1/2]") && stdout.contains("[2/2]"),
         "{stdout}"
@@ -49,16 +57,7 @@ fn write_selected_models_then_list() {
 #[test]
 fn a_text_model_is_written_with_its_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
-    let out = cli()
-        .args(["write", "--model", "video-search", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    write(&["--model", "video-search"], dir.path());
     let model = std::fs::read(dir.path().join("video-search.onnx")).unwrap();
     assert_eq!(
         model,

@@ -36,6 +36,28 @@ fn gate(fp32: &[u8], int8: &[u8]) -> accuracy::AccuracyReport {
     accuracy::compare(&a, &b, &samples, &facts.kinds(), "generated").unwrap()
 }
 
+/// `fp32` quantised, and its gate report, which must pass at the defaults; both printed.
+fn quantised_within_tolerance(
+    name: &str,
+    fp32: &[u8],
+) -> (quantize::Quantized, accuracy::AccuracyReport) {
+    let q = quantize::quantize_int8(fp32).unwrap();
+    let report = gate(fp32, &q.bytes);
+    eprintln!(
+        "{name}: {} tensors, {} -> {} bytes ({:.1} %); {report}",
+        q.report.tensors,
+        q.report.fp32_bytes,
+        q.report.int8_bytes,
+        q.report.ratio() * 100.0
+    );
+    assert_eq!(
+        report.violations(&default_tolerance()),
+        Vec::<String>::new(),
+        "{name}"
+    );
+    (q, report)
+}
+
 #[test]
 fn every_demo_model_quantises_within_the_default_tolerance() {
     for model in DemoModel::ALL {
@@ -43,23 +65,8 @@ fn every_demo_model_quantises_within_the_default_tolerance() {
             continue; // measured by the delta test below, which builds it anyway
         }
         let fp32 = model.bytes(DEFAULT_SEED);
-        let q = quantize::quantize_int8(&fp32).unwrap();
-        let report = gate(&fp32, &q.bytes);
-        eprintln!(
-            "{}: {} tensors, {} -> {} bytes ({:.1} %); {report}",
-            model.name(),
-            q.report.tensors,
-            q.report.fp32_bytes,
-            q.report.int8_bytes,
-            q.report.ratio() * 100.0
-        );
+        let (q, report) = quantised_within_tolerance(model.name(), &fp32);
         assert!(q.report.tensors >= 2, "{}: {:?}", model.name(), q.report);
-        assert_eq!(
-            report.violations(&default_tolerance()),
-            Vec::<String>::new(),
-            "{}",
-            model.name()
-        );
         if model == DemoModel::IntentClassifier {
             assert!(report.outputs[0].top1_agreement.is_some(), "{report}");
         }
@@ -75,25 +82,10 @@ fn every_demo_model_quantises_within_the_default_tolerance() {
 fn the_text_models_quantise_within_the_default_tolerance() {
     for model in model_zoo::TextModel::ALL {
         let fp32 = model.bytes(DEFAULT_SEED).unwrap();
-        let q = quantize::quantize_int8(&fp32).unwrap();
-        let report = gate(&fp32, &q.bytes);
-        eprintln!(
-            "{}: {} tensors, {} -> {} bytes ({:.1} %); {report}",
-            model.name(),
-            q.report.tensors,
-            q.report.fp32_bytes,
-            q.report.int8_bytes,
-            q.report.ratio() * 100.0
-        );
+        let (q, _) = quantised_within_tolerance(model.name(), &fp32);
         // Every MatMul weight (2 layers × 6) and the big embedding tables.
         assert!(q.report.tensors >= 13, "{}: {:?}", model.name(), q.report);
         assert!(q.report.ratio() <= 0.35, "{:?}", q.report);
-        assert_eq!(
-            report.violations(&default_tolerance()),
-            Vec::<String>::new(),
-            "{}",
-            model.name()
-        );
     }
 }
 

@@ -97,7 +97,7 @@ pub(super) fn text_input(
             ids.name
         )));
     }
-    probe(model, &spec).map_err(|e| {
+    probe(model, &spec, fixed.unwrap_or(max_tokens)).map_err(|e| {
         bad(format!(
             "the model does not run on {max_tokens} tokens ({e}); push with a max_tokens it takes"
         ))
@@ -134,9 +134,10 @@ fn find_ids(inputs: &[TensorSpec]) -> Result<&TensorSpec, String> {
     }
 }
 
-/// Runs the model once on one text of `max_tokens` tokens (the other inputs zeros).
-fn probe(model: &TractModel, spec: &TextInput) -> Result<(), String> {
-    let n = u64::from(spec.max_tokens);
+/// Runs the model once on one text of `length` tokens (`max_tokens`, or the model's fixed
+/// sequence); the other inputs zeros.
+fn probe(model: &TractModel, spec: &TextInput, length: u32) -> Result<(), String> {
+    let n = u64::from(length);
     let mut inputs = Vec::new();
     for input in &model.inputs {
         let value: i64 = if Some(&input.name) == spec.attention_mask.as_ref() {
@@ -148,7 +149,7 @@ fn probe(model: &TractModel, spec: &TextInput) -> Result<(), String> {
             || Some(&input.name) == spec.attention_mask.as_ref()
             || Some(&input.name) == spec.token_type_ids.as_ref()
         {
-            let values = vec![value; spec.max_tokens as usize];
+            let values = vec![value; length as usize];
             Tensor::from_values(input.name.clone(), vec![1, n], &values)
                 .map_err(|e| e.to_string())?
         } else {
@@ -161,9 +162,14 @@ fn probe(model: &TractModel, spec: &TextInput) -> Result<(), String> {
         };
         inputs.push(t);
     }
-    outpost_runtime::Engine::run(model, &inputs)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    // tract panics inside `Gather` on an index past its table (a position table shorter than
+    // `length`): that is this model's answer here, not a coordinator failure.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        outpost_runtime::Engine::run(model, &inputs)
+    }))
+    .map_err(|_| "tract stopped on an index past a table".to_owned())?
+    .map(drop)
+    .map_err(|e| e.to_string())
 }
 
 /// The gate's samples for a text model: texts of the tokenizer's own words, tokenized as

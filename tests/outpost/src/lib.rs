@@ -8,3 +8,4 @@ pub mod mqtt_connect;
 pub mod quickstart;
 pub mod sim;
 pub mod switching;
+pub mod text_bench;

@@ -97,6 +97,14 @@ enum Command {
         /// Only load (64 clients) with the model steady and during 10 version switches.
         #[arg(long)]
         switch_only: bool,
+        /// Only the text encoder: tract fp32 and int8 against ONNX Runtime (when python3 has
+        /// onnxruntime) at sequence 32 and 128, batch 1 and 8, and sequence buckets against
+        /// exact lengths.
+        #[arg(long)]
+        text_only: bool,
+        /// Threads for the text encoder's figures (tract and ONNX Runtime alike).
+        #[arg(long, default_value_t = 1)]
+        text_threads: usize,
         /// Only MQTT connects: this many clients at once to the embedded broker over TLS, beside
         /// rumqttd over plain TCP (each broker in a child, its memory per connection).
         #[arg(long)]
@@ -151,7 +159,17 @@ fn main() -> std::process::ExitCode {
             switch_only,
             mqtt_only,
             memory_rows,
+            text_only,
+            text_threads,
         } => {
+            let text = || {
+                outpost::text_bench::run(calls.clamp(1, 500), text_threads.max(1), &mut |line| {
+                    println!("{line}")
+                })
+            };
+            if text_only {
+                return exit(text());
+            }
             if let Some(clients) = mqtt_only {
                 return exit(mqtt_connect::run(clients.max(1), |line| println!("{line}")));
             }
@@ -177,7 +195,9 @@ fn main() -> std::process::ExitCode {
             if gpu_only || memory != std::process::ExitCode::SUCCESS {
                 return memory;
             }
-            return exit(memory::run(&memory_rows, |line| println!("{line}")));
+            return exit(
+                memory::run(&memory_rows, |line| println!("{line}")).and_then(|()| text()),
+            );
         }
         Command::BenchMemoryCase { case, rows } => return exit(memory::run_case(&case, rows)),
         Command::BenchMqttBroker { case, fleet, port } => {

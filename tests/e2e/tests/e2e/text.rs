@@ -182,15 +182,36 @@ async fn text_goes_in_and_answers_come_out_through_the_oip_api() {
         }
         doc.to_string().into_bytes()
     };
-    for (json, needle) in [
-        (big_vocab, "it is not this model's tokenizer"),
-        (b"{\"nope\": 1}".to_vec(), "tokenizer"),
+    let too_long = PushQuery {
+        text: TextOptions {
+            max_tokens: Some(600),
+            ..TextOptions::default()
+        },
+        ..PushQuery::default()
+    };
+    for (json, query, needle) in [
+        (
+            big_vocab,
+            PushQuery::default(),
+            "it is not this model's tokenizer",
+        ),
+        (b"{\"nope\": 1}".to_vec(), PushQuery::default(), "tokenizer"),
+        // The position table holds 512.
+        (
+            tokenizer.clone(),
+            too_long,
+            "the model does not run on 600 tokens",
+        ),
     ] {
+        let options = PushOptions {
+            query,
+            ..PushOptions::default()
+        };
         let err = admin
             .push(
                 "intent-classifier-text",
                 intents.clone(),
-                &PushOptions::default().tokenizer(json),
+                &options.tokenizer(json),
             )
             .await
             .unwrap_err()

@@ -1,0 +1,293 @@
+//! `outpost bench --text-only`: the model-zoo text encoder, side by side in one run.
+//!
+//! - Fixed shapes (sequence 32 and 128, batch 1 and 8): tract fp32 and int8 on their
+//!   shape-optimised plans, against ONNX Runtime fp32 on the same ONNX file at the same thread
+//!   count (a small Python script, run when `python3 -c "import onnxruntime"` works; the line
+//!   says so when it does not), and the GPU engine where it covers the model (it says why not).
+//! - Texts of varying length, one a call, through the agent's tokenizer: padded to the sequence
+//!   buckets (what the agent does) against padded to each text's own length (a new shape nearly
+//!   every call, so the plan cache's four shapes keep being evicted).
+//!
+//! Calls are interleaved between the engines compared, so drift hits all alike.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use model_zoo::{DEFAULT_SEED, TextModel, vocab};
+use outpost_runtime::text::TextTokenizer;
+use outpost_runtime::tract::{TractModel, TractOptions};
+use outpost_shared::release::{Blob, Dim, TextInput};
+use outpost_shared::{Tensor, TensorSpec};
+
+use crate::bench::percentiles;
+
+/// The fixed shapes measured: (batch, sequence).
+const SHAPES: [(u64, u64); 4] = [(1, 32), (8, 32), (1, 128), (8, 128)];
+
+/// The ONNX Runtime baseline: reads the model path, threads and calls from argv, then one
+/// `batch seq` line a shape from stdin; prints `p50_ms p99_ms` a shape.
+const ORT_SCRIPT: &str = r#"
+import sys, time
+import numpy as np
+import onnxruntime as ort
+path, threads, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+o = ort.SessionOptions()
+o.intra_op_num_threads = threads
+o.inter_op_num_threads = 1
+o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+for line in sys.stdin:
+    b, n = map(int, line.split())
+    ids = ((np.arange(b * n) * 7919 + 13) % 500 + 5).reshape(b, n).astype(np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64),
+            "token_type_ids": np.zeros((b, n), np.int64)}
+    for _ in range(20):
+        s.run(None, feed)
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        s.run(None, feed)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    at = lambda q: times[max(0, min(len(times) - 1, int(np.ceil(len(times) * q)) - 1))]
+    print(f"{at(0.5) * 1e3:.4f} {at(0.99) * 1e3:.4f}", flush=True)
+"#;
+
+/// Runs the text benchmarks with `threads` threads and `calls` calls a figure.
+pub fn run(calls: usize, threads: usize, report: &mut impl FnMut(&str)) -> anyhow::Result<()> {
+    let fp32 = TextModel::TextEncoder.bytes(DEFAULT_SEED)?;
+    let int8 = outpost_runtime::quantize::quantize_int8(&fp32)?.bytes;
+    let options = TractOptions {
+        threads,
+        ..TractOptions::default()
+    };
+    let tract_fp32 = TractModel::load_with(&fp32, options).map_err(anyhow::Error::msg)?;
+    let tract_int8 = TractModel::load_with(&int8, options).map_err(anyhow::Error::msg)?;
+    report(&format!(
+        "text-encoder (2 layers, hidden 128, {:.2} M parameters), {threads} thread(s), {calls} calls each (p50 / p99):",
+        model_zoo::parameter_count(&TextModel::TextEncoder.build(DEFAULT_SEED)?) as f64 / 1e6
+    ));
+    report(&gpu_coverage(&int8));
+    let ort = ort_figures(&fp32, threads, calls);
+    if let Err(e) = &ort {
+        report(&format!("  ONNX Runtime: not measured ({e})"));
+    }
+    for (i, &(batch, seq)) in SHAPES.iter().enumerate() {
+        let inputs = token_inputs(batch, seq)?;
+        for _ in 0..20 {
+            tract_fp32.run(&inputs).map_err(anyhow::Error::msg)?;
+            tract_int8.run(&inputs).map_err(anyhow::Error::msg)?;
+        }
+        // The shape plans are optimised on a background thread: let them land.
+        std::thread::sleep(Duration::from_secs(2));
+        let (mut a, mut b) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+        for _ in 0..calls {
+            let t = Instant::now();
+            tract_fp32.run(&inputs).map_err(anyhow::Error::msg)?;
+            a.push(t.elapsed());
+            let t = Instant::now();
+            tract_int8.run(&inputs).map_err(anyhow::Error::msg)?;
+            b.push(t.elapsed());
+        }
+        let (fp32_p50, fp32_p99) = percentiles(&mut a);
+        let (int8_p50, int8_p99) = percentiles(&mut b);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let shape = format!("batch {batch}, sequence {seq:>3}");
+        report(&format!(
+            "  {shape}  tract fp32     {:>8.3} ms / {:>8.3} ms",
+            ms(fp32_p50),
+            ms(fp32_p99)
+        ));
+        report(&format!(
+            "  {shape}  tract int8     {:>8.3} ms / {:>8.3} ms",
+            ms(int8_p50),
+            ms(int8_p99)
+        ));
+        if let Ok(ort) = &ort
+            && let Some(&(p50, p99)) = ort.get(i)
+        {
+            report(&format!(
+                "  {shape}  onnxruntime    {p50:>8.3} ms / {p99:>8.3} ms   tract fp32 / onnxruntime p50: {:.2}",
+                ms(fp32_p50) / p50
+            ));
+        }
+    }
+    buckets(&fp32, threads, calls, report)
+}
+
+/// Whether the GPU engine takes the model, and why not.
+fn gpu_coverage(int8: &[u8]) -> String {
+    use outpost_gpu::{GpuContext, GpuModel, GpuOptions};
+    let ctx = match GpuContext::new(GpuOptions {
+        allow_software: true,
+        ..GpuOptions::default()
+    }) {
+        Ok(ctx) => ctx,
+        Err(e) => return format!("  GPU engine: no adapter ({e})"),
+    };
+    match GpuModel::load(int8, ctx) {
+        Ok(_) => "  GPU engine: covers the encoder".to_owned(),
+        Err(e) => format!("  GPU engine: not measured, it does not cover the encoder yet ({e})"),
+    }
+}
+
+/// ONNX Runtime's p50 and p99 (ms) for each of [`SHAPES`], from [`ORT_SCRIPT`].
+fn ort_figures(model: &[u8], threads: usize, calls: usize) -> anyhow::Result<Vec<(f64, f64)>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("text-encoder.onnx");
+    std::fs::write(&path, model)?;
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(ORT_SCRIPT)
+        .arg(&path)
+        .arg(threads.to_string())
+        .arg(calls.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("python3 is not installed")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        for (batch, seq) in SHAPES {
+            writeln!(stdin, "{batch} {seq}")?;
+        }
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap_or("it failed");
+        anyhow::bail!("{last}; `pip install onnxruntime numpy` for the baseline");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let mut it = l.split_whitespace().map(str::parse::<f64>);
+            match (it.next(), it.next()) {
+                (Some(Ok(a)), Some(Ok(b))) => Ok((a, b)),
+                _ => anyhow::bail!("onnxruntime printed {l:?}"),
+            }
+        })
+        .collect()
+}
+
+/// Texts of 3 to 40 words, one a call: padded to the buckets, against each to its own length.
+fn buckets(
+    fp32: &[u8],
+    threads: usize,
+    calls: usize,
+    report: &mut impl FnMut(&str),
+) -> anyhow::Result<()> {
+    let json = vocab::tokenizer_json();
+    let spec = TextInput {
+        name: "text".into(),
+        input_ids: "input_ids".into(),
+        attention_mask: Some("attention_mask".into()),
+        token_type_ids: Some("token_type_ids".into()),
+        max_tokens: 512,
+        truncate: false,
+        tokenizer: Blob::describe(json.as_bytes()),
+    };
+    // The baseline pads nothing: the same tokenizer without the mask role (added below).
+    let exact_spec = TextInput {
+        attention_mask: None,
+        token_type_ids: None,
+        ..spec.clone()
+    };
+    let bucketed = TextTokenizer::load(json.as_bytes(), &spec)?;
+    let exact = TextTokenizer::load(json.as_bytes(), &exact_spec)?;
+    let options = TractOptions {
+        threads,
+        ..TractOptions::default()
+    };
+    let (a, b) = (
+        TractModel::load_with(fp32, options).map_err(anyhow::Error::msg)?,
+        TractModel::load_with(fp32, options).map_err(anyhow::Error::msg)?,
+    );
+    let ids = TensorSpec {
+        name: "input_ids".into(),
+        datatype: outpost_shared::DataType::Int64,
+        shape: vec![Dim::Dynamic, Dim::Dynamic],
+    };
+    let words: Vec<String> = bucketed.sample_texts(1, 1)[0]
+        .split(' ')
+        .map(str::to_owned)
+        .cycle()
+        .take(40)
+        .collect();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let (mut with, mut without) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+    let (mut lengths, mut padded) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    for call in 0..calls + 20 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let n = 3 + (state % 38) as usize;
+        let text = words[..n].join(" ");
+        let tensor = Tensor::from_byte_strings("text", vec![1], &[text.as_bytes()])?;
+        let t = Instant::now();
+        let encoded = bucketed.encode(&tensor, &ids)?;
+        a.run(&encoded.inputs).map_err(anyhow::Error::msg)?;
+        let with_time = t.elapsed();
+        let t = Instant::now();
+        let mut plain = exact.encode(&tensor, &ids)?.inputs;
+        let len = plain[0].shape()[1];
+        plain.push(Tensor::from_values(
+            "attention_mask",
+            vec![1, len],
+            &vec![1i64; len as usize],
+        )?);
+        plain.push(Tensor::from_values(
+            "token_type_ids",
+            vec![1, len],
+            &vec![0i64; len as usize],
+        )?);
+        b.run(&plain).map_err(anyhow::Error::msg)?;
+        let without_time = t.elapsed();
+        // The first calls warm both up.
+        if call >= 20 {
+            with.push(with_time);
+            without.push(without_time);
+            lengths.insert(len);
+            padded.insert(encoded.length);
+        }
+    }
+    let (w50, w99) = percentiles(&mut with);
+    let (o50, o99) = percentiles(&mut without);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    report(&format!(
+        "texts of 3-40 words ({} lengths, {} to {} tokens), one a call, tokenize + tract fp32:",
+        lengths.len(),
+        lengths.first().copied().unwrap_or(0),
+        lengths.last().copied().unwrap_or(0)
+    ));
+    let used: Vec<String> = padded.iter().map(ToString::to_string).collect();
+    report(&format!(
+        "  padded to the buckets ({:<10})  {:>8.3} ms / {:>8.3} ms",
+        used.join(", "),
+        ms(w50),
+        ms(w99)
+    ));
+    report(&format!(
+        "  each at its own length                {:>8.3} ms / {:>8.3} ms   own length / buckets p50: {:.2}",
+        ms(o50),
+        ms(o99),
+        ms(o50) / ms(w50)
+    ));
+    Ok(())
+}
+
+/// `input_ids`, `attention_mask` (ones) and `token_type_ids` (zeros) of `[batch, seq]`, ids
+/// as the ONNX Runtime script makes them.
+fn token_inputs(batch: u64, seq: u64) -> anyhow::Result<Vec<Tensor>> {
+    let n = batch * seq;
+    let ids: Vec<i64> = (0..n).map(|i| ((i * 7919 + 13) % 500 + 5) as i64).collect();
+    Ok(vec![
+        Tensor::from_values("input_ids", vec![batch, seq], &ids)?,
+        Tensor::from_values("attention_mask", vec![batch, seq], &vec![1i64; n as usize])?,
+        Tensor::from_values("token_type_ids", vec![batch, seq], &vec![0i64; n as usize])?,
+    ])
+}
