@@ -506,6 +506,55 @@ mod tests {
     }
 
     #[test]
+    fn a_text_model_fetches_its_tokenizer_wherever_it_runs_and_counts_it_in_the_budget() {
+        let (model, tok) = (
+            chunk("model", 10 * MB as u32),
+            chunk("tokenizer", MB as u32),
+        );
+        let text = |mut v: ModelVersion| {
+            v.text = Some(outpost_shared::TextInput {
+                name: "text".into(),
+                input_ids: "input_ids".into(),
+                attention_mask: None,
+                token_type_ids: None,
+                max_tokens: 16,
+                truncate: false,
+                tokenizer: outpost_shared::Blob {
+                    size: u64::from(tok.size),
+                    digest: Digest::of(b"not checked by the plan"),
+                    chunks: vec![tok],
+                },
+            });
+            v
+        };
+        let m = release("m", 1, text(local(1, &[model])));
+        let (_, missing) = switch_target(plan(&Record::default(), &m).unwrap());
+        assert_eq!(missing, vec![model.id, tok.id]);
+        // A cloud-only text model: the device tokenizes, so it fetches the tokenizer alone.
+        let cloud = text(version(
+            1,
+            Placement::Cloud,
+            vec![variant(Target::CloudFp32, &[model])],
+        ));
+        let (_, missing) =
+            switch_target(plan(&Record::default(), &release("m", 1, cloud)).unwrap());
+        assert_eq!(missing, vec![tok.id]);
+        // The tokenizer's megabyte counts: 10 MB of model fits a budget of 10, with it no more.
+        let refused = plan_install(
+            &Record::default(),
+            &m,
+            device(),
+            &profile(64, 10),
+            &KeptChunks::default(),
+            |_| false,
+        );
+        assert!(
+            matches!(refused, Err(Refusal::OverBudget { .. })),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
     fn int8_is_preferred_and_fp32_taken_when_it_is_the_only_local_variant() {
         let (int8, fp32) = (chunk("int8", 10), chunk("fp32", 40));
         let both = version(
