@@ -228,8 +228,8 @@ impl TextModel {
             TextModel::TextEncoder => {
                 let mut g = GraphBuilder::new(seed).with_opset(TEXT_OPSET);
                 let (hidden, embedding) = encoder(&mut g);
-                rename(&mut g, &hidden, "last_hidden_state");
-                rename(&mut g, &embedding, "sentence_embedding");
+                g.rename_value(&hidden, "last_hidden_state");
+                g.rename_value(&embedding, "sentence_embedding");
                 let (batch, seq) = (Dim::Symbol("batch"), Dim::Symbol("sequence"));
                 g.output(
                     "last_hidden_state",
@@ -359,10 +359,6 @@ fn normalised(v: &[f32]) -> Vec<f32> {
     v.iter().map(|x| x / norm).collect()
 }
 
-fn rename(g: &mut GraphBuilder, from: &str, to: &str) {
-    g.rename_value(from, to);
-}
-
 /// The sentence embedding of each text, by the encoder of `seed` on tract.
 fn embed(seed: u64, texts: &[String]) -> Result<Vec<Vec<f32>>, BuildError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| BuildError(format!("{what}: {e}"));
@@ -370,7 +366,7 @@ fn embed(seed: u64, texts: &[String]) -> Result<Vec<Vec<f32>>, BuildError> {
         .map_err(|e| fail("reading the tokenizer", &e))?;
     let mut g = GraphBuilder::new(seed).with_opset(TEXT_OPSET);
     let (_, embedding) = encoder(&mut g);
-    rename(&mut g, &embedding, "sentence_embedding");
+    g.rename_value(&embedding, "sentence_embedding");
     g.output_any("sentence_embedding", DataType::Float);
     let bytes = g.finish("text-encoder", "", &[]).encode_to_vec();
     let plan = tract_onnx::onnx()
