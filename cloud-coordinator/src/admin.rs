@@ -98,6 +98,8 @@ pub struct AdminState {
     pub max_finetunes: usize,
     /// Their permits.
     pub finetunes: Arc<tokio::sync::Semaphore>,
+    /// The Open Inference Protocol backends (`[[backend]]`).
+    pub backends: Arc<crate::backend::Backends>,
 }
 
 /// An answer's body: whole, or streamed (a fine-tune's progress).
@@ -184,7 +186,20 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["v1", "models"]) => match state.registry.list() {
-            Ok(models) => json(StatusCode::OK, &models),
+            Ok(mut models) => {
+                let offloads = state.metrics.offloads();
+                for m in &mut models {
+                    if let Some(&[ok, error, busy, rate_limited]) = offloads.get(&m.name) {
+                        m.offloaded = crate::registry::OffloadCounts {
+                            ok,
+                            error,
+                            busy,
+                            rate_limited,
+                        };
+                    }
+                }
+                json(StatusCode::OK, &models)
+            }
             Err(e) => registry_error(e),
         },
         (Method::GET, ["v1", "fleet"]) => {
@@ -363,6 +378,20 @@ async fn push(
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    if let Some(name_of_backend) = &options.backend {
+        let Some(backend) = state.backends.named(name_of_backend) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "no backend named {name_of_backend:?} in coordinator.toml (configured: {:?})",
+                    state.backends.names()
+                ),
+            );
+        };
+        if let Err(e) = backend.serves(&name).await {
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+    }
     let gate = options.gate(&state.rollout);
     let request = PushRequest {
         name,
@@ -380,6 +409,7 @@ async fn push(
         dry_run: options.dry_run,
         gate,
         known_devices: known_devices(state),
+        backend: options.backend,
     };
     let registry = state.registry.clone();
     let result = tokio::task::spawn_blocking(move || registry.push(request)).await;
@@ -568,6 +598,8 @@ async fn run_finetune(
         dry_run: options.dry_run,
         gate,
         known_devices: known_devices(state),
+        // New weights exist only in the registry: the worker pool serves them.
+        backend: None,
     };
     let registry = state.registry.clone();
     match tokio::task::spawn_blocking(move || registry.push(request)).await {

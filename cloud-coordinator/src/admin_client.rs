@@ -143,6 +143,12 @@ impl PushOptions {
         self.tokenizer = Some(json);
         self
     }
+
+    /// The `[[backend]]` that serves the model's offloaded calls.
+    pub fn backend(mut self, name: impl Into<String>) -> Self {
+        self.query.backend = Some(name.into());
+        self
+    }
 }
 
 /// The typed client of one coordinator's admin API.

@@ -37,6 +37,9 @@ pub enum CoordinatorError {
     /// A network setup step failed.
     #[error("{0}")]
     Network(String),
+    /// A `[[backend]]` cannot be used as configured.
+    #[error("[[backend]]: {0}")]
+    Backend(String),
 }
 
 /// Why a push, rollback or lookup was refused; the admin API answers these with 4xx codes.

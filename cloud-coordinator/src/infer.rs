@@ -30,6 +30,16 @@ pub struct Job {
     pub reply: oneshot::Sender<Outcome>,
 }
 
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("model", &self.model)
+            .field("version", &self.version)
+            .field("inputs", &self.inputs.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The pool's handle: submitting never blocks.
 #[derive(Clone)]
 pub struct InferencePool {

@@ -28,10 +28,12 @@ pub const CRASH_POINTS: [&str; 7] = [
 
 pub mod admin;
 mod admin_client;
+pub mod backend;
 pub mod broker;
 pub mod error;
 pub mod finetune;
 pub mod gate;
+pub mod gateway;
 mod infer;
 pub mod metrics;
 pub mod mqtt;
@@ -231,9 +233,19 @@ impl Coordinator {
         let quic_addr = endpoint
             .local_addr()
             .map_err(|e| CoordinatorError::Network(e.to_string()))?;
+        let (backends, backend_tasks) = backend::Backends::start(&config.backends, &watcher)
+            .map_err(CoordinatorError::Backend)?;
+        tasks.extend(backend_tasks);
+        let backends = Arc::new(backends);
         let service = quic::Service {
             registry: registry.clone(),
-            pool,
+            gateway: gateway::Gateway {
+                registry: registry.clone(),
+                pool,
+                backends: backends.clone(),
+                limits: Arc::new(gateway::RateLimits::new(&config.gateway)),
+                metrics: metrics.clone(),
+            },
             metrics: metrics.clone(),
             connections: Arc::default(),
             request_timeout: config.quic.request_timeout(),
@@ -277,6 +289,7 @@ impl Coordinator {
             finetunes: Arc::new(tokio::sync::Semaphore::new(
                 config.registry.max_finetunes.max(1) as usize,
             )),
+            backends,
         };
         tasks.push(tokio::spawn(admin::serve(
             listener, state, admin_tls, watcher,

@@ -103,6 +103,12 @@ enum Command {
         /// parameter lists them) instead of refusing them with a 400.
         #[arg(long, requires = "tokenizer")]
         truncate: bool,
+        /// The coordinator.toml [[backend]] (an Open Inference Protocol server: Triton, KServe,
+        /// MLServer) that serves the model's offloaded calls instead of the coordinator's
+        /// worker pool. The push checks that the backend serves a model of this name; the
+        /// file gives the signature devices check inputs against.
+        #[arg(long, value_name = "NAME")]
+        backend: Option<String>,
         /// What an output is, for the int8 gate, which judges classifiers by top-1 agreement
         /// and probability error, embeddings by cosine, scores by absolute error, and shows
         /// hidden states without judging them. Repeat for several outputs. Default: a
@@ -385,6 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             text_input,
             max_tokens,
             truncate,
+            backend,
             output_kinds,
             int8_max_abs_error,
             int8_max_prob_error,
@@ -431,6 +438,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         max_tokens,
                         truncate,
                     },
+                    backend,
                     ..PushQuery::default()
                 },
                 cloud_model: read(cloud)?,

@@ -1,8 +1,41 @@
 //! Prometheus counters of the coordinator, rendered in the text exposition format.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
+
+/// How an offloaded call ended, for the per-model counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Answered.
+    Ok,
+    /// Failed (the model, its backend, or the inputs).
+    Failed,
+    /// Refused `Busy`: the pool's queue or every backend replica was full.
+    Busy,
+    /// Refused `Busy` by a `[gateway]` rate limit.
+    RateLimited,
+}
+
+impl Served {
+    const ALL: [Served; 4] = [
+        Served::Ok,
+        Served::Failed,
+        Served::Busy,
+        Served::RateLimited,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Served::Ok => "ok",
+            Served::Failed => "error",
+            Served::Busy => "busy",
+            Served::RateLimited => "rate_limited",
+        }
+    }
+}
 
 /// Upper bounds (seconds) of the inference latency histogram's buckets.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
@@ -36,6 +69,8 @@ pub struct Metrics {
     pub rollouts_promoted: AtomicU64,
     /// Gated rollouts aborted on the candidate's health.
     pub rollouts_aborted: AtomicU64,
+    /// Offloaded calls by model (models in the registry only) and how they ended.
+    offloads: Mutex<BTreeMap<String, [u64; 4]>>,
     inference_ok: AtomicU64,
     inference_failed: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
@@ -61,6 +96,22 @@ impl Metrics {
             u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// Counts one offloaded call of `model` (a model of the registry: that bounds the map).
+    pub fn observe_offload(&self, model: &str, served: Served) {
+        if let Ok(mut offloads) = self.offloads.lock() {
+            let counts = match offloads.get_mut(model) {
+                Some(c) => c,
+                None => offloads.entry(model.to_owned()).or_default(),
+            };
+            counts[served as usize] += 1;
+        }
+    }
+
+    /// Offloaded calls by model: answered, failed, busy, rate limited.
+    pub fn offloads(&self) -> BTreeMap<String, [u64; 4]> {
+        self.offloads.lock().map(|o| o.clone()).unwrap_or_default()
     }
 
     /// The metrics in Prometheus text format.
@@ -125,6 +176,20 @@ impl Metrics {
             "# HELP outpost_connected_devices Devices connected over QUIC.\n# TYPE outpost_connected_devices gauge\noutpost_connected_devices {}",
             self.connected_devices.load(Ordering::Relaxed).max(0)
         );
+        let _ = writeln!(
+            out,
+            "# HELP outpost_offloaded_calls_total Offloaded calls by model and how they ended (busy: pool or backend full; rate_limited: [gateway]).\n# TYPE outpost_offloaded_calls_total counter"
+        );
+        for (model, counts) in self.offloads() {
+            for served in Served::ALL {
+                let _ = writeln!(
+                    out,
+                    "outpost_offloaded_calls_total{{model=\"{model}\",result=\"{}\"}} {}",
+                    served.label(),
+                    counts[served as usize]
+                );
+            }
+        }
         let ok = get(&self.inference_ok);
         let failed = get(&self.inference_failed);
         let _ = writeln!(

@@ -10,9 +10,9 @@ use std::time::Duration;
 use outpost_shared::frame::{self, HEADER_BYTES, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use outpost_shared::{ErrorKind, Request, Response};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
-use crate::infer::{InferencePool, Job};
+use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -21,8 +21,8 @@ use crate::registry::Registry;
 pub struct Service {
     /// The registry (chunks).
     pub registry: Arc<Registry>,
-    /// The inference pool.
-    pub pool: InferencePool,
+    /// Offloaded calls: rate limits, then a backend or the worker pool.
+    pub gateway: Gateway,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Open connections per device, held to [`MAX_CONNECTIONS_PER_DEVICE`].
@@ -176,7 +176,7 @@ async fn serve_connection(connection: quinn::Connection, service: Service) {
                 while streams.try_join_next().is_some() {}
                 let (service, device) = (service.clone(), device.clone());
                 streams.spawn(async move {
-                    if let Err(e) = serve_stream(send, recv, &service).await {
+                    if let Err(e) = serve_stream(send, recv, &service, &device).await {
                         tracing::debug!(device, error = %e, "stream ended early");
                     }
                 });
@@ -197,6 +197,7 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     service: &Service,
+    device: &str,
 ) -> Result<(), String> {
     let limit = service.request_timeout;
     let request = match tokio::time::timeout(limit, read_request(&mut recv)).await {
@@ -293,35 +294,7 @@ async fn serve_stream(
             inputs,
             ..
         } => {
-            let (reply, answer) = oneshot::channel();
-            let response = match service.pool.submit(Job {
-                model: model.clone(),
-                version,
-                inputs,
-                reply,
-            }) {
-                Err(_) => {
-                    service
-                        .metrics
-                        .inference_busy
-                        .fetch_add(1, Ordering::Relaxed);
-                    Response::Busy {
-                        retry_after_ms: 100,
-                    }
-                }
-                Ok(()) => match answer.await {
-                    Ok(Ok((version, outputs))) => Response::Inferred {
-                        model,
-                        version,
-                        outputs,
-                    },
-                    Ok(Err((kind, message))) => Response::Error { kind, message },
-                    Err(_) => Response::Error {
-                        kind: ErrorKind::Internal,
-                        message: "the inference worker stopped".into(),
-                    },
-                },
-            };
+            let response = service.gateway.infer(device, model, version, inputs).await;
             write(&mut send, &response).await?;
         }
     }

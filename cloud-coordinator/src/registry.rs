@@ -31,8 +31,8 @@ mod text;
 use edge::CHECK_ONLY;
 pub use finetune::FinetuneSource;
 pub use report::{
-    Delta, EdgeReport, Fallback, Int8Overrides, KeptWeight, ModelSummary, Outcome, Published,
-    PushRequest, Quantize, Stage, TextOptions, VariantSummary,
+    Delta, EdgeReport, Fallback, Int8Overrides, KeptWeight, ModelSummary, OffloadCounts, Outcome,
+    Published, PushRequest, Quantize, Stage, TextOptions, VariantSummary,
 };
 use report::{delta, summary};
 pub use rollout::{GatedRollout, HISTORY, RolloutAction, RolloutEvent};
@@ -61,6 +61,10 @@ struct ModelRecord {
     /// The health gate of the candidate's rollout, when it was pushed with `--canary`.
     #[serde(default)]
     gate: Option<firmware_config::RolloutSection>,
+    /// The `[[backend]]` that serves its offloaded calls, when pushed with `--backend` (else the
+    /// worker pool, or a backend whose `models` list it).
+    #[serde(default)]
+    backend: Option<String>,
 }
 
 impl ModelRecord {
@@ -219,6 +223,11 @@ impl Registry {
             )));
         }
         let on_devices = request.placement != Placement::Cloud;
+        if let (Some(backend), Placement::Local) = (&request.backend, &request.placement) {
+            return Err(RegistryError::BadRequest(format!(
+                "backend {backend:?} serves offloaded calls, but placement=local offloads none (use cloud or cascade)"
+            )));
+        }
         let quantize = request.quantize.unwrap_or(if on_devices {
             Quantize::Int8
         } else {
@@ -281,6 +290,7 @@ impl Registry {
             signed_at: 0,
             rollout_history: Vec::new(),
             gate: None,
+            backend: None,
         });
         let stable = record.version(record.stable).cloned();
         let delta: Vec<Delta> = variants
@@ -365,6 +375,7 @@ impl Registry {
             &request.known_devices,
         );
         record.gate = if as_candidate { request.gate } else { None };
+        record.backend = request.backend;
         let (mut published, signed) = self.commit(record, version, stage, new_chunks)?;
         published.delta = delta;
         Ok((published, Some(signed)))
@@ -592,6 +603,8 @@ impl Registry {
                     edge: r.edge_reports.get(&r.stable).cloned(),
                     rollout_history: r.rollout_history.clone(),
                     gate: r.gate.clone(),
+                    backend: r.backend.clone(),
+                    offloaded: OffloadCounts::default(),
                 })
             })
             .collect()
@@ -601,6 +614,14 @@ impl Registry {
     pub fn stable_version(&self, model: &str) -> Result<u64, RegistryError> {
         self.record(model)?
             .map(|r| r.stable)
+            .ok_or_else(|| RegistryError::NotFound(format!("no model {model:?}")))
+    }
+
+    /// Where `model`'s offloaded calls go: its stable version, and the backend it was pushed
+    /// to (`None`: the worker pool, or a backend whose `models` list it).
+    pub fn routing(&self, model: &str) -> Result<(u64, Option<String>), RegistryError> {
+        self.record(model)?
+            .map(|r| (r.stable, r.backend))
             .ok_or_else(|| RegistryError::NotFound(format!("no model {model:?}")))
     }
 

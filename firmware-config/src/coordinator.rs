@@ -10,6 +10,9 @@ use crate::diagnostic::{ConfigErrors, Source};
 use crate::types::HostPort;
 use crate::{FileKind, check_file, load_toml};
 
+mod gateway;
+pub use gateway::{BackendEncoding, BackendSection, GatewaySection};
+
 /// The coordinator's configuration. Relative paths are relative to the config file's folder.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +40,12 @@ pub struct CoordinatorConfig {
     /// Rollouts gated on device health: the defaults of `push --canary`.
     #[serde(default)]
     pub rollout: RolloutSection,
+    /// Open Inference Protocol servers that run some models' offloaded calls (`[[backend]]`).
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendSection>,
+    /// Rate limits on offloaded calls.
+    #[serde(default)]
+    pub gateway: GatewaySection,
 }
 
 /// `[rollout]`: how a gated rollout (`push --canary P`) is judged, unless the push says
@@ -663,6 +672,16 @@ impl CoordinatorConfig {
         }
         if self.inference.queue_depth == 0 {
             problems.push(("inference.queue_depth", "must be at least 1".to_owned()));
+        }
+        problems.extend(self.gateway.problems());
+        for (i, backend) in self.backends.iter().enumerate() {
+            problems.extend(backend.problems().into_iter().map(|m| ("backend", m)));
+            if self.backends[..i].iter().any(|b| b.name == backend.name) {
+                problems.push((
+                    "backend",
+                    format!("backend {:?} is defined twice", backend.name),
+                ));
+            }
         }
         problems
     }

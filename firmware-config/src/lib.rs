@@ -20,8 +20,9 @@ pub use agent::{
     FleetTrust, MqttBroker, SyncSection,
 };
 pub use coordinator::{
-    AdminSection, CoordinatorConfig, CoordinatorMqtt, CoordinatorStorage, FleetMaterial,
-    InferenceSection, QuicSection, RegistrySection, RolloutSection, int8_tolerance_problem,
+    AdminSection, BackendEncoding, BackendSection, CoordinatorConfig, CoordinatorMqtt,
+    CoordinatorStorage, FleetMaterial, GatewaySection, InferenceSection, QuicSection,
+    RegistrySection, RolloutSection, int8_tolerance_problem,
 };
 pub use diagnostic::{ConfigError, ConfigErrors};
 pub use identity::{IdentityError, device_id_from_certificate};

@@ -131,6 +131,8 @@ pub enum ErrorKind {
     Unauthorized,
     /// Something failed on the answering side.
     Internal,
+    /// A server the answer needs is down or not ready (a backend's replicas): try again later.
+    Unavailable,
     /// A kind this version does not know (sent by a newer peer).
     #[serde(other)]
     Other,

@@ -30,7 +30,7 @@ pub const EXTENSION: &str = "binary_tensor_data";
 #[non_exhaustive]
 pub enum OipError {
     /// The JSON part is malformed.
-    #[error("malformed inference request: {0}")]
+    #[error("malformed inference body: {0}")]
     Json(String),
     /// `Inference-Header-Content-Length` does not fit the body.
     #[error("Inference-Header-Content-Length is {header} but the body has only {body} bytes")]
@@ -151,6 +151,115 @@ fn flag(parameters: Option<&Map<String, Value>>, key: &str) -> Option<bool> {
     parameters.and_then(|p| p.get(key)).and_then(Value::as_bool)
 }
 
+/// Splits a body into its JSON part and the binary data after it.
+fn split_body(body: &[u8], header_length: Option<usize>) -> Result<(&[u8], &[u8]), OipError> {
+    let json_len = header_length.unwrap_or(body.len());
+    match (body.get(..json_len), body.get(json_len..)) {
+        (Some(j), Some(b)) => Ok((j, b)),
+        _ => Err(OipError::HeaderLength {
+            header: json_len,
+            body: body.len(),
+        }),
+    }
+}
+
+/// Reads a body's tensors (a request's inputs or a response's outputs): every header is checked,
+/// against `limits` too, before any tensor's elements are read; JSON elements are parsed straight
+/// into the tensor's bytes, binary ones taken from `binary` in order.
+fn read_tensors(
+    raw: &[json::RequestTensor<'_>],
+    mut binary: &[u8],
+    limits: &RequestLimits,
+) -> Result<Vec<Tensor>, OipError> {
+    let mut headers = Vec::with_capacity(raw.len());
+    let mut total = 0u64;
+    for tensor in raw {
+        let size = tensor
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("binary_data_size"));
+        let size = match size {
+            None => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| OipError::BadInput {
+                tensor: tensor.name.clone(),
+                reason: "binary_data_size must be a byte count",
+            })?),
+        };
+        match (size, tensor.data.is_none()) {
+            (Some(_), false) => {
+                return Err(OipError::BadInput {
+                    tensor: tensor.name.clone(),
+                    reason: "give either data or binary_data_size, not both",
+                });
+            }
+            (None, true) => {
+                return Err(OipError::BadInput {
+                    tensor: tensor.name.clone(),
+                    reason: "has no data (give data, or binary_data_size and binary data after the JSON)",
+                });
+            }
+            _ => {}
+        }
+        let header = json::header(&tensor.name, &tensor.shape, &tensor.datatype)?;
+        if let (Some(max_batch), Some(&rows)) = (limits.max_batch, header.shape.first())
+            && rows > max_batch
+        {
+            return Err(OipError::TooManyRows {
+                tensor: header.name,
+                rows,
+                max_batch,
+            });
+        }
+        total = total.saturating_add(header.count);
+        if total > limits.max_elements {
+            return Err(OipError::TooManyElements {
+                tensor: header.name,
+                total,
+                max_elements: limits.max_elements,
+            });
+        }
+        headers.push((header, size));
+    }
+    // Checked: sizes come from the sender, and a wrapped sum must not pass for a match.
+    let declared = headers
+        .iter()
+        .filter_map(|(_, size)| *size)
+        .try_fold(0u64, |total, n| total.checked_add(n));
+    if declared != Some(binary.len() as u64) {
+        return Err(OipError::BinaryLength {
+            declared: declared.unwrap_or(u64::MAX),
+            actual: binary.len(),
+        });
+    }
+    let mut tensors = Vec::with_capacity(raw.len());
+    for (tensor, (header, size)) in raw.iter().zip(headers) {
+        let tensor = match (size, tensor.data) {
+            (Some(n), _) => {
+                // The sizes add up to the binary part, so each fits; checked all the same.
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                let (Some(data), Some(rest)) = (binary.get(..n), binary.get(n..)) else {
+                    return Err(OipError::BinaryLength {
+                        declared: n as u64,
+                        actual: binary.len(),
+                    });
+                };
+                binary = rest;
+                Tensor::from_bytes(header.name, header.datatype, header.shape, data.to_vec())?
+            }
+            (None, Some(data)) => header.read_json(data)?,
+            // Refused above: a tensor without binary_data_size has data.
+            (None, None) => {
+                return Err(OipError::BadInput {
+                    tensor: header.name,
+                    reason: "has no data",
+                });
+            }
+        };
+        tensors.push(tensor);
+    }
+    Ok(tensors)
+}
+
 impl InferRequest {
     /// Reads a request body; `header_length` is `Inference-Header-Content-Length` when the
     /// request carried it. Every input's header is checked, against `limits` too, before any
@@ -160,104 +269,10 @@ impl InferRequest {
         header_length: Option<usize>,
         limits: &RequestLimits,
     ) -> Result<Self, OipError> {
-        let json_len = header_length.unwrap_or(body.len());
-        let (json, mut binary) = match (body.get(..json_len), body.get(json_len..)) {
-            (Some(j), Some(b)) => (j, b),
-            _ => {
-                return Err(OipError::HeaderLength {
-                    header: json_len,
-                    body: body.len(),
-                });
-            }
-        };
+        let (json, binary) = split_body(body, header_length)?;
         let raw: RawRequest<'_> =
             serde_json::from_slice(json).map_err(|e| OipError::Json(e.to_string()))?;
-        let mut headers = Vec::with_capacity(raw.inputs.len());
-        let mut total = 0u64;
-        for input in &raw.inputs {
-            let size = input
-                .parameters
-                .as_ref()
-                .and_then(|p| p.get("binary_data_size"));
-            let size = match size {
-                None => None,
-                Some(v) => Some(v.as_u64().ok_or_else(|| OipError::BadInput {
-                    tensor: input.name.clone(),
-                    reason: "binary_data_size must be a byte count",
-                })?),
-            };
-            match (size, input.data.is_none()) {
-                (Some(_), false) => {
-                    return Err(OipError::BadInput {
-                        tensor: input.name.clone(),
-                        reason: "give either data or binary_data_size, not both",
-                    });
-                }
-                (None, true) => {
-                    return Err(OipError::BadInput {
-                        tensor: input.name.clone(),
-                        reason: "has no data (give data, or binary_data_size and binary data after the JSON)",
-                    });
-                }
-                _ => {}
-            }
-            let header = json::header(&input.name, &input.shape, &input.datatype)?;
-            if let (Some(max_batch), Some(&rows)) = (limits.max_batch, header.shape.first())
-                && rows > max_batch
-            {
-                return Err(OipError::TooManyRows {
-                    tensor: header.name,
-                    rows,
-                    max_batch,
-                });
-            }
-            total = total.saturating_add(header.count);
-            if total > limits.max_elements {
-                return Err(OipError::TooManyElements {
-                    tensor: header.name,
-                    total,
-                    max_elements: limits.max_elements,
-                });
-            }
-            headers.push((header, size));
-        }
-        // Checked: sizes come from the client, and a wrapped sum must not pass for a match.
-        let declared = headers
-            .iter()
-            .filter_map(|(_, size)| *size)
-            .try_fold(0u64, |total, n| total.checked_add(n));
-        if declared != Some(binary.len() as u64) {
-            return Err(OipError::BinaryLength {
-                declared: declared.unwrap_or(u64::MAX),
-                actual: binary.len(),
-            });
-        }
-        let mut inputs = Vec::with_capacity(raw.inputs.len());
-        for (input, (header, size)) in raw.inputs.iter().zip(headers) {
-            let tensor = match (size, input.data) {
-                (Some(n), _) => {
-                    // The sizes add up to the binary part, so each fits; checked all the same.
-                    let n = usize::try_from(n).unwrap_or(usize::MAX);
-                    let (Some(data), Some(rest)) = (binary.get(..n), binary.get(n..)) else {
-                        return Err(OipError::BinaryLength {
-                            declared: n as u64,
-                            actual: binary.len(),
-                        });
-                    };
-                    binary = rest;
-                    Tensor::from_bytes(header.name, header.datatype, header.shape, data.to_vec())?
-                }
-                (None, Some(data)) => header.read_json(data)?,
-                // Refused above: an input without binary_data_size has data.
-                (None, None) => {
-                    return Err(OipError::BadInput {
-                        tensor: header.name,
-                        reason: "has no data",
-                    });
-                }
-            };
-            inputs.push(tensor);
-        }
+        let inputs = read_tensors(&raw.inputs, binary, limits)?;
         Ok(InferRequest {
             id: raw.id,
             inputs,
@@ -291,10 +306,10 @@ impl InferRequest {
     }
 }
 
-/// A response body, and the JSON part's length when some outputs are binary (the value of
-/// `Inference-Header-Content-Length`).
+/// An encoded body (a request or a response), and the JSON part's length when some tensors
+/// travel as binary data after it (the value of `Inference-Header-Content-Length`).
 #[derive(Debug, Clone, PartialEq)]
-pub struct EncodedResponse {
+pub struct EncodedBody {
     /// The body.
     pub body: Vec<u8>,
     /// The JSON part's length, when binary data follows it.
@@ -306,30 +321,69 @@ pub struct EncodedResponse {
 pub fn encode_response(
     fields: Map<String, Value>,
     outputs: &[(&Tensor, bool)],
-) -> Result<EncodedResponse, TensorError> {
-    #[derive(serde::Serialize)]
-    struct Body<'a> {
-        #[serde(flatten)]
-        fields: Map<String, Value>,
-        outputs: Vec<Output<'a>>,
+) -> Result<EncodedBody, TensorError> {
+    encode_body(fields, Tensors::Outputs, outputs)
+}
+
+/// Encodes a request for a server: `inputs`, all as binary data when `binary` (the server lists
+/// the extension), and asks for the outputs the same way.
+pub fn encode_request(inputs: &[Tensor], binary: bool) -> Result<EncodedBody, TensorError> {
+    let mut fields = Map::new();
+    if binary {
+        fields.insert(
+            "parameters".into(),
+            serde_json::json!({ "binary_data_output": true }),
+        );
     }
-    #[derive(serde::Serialize)]
-    struct Output<'a> {
-        name: &'a str,
-        datatype: &'static str,
-        shape: &'a [u64],
-        #[serde(skip_serializing_if = "Option::is_none")]
-        parameters: Option<BinarySize>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data: Option<json::JsonElements<'a>>,
-    }
-    #[derive(serde::Serialize)]
-    struct BinarySize {
-        binary_data_size: usize,
-    }
+    let tensors: Vec<(&Tensor, bool)> = inputs.iter().map(|t| (t, binary)).collect();
+    encode_body(fields, Tensors::Inputs, &tensors)
+}
+
+/// A body's JSON part.
+#[derive(serde::Serialize)]
+struct Body<'a> {
+    #[serde(flatten)]
+    fields: Map<String, Value>,
+    #[serde(flatten)]
+    tensors: Tensors<'a>,
+}
+
+/// A body's tensors: a request's inputs or a response's outputs.
+#[derive(serde::Serialize)]
+enum Tensors<'a> {
+    #[serde(rename = "inputs")]
+    Inputs(Vec<Wire<'a>>),
+    #[serde(rename = "outputs")]
+    Outputs(Vec<Wire<'a>>),
+}
+
+/// One tensor as it is written: its elements as JSON, or its size when they follow as binary.
+#[derive(serde::Serialize)]
+struct Wire<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [u64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinarySize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<json::JsonElements<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct BinarySize {
+    binary_data_size: usize,
+}
+
+/// `fields` plus the tensors (as `side` names them), each as JSON or as binary data after the
+/// JSON.
+fn encode_body<'a>(
+    fields: Map<String, Value>,
+    side: fn(Vec<Wire<'a>>) -> Tensors<'a>,
+    tensors: &[(&'a Tensor, bool)],
+) -> Result<EncodedBody, TensorError> {
     let mut binary_len = 0usize;
-    let mut json_outputs = Vec::with_capacity(outputs.len());
-    for &(tensor, as_binary) in outputs {
+    let mut wire = Vec::with_capacity(tensors.len());
+    for &(tensor, as_binary) in tensors {
         let (parameters, data) = if as_binary {
             binary_len = binary_len.saturating_add(tensor.data().len());
             let size = BinarySize {
@@ -339,7 +393,7 @@ pub fn encode_response(
         } else {
             (None, Some(json::JsonElements::new(tensor)?))
         };
-        json_outputs.push(Output {
+        wire.push(Wire {
             name: tensor.name(),
             datatype: tensor.datatype().as_str(),
             shape: tensor.shape(),
@@ -349,30 +403,66 @@ pub fn encode_response(
     }
     let body = Body {
         fields,
-        outputs: json_outputs,
+        tensors: side(wire),
     };
     let mut bytes = serde_json::to_vec(&body).map_err(|e| TensorError::BadData {
-        tensor: outputs
+        tensor: tensors
             .first()
             .map(|(t, _)| t.name().to_owned())
             .unwrap_or_default(),
         reason: format!("cannot be written as JSON: {e}"),
     })?;
-    if binary_len == 0 && !outputs.iter().any(|(_, b)| *b) {
-        return Ok(EncodedResponse {
+    if binary_len == 0 && !tensors.iter().any(|(_, b)| *b) {
+        return Ok(EncodedBody {
             body: bytes,
             header_length: None,
         });
     }
     let header_length = bytes.len();
     bytes.reserve_exact(binary_len);
-    for (tensor, _) in outputs.iter().filter(|(_, b)| *b) {
+    for (tensor, _) in tensors.iter().filter(|(_, b)| *b) {
         bytes.extend_from_slice(tensor.data());
     }
-    Ok(EncodedResponse {
+    Ok(EncodedBody {
         body: bytes,
         header_length: Some(header_length),
     })
+}
+
+/// A server's answer to an inference request, its output tensors read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferResponse {
+    /// The model that answered, as the server names it.
+    pub model_name: Option<String>,
+    /// The outputs.
+    pub outputs: Vec<Tensor>,
+}
+
+#[derive(Deserialize)]
+struct RawResponse<'a> {
+    #[serde(default)]
+    model_name: Option<String>,
+    #[serde(borrow)]
+    outputs: Vec<json::RequestTensor<'a>>,
+}
+
+impl InferResponse {
+    /// Reads a response body; `header_length` is `Inference-Header-Content-Length` when the
+    /// response carried it. The outputs are checked against `limits` before their elements are
+    /// read, as a request's inputs are.
+    pub fn parse(
+        body: &[u8],
+        header_length: Option<usize>,
+        limits: &RequestLimits,
+    ) -> Result<Self, OipError> {
+        let (json, binary) = split_body(body, header_length)?;
+        let raw: RawResponse<'_> =
+            serde_json::from_slice(json).map_err(|e| OipError::Json(e.to_string()))?;
+        Ok(InferResponse {
+            outputs: read_tensors(&raw.outputs, binary, limits)?,
+            model_name: raw.model_name,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -610,5 +700,56 @@ mod tests {
         let nan = Tensor::from_values("y", vec![2], &[1.0f32, f32::NAN]).unwrap();
         let e = encode_response(Map::new(), &[(&nan, false)]).unwrap_err();
         assert!(e.to_string().contains("element 1"), "{e}");
+    }
+
+    /// What a client encodes, a server reads the same; what a server answers, a client reads
+    /// the same: JSON and binary both, BYTES included.
+    #[test]
+    fn requests_and_responses_round_trip() {
+        let x = Tensor::from_values("x", vec![2, 2], &[1.5f32, -2.0, 0.0, 7.25]).unwrap();
+        let ids = Tensor::from_values("ids", vec![3], &[5i64, -1, 9]).unwrap();
+        let s = Tensor::from_byte_strings("s", vec![2], &[b"hi".as_slice(), b""]).unwrap();
+        let inputs = vec![x, ids, s];
+        for binary in [false, true] {
+            let encoded = encode_request(&inputs, binary).unwrap();
+            assert_eq!(encoded.header_length.is_some(), binary);
+            let read = InferRequest::parse(
+                &encoded.body,
+                encoded.header_length,
+                &RequestLimits::UNLIMITED,
+            )
+            .unwrap();
+            assert_eq!(read.inputs, inputs, "binary {binary}");
+            assert_eq!(read.binary_output, binary);
+
+            let chosen: Vec<(&Tensor, bool)> = inputs.iter().map(|t| (t, binary)).collect();
+            let mut fields = Map::new();
+            fields.insert("model_name".into(), json!("m"));
+            let answer = encode_response(fields, &chosen).unwrap();
+            let read = InferResponse::parse(
+                &answer.body,
+                answer.header_length,
+                &RequestLimits::UNLIMITED,
+            )
+            .unwrap();
+            assert_eq!(read.outputs, inputs, "binary {binary}");
+            assert_eq!(read.model_name.as_deref(), Some("m"));
+        }
+    }
+
+    /// A server's answer is held to the same limits and checks as a client's request.
+    #[test]
+    fn responses_are_checked_like_requests() {
+        let body = br#"{"model_name":"m","outputs":[{"name":"y","shape":[4],"datatype":"FP32","data":[1,2,3,4]}]}"#;
+        let limits = RequestLimits {
+            max_batch: None,
+            max_elements: 3,
+        };
+        let e = InferResponse::parse(body, None, &limits).unwrap_err();
+        assert!(matches!(e, OipError::TooManyElements { .. }), "{e:?}");
+        let short = br#"{"outputs":[{"name":"y","shape":[4],"datatype":"FP32","data":[1,2]}]}"#;
+        assert!(InferResponse::parse(short, None, &RequestLimits::UNLIMITED).is_err());
+        let e = InferResponse::parse(b"<html>", None, &RequestLimits::UNLIMITED).unwrap_err();
+        assert!(e.to_string().starts_with("malformed inference body"), "{e}");
     }
 }

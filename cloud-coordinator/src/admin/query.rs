@@ -51,6 +51,8 @@ pub struct PushQuery {
     /// The largest rise of the offloaded share over stable (`max_offload_increase`, in points
     /// of share: 0.1 is 10 points).
     pub max_offload_increase: Option<f64>,
+    /// The `[[backend]]` that serves the model's offloaded calls (`backend`).
+    pub backend: Option<String>,
 }
 
 impl Default for PushQuery {
@@ -72,6 +74,7 @@ impl Default for PushQuery {
             max_error_rate: None,
             max_p99_regression: None,
             max_offload_increase: None,
+            backend: None,
         }
     }
 }
@@ -107,6 +110,9 @@ impl PushQuery {
         }
         if let Some(name) = &self.text.name {
             query.push_str(&format!("&text_input={}", encode(name)));
+        }
+        if let Some(name) = &self.backend {
+            query.push_str(&format!("&backend={}", encode(name)));
         }
         if self.text.truncate {
             query.push_str("&truncate=true");
@@ -303,6 +309,7 @@ impl PushQuery {
             max_error_rate,
             max_p99_regression,
             max_offload_increase,
+            backend: query.get("backend").cloned(),
         })
     }
 }

@@ -47,6 +47,9 @@ pub struct PushRequest {
     /// that at most `rollout_percent` percent of them fall in it
     /// ([`outpost_shared::rollout::choose_salt`]).
     pub known_devices: Vec<String>,
+    /// The `[[backend]]` that serves its offloaded calls (checked against the config by the
+    /// admin API); `None`: the worker pool, or a backend whose `models` list it.
+    pub backend: Option<String>,
 }
 
 /// How a pushed tokenizer's text input is described; `None` fields are found from the model.
@@ -278,6 +281,25 @@ pub struct ModelSummary {
     /// The health gate of the candidate's rollout, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<firmware_config::RolloutSection>,
+    /// The `[[backend]]` it was pushed to (`push --backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Its offloaded calls since this coordinator started.
+    #[serde(default)]
+    pub offloaded: OffloadCounts,
+}
+
+/// Offloaded calls of one model since the coordinator started, by how they ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OffloadCounts {
+    /// Answered.
+    pub ok: u64,
+    /// Failed (the model, its backend, or the inputs).
+    pub error: u64,
+    /// Refused `Busy`: the worker pool's queue or every backend replica was full.
+    pub busy: u64,
+    /// Refused `Busy` by a `[gateway]` rate limit.
+    pub rate_limited: u64,
 }
 
 /// `variant` against the stable version's variant for the same place (any edge variant stands

@@ -16,5 +16,6 @@ pub mod fleet;
 pub mod floats;
 pub mod http;
 pub mod mqtt;
+pub mod oip_servers;
 pub mod ports;
 pub mod process;

@@ -12,6 +12,8 @@
 //! - [`faults`]: faults done for real to those processes (floods, slowloris, descriptor limits).
 //! - [`fakes`]: a fake coordinator (real QUIC, the fleet's certificate) that answers as a test
 //!   says: one that hangs, one that replays old releases.
+//! - [`backends`]: the coordinator as a gateway to real OIP servers (MLServer, KServe), and its
+//!   rate limits.
 //! - [`brokers`]: the coordinator against real production brokers (Mosquitto, NATS) run with
 //!   the provisioned files.
 //! - [`rollouts`]: rollouts gated on device health (abort, widen, promote).
@@ -22,6 +24,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod backends;
 mod bench;
 mod brokers;
 mod engines;
