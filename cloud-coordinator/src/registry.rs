@@ -198,9 +198,25 @@ impl Registry {
                 request.rollout_percent
             )));
         }
-        let model = TractModel::load_with(&request.model, CHECK_ONLY)
-            .map_err(|e| RegistryError::BadModel(format!("model: {e}")))?;
-        let (inputs, outputs) = (model.inputs.clone(), model.outputs.clone());
+        // A model only a backend runs is not loaded here: its file declares the signature
+        // (tract may not even load it). Anything devices run, or the push checks by running,
+        // is loaded with tract.
+        let backend_only = request.backend.is_some()
+            && request.placement == Placement::Cloud
+            && request.tokenizer.is_none()
+            && request.cloud_model.is_none();
+        let model = match backend_only {
+            true => None,
+            false => Some(
+                TractModel::load_with(&request.model, CHECK_ONLY)
+                    .map_err(|e| RegistryError::BadModel(format!("model: {e}")))?,
+            ),
+        };
+        let (inputs, outputs) = match &model {
+            Some(m) => (m.inputs.clone(), m.outputs.clone()),
+            None => outpost_runtime::signature::declared_signature(&request.model)
+                .map_err(|e| RegistryError::BadModel(format!("model: {e}")))?,
+        };
         if let Some(cloud) = &request.cloud_model {
             let cloud = TractModel::load_with(cloud, CHECK_ONLY)
                 .map_err(|e| RegistryError::BadModel(format!("cloud model: {e}")))?;
@@ -239,17 +255,23 @@ impl Registry {
                     .into(),
             ));
         }
+        // Loaded above whenever a tokenizer or an edge variant needs it.
+        let loaded = || {
+            model.as_ref().ok_or_else(|| {
+                RegistryError::Storage("the model was not loaded for a step that runs it".into())
+            })
+        };
         let text = match &request.tokenizer {
             Some(_) => {
                 let facts = outpost_runtime::accuracy::GraphFacts::read(&request.model)
                     .map_err(RegistryError::BadModel)?;
-                text::text_input(&request, &model, &facts)?
+                text::text_input(&request, loaded()?, &facts)?
             }
             None => None,
         };
         let (int8_bytes, edge_report) = match quantize {
             Quantize::Int8 => self
-                .int8_variant(&request, &model, text.as_ref().map(|(_, t)| t))?
+                .int8_variant(&request, loaded()?, text.as_ref().map(|(_, t)| t))?
                 .unzip(),
             Quantize::None => (None, None),
         };

@@ -23,6 +23,7 @@ pub mod http;
 pub mod plans;
 pub mod quantize;
 pub mod serve;
+pub mod signature;
 pub mod store;
 pub mod text;
 pub mod tls;

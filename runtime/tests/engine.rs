@@ -88,3 +88,24 @@ fn warm_up_prepares_the_batch_of_one_plan() {
     // video-ranker's batch is its one symbol: batch 1 gets a plan.
     wait_for_plan(&model, &[1]);
 }
+
+/// The signature a file declares is the one tract finds, for every demo model's inputs (the
+/// declared form is what a backend-only push records); outputs agree in name, type and rank.
+#[test]
+fn declared_signatures_match_tracts() {
+    for m in DemoModel::ALL {
+        let bytes = m.bytes(DEFAULT_SEED);
+        let (inputs, outputs) = outpost_runtime::signature::declared_signature(&bytes).unwrap();
+        let model = TractModel::load(&bytes).unwrap();
+        assert_eq!(inputs, model.inputs, "{}", m.name());
+        assert_eq!(outputs.len(), model.outputs.len(), "{}", m.name());
+        for (d, t) in outputs.iter().zip(&model.outputs) {
+            assert_eq!(
+                (&d.name, d.datatype, d.shape.len()),
+                (&t.name, t.datatype, t.shape.len())
+            );
+        }
+    }
+    let e = outpost_runtime::signature::declared_signature(b"not onnx").unwrap_err();
+    assert!(e.contains("not an ONNX model"), "{e}");
+}

@@ -110,7 +110,7 @@ async fn push(coordinator: &CoordinatorHandle, name: &str, model: &[u8]) -> anyh
     Ok(())
 }
 
-async fn wait_until_serving(
+pub(crate) async fn wait_until_serving(
     agents: &[AgentHandle],
     model: &str,
     version: u64,
@@ -292,7 +292,7 @@ fn gpu_against_tract(calls: usize) -> anyhow::Result<Vec<String>> {
     Ok(lines)
 }
 
-fn ranker_inputs(batch: u64) -> anyhow::Result<Vec<Tensor>> {
+pub(crate) fn ranker_inputs(batch: u64) -> anyhow::Result<Vec<Tensor>> {
     let features: Vec<f32> = (0..batch * 32)
         .map(|i| ((i * 7 % 13) as f32) / 13.0)
         .collect();
@@ -316,12 +316,12 @@ pub(crate) fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
 }
 
 /// One HTTP/1.1 keep-alive connection, as a client library would hold.
-struct KeepAlive {
+pub(crate) struct KeepAlive {
     connection: HttpConnection,
 }
 
 impl KeepAlive {
-    async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
+    pub(crate) async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
         Ok(Self {
             connection: HttpClient::new(addr).connect().await?,
         })
@@ -329,7 +329,7 @@ impl KeepAlive {
 
     /// POSTs `body` as JSON, or as binary tensors after a JSON header of `binary_header` bytes;
     /// fails unless the answer is 200. Returns the body.
-    async fn post(
+    pub(crate) async fn post(
         &mut self,
         path: &str,
         binary_header: Option<&str>,
@@ -368,10 +368,15 @@ pub(crate) fn binary_body(inputs: &[Tensor]) -> (Vec<u8>, String) {
 /// A dev-mode coordinator with every listener on a free loopback port and its data in
 /// `dir/coordinator`.
 pub(crate) async fn loopback_coordinator(dir: &Path) -> anyhow::Result<CoordinatorHandle> {
+    Ok(Coordinator::start(loopback_config(dir)?).await?)
+}
+
+/// The config of [`loopback_coordinator`].
+pub(crate) fn loopback_config(dir: &Path) -> anyhow::Result<CoordinatorConfig> {
     let mut config = CoordinatorConfig::default();
     config.storage.data_dir = dir.join("coordinator");
     config.quic.listen = "127.0.0.1:0".parse()?;
     config.admin.listen = "127.0.0.1:0".parse()?;
     config.mqtt.listen = Some("127.0.0.1:0".parse()?);
-    Ok(Coordinator::start(config).await?)
+    Ok(config)
 }

@@ -2,6 +2,7 @@
 //! benchmarks ([`bench`], `outpost bench`) and the fleet simulator ([`sim`], `outpost sim`). The end-to-end tests are the `outpost-e2e` package
 //! (`tests/e2e/`); what they share is `outpost-test-support` (`tests/support/`).
 
+pub mod backend_bench;
 pub mod bench;
 pub mod memory;
 pub mod mqtt_connect;

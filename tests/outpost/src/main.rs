@@ -102,6 +102,12 @@ enum Command {
         /// exact lengths.
         #[arg(long)]
         text_only: bool,
+        /// Only offloaded calls to Open Inference Protocol servers (repeat for replicas;
+        /// http://IP:PORT, each serving the demo video-ranker as "video-ranker"): through the
+        /// coordinator against the server directly, batch 1 and 256, and throughput with one
+        /// replica and with all.
+        #[arg(long, value_name = "URL")]
+        backend: Vec<String>,
         /// Threads for the text encoder's figures (tract and ONNX Runtime alike).
         #[arg(long, default_value_t = 1)]
         text_threads: usize,
@@ -161,6 +167,7 @@ fn main() -> std::process::ExitCode {
             memory_rows,
             text_only,
             text_threads,
+            backend,
         } => {
             let text = || {
                 outpost::text_bench::run(calls.clamp(1, 500), text_threads.max(1), &mut |line| {
@@ -169,6 +176,21 @@ fn main() -> std::process::ExitCode {
             };
             if text_only {
                 return exit(text());
+            }
+            if !backend.is_empty() {
+                return exit(
+                    tokio::runtime::Builder::new_multi_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|rt| {
+                            rt.block_on(outpost::backend_bench::run(
+                                &backend,
+                                calls.clamp(1, 2000),
+                                &mut |line| println!("{line}"),
+                            ))
+                        }),
+                );
             }
             if let Some(clients) = mqtt_only {
                 return exit(mqtt_connect::run(clients.max(1), |line| println!("{line}")));

@@ -45,6 +45,30 @@ async fn agent_serving(
     agent
 }
 
+/// A model with the ranker's signature whose one op tract does not know (as a model only a
+/// serving engine runs may have): a push with `--backend` takes its declared signature.
+fn ranker_only_a_backend_runs() -> Vec<u8> {
+    use model_zoo::graph::{Dim, GraphBuilder};
+    use prost::Message as _;
+    use tract_onnx::pb::tensor_proto::DataType as Onnx;
+    let mut g = GraphBuilder::new(3);
+    let features = g.input(
+        "user_features",
+        Onnx::Float,
+        &[Dim::Symbol("batch"), Dim::Fixed(32)],
+    );
+    let ids = g.input("item_ids", Onnx::Int64, &[Dim::Symbol("batch")]);
+    g.node(
+        "OutpostMysteryOp",
+        &[&features, &ids],
+        Some("score"),
+        vec![],
+    );
+    g.output("score", Onnx::Float, &[Dim::Symbol("batch"), Dim::Fixed(1)]);
+    g.finish("mystery", "an op tract lacks", &[])
+        .encode_to_vec()
+}
+
 /// A ranker request with an item id past the embedding table: valid for the signature, refused
 /// by the model when it runs.
 fn out_of_table_request() -> Value {
@@ -118,11 +142,19 @@ async fn offloaded_calls_run_on_mlserver_and_kserve_with_their_errors_kept() {
         "{e}"
     );
 
+    // The coordinator never runs a backend's model: a file tract cannot load is taken with
+    // --backend (its declared signature registered), and refused without.
+    let mystery = ranker_only_a_backend_runs();
+    let e = admin
+        .push("ranker-mls", mystery.clone(), &placed("cloud"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("OutpostMysteryOp"), "{e}");
     push(
         &coordinator,
         "ranker-mls",
         &placed("cloud").backend("mlserver"),
-        &ranker,
+        &mystery,
     )
     .await;
     // Routed by the backend's `models` pattern, no --backend.
@@ -170,9 +202,15 @@ async fn offloaded_calls_run_on_mlserver_and_kserve_with_their_errors_kept() {
     let models = admin.models().await.unwrap();
     let mls_summary = models.iter().find(|m| m.name == "ranker-mls").unwrap();
     assert_eq!(mls_summary.backend.as_deref(), Some("mlserver"));
-    assert_eq!((mls_summary.offloaded.ok, mls_summary.offloaded.error), (2, 1));
+    assert_eq!(
+        (mls_summary.offloaded.ok, mls_summary.offloaded.error),
+        (2, 1)
+    );
     let ks_summary = models.iter().find(|m| m.name == "ranker-ks").unwrap();
-    assert_eq!(ks_summary.backend, None, "routed by the config's pattern, not the push");
+    assert_eq!(
+        ks_summary.backend, None,
+        "routed by the config's pattern, not the push"
+    );
 
     // A backend down is a 503 that says so, at once, not a hang.
     ks.kill();
