@@ -379,6 +379,12 @@ async fn push(
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     if let Some(name_of_backend) = &options.backend {
+        // The name goes into the backend's URL: checked first.
+        if let Err(e) =
+            outpost_shared::topic::validate_name(outpost_shared::topic::NameKind::Model, &name)
+        {
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
         let Some(backend) = state.backends.named(name_of_backend) else {
             return error(
                 StatusCode::BAD_REQUEST,

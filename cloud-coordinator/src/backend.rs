@@ -121,6 +121,11 @@ struct ReplicaState {
     failures: u32,
     /// Its circuit is open until then.
     open_until: Option<Instant>,
+    /// A trial call is running on its half-open circuit.
+    trial: bool,
+    /// Bumped whenever a call takes it out or marks a model missing, so a health check that
+    /// began before does not undo that with an older answer.
+    epoch: u64,
 }
 
 /// A backend's answer to one call: the outputs, or why there are none.
@@ -135,14 +140,28 @@ pub enum BackendError {
 /// What one try on one replica gave.
 enum Try {
     Answered(Vec<Tensor>),
-    /// Nothing reached the model: try another replica.
-    Elsewhere(String),
-    /// Final: the kind and message.
+    /// Nothing reached the model: try another replica (`busy`: it said it is full, 429).
+    Elsewhere {
+        why: String,
+        busy: bool,
+    },
+    /// Final: the kind and message, and whose fault it was.
     Failed {
         kind: ErrorKind,
         message: String,
-        replica_fault: bool,
+        fault: Fault,
     },
+}
+
+/// Whose fault a failed try was, for the replica's circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// The replica's (unreachable, timed out, a server error): counts towards its circuit.
+    Replica,
+    /// The call's own (its inputs, the model's error on them): the replica answered.
+    Call,
+    /// Nothing was sent.
+    NotSent,
 }
 
 impl Backend {
@@ -198,7 +217,7 @@ impl Backend {
                     self.watch_model(model);
                     return Ok(());
                 }
-                Ok((status, body)) => {
+                Ok((status @ (StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST), body)) => {
                     return Err(format!(
                         "backend {:?} does not serve model {model:?}: replica {} answered {status} to GET /v2/models/{model}: {}",
                         self.name,
@@ -206,6 +225,12 @@ impl Backend {
                         server_message(&body)
                     ));
                 }
+                // Loading, or failing: another replica may know.
+                Ok((status, body)) => unreachable.push(format!(
+                    "{}: {status}: {}",
+                    replica.base,
+                    server_message(&body)
+                )),
                 Err(e) => unreachable.push(format!("{}: {e}", replica.base)),
             }
         }
@@ -221,33 +246,42 @@ impl Backend {
         self.watch_model(model);
         let mut tried: Vec<usize> = Vec::new();
         let mut reasons: Vec<String> = Vec::new();
+        let mut busy = false;
         while tried.len() < self.replicas.len() {
-            let Some(i) = self.pick(model, &tried)? else {
-                break;
+            let (i, slot) = match self.pick(model, &tried) {
+                Ok(Some(picked)) => picked,
+                Ok(None) => break,
+                Err(e) => {
+                    busy = e == BackendError::Busy;
+                    break;
+                }
             };
             tried.push(i);
             let replica = &self.replicas[i];
-            replica.in_flight.fetch_add(1, Ordering::AcqRel);
-            let outcome = self.try_on(replica, model, inputs).await;
-            replica.in_flight.fetch_sub(1, Ordering::AcqRel);
+            let outcome = {
+                // Counted until the try ends, or its future is dropped (the device went away).
+                let _slot = slot;
+                self.try_on(replica, model, inputs).await
+            };
             match outcome {
                 Try::Answered(outputs) => {
                     replica.succeeded();
                     return Ok(outputs);
                 }
-                Try::Elsewhere(why) => {
+                Try::Elsewhere { why, busy: full } => {
                     tracing::info!(backend = %self.name, replica = %replica.base, model, reason = %why, "retrying the call on another replica");
+                    busy |= full;
                     reasons.push(format!("{}: {why}", replica.base));
                 }
                 Try::Failed {
                     kind,
                     message,
-                    replica_fault,
+                    fault,
                 } => {
-                    if replica_fault {
-                        replica.failed(&self.section);
-                    } else {
-                        replica.succeeded();
+                    match fault {
+                        Fault::Replica => replica.failed(&self.section),
+                        Fault::Call => replica.succeeded(),
+                        Fault::NotSent => replica.end_trial(),
                     }
                     return Err(BackendError::Failed(
                         kind,
@@ -258,6 +292,9 @@ impl Backend {
                     ));
                 }
             }
+        }
+        if busy {
+            return Err(BackendError::Busy);
         }
         if reasons.is_empty() {
             reasons = self.out_reasons(model);
@@ -272,41 +309,57 @@ impl Backend {
         ))
     }
 
-    /// The replica for the next try: the less loaded of two eligible ones chosen at random.
-    /// `Ok(None)` when none is eligible; `Busy` when the only ones left are full.
-    fn pick(&self, model: &str, tried: &[usize]) -> Result<Option<usize>, BackendError> {
-        let now = Instant::now();
+    /// The replica for the next try, with its slot reserved: the less loaded of two eligible
+    /// ones chosen at random. `Ok(None)` when none is eligible; `Busy` when the only ones left
+    /// are full.
+    fn pick(
+        &self,
+        model: &str,
+        tried: &[usize],
+    ) -> Result<Option<(usize, InFlight<'_>)>, BackendError> {
         let max = self.section.max_concurrency;
-        let mut full = false;
-        let eligible: Vec<usize> = (0..self.replicas.len())
-            .filter(|i| !tried.contains(i))
-            .filter(|&i| {
-                let r = &self.replicas[i];
-                if !r.ready_for(model, now) {
-                    return false;
+        // Another call may take the chosen slot (or trial) first: choose again, a few times.
+        for _ in 0..8 {
+            let now = Instant::now();
+            let mut full = false;
+            let eligible: Vec<usize> = (0..self.replicas.len())
+                .filter(|i| !tried.contains(i))
+                .filter(|&i| {
+                    let r = &self.replicas[i];
+                    if !r.ready_for(model, now) {
+                        return false;
+                    }
+                    if r.in_flight.load(Ordering::Acquire) >= max {
+                        full = true;
+                        return false;
+                    }
+                    true
+                })
+                .collect();
+            let i = match eligible.len() {
+                0 if full => return Err(BackendError::Busy),
+                0 => return Ok(None),
+                1 => eligible[0],
+                n => {
+                    let r = self.random();
+                    let a = eligible[(r % n as u64) as usize];
+                    let mut b = eligible[((r >> 32) % (n as u64 - 1)) as usize];
+                    if b == a {
+                        b = eligible[n - 1];
+                    }
+                    let load = |i: usize| self.replicas[i].in_flight.load(Ordering::Acquire);
+                    if load(b) < load(a) { b } else { a }
                 }
-                if r.in_flight.load(Ordering::Acquire) >= max {
-                    full = true;
-                    return false;
-                }
-                true
-            })
-            .collect();
-        match eligible.len() {
-            0 if full => Err(BackendError::Busy),
-            0 => Ok(None),
-            1 => Ok(Some(eligible[0])),
-            n => {
-                let r = self.random();
-                let a = eligible[(r % n as u64) as usize];
-                let mut b = eligible[((r >> 32) % (n as u64 - 1)) as usize];
-                if b == a {
-                    b = eligible[n - 1];
-                }
-                let load = |i: usize| self.replicas[i].in_flight.load(Ordering::Acquire);
-                Ok(Some(if load(b) < load(a) { b } else { a }))
+            };
+            let replica = &self.replicas[i];
+            let Some(slot) = InFlight::reserve(&replica.in_flight, max) else {
+                continue;
+            };
+            if replica.claim(model, now) {
+                return Ok(Some((i, slot)));
             }
         }
+        Err(BackendError::Busy)
     }
 
     /// A splitmix64 step: cheap, and good enough to spread calls.
@@ -325,8 +378,9 @@ impl Backend {
         self.replicas
             .iter()
             .map(|r| {
-                let why = match r.state.lock() {
-                    Ok(s) => match (&s.out, s.open_until) {
+                let why = {
+                    let s = r.state();
+                    match (&s.out, s.open_until) {
                         (Some(out), _) => out.clone(),
                         (None, Some(until)) if until > now => {
                             format!("circuit open after {} failed calls in a row", s.failures)
@@ -334,9 +388,11 @@ impl Backend {
                         _ if s.missing.contains(model) => {
                             format!("model {model:?} is not ready there")
                         }
+                        (None, Some(_)) if s.trial => {
+                            "a trial call is running on its circuit".into()
+                        }
                         _ => "ready".into(),
-                    },
-                    Err(_) => "state unreadable".into(),
+                    }
                 };
                 format!("{}: {why}", r.base)
             })
@@ -356,7 +412,7 @@ impl Backend {
         let binary = match self.section.encoding {
             BackendEncoding::Binary => true,
             BackendEncoding::Json => false,
-            BackendEncoding::Auto => replica.state.lock().map(|s| s.binary).unwrap_or(false),
+            BackendEncoding::Auto => replica.state().binary,
         };
         let encoded = match oip::encode_request(inputs, binary) {
             Ok(e) => e,
@@ -364,7 +420,7 @@ impl Backend {
                 return Try::Failed {
                     kind: ErrorKind::InvalidInput,
                     message: e.to_string(),
-                    replica_fault: false,
+                    fault: Fault::NotSent,
                 };
             }
         };
@@ -385,7 +441,7 @@ impl Backend {
                 return Try::Failed {
                     kind: ErrorKind::Internal,
                     message: format!("could not build the request: {e}"),
-                    replica_fault: false,
+                    fault: Fault::NotSent,
                 };
             }
         };
@@ -411,19 +467,20 @@ impl Backend {
                 return Try::Failed {
                     kind: ErrorKind::Unavailable,
                     message: format!("no answer within {} ms (timeout_ms)", limit.as_millis()),
-                    replica_fault: true,
+                    fault: Fault::Replica,
                 };
             }
             Ok(Err(e)) if e.is_connect() => {
                 replica.failed(&self.section);
-                replica.take_out(format!("cannot connect: {}", error_chain(&e)));
-                return Try::Elsewhere(format!("cannot connect: {}", error_chain(&e)));
+                let why = format!("cannot connect: {}", error_chain(&e));
+                replica.take_out(why.clone());
+                return Try::Elsewhere { why, busy: false };
             }
             Ok(Err(e)) => {
                 return Try::Failed {
                     kind: ErrorKind::Unavailable,
                     message: format!("the call failed: {}", error_chain(&e)),
-                    replica_fault: true,
+                    fault: Fault::Replica,
                 };
             }
             Ok(Ok(answer)) => answer,
@@ -431,16 +488,21 @@ impl Backend {
         let body = match body {
             Ok(b) => b,
             Err(e) => {
-                return Try::Failed {
-                    kind: ErrorKind::Unavailable,
-                    message: format!(
-                        "the answer could not be read (over max_response_mb {}?): {e}",
+                let message = match e.downcast_ref::<http_body_util::LengthLimitError>() {
+                    Some(_) => format!(
+                        "its answer is over max_response_mb ({} MiB)",
                         self.section.max_response_mb
                     ),
-                    replica_fault: true,
+                    None => format!("its answer could not be read: {e}"),
+                };
+                return Try::Failed {
+                    kind: ErrorKind::Unavailable,
+                    message,
+                    fault: Fault::Replica,
                 };
             }
         };
+        let says = server_message(&body);
         match status {
             StatusCode::OK => {
                 let limits = RequestLimits::UNLIMITED;
@@ -449,27 +511,58 @@ impl Backend {
                     Err(e) => Try::Failed {
                         kind: ErrorKind::Internal,
                         message: format!("its answer is not a valid inference response: {e}"),
-                        replica_fault: true,
+                        fault: Fault::Call,
                     },
                 }
             }
             StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => Try::Failed {
                 kind: ErrorKind::InvalidInput,
-                message: format!("refused the inputs: {}", server_message(&body)),
-                replica_fault: false,
+                message: format!("refused the inputs: {says}"),
+                fault: Fault::Call,
+            },
+            StatusCode::PAYLOAD_TOO_LARGE => Try::Failed {
+                kind: ErrorKind::InvalidInput,
+                message: format!("the inputs are too large for it (413): {says}"),
+                fault: Fault::Call,
             },
             StatusCode::NOT_FOUND => {
                 replica.missing(model);
-                Try::Elsewhere(format!("does not serve model {model:?}"))
+                Try::Elsewhere {
+                    why: format!("does not serve model {model:?} (404: {says})"),
+                    busy: false,
+                }
             }
-            StatusCode::SERVICE_UNAVAILABLE => {
-                replica.take_out(format!("answered 503: {}", server_message(&body)));
-                Try::Elsewhere(format!("not ready: {}", server_message(&body)))
+            StatusCode::TOO_MANY_REQUESTS => Try::Elsewhere {
+                why: format!("busy (429: {says})"),
+                busy: true,
+            },
+            // The server itself says the model is not ready (its JSON error): nothing ran, so
+            // another replica may take the call. A bare 503 may come from a proxy after the
+            // model ran: not retried.
+            StatusCode::SERVICE_UNAVAILABLE if is_server_error(&body) => {
+                replica.missing(model);
+                Try::Elsewhere {
+                    why: format!("model {model:?} is not ready (503: {says})"),
+                    busy: false,
+                }
             }
+            StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::GATEWAY_TIMEOUT => Try::Failed {
+                kind: ErrorKind::Unavailable,
+                message: format!("answered {status}: {says}"),
+                fault: Fault::Replica,
+            },
+            // The model failed on these inputs and the server said so: the replica works.
+            StatusCode::INTERNAL_SERVER_ERROR if is_server_error(&body) => Try::Failed {
+                kind: ErrorKind::Internal,
+                message: format!("the model failed (500): {says}"),
+                fault: Fault::Call,
+            },
             other => Try::Failed {
                 kind: ErrorKind::Internal,
-                message: format!("answered {other}: {}", server_message(&body)),
-                replica_fault: true,
+                message: format!("answered {other}: {says}"),
+                fault: Fault::Replica,
             },
         }
     }
@@ -505,6 +598,7 @@ impl Backend {
                 .timeout_ms
                 .min(self.section.health_interval_ms.max(100)),
         );
+        let epoch = replica.state().epoch;
         let ready = self.get(replica, "/v2/health/ready", limit).await;
         let out = match ready {
             Ok((StatusCode::OK, _)) => None,
@@ -526,19 +620,39 @@ impl Backend {
             .lock()
             .map(|w| w.iter().cloned().collect())
             .unwrap_or_default();
-        let mut missing = BTreeSet::new();
+        // The models are asked in turn within one `limit` together, so a slow replica cannot
+        // stretch the round; a model not asked in time keeps what the last round found.
+        let mut answers: Vec<(String, bool)> = Vec::new();
         if out.is_none() {
-            for model in models {
-                let path = format!("/v2/models/{model}/ready");
-                if !matches!(
-                    self.get(replica, &path, limit).await,
-                    Ok((StatusCode::OK, _))
-                ) {
+            let _ = tokio::time::timeout(limit, async {
+                for model in &models {
+                    let path = format!("/v2/models/{model}/ready");
+                    let ready = matches!(
+                        self.get(replica, &path, limit).await,
+                        Ok((StatusCode::OK, _))
+                    );
+                    answers.push((model.clone(), ready));
+                }
+            })
+            .await;
+        }
+        {
+            let mut s = replica.state();
+            if s.epoch != epoch {
+                // A call took it out or found a model missing meanwhile: that is newer.
+                return;
+            }
+            let mut missing: BTreeSet<String> = models
+                .into_iter()
+                .filter(|m| s.missing.contains(m))
+                .collect();
+            for (model, ready) in answers {
+                if ready {
+                    missing.remove(&model);
+                } else {
                     missing.insert(model);
                 }
             }
-        }
-        if let Ok(mut s) = replica.state.lock() {
             match (&s.out, &out) {
                 (Some(was), None) => {
                     tracing::info!(backend = %self.name, replica = %replica.base, was = %was, "backend replica is ready")
@@ -585,49 +699,112 @@ impl Backend {
     }
 }
 
+/// One call in flight on a replica: its slot, reserved under `max_concurrency`, given back
+/// when dropped (also when the call's future is dropped).
+struct InFlight<'a>(&'a AtomicU32);
+
+impl<'a> InFlight<'a> {
+    /// A slot, if fewer than `max` are taken.
+    fn reserve(counter: &'a AtomicU32, max: u32) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(counter))
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Replica {
+    /// Its state. A poisoned lock (a panic elsewhere while holding it) still holds a usable
+    /// state: keep using it rather than take the replica out for good.
+    fn state(&self) -> std::sync::MutexGuard<'_, ReplicaState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether it may take a call of `model` now: ready, the model not missing, its circuit
+    /// closed, or half-open with no trial running.
     fn ready_for(&self, model: &str, now: Instant) -> bool {
-        match self.state.lock() {
-            Ok(s) => {
-                s.out.is_none()
-                    && !s.missing.contains(model)
-                    && s.open_until.is_none_or(|until| until <= now)
+        let s = self.state();
+        s.out.is_none()
+            && !s.missing.contains(model)
+            && match s.open_until {
+                None => true,
+                Some(until) => until <= now && !s.trial,
             }
-            Err(_) => false,
+    }
+
+    /// Takes the call: as [`Replica::ready_for`], and on a half-open circuit the one trial.
+    fn claim(&self, model: &str, now: Instant) -> bool {
+        let mut s = self.state();
+        let ready = s.out.is_none()
+            && !s.missing.contains(model)
+            && match s.open_until {
+                None => true,
+                Some(until) => until <= now && !s.trial,
+            };
+        if ready && s.open_until.is_some() {
+            s.trial = true;
         }
+        ready
     }
 
     fn succeeded(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.failures = 0;
-            s.open_until = None;
-        }
+        let mut s = self.state();
+        s.failures = 0;
+        s.open_until = None;
+        s.trial = false;
+    }
+
+    /// A try that sent nothing: a trial it held is free again.
+    fn end_trial(&self) {
+        self.state().trial = false;
     }
 
     fn failed(&self, section: &BackendSection) {
-        if let Ok(mut s) = self.state.lock() {
-            s.failures = s.failures.saturating_add(1);
-            if s.failures >= section.circuit_failures {
-                if s.open_until.is_none_or(|u| u <= Instant::now()) {
-                    tracing::warn!(replica = %self.base, failures = s.failures, "backend replica's circuit opened");
-                }
-                s.open_until =
-                    Some(Instant::now() + Duration::from_millis(section.circuit_open_ms));
+        let mut s = self.state();
+        s.failures = s.failures.saturating_add(1);
+        s.trial = false;
+        if s.failures >= section.circuit_failures {
+            let now = Instant::now();
+            if s.open_until.is_none_or(|u| u <= now) {
+                tracing::warn!(replica = %self.base, failures = s.failures, "backend replica's circuit opened");
             }
+            let open = Duration::from_millis(section.circuit_open_ms);
+            s.open_until = Some(
+                now.checked_add(open)
+                    .unwrap_or(now + Duration::from_secs(86_400)),
+            );
         }
     }
 
     fn take_out(&self, why: String) {
-        if let Ok(mut s) = self.state.lock() {
-            s.out = Some(why);
-        }
+        let mut s = self.state();
+        s.out = Some(why);
+        s.epoch += 1;
     }
 
     fn missing(&self, model: &str) {
-        if let Ok(mut s) = self.state.lock() {
-            s.missing.insert(model.to_owned());
-        }
+        let mut s = self.state();
+        s.missing.insert(model.to_owned());
+        s.epoch += 1;
     }
+}
+
+/// Whether a body is a server's own JSON error (`{"error": ...}`, as Triton, KServe and
+/// MLServer write), not a proxy's page.
+fn is_server_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .is_some_and(|v| v.get("error").is_some_and(serde_json::Value::is_string))
 }
 
 /// Whether a `GET /v2` answer lists the binary tensor data extension.
@@ -724,6 +901,11 @@ mod tests {
         );
         std::thread::sleep(Duration::from_millis(80));
         assert!(r.ready_for("m", Instant::now()), "half open: a trial");
+        assert!(r.claim("m", Instant::now()), "the one trial");
+        assert!(
+            !r.ready_for("m", Instant::now()) && !r.claim("m", Instant::now()),
+            "only one"
+        );
         r.failed(&s);
         assert!(
             !r.ready_for("m", Instant::now()),
@@ -747,17 +929,20 @@ mod tests {
         backend.replicas[2].in_flight.store(3, Ordering::Relaxed);
         let mut picks = [0u32; 3];
         for _ in 0..600 {
-            picks[backend.pick("m", &[]).unwrap().unwrap()] += 1;
+            picks[backend.pick("m", &[]).unwrap().unwrap().0] += 1;
         }
         // Replica 1 wins whenever it is one of the two: 2/3 of the time.
         assert!(picks[1] > 330, "{picks:?}");
         assert!(picks[0] > 50 && picks[2] > 50, "{picks:?}");
-        assert_eq!(backend.pick("m", &[1]).unwrap().map(|i| i != 1), Some(true));
+        assert_eq!(
+            backend.pick("m", &[1]).unwrap().map(|(i, _)| i != 1),
+            Some(true)
+        );
         for r in &backend.replicas {
             r.in_flight.store(4, Ordering::Relaxed);
         }
-        assert_eq!(backend.pick("m", &[]), Err(BackendError::Busy));
-        assert_eq!(backend.pick("m", &[0, 1, 2]), Ok(None));
+        assert!(matches!(backend.pick("m", &[]), Err(BackendError::Busy)));
+        assert!(matches!(backend.pick("m", &[0, 1, 2]), Ok(None)));
     }
 
     /// A replica nobody listens on: the call is tried on the next and, with none left, fails
@@ -797,6 +982,37 @@ mod tests {
         );
         let e = backend.serves("m").await.unwrap_err();
         assert!(e.contains("could not be asked"), "{e}");
+    }
+
+    /// A call whose caller goes away (its future dropped mid-call) no longer counts against
+    /// the replica's `max_concurrency`.
+    #[tokio::test]
+    async fn a_dropped_call_frees_its_slot() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts and never answers.
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                open.push(stream);
+            }
+        });
+        let mut s = section(1);
+        s.replicas = vec![format!("http://127.0.0.1:{port}")];
+        let backend = Backend::new(&s).unwrap();
+        ready(&backend);
+        let x = Tensor::from_values("x", vec![1], &[1.0f32]).unwrap();
+        for _ in 0..6 {
+            let call = backend.infer("m", std::slice::from_ref(&x));
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), call)
+                    .await
+                    .is_err()
+            );
+        }
+        assert_eq!(backend.replicas[0].in_flight.load(Ordering::Acquire), 0);
+        assert!(backend.pick("m", &[]).unwrap().is_some(), "not full");
+        held.abort();
     }
 
     #[test]

@@ -48,8 +48,8 @@ impl Gateway {
     ) -> Response {
         let registry = self.registry.clone();
         let name = model.clone();
-        let routing = tokio::task::spawn_blocking(move || registry.routing(&name)).await;
-        let (stable, pushed_to) = match routing {
+        let routing = tokio::task::spawn_blocking(move || registry.routing(&name, version)).await;
+        let (version, pushed_to) = match routing {
             Ok(Ok(r)) => r,
             Ok(Err(RegistryError::NotFound(message))) => {
                 return Response::Error {
@@ -79,9 +79,10 @@ impl Gateway {
             Some(backend) => {
                 let started = Instant::now();
                 let answer = backend.infer(&model, &inputs).await;
-                self.metrics
-                    .observe_inference(started.elapsed(), answer.is_ok());
-                let version = version.unwrap_or(stable);
+                if !matches!(answer, Err(BackendError::Busy)) {
+                    self.metrics
+                        .observe_inference(started.elapsed(), answer.is_ok());
+                }
                 match answer {
                     Ok(outputs) => {
                         self.metrics.observe_offload(&model, Served::Ok);
@@ -92,6 +93,9 @@ impl Gateway {
                         }
                     }
                     Err(BackendError::Busy) => {
+                        self.metrics
+                            .inference_busy
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         self.metrics.observe_offload(&model, Served::Busy);
                         Response::Busy {
                             retry_after_ms: BUSY_RETRY_MS,
@@ -115,7 +119,7 @@ impl Gateway {
                     ),
                 }
             }
-            None => self.on_pool(model, version, inputs).await,
+            None => self.on_pool(model, Some(version), inputs).await,
         }
     }
 
@@ -149,10 +153,13 @@ impl Gateway {
                 self.metrics.observe_offload(&model, Served::Failed);
                 Response::Error { kind, message }
             }
-            Err(_) => Response::Error {
-                kind: ErrorKind::Internal,
-                message: "the inference worker stopped".into(),
-            },
+            Err(_) => {
+                self.metrics.observe_offload(&model, Served::Failed);
+                Response::Error {
+                    kind: ErrorKind::Internal,
+                    message: "the inference worker stopped".into(),
+                }
+            }
         }
     }
 }
@@ -185,16 +192,15 @@ impl RateLimits {
     pub fn admit(&self, device: &str, model: &str) -> Result<(), u32> {
         let now = Instant::now();
         if let Some(d) = &self.device {
-            d.check(device, now)?;
+            d.take(device, now)?;
         }
-        if let Some(m) = &self.model {
-            m.check(model, now)?;
-        }
-        if let Some(d) = &self.device {
-            d.take(device, now);
-        }
-        if let Some(m) = &self.model {
-            m.take(model, now);
+        if let Some(m) = &self.model
+            && let Err(wait) = m.take(model, now)
+        {
+            if let Some(d) = &self.device {
+                d.refund(device);
+            }
+            return Err(wait);
         }
         Ok(())
     }
@@ -215,35 +221,47 @@ impl Buckets {
         (tokens + now.saturating_duration_since(at).as_secs_f64() * self.rate).min(self.burst)
     }
 
-    /// `Err(ms)` when `key`'s bucket has no whole token.
-    fn check(&self, key: &str, now: Instant) -> Result<(), u32> {
-        let Ok(buckets) = self.buckets.lock() else {
-            return Ok(());
-        };
+    /// Takes a token from `key`'s bucket, or `Err(ms)` until one is there (one lock: no two
+    /// calls take the same token).
+    fn take(&self, key: &str, now: Instant) -> Result<(), u32> {
+        // A poisoned lock still holds usable buckets: limits stay on.
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let tokens = buckets
             .get(key)
             .map(|b| self.level(*b, now))
             .unwrap_or(self.burst);
-        if tokens >= 1.0 {
-            return Ok(());
+        if tokens < 1.0 {
+            let wait =
+                Duration::try_from_secs_f64((1.0 - tokens) / self.rate).unwrap_or(Duration::MAX);
+            return Err(u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1));
         }
-        let wait = Duration::from_secs_f64((1.0 - tokens) / self.rate);
-        Err(u32::try_from(wait.as_millis()).unwrap_or(u32::MAX).max(1))
-    }
-
-    fn take(&self, key: &str, now: Instant) {
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return;
-        };
         if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(key) {
+            // Full buckets are the same as none; if every bucket is in use, the oldest go.
             let burst = self.burst;
             buckets.retain(|_, b| self.level(*b, now) < burst);
+            if buckets.len() >= MAX_BUCKETS {
+                let mut ages: Vec<Instant> = buckets.values().map(|(_, at)| *at).collect();
+                ages.sort_unstable();
+                let cut = ages[ages.len() / 10];
+                buckets.retain(|_, (_, at)| *at > cut);
+            }
         }
-        let tokens = buckets
-            .get(key)
-            .map(|b| self.level(*b, now))
-            .unwrap_or(self.burst);
         buckets.insert(key.to_owned(), (tokens - 1.0, now));
+        Ok(())
+    }
+
+    /// Gives back the token a call took (another limit refused the call).
+    fn refund(&self, key: &str) {
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((tokens, _)) = buckets.get_mut(key) {
+            *tokens = (*tokens + 1.0).min(self.burst);
+        }
     }
 }
 
@@ -290,5 +308,19 @@ mod tests {
         assert_eq!(l.admit("b", "other"), Ok(()));
         assert_eq!(l.admit("b", "other2"), Ok(()));
         assert!(l.admit("b", "other3").is_err());
+    }
+
+    /// Past MAX_BUCKETS devices the oldest buckets are dropped, so the map stays bounded
+    /// however many device names come.
+    #[test]
+    fn buckets_are_bounded() {
+        let l = limits(Some(1.0), Some(1), None);
+        for i in 0..=MAX_BUCKETS {
+            assert_eq!(l.admit(&format!("d{i}"), "m"), Ok(()));
+        }
+        let held = l.device.as_ref().map(|d| d.buckets.lock().map(|b| b.len()));
+        assert!(matches!(held, Some(Ok(n)) if n <= MAX_BUCKETS), "{held:?}");
+        // The newest device is still held to its rate.
+        assert!(l.admit(&format!("d{MAX_BUCKETS}"), "m").is_err());
     }
 }

@@ -61,10 +61,10 @@ struct ModelRecord {
     /// The health gate of the candidate's rollout, when it was pushed with `--canary`.
     #[serde(default)]
     gate: Option<firmware_config::RolloutSection>,
-    /// The `[[backend]]` that serves its offloaded calls, when pushed with `--backend` (else the
-    /// worker pool, or a backend whose `models` list it).
+    /// The `[[backend]]` that serves each version's offloaded calls, for versions pushed with
+    /// `--backend` (the others: the worker pool, or a backend whose `models` list the model).
     #[serde(default)]
-    backend: Option<String>,
+    backends: BTreeMap<u64, String>,
 }
 
 impl ModelRecord {
@@ -312,7 +312,7 @@ impl Registry {
             signed_at: 0,
             rollout_history: Vec::new(),
             gate: None,
-            backend: None,
+            backends: BTreeMap::new(),
         });
         let stable = record.version(record.stable).cloned();
         let delta: Vec<Delta> = variants
@@ -397,7 +397,9 @@ impl Registry {
             &request.known_devices,
         );
         record.gate = if as_candidate { request.gate } else { None };
-        record.backend = request.backend;
+        if let Some(backend) = request.backend {
+            record.backends.insert(version, backend);
+        }
         let (mut published, signed) = self.commit(record, version, stage, new_chunks)?;
         published.delta = delta;
         Ok((published, Some(signed)))
@@ -427,6 +429,9 @@ impl Registry {
             .collect();
         if let Some(report) = record.edge_reports.get(&to).cloned() {
             record.edge_reports.insert(version, report);
+        }
+        if let Some(backend) = record.backends.get(&to).cloned() {
+            record.backends.insert(version, backend);
         }
         record.versions.push(ModelVersion { version, ..old });
         let stage = self.promote(&mut record, version, false, 100, &[]);
@@ -484,6 +489,7 @@ impl Registry {
             };
             let gone = record.versions.remove(i);
             record.edge_reports.remove(&gone.version);
+            record.backends.remove(&gone.version);
         }
         let bytes = self.sign_and_store(&mut record)?;
         crash_point!("registry.record_committed");
@@ -625,7 +631,7 @@ impl Registry {
                     edge: r.edge_reports.get(&r.stable).cloned(),
                     rollout_history: r.rollout_history.clone(),
                     gate: r.gate.clone(),
-                    backend: r.backend.clone(),
+                    backend: r.backends.get(&r.stable).cloned(),
                     offloaded: OffloadCounts::default(),
                 })
             })
@@ -639,12 +645,24 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(format!("no model {model:?}")))
     }
 
-    /// Where `model`'s offloaded calls go: its stable version, and the backend it was pushed
-    /// to (`None`: the worker pool, or a backend whose `models` list it).
-    pub fn routing(&self, model: &str) -> Result<(u64, Option<String>), RegistryError> {
-        self.record(model)?
-            .map(|r| (r.stable, r.backend))
-            .ok_or_else(|| RegistryError::NotFound(format!("no model {model:?}")))
+    /// Where a call of `model` `version` (default: the stable one) goes: the version, and the
+    /// backend that version was pushed to (`None`: the worker pool, or a backend whose `models`
+    /// list the model).
+    pub fn routing(
+        &self,
+        model: &str,
+        version: Option<u64>,
+    ) -> Result<(u64, Option<String>), RegistryError> {
+        let mut record = self
+            .record(model)?
+            .ok_or_else(|| RegistryError::NotFound(format!("no model {model:?}")))?;
+        let version = version.unwrap_or(record.stable);
+        if record.version(version).is_none() {
+            return Err(RegistryError::NotFound(format!(
+                "model {model:?} has no version {version}"
+            )));
+        }
+        Ok((version, record.backends.remove(&version)))
     }
 
     /// The bytes the coordinator runs for `model` version `version` (its cloud variant, or its

@@ -100,6 +100,11 @@ impl BackendSection {
                 ));
             }
         }
+        if self.health_interval_ms < 100 {
+            problems.push(format!(
+                "backend {name:?}: health_interval_ms must be at least 100 (each replica is asked every interval)"
+            ));
+        }
         for (key, value) in [
             ("max_concurrency", u64::from(self.max_concurrency)),
             ("timeout_ms", self.timeout_ms),
@@ -127,12 +132,24 @@ fn url_problem(url: &str) -> Option<&'static str> {
     let Some(rest) = url.strip_prefix("http://") else {
         return Some("must start with http://");
     };
+    if rest.contains(['?', '#']) {
+        return Some("must be a base URL, without a query or fragment");
+    }
     let authority = rest.split('/').next().unwrap_or_default();
-    let port = authority.rsplit_once(':').map(|(_, p)| p);
+    if authority.contains('@') {
+        return Some("must not carry credentials");
+    }
+    // An IPv6 host is in brackets; the port, if any, follows them.
+    let port = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((_, after)) => after.strip_prefix(':'),
+            None => return Some("an IPv6 host needs its closing ']'"),
+        },
+        None => authority.rsplit_once(':').map(|(_, p)| p),
+    };
     match port {
-        _ if authority.is_empty() => Some("has no host"),
+        _ if authority.is_empty() || authority.starts_with(':') => Some("has no host"),
         Some(p) if p.parse::<u16>().is_err() => Some("the port must be a number up to 65535"),
-        _ if authority.contains('@') => Some("must not carry credentials"),
         _ => None,
     }
 }
@@ -193,17 +210,31 @@ impl GatewaySection {
             ("gateway.model_calls_per_s", self.model_calls_per_s),
         ] {
             if let Some(r) = rate
-                && !(r > 0.0 && r.is_finite())
+                && !((0.001..=1e9).contains(&r))
             {
-                problems.push((key, "must be a finite number above 0".to_owned()));
+                problems.push((key, "must be from 0.001 to 1e9 calls a second".to_owned()));
             }
         }
-        for (key, burst) in [
-            ("gateway.device_burst", self.device_burst),
-            ("gateway.model_burst", self.model_burst),
+        for (key, burst, rate) in [
+            (
+                "gateway.device_burst",
+                self.device_burst,
+                self.device_calls_per_s,
+            ),
+            (
+                "gateway.model_burst",
+                self.model_burst,
+                self.model_calls_per_s,
+            ),
         ] {
             if burst == Some(0) {
                 problems.push((key, "must be at least 1".to_owned()));
+            }
+            if burst.is_some() && rate.is_none() {
+                problems.push((
+                    key,
+                    "has no rate to go with it (set the matching *_calls_per_s)".to_owned(),
+                ));
             }
         }
         problems
@@ -222,7 +253,14 @@ mod tests {
         assert!(url_problem("ftp://x").is_some());
         assert!(url_problem("http://").is_some());
         assert!(url_problem("http://x:99999").is_some());
-        assert!(url_problem("http://u:p@x:1").is_some());
+        assert_eq!(
+            url_problem("http://u:p@x:1"),
+            Some("must not carry credentials")
+        );
+        assert_eq!(url_problem("http://[::1]:8000"), None);
+        assert_eq!(url_problem("http://[::1]"), None);
+        assert!(url_problem("http://x:1/?a=b").is_some());
+        assert!(url_problem("http://:80").is_some());
     }
 
     #[test]

@@ -212,6 +212,22 @@ async fn offloaded_calls_run_on_mlserver_and_kserve_with_their_errors_kept() {
         "routed by the config's pattern, not the push"
     );
 
+    // The backend belongs to the version: a push without --backend moves the next version to
+    // the worker pool, a rollback brings the backend back with the version.
+    push(&coordinator, "ranker-mls", &placed("cloud"), &ranker).await;
+    let backend_of = |models: &[cloud_coordinator::admin::ModelSummary]| {
+        models
+            .iter()
+            .find(|m| m.name == "ranker-mls")
+            .and_then(|m| m.backend.clone())
+    };
+    assert_eq!(backend_of(&admin.models().await.unwrap()), None);
+    admin.rollback("ranker-mls", 1).await.unwrap();
+    assert_eq!(
+        backend_of(&admin.models().await.unwrap()).as_deref(),
+        Some("mlserver")
+    );
+
     // A backend down is a 503 that says so, at once, not a hang.
     ks.kill();
     let started = Instant::now();
