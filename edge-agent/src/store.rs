@@ -73,11 +73,26 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(StoreError::Folder)?;
         // Every write flushes itself (`save`), so no background flusher thread is needed; the
         // records are a few hundred bytes a model, so a small cache holds them all.
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir.join("state.sled"))
             .cache_capacity(STORE_CACHE_BYTES)
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        // A store closed a moment ago (an agent restarting) may still be letting go of its file
+        // lock on sled's own threads: a held lock is tried again for up to 2 s, then reported
+        // (another agent on the same data).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let records = db.open_tree("models")?;
         let chunks = ChunkStore::open(&dir.join("chunks")).map_err(StoreError::Chunks)?;
         Ok(Self {

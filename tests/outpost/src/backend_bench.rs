@@ -14,10 +14,9 @@ use anyhow::{Context as _, bail};
 use cloud_coordinator::{AdminClient, PushOptions};
 use firmware_config::{BackendEncoding, BackendSection};
 use model_zoo::{DEFAULT_SEED, DemoModel};
-use outpost_runtime::http::Bytes;
 use outpost_shared::Placement;
 
-use crate::bench::{KeepAlive, percentiles, ranker_inputs};
+use crate::bench::{KeepAlive, json_body, percentiles, ranker_inputs};
 use crate::quickstart::DevFleet;
 
 /// The model the servers serve.
@@ -90,13 +89,7 @@ pub async fn run(
         urls[0]
     ));
     for batch in [1u64, 256] {
-        let inputs = ranker_inputs(batch)?;
-        let json = Bytes::from(
-            serde_json::json!({
-                "inputs": inputs.iter().map(|t| t.to_json()).collect::<Result<Vec<_>, _>>()?
-            })
-            .to_string(),
-        );
+        let json = json_body(&ranker_inputs(batch)?)?;
         for _ in 0..20 {
             direct.post(&path, None, json.clone()).await?;
             through.post(&path, None, json.clone()).await?;
@@ -127,13 +120,7 @@ pub async fn run(
         ));
     }
 
-    let inputs = ranker_inputs(16)?;
-    let json = Bytes::from(
-        serde_json::json!({
-            "inputs": inputs.iter().map(|t| t.to_json()).collect::<Result<Vec<_>, _>>()?
-        })
-        .to_string(),
-    );
+    let json = json_body(&ranker_inputs(16)?)?;
     let names: &[&str] = if urls.len() > 1 {
         &["one", "all"]
     } else {

@@ -160,12 +160,7 @@ async fn latency(
     ));
     for batch in [1u64, 256] {
         let inputs = ranker_inputs(batch)?;
-        let json = Bytes::from(
-            serde_json::json!({
-                "inputs": inputs.iter().map(|t| t.to_json()).collect::<Result<Vec<_>, _>>()?
-            })
-            .to_string(),
-        );
+        let json = json_body(&inputs)?;
         let (binary, header) = binary_body(&inputs);
         let binary = Bytes::from(binary);
         let path = "/v2/models/video-ranker/infer";
@@ -345,6 +340,17 @@ impl KeepAlive {
         }
         Ok(answer.body)
     }
+}
+
+/// An inference body with `inputs` as JSON.
+pub(crate) fn json_body(inputs: &[Tensor]) -> anyhow::Result<Bytes> {
+    let inputs = inputs
+        .iter()
+        .map(|t| t.to_json())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Bytes::from(
+        serde_json::json!({ "inputs": inputs }).to_string(),
+    ))
 }
 
 /// An inference body with the binary tensor extension: a JSON header (outputs asked as binary

@@ -178,33 +178,19 @@ fn main() -> std::process::ExitCode {
                 return exit(text());
             }
             if !backend.is_empty() {
-                return exit(
-                    tokio::runtime::Builder::new_multi_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(anyhow::Error::from)
-                        .and_then(|rt| {
-                            rt.block_on(outpost::backend_bench::run(
-                                &backend,
-                                calls.clamp(1, 2000),
-                                &mut |line| println!("{line}"),
-                            ))
-                        }),
-                );
+                return exit(on_runtime(outpost::backend_bench::run(
+                    &backend,
+                    calls.clamp(1, 2000),
+                    &mut |line| println!("{line}"),
+                )));
             }
             if let Some(clients) = mqtt_only {
                 return exit(mqtt_connect::run(clients.max(1), |line| println!("{line}")));
             }
             if switch_only {
-                return exit(
-                    tokio::runtime::Builder::new_multi_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(anyhow::Error::from)
-                        .and_then(|rt| {
-                            rt.block_on(switching::bench(64, 10, |line| println!("{line}")))
-                        }),
-                );
+                return exit(on_runtime(switching::bench(64, 10, |line| {
+                    println!("{line}")
+                })));
             }
             if memory_only {
                 return exit(memory::run(&memory_rows, |line| println!("{line}")));
@@ -304,6 +290,14 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Runs `work` to the end on a new multi-threaded runtime.
+fn on_runtime(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(work)
 }
 
 #[allow(clippy::print_stderr)]
