@@ -683,6 +683,7 @@ fn registry_refusal<T>(e: RegistryError) -> (StatusCode, Result<T, String>) {
         RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
         RegistryError::BadModel(_) => StatusCode::UNPROCESSABLE_ENTITY,
         RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistryError::Conflict(_) => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     (status, Err(e.to_string()))

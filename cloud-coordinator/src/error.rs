@@ -34,6 +34,9 @@ pub enum CoordinatorError {
     /// The registry database failed.
     #[error("registry database: {0}")]
     Database(#[from] sled::Error),
+    /// The registry could not be opened (its shared store, for one).
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
     /// A network setup step failed.
     #[error("{0}")]
     Network(String),
@@ -58,6 +61,10 @@ pub enum RegistryError {
     /// Storage failed.
     #[error("storage: {0}")]
     Storage(String),
+    /// Another coordinator replica took the release number first (a shared store); the write
+    /// may be tried again.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<sled::Error> for RegistryError {

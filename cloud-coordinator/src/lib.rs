@@ -160,12 +160,37 @@ impl Coordinator {
                     source,
                 }
             })?;
+        let shared = match &config.registry.shared {
+            Some(section) => {
+                let store =
+                    registry::SharedStore::open(section, tokio::runtime::Handle::current())?;
+                let checked = tokio::task::spawn_blocking(move || store.check().map(|()| store));
+                Some(checked.await.map_err(|e| {
+                    CoordinatorError::Network(format!("checking the shared store: {e}"))
+                })??)
+            }
+            None => None,
+        };
         let registry = Arc::new(registry::Registry::open(
             db.clone(),
             chunks,
             trust.signer,
             &config.registry,
+            shared,
         )?);
+        // A replica starts with every release the others published (before it serves any).
+        if registry.shared_poll().is_some() {
+            let registry_ = registry.clone();
+            let followed = tokio::task::spawn_blocking(move || registry_.follow_shared())
+                .await
+                .map_err(|e| {
+                    CoordinatorError::Network(format!("reading the shared store: {e}"))
+                })??;
+            tracing::info!(
+                models = followed.taken.len(),
+                "took over the shared store's releases"
+            );
+        }
         let (admin_token, new_admin_token) = admin_token(&data_dir)?;
         let metrics = Arc::new(metrics::Metrics::default());
         let fleet = mqtt::FleetView::default();
@@ -211,6 +236,15 @@ impl Coordinator {
             config.rollout.check_interval(),
             watcher.clone(),
         )));
+        if let Some(every) = registry.shared_poll() {
+            tasks.push(tokio::spawn(registry::follow(
+                registry.clone(),
+                announcer.clone(),
+                embedded_broker,
+                every,
+                watcher.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(mqtt::keep_releases_fresh(
             registry.clone(),
             announcer.clone(),

@@ -206,8 +206,18 @@ async fn run_events(
                     }
                 }
                 // The broker's copy of a release (retained) must be the current one: one that
-                // was cleared or replaced is announced again.
+                // was cleared or replaced is announced again, unless a replica on a shared
+                // store published a newer one (taken over here within its poll interval).
                 Ok(Topic::Manifest { model }) => match registry.signed_manifest(&model) {
+                    Ok(Some(current))
+                        if current != p.payload.as_ref()
+                            && registry.is_newer_release(&model, &p.payload) =>
+                    {
+                        tracing::debug!(
+                            model,
+                            "the broker holds a newer release of another replica"
+                        );
+                    }
                     Ok(Some(current)) if current != p.payload.as_ref() => {
                         check
                             .metrics

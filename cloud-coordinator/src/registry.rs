@@ -26,6 +26,7 @@ mod edge;
 mod finetune;
 mod report;
 mod rollout;
+mod shared;
 mod text;
 
 use edge::CHECK_ONLY;
@@ -36,6 +37,7 @@ pub use report::{
 };
 use report::{delta, summary};
 pub use rollout::{GatedRollout, HISTORY, RolloutAction, RolloutEvent};
+pub use shared::{Followed, MAX_SHARED_MODELS, RELEASES_KEPT, SharedStore, follow};
 pub use text::{DEFAULT_MAX_TOKENS, DEFAULT_TEXT_INPUT};
 
 const RECORD_LIMIT: usize = 64 * 1024 * 1024;
@@ -110,6 +112,12 @@ pub struct Registry {
     max_kept_share: f64,
     /// How long a signed release is valid, seconds.
     release_ttl: u64,
+    /// The store shared with other coordinator replicas, if any (see [`shared`]).
+    shared: Option<shared::Replication>,
+    shared_poll: std::time::Duration,
+    /// The keys whose releases count as the fleet's: this coordinator's and the other
+    /// replicas' (`[registry.shared] manifest_keys`).
+    verifier: outpost_shared::ManifestVerifier,
     write: Mutex<()>,
 }
 
@@ -134,13 +142,28 @@ fn now() -> u64 {
 }
 
 impl Registry {
-    /// Opens the registry in `db` with chunk files in `chunks`.
+    /// Opens the registry in `db` with chunk files in `chunks`, sharing releases through
+    /// `shared` when given (the store `options.shared` names).
     pub fn open(
         db: sled::Db,
         chunks: ChunkStore,
         signer: ManifestSigner,
         options: &RegistrySection,
-    ) -> Result<Self, sled::Error> {
+        shared: Option<SharedStore>,
+    ) -> Result<Self, RegistryError> {
+        let mut keys = vec![signer.public_key()];
+        if let Some(section) = &options.shared {
+            keys.extend(section.manifest_keys.iter().copied());
+        }
+        let verifier = outpost_shared::ManifestVerifier::new(keys);
+        let shared = match shared {
+            Some(store) => Some(shared::Replication {
+                store,
+                verifier: verifier.clone(),
+                known: db.open_tree("shared_chunks")?,
+            }),
+            None => None,
+        };
         Ok(Self {
             models: db.open_tree("models")?,
             manifests: db.open_tree("manifests")?,
@@ -156,6 +179,11 @@ impl Registry {
             },
             max_kept_share: options.int8_max_kept_share,
             release_ttl: options.release_ttl_s.max(2),
+            shared,
+            verifier,
+            shared_poll: std::time::Duration::from_millis(
+                options.shared.as_ref().map_or(1000, |s| s.poll_ms),
+            ),
             write: Mutex::new(()),
         })
     }
@@ -301,6 +329,7 @@ impl Registry {
             .write
             .lock()
             .map_err(|_| RegistryError::Storage("registry lock poisoned".into()))?;
+        self.catch_up_locked(&request.name)?;
         let mut record = self.record(&request.name)?.unwrap_or(ModelRecord {
             name: request.name.clone(),
             release: 0,
@@ -411,6 +440,7 @@ impl Registry {
             .write
             .lock()
             .map_err(|_| RegistryError::Storage("registry lock poisoned".into()))?;
+        self.catch_up_locked(name)?;
         let mut record = self
             .record(name)?
             .ok_or_else(|| RegistryError::NotFound(format!("no model {name:?}")))?;
@@ -530,6 +560,9 @@ impl Registry {
             .map_err(|e| RegistryError::Storage(e.to_string()))?;
         let encoded = cbor::encode("model record", &*record, RECORD_LIMIT)
             .map_err(|e| RegistryError::Storage(e.to_string()))?;
+        if let Some(shared) = &self.shared {
+            self.publish_shared(shared, record, &encoded, &bytes)?;
+        }
         use sled::Transactional as _;
         (&self.models, &self.manifests)
             .transaction(|(models, manifests)| {
@@ -556,13 +589,30 @@ impl Registry {
             .map_err(|_| RegistryError::Storage("registry lock poisoned".into()))?;
         let due = now().saturating_sub(self.release_ttl / 2);
         let mut refreshed = Vec::new();
-        for mut record in self.records()? {
+        for record in self.records()? {
+            if record.signed_at > due {
+                continue;
+            }
+            // Another replica may have signed it again already.
+            self.catch_up_locked(&record.name)?;
+            let Some(mut record) = self.record(&record.name)? else {
+                continue;
+            };
             if record.signed_at > due {
                 continue;
             }
             record.release += 1;
-            let bytes = self.sign_and_store(&mut record)?;
-            refreshed.push((record.name.clone(), bytes));
+            match self.sign_and_store(&mut record) {
+                Ok(bytes) => refreshed.push((record.name.clone(), bytes)),
+                Err(RegistryError::Conflict(reason)) => {
+                    tracing::info!(
+                        model = record.name,
+                        reason,
+                        "another replica signed it again"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
         if !refreshed.is_empty() {
             self.db.flush()?;
@@ -587,10 +637,32 @@ impl Registry {
             .retain(|id| referenced.contains(id))
             .map_err(|e| RegistryError::Storage(e.to_string()))?;
         crash_point!("registry.gc_done");
+        if let Some(shared) = &self.shared {
+            for id in shared.known.iter().keys() {
+                let id = id?;
+                let known = <[u8; 32]>::try_from(id.as_ref())
+                    .map(ChunkId::from_bytes)
+                    .is_ok_and(|c| referenced.contains(&c));
+                if !known {
+                    shared.known.remove(id)?;
+                }
+            }
+        }
         if deleted > 0 {
             tracing::info!(deleted, "deleted chunks no kept version references");
         }
         Ok(())
+    }
+
+    /// Whether `payload`, a signed manifest of `model` seen on the broker, is a newer release
+    /// than the one here and signed by a trusted key: another replica's, not to be announced
+    /// over (replicas would otherwise take turns replacing each other's release).
+    pub fn is_newer_release(&self, model: &str, payload: &[u8]) -> bool {
+        let Ok(manifest) = self.verifier.verify_cbor(payload, now()) else {
+            return false;
+        };
+        let here = self.record(model).ok().flatten().map_or(0, |r| r.release);
+        manifest.model == model && manifest.release > here
     }
 
     /// Model `model`'s current signed release, if it has one.

@@ -253,13 +253,31 @@ impl OffloadClient {
         match self.exchange_within(&connection, request).await {
             Ok(r) => Ok(r),
             Err(OffloadError::Unreachable(_)) => {
-                // The connection died under us: drop it and try once more now.
-                self.link.lock().await.connection = None;
+                // The connection died under us (its coordinator vanished, most likely): drop
+                // it and try once more now, from the next coordinator on, so the retry does
+                // not first wait out a handshake with the one that just died.
+                self.move_on_from(&connection).await;
                 let connection = self.connection().await?;
                 self.exchange_within(&connection, request).await
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Drops `connection` if it is still the live one, and makes the next round of connecting
+    /// start after its coordinator; that coordinator, when it was.
+    async fn move_on_from(&self, connection: &quinn::Connection) -> Option<&HostPort> {
+        let mut link = self.link.lock().await;
+        if link
+            .connection
+            .as_ref()
+            .is_none_or(|c| c.stable_id() != connection.stable_id())
+        {
+            return None;
+        }
+        link.connection = None;
+        link.first = (link.connected_to + 1) % self.coordinators.len().max(1);
+        self.coordinators.get(link.connected_to)
     }
 
     async fn exchange_within(
@@ -272,18 +290,11 @@ impl OffloadClient {
             Ok(result) => result,
             Err(_) => {
                 connection.close(quinn::VarInt::from_u32(3), b"request deadline passed");
-                let mut link = self.link.lock().await;
-                if link
-                    .connection
-                    .as_ref()
-                    .is_some_and(|c| c.stable_id() == connection.stable_id())
-                {
-                    link.connection = None;
-                    // The next round starts after this coordinator: one that accepts requests
-                    // and lets them stall would otherwise be chosen first again and again.
-                    link.first = (link.connected_to + 1) % self.coordinators.len().max(1);
+                // One that accepts requests and lets them stall would otherwise be chosen
+                // first again and again.
+                if let Some(coordinator) = self.move_on_from(connection).await {
                     tracing::warn!(
-                        coordinator = %self.coordinators[link.connected_to],
+                        %coordinator,
                         deadline = ?limit,
                         "a request passed its deadline; trying the next coordinator first"
                     );

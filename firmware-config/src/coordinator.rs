@@ -12,6 +12,8 @@ use crate::{FileKind, check_file, load_toml};
 
 mod gateway;
 pub use gateway::{BackendEncoding, BackendSection, GatewaySection};
+mod replicas;
+pub use replicas::{SharedStoreLocation, SharedStoreSection};
 
 /// The coordinator's configuration. Relative paths are relative to the config file's folder.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -392,6 +394,10 @@ pub struct RegistrySection {
     /// upload (up to `max_upload_mb`), the examples' features and a tract plan of the model.
     #[serde(default = "default_max_finetunes")]
     pub max_finetunes: u32,
+    /// Chunks and releases shared with other coordinator replicas; none: this coordinator's
+    /// own data folder only.
+    #[serde(default)]
+    pub shared: Option<SharedStoreSection>,
 }
 
 fn default_max_finetunes() -> u32 {
@@ -414,6 +420,7 @@ impl Default for RegistrySection {
             int8_min_cosine: default_int8_min_cosine(),
             int8_max_kept_share: default_int8_max_kept_share(),
             int8_min_top1_agreement: default_int8_min_top1_agreement(),
+            shared: None,
         }
     }
 }
@@ -674,6 +681,14 @@ impl CoordinatorConfig {
             problems.push(("inference.queue_depth", "must be at least 1".to_owned()));
         }
         problems.extend(self.gateway.problems());
+        if let Some(shared) = &self.registry.shared {
+            problems.extend(
+                shared
+                    .problems()
+                    .into_iter()
+                    .map(|m| ("registry.shared", m)),
+            );
+        }
         for (i, backend) in self.backends.iter().enumerate() {
             problems.extend(backend.problems().into_iter().map(|m| ("backend", m)));
             if self.backends[..i].iter().any(|b| b.name == backend.name) {

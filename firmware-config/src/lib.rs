@@ -22,7 +22,8 @@ pub use agent::{
 pub use coordinator::{
     AdminSection, BackendEncoding, BackendSection, CoordinatorConfig, CoordinatorMqtt,
     CoordinatorStorage, FleetMaterial, GatewaySection, InferenceSection, QuicSection,
-    RegistrySection, RolloutSection, int8_tolerance_problem,
+    RegistrySection, RolloutSection, SharedStoreLocation, SharedStoreSection,
+    int8_tolerance_problem,
 };
 pub use diagnostic::{ConfigError, ConfigErrors};
 pub use identity::{IdentityError, device_id_from_certificate};

@@ -37,7 +37,9 @@ pub use release::{
     Blob, Candidate, Dim, Manifest, ManifestError, ModelFormat, ModelVersion, Placement, Target,
     TensorSpec, TextInput, Variant,
 };
-pub use signing::{KeyId, ManifestSigner, ManifestVerifier, PublicKey, SignedManifest};
+pub use signing::{
+    DetachedSignature, KeyId, ManifestSigner, ManifestVerifier, PublicKey, SignedManifest,
+};
 pub use status::{
     Counters, DeviceStatus, Health, ModelHealth, ModelStatus, SignedStatus, StatusOrder,
 };

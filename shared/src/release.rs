@@ -515,6 +515,12 @@ pub enum ManifestError {
     /// A signing key could not be read.
     #[error("signing key: {0}")]
     BadKey(String),
+    /// A detached signature (over something other than a manifest) does not match its bytes.
+    #[error("the signature over the {purpose} does not match its bytes")]
+    BadDetachedSignature {
+        /// What was signed.
+        purpose: &'static str,
+    },
 }
 
 #[cfg(test)]

@@ -206,6 +206,43 @@ impl ManifestSigner {
     }
 }
 
+/// A signature over bytes that are not a manifest (a coordinator replica's release record), and
+/// the key that made it. What was signed is named by a purpose label, so a signature made for
+/// one use never verifies for another, nor as a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachedSignature {
+    /// The signing key.
+    pub key_id: KeyId,
+    /// ed25519 over the purpose label and the bytes.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// What a detached signature covers: a fixed prefix (not a CBOR map, so never a manifest
+/// payload), the purpose, a zero byte, the bytes.
+fn detached_message(purpose: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(32 + purpose.len() + bytes.len());
+    message.extend_from_slice(b"outpost detached signature\0");
+    message.extend_from_slice(purpose.as_bytes());
+    message.push(0);
+    message.extend_from_slice(bytes);
+    message
+}
+
+impl ManifestSigner {
+    /// Signs `bytes` for `purpose` (a fixed label such as `"replica release record"`).
+    pub fn sign_detached(&self, purpose: &'static str, bytes: &[u8]) -> DetachedSignature {
+        DetachedSignature {
+            key_id: self.public.id(),
+            signature: self
+                .key
+                .sign(&detached_message(purpose, bytes))
+                .as_ref()
+                .to_vec(),
+        }
+    }
+}
+
 /// Verifies signed manifests against the fleet's trusted keys.
 #[derive(Debug, Clone)]
 pub struct ManifestVerifier {
@@ -255,6 +292,23 @@ impl ManifestVerifier {
         Ok(manifest)
     }
 
+    /// Checks that `signature` is a trusted key's over `bytes` for `purpose`.
+    pub fn verify_detached(
+        &self,
+        purpose: &'static str,
+        bytes: &[u8],
+        signature: &DetachedSignature,
+    ) -> Result<(), ManifestError> {
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.id() == signature.key_id)
+            .ok_or(ManifestError::UnknownKey(signature.key_id))?;
+        UnparsedPublicKey::new(&ED25519, key.as_bytes())
+            .verify(&detached_message(purpose, bytes), &signature.signature)
+            .map_err(|_| ManifestError::BadDetachedSignature { purpose })
+    }
+
     /// [`SignedManifest::from_cbor`] then [`Self::verify`].
     pub fn verify_cbor(&self, bytes: &[u8], now: u64) -> Result<Manifest, ManifestError> {
         self.verify(&SignedManifest::from_cbor(bytes)?, now)
@@ -281,6 +335,36 @@ pub(crate) mod tests {
         let bytes = signed.to_cbor().unwrap();
         let verifier = ManifestVerifier::new([signer.public_key()]);
         assert_eq!(verifier.verify_cbor(&bytes, NOW).unwrap(), manifest());
+    }
+
+    #[test]
+    fn detached_signatures_cover_their_bytes_and_purpose() {
+        let signer = new_signer();
+        let verifier = ManifestVerifier::new([signer.public_key()]);
+        let signature = signer.sign_detached("replica release record", b"record bytes");
+        verifier
+            .verify_detached("replica release record", b"record bytes", &signature)
+            .unwrap();
+        for (purpose, bytes) in [
+            ("replica release record", &b"record byteS"[..]),
+            ("something else", &b"record bytes"[..]),
+        ] {
+            assert!(matches!(
+                verifier.verify_detached(purpose, bytes, &signature),
+                Err(ManifestError::BadDetachedSignature { .. })
+            ));
+        }
+        let stranger = ManifestVerifier::new([new_signer().public_key()]);
+        assert!(matches!(
+            stranger.verify_detached("replica release record", b"record bytes", &signature),
+            Err(ManifestError::UnknownKey(_))
+        ));
+        // Never valid as a manifest either.
+        let forged = SignedManifest {
+            payload: detached_message("replica release record", b"record bytes"),
+            signature: signature.signature.clone(),
+        };
+        assert!(verifier.verify(&forged, NOW).is_err());
     }
 
     #[test]

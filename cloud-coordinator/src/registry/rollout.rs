@@ -69,6 +69,7 @@ impl Registry {
             .write
             .lock()
             .map_err(|_| RegistryError::Storage("registry lock poisoned".into()))?;
+        self.catch_up_locked(name)?;
         let mut record = self
             .record(name)?
             .ok_or_else(|| RegistryError::NotFound(format!("no model {name:?}")))?;

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod memory;
 pub mod mqtt_connect;
 pub mod quickstart;
+pub mod replica_bench;
 pub mod sim;
 pub mod switching;
 pub mod text_bench;

@@ -108,6 +108,11 @@ enum Command {
         /// replica and with all.
         #[arg(long, value_name = "URL")]
         backend: Vec<String>,
+        /// Only coordinator replicas on one shared store (a folder): how long the replica takes
+        /// a release over, and a fresh agent's first sync from it against the same from the
+        /// coordinator the model was pushed to (video-ranker-xl), this many rounds.
+        #[arg(long, value_name = "ROUNDS")]
+        replicas_only: Option<usize>,
         /// Threads for the text encoder's figures (tract and ONNX Runtime alike).
         #[arg(long, default_value_t = 1)]
         text_threads: usize,
@@ -168,6 +173,7 @@ fn main() -> std::process::ExitCode {
             text_only,
             text_threads,
             backend,
+            replicas_only,
         } => {
             let text = || {
                 outpost::text_bench::run(calls.clamp(1, 500), text_threads.max(1), &mut |line| {
@@ -181,6 +187,12 @@ fn main() -> std::process::ExitCode {
                 return exit(on_runtime(outpost::backend_bench::run(
                     &backend,
                     calls.clamp(1, 2000),
+                    &mut |line| println!("{line}"),
+                )));
+            }
+            if let Some(rounds) = replicas_only {
+                return exit(on_runtime(outpost::replica_bench::run(
+                    rounds.clamp(1, 100),
                     &mut |line| println!("{line}"),
                 )));
             }

@@ -19,3 +19,4 @@ pub mod mqtt;
 pub mod oip_servers;
 pub mod ports;
 pub mod process;
+pub mod s3;

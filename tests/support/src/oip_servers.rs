@@ -41,11 +41,11 @@ fn workspace() -> PathBuf {
 
 /// The virtual environment `name` of `.oip-servers/`; fails the test, saying how to install
 /// it, when it is missing.
-fn venv(name: &str) -> PathBuf {
+pub(crate) fn venv(name: &str) -> PathBuf {
     let dir = workspace().join(".oip-servers").join(name);
     assert!(
         dir.join("bin/python").exists(),
-        "{} is missing: run `bash tests/support/python/install` (CI does) to install MLServer and KServe",
+        "{} is missing: run `bash tests/support/python/install` (CI does) to install MLServer, KServe and moto",
         dir.display()
     );
     dir

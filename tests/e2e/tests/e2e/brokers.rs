@@ -21,13 +21,13 @@ use outpost_test_support::process::ChildGuard;
 
 /// A production broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Mosquitto,
     Nats,
 }
 
 /// A broker on a loopback port, stopped on drop.
-struct Broker {
+pub(crate) struct Broker {
     child: ChildGuard,
     kind: Kind,
     _dir: tempfile::TempDir,
@@ -44,7 +44,7 @@ fn installed(candidates: &[&'static str], package: &str) -> &'static str {
 }
 
 /// `kind` with the config `firmware-config provision` wrote into `fleet`, listening on `port`.
-fn start_broker(kind: Kind, fleet: &std::path::Path, port: u16) -> Broker {
+pub(crate) fn start_broker(kind: Kind, fleet: &std::path::Path, port: u16) -> Broker {
     let dir = tempfile::tempdir().unwrap();
     let mut command = match kind {
         Kind::Mosquitto => {

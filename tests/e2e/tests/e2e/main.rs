@@ -16,6 +16,8 @@
 //!   rate limits.
 //! - [`brokers`]: the coordinator against real production brokers (Mosquitto, NATS) run with
 //!   the provisioned files.
+//! - [`replicas`]: coordinator replicas over one shared store (a folder, S3), one killed
+//!   mid-rollout.
 //! - [`rollouts`]: rollouts gated on device health (abort, widen, promote).
 //! - [`quickstart`]: `outpost up` in-process.
 //! - [`bench`]: `outpost bench` in-process, briefly.
@@ -35,6 +37,7 @@ mod inference;
 mod processes;
 mod quickstart;
 mod refusals;
+mod replicas;
 mod resilience;
 mod rollouts;
 mod sim;
