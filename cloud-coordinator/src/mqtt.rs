@@ -157,6 +157,14 @@ async fn run_events(
                             tracing::warn!(error = %e, filter, "could not subscribe");
                         }
                     }
+                    // A replica on a shared store first takes over what the others published
+                    // meanwhile, so it never announces an older release over a newer one.
+                    let follower = registry.clone();
+                    match tokio::task::spawn_blocking(move || follower.follow_shared()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "could not read the shared store"),
+                        Err(e) => tracing::warn!(error = %e, "reading the shared store failed"),
+                    }
                     match registry.signed_manifests() {
                         Ok(all) => {
                             for (model, signed) in all {

@@ -160,7 +160,11 @@ impl Registry {
             Some(store) => Some(shared::Replication {
                 store,
                 verifier: verifier.clone(),
-                known: db.open_tree("shared_chunks")?,
+                // Per store: chunks known to be in one store are not known to be in another.
+                known: db.open_tree(format!(
+                    "shared_chunks {}",
+                    options.shared.as_ref().map_or("", |s| s.url.as_str())
+                ))?,
             }),
             None => None,
         };
@@ -593,8 +597,11 @@ impl Registry {
             if record.signed_at > due {
                 continue;
             }
-            // Another replica may have signed it again already.
-            self.catch_up_locked(&record.name)?;
+            // Another replica may have signed it again already. A model whose store records
+            // cannot be read is still signed again here (its devices must not see it expire).
+            if let Err(e) = self.catch_up_locked(&record.name) {
+                tracing::error!(model = record.name, error = %e, "could not catch up before signing again");
+            }
             let Some(mut record) = self.record(&record.name)? else {
                 continue;
             };
@@ -611,7 +618,10 @@ impl Registry {
                         "another replica signed it again"
                     );
                 }
-                Err(e) => return Err(e),
+                // The others are still signed again.
+                Err(e) => {
+                    tracing::error!(model = record.name, error = %e, "could not sign the release again");
+                }
             }
         }
         if !refreshed.is_empty() {

@@ -60,6 +60,19 @@ struct ReleaseObject {
     manifest: Vec<u8>,
     /// Over [`signed_bytes`] of the two.
     signature: DetachedSignature,
+    /// Random for each write (not signed): two replicas that sign the same release in the
+    /// same second with one key write the same bytes but for this, so a writer reading back
+    /// a number it was refused knows whether its own earlier attempt made it.
+    #[serde(default, with = "serde_bytes")]
+    writer: Vec<u8>,
+}
+
+/// 16 random bytes.
+fn nonce() -> Result<[u8; 16], RegistryError> {
+    let mut n = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n)
+        .map_err(|_| RegistryError::Storage("the system random generator failed".into()))?;
+    Ok(n)
 }
 
 fn signed_bytes(record: &[u8], manifest: &[u8]) -> Vec<u8> {
@@ -116,8 +129,11 @@ impl SharedStore {
                 SharedStoreLocation::Folder(path) => {
                     std::fs::create_dir_all(&path)
                         .map_err(|e| bad(format!("creating {}: {e}", path.display())))?;
+                    // Synced: a release record lost to a crash of the store's host could be
+                    // written again with other content under the same number.
                     let local = object_store::local::LocalFileSystem::new_with_prefix(&path)
-                        .map_err(|e| bad(e.to_string()))?;
+                        .map_err(|e| bad(e.to_string()))?
+                        .with_fsync(true);
                     (Arc::new(local), None)
                 }
                 SharedStoreLocation::S3 { bucket, prefix } => {
@@ -185,9 +201,38 @@ impl SharedStore {
         RegistryError::Storage(format!("shared store {}: {what}: {}", self.url, e.0))
     }
 
-    /// Checks that the store answers (a listing), so a wrong URL or credentials stop the start.
+    /// Checks that the store answers (a listing) and honours a conditional create (a probe
+    /// object created twice: the second must be refused), so a wrong URL, credentials or a
+    /// store that would let two replicas write one release number stop the start.
     pub fn check(&self) -> Result<(), RegistryError> {
-        self.models().map(|_| ())
+        self.models()?;
+        let probe = self.key(&["probes", &hex::encode(&nonce()?[..])]);
+        let first = self
+            .create(probe.clone(), b"probe".to_vec())
+            .map_err(|e| self.fail("creating a probe object", e))?;
+        let second = self
+            .create(probe.clone(), b"probe again".to_vec())
+            .map_err(|e| self.fail("creating a probe object again", e))?;
+        let store = self.store.clone();
+        let deleted = self.block(async move {
+            store
+                .delete(&probe)
+                .await
+                .map_err(|e| StoreError(e.to_string()))
+        });
+        if let Err(e) = deleted {
+            tracing::warn!(
+                error = e.0,
+                "could not delete the shared store's probe object"
+            );
+        }
+        if !first || second {
+            return Err(RegistryError::Storage(format!(
+                "shared store {}: it does not honour a conditional create (If-None-Match), so two replicas could publish one release number",
+                self.url
+            )));
+        }
+        Ok(())
     }
 
     /// The models with releases in the store (at most [`MAX_SHARED_MODELS`]).
@@ -225,9 +270,13 @@ impl SharedStore {
                 }
             })
             .map_err(|e| self.fail(&format!("listing the releases of {model}"), e))?;
+        // Exactly the names this code writes (20 digits): another name would not be read back
+        // under the key its number makes.
         let mut releases: Vec<u64> = listed
             .iter()
-            .filter_map(|m| m.location.filename()?.parse().ok())
+            .filter_map(|m| m.location.filename())
+            .filter(|n| n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit()))
+            .filter_map(|n| n.parse().ok())
             .collect();
         releases.sort_unstable();
         Ok(releases)
@@ -478,8 +527,9 @@ impl Registry {
         manifest: &[u8],
     ) -> Result<(), RegistryError> {
         let mut missing = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for c in record_chunks(record) {
-            if !shared.known.contains_key(c.id.as_bytes())? && !missing.contains(&c.id) {
+            if seen.insert(c.id) && !shared.known.contains_key(c.id.as_bytes())? {
                 missing.push(c.id);
             }
         }
@@ -510,17 +560,31 @@ impl Registry {
                 record: encoded.to_vec(),
                 manifest: manifest.to_vec(),
                 signature,
+                writer: nonce()?.to_vec(),
             },
             OBJECT_LIMIT,
         )
         .map_err(|e| RegistryError::Storage(e.to_string()))?;
         let key = shared.store.release_key(&record.name, record.release);
-        let created = shared.store.create(key, object).map_err(|e| {
-            shared.store.fail(
-                &format!("writing release {} of {}", record.release, record.name),
-                e,
-            )
-        })?;
+        let what = format!("writing release {} of {}", record.release, record.name);
+        let created = match shared.store.create(key.clone(), object.clone()) {
+            Ok(true) => true,
+            // A retried request, or one whose answer was lost, may have written it after all:
+            // then it is ours (the writer nonce makes the bytes this write's alone).
+            Ok(false) | Err(_)
+                if shared
+                    .store
+                    .get(key.clone(), OBJECT_LIMIT)
+                    .ok()
+                    .flatten()
+                    .as_ref()
+                    == Some(&object) =>
+            {
+                true
+            }
+            Ok(false) => false,
+            Err(e) => return Err(shared.store.fail(&what, e)),
+        };
         if !created {
             return Err(RegistryError::Conflict(format!(
                 "another coordinator published release {} of model {:?} first; it is taken over here within [registry.shared] poll_ms: try again",
@@ -545,23 +609,34 @@ impl Registry {
         model: &str,
     ) -> Result<Option<Fetched>, RegistryError> {
         let here = self.record(model)?.map(|r| r.release).unwrap_or(0);
-        let Some(newest) = shared.store.releases(model)?.last().copied() else {
-            return Ok(None);
-        };
-        if newest <= here {
-            return Ok(None);
+        // The newest record that passes its checks: one refused (tampered, or signed by a key
+        // not listed) must not hide the good ones below it. Each refusal is reported.
+        let mut refused = Vec::new();
+        for release in shared.store.releases(model)?.into_iter().rev() {
+            if release <= here {
+                break;
+            }
+            let Some(bytes) = shared.store.release(model, release)? else {
+                continue;
+            };
+            match shared.open(model, release, &bytes) {
+                Ok(fetched) => {
+                    for why in &refused {
+                        tracing::error!(model, why, "a shared release record was refused");
+                    }
+                    self.fetch_chunks(shared, &fetched.record)?;
+                    return Ok(Some(fetched));
+                }
+                Err(e) => refused.push(format!(
+                    "shared store {}: release {release} of model {model:?} is refused: {e}",
+                    shared.store.url
+                )),
+            }
         }
-        let Some(bytes) = shared.store.release(model, newest)? else {
-            return Ok(None);
-        };
-        let fetched = shared.open(model, newest, &bytes).map_err(|e| {
-            RegistryError::Storage(format!(
-                "shared store {}: release {newest} of model {model:?} is refused: {e}",
-                shared.store.url
-            ))
-        })?;
-        self.fetch_chunks(shared, &fetched.record)?;
-        Ok(Some(fetched))
+        match refused.is_empty() {
+            true => Ok(None),
+            false => Err(RegistryError::Storage(refused.join("; "))),
+        }
     }
 
     /// Stores here every chunk `record` names that is not here yet.
@@ -571,8 +646,9 @@ impl Registry {
         record: &ModelRecord,
     ) -> Result<(), RegistryError> {
         let mut wanted: Vec<(ChunkId, u32)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for c in record_chunks(record) {
-            if !self.chunks.contains(&c.id) && !wanted.iter().any(|(id, _)| *id == c.id) {
+            if seen.insert(c.id) && !self.chunks.contains(&c.id) {
                 wanted.push((c.id, c.size));
             }
         }
@@ -1046,10 +1122,11 @@ mod tests {
         };
         a.registry.push(push("ranker", 1)).unwrap();
 
-        // A flipped byte anywhere in the release record.
+        // A flipped byte anywhere in the release record, the signature included (only the
+        // writer nonce, the last 24 bytes, is not signed: it decides nothing served).
         let path = release_file(folder.path(), "ranker", 1);
         let good = std::fs::read(&path).unwrap();
-        for at in [good.len() / 3, good.len() / 2, good.len() - 3] {
+        for at in [good.len() / 3, good.len() / 2, good.len() - 40] {
             let mut bad = good.clone();
             bad[at] ^= 0x20;
             std::fs::write(&path, &bad).unwrap();
@@ -1102,6 +1179,28 @@ mod tests {
         let listing = replica(&rt, &store, &key, vec![stranger_key]);
         let followed = listing.registry.follow_shared().unwrap();
         assert_eq!(followed.taken.len(), 2, "{followed:?}");
+    }
+
+    #[test]
+    fn a_refused_newest_record_does_not_hide_the_good_ones_below() {
+        let (_rt, folder, _key, replicas) = on_a_folder(2);
+        let [a, b] = replicas.as_slice() else {
+            unreachable!()
+        };
+        a.registry.push(push("ranker", 1)).unwrap();
+        a.registry.rollback("ranker", 1).unwrap();
+        let path = release_file(folder.path(), "ranker", 2);
+        let mut bad = std::fs::read(&path).unwrap();
+        let at = bad.len() / 2;
+        bad[at] ^= 0x20;
+        std::fs::write(&path, &bad).unwrap();
+        // A name this code never writes is not a release (it would not be read back).
+        std::fs::write(folder.path().join("releases/ranker/99"), b"junk").unwrap();
+        let followed = b.registry.follow_shared().unwrap();
+        assert_eq!(followed.taken.len(), 1, "{followed:?}");
+        assert_eq!(release_of(&b.registry, "ranker"), 1);
+        let store = &b.registry.shared.as_ref().unwrap().store;
+        assert_eq!(store.releases("ranker").unwrap(), vec![1, 2]);
     }
 
     #[test]

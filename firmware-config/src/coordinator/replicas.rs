@@ -75,14 +75,19 @@ impl SharedStoreSection {
             let valid = (3..=63).contains(&bucket.len())
                 && bucket
                     .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c));
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c))
+                && !bucket.starts_with(['.', '-'])
+                && !bucket.ends_with(['.', '-'])
+                && !bucket.contains("..")
+                && bucket.parse::<std::net::Ipv4Addr>().is_err();
             if !valid {
                 return Err(format!(
                     "{url:?}: {bucket:?} is not an S3 bucket name (3 to 63 lowercase letters, digits, '.', '-')"
                 ));
             }
             let prefix = prefix.trim_end_matches('/');
-            if prefix.split('/').any(|p| p == "." || p == "..")
+            if prefix.starts_with('/')
+                || prefix.split('/').any(|p| p == "." || p == "..")
                 || prefix.contains("//")
                 || prefix
                     .chars()
@@ -113,9 +118,12 @@ impl SharedStoreSection {
             let rest = endpoint
                 .strip_prefix("http://")
                 .or_else(|| endpoint.strip_prefix("https://"));
-            if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
+            let host = rest.map(|r| r.strip_suffix('/').unwrap_or(r));
+            if host.is_none_or(|h| {
+                h.is_empty() || h.contains(|c: char| c.is_whitespace() || "/?#@".contains(c))
+            }) {
                 problems.push(format!(
-                    "endpoint {endpoint:?} must be http://HOST:PORT or https://HOST[:PORT]"
+                    "endpoint {endpoint:?} must be http://HOST:PORT or https://HOST[:PORT], without a path"
                 ));
             }
         }
@@ -171,6 +179,10 @@ mod tests {
             ("file://relative/path", "absolute path"),
             ("s3://A_Bucket/x", "not an S3 bucket name"),
             ("s3://models/../x", "not a usable key prefix"),
+            ("s3://models//x", "not a usable key prefix"),
+            ("s3://a..b", "not an S3 bucket name"),
+            ("s3://-models", "not an S3 bucket name"),
+            ("s3://10.0.0.1", "not an S3 bucket name"),
             ("gs://models", "file:///PATH or s3://"),
         ] {
             let problems = section(url).problems();
@@ -189,6 +201,17 @@ mod tests {
         s.timeout_ms = 0;
         let problems = s.problems();
         assert_eq!(problems.len(), 3, "{problems:?}");
+        for bad in ["http://h:9000/path", "https://h/?x=1", "http://user@h"] {
+            s.endpoint = Some(bad.into());
+            assert!(
+                s.problems().iter().any(|p| p.contains("without a path")),
+                "{bad}"
+            );
+        }
+        s.endpoint = Some("https://s3.eu-central-1.amazonaws.com/".into());
+        s.poll_ms = 1000;
+        s.timeout_ms = 1000;
+        assert!(s.problems().is_empty(), "{:?}", s.problems());
         let mut f = section("file:///srv/registry");
         f.endpoint = Some("http://127.0.0.1:9000".into());
         assert_eq!(f.problems(), vec!["endpoint is for s3:// stores only"]);
