@@ -1,14 +1,18 @@
-//! Rewrites of the imported graph: a bias `Add` and an activation folded into the matrix product
-//! before them, where nothing else reads the intermediate values (one dispatch instead of
-//! three). Pure: it changes steps and weights' biases, nothing on the GPU.
+//! Rewrites of the imported graph: the decomposed LayerNorm and GELU exporters write replaced by
+//! one step each (`patterns`), then a bias `Add` and an activation folded into the matrix
+//! product before them, where nothing else reads the intermediate values (one dispatch instead
+//! of three). Pure: it changes steps and weights' biases, nothing on the GPU.
 
 use crate::graph::{BinaryOp, Graph, Origin, Step, UnaryOp};
 
+mod patterns;
+
 /// Fuses what can be fused, in place.
 pub(crate) fn fuse(g: &mut Graph) {
+    patterns::fuse_patterns(g);
     let mut uses = vec![0usize; g.values.len()];
     for s in &g.steps {
-        for v in s.inputs() {
+        for v in s.refers_to() {
             uses[v] += 1;
         }
     }

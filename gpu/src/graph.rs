@@ -9,11 +9,92 @@
 use outpost_shared::TensorSpec;
 
 /// What a value holds on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum DType {
     F32,
-    /// Ids (ONNX int32/int64, narrowed on the host): only Gather indices and shape-only ops.
+    /// Ids (ONNX int32/int64, narrowed on the host): Gather indices and the views and copies
+    /// of them; any arithmetic on them runs on f32 ([`Step::CastIds`]: integers are exact up
+    /// to 2²⁴, which masks and counts are far below).
     I32,
+    /// Known on the host once the input shapes are (shape arithmetic: `Shape`, and what is
+    /// computed from it and from integer constants): folded per input shape by
+    /// [`crate::shape`], never on the GPU. A GPU step reads one through [`Step::Upload`].
+    Host,
+}
+
+/// A tensor folded on the host ([`DType::Host`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct HostTensor {
+    pub dims: Vec<usize>,
+    pub data: HostData,
+}
+
+/// A host tensor's numbers: integers (and booleans, as 0 and 1) or floats.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum HostData {
+    Int(Vec<i64>),
+    Float(Vec<f32>),
+}
+
+impl HostData {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            HostData::Int(v) => v.len(),
+            HostData::Float(v) => v.len(),
+        }
+    }
+}
+
+/// The number kind a `Cast` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NumberKind {
+    Int,
+    Float,
+    /// 0 or 1.
+    Bool,
+}
+
+/// Shape arithmetic, run on the host per input shape ([`crate::host`]). Inputs are host values
+/// except `Shape`'s and `Size`'s, which read only their input's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum HostOp {
+    Const(HostTensor),
+    /// The input's dimensions `[start, end)` (ONNX `Shape`, opset 15's slice included).
+    Shape {
+        start: i64,
+        end: Option<i64>,
+    },
+    /// The input's element count.
+    Size,
+    /// `View::Reshape` and the other views, on host data; `ReshapeTo` reads input 1.
+    View(View),
+    /// Reshape to the shape in input 1.
+    Reshape {
+        allow_zero: bool,
+    },
+    Gather {
+        axis: i64,
+    },
+    Concat {
+        axis: i64,
+    },
+    Cast(NumberKind),
+    Binary(BinaryOp),
+    Unary(UnaryOp),
+    /// `Where(condition, a, b)`, broadcasting.
+    Where,
+    /// `Range(start, limit, delta)`.
+    Range,
+    /// A tensor of the input's shape filled with this one value.
+    ConstantOfShape(HostTensor),
+    /// `Slice(data, starts, ends, axes?, steps?)`: `axes` and `steps` are present when the
+    /// flags say so.
+    Slice {
+        axes: bool,
+        steps: bool,
+    },
+    /// `Expand(data, shape)`.
+    Expand,
 }
 
 /// One value of the graph.
@@ -85,10 +166,24 @@ pub(crate) enum TableData {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum View {
     Identity,
-    Reshape { shape: Vec<i64>, allow_zero: bool },
-    Flatten { axis: i64 },
-    Squeeze { axes: Option<Vec<i64>> },
-    Unsqueeze { axes: Vec<i64> },
+    Reshape {
+        shape: Vec<i64>,
+        allow_zero: bool,
+    },
+    Flatten {
+        axis: i64,
+    },
+    Squeeze {
+        axes: Option<Vec<i64>>,
+    },
+    Unsqueeze {
+        axes: Vec<i64>,
+    },
+    /// A reshape to the shape host value `shape` holds (exporters compute it from `Shape`).
+    ReshapeTo {
+        shape: usize,
+        allow_zero: bool,
+    },
 }
 
 /// What a Gather reads from.
@@ -96,7 +191,8 @@ pub(crate) enum View {
 pub(crate) enum GatherSource {
     /// Table `n` of [`Graph::tables`].
     Table(usize),
-    /// A computed value (refused at import: only constant tables run on the GPU).
+    /// A computed value; its ids are folded on the host ([`Step::Upload`]), so each is checked
+    /// against the value's shape when a plan is made.
     Value(usize),
 }
 
@@ -117,13 +213,23 @@ pub(crate) enum UnaryOp {
     Neg = 7,
     Exp = 8,
     Sqrt = 9,
-    Abs = 10,
+    /// 1 where the value is 0, else 0 (`Not` on booleans held as f32).
+    Not = 10,
+    /// 1 where the value is not 0, else 0 (`Cast` to bool).
+    NonZero = 11,
+    /// Rounded toward zero (`Cast` to an integer kind).
+    Trunc = 12,
+    Floor = 13,
+    Ceil = 14,
+    Reciprocal = 15,
+    Log = 16,
+    Abs = 17,
 }
 
 impl UnaryOp {
     /// Every op, by code.
     #[cfg(test)]
-    pub(crate) const ALL: [UnaryOp; 11] = [
+    pub(crate) const ALL: [UnaryOp; 18] = [
         UnaryOp::Identity,
         UnaryOp::Relu,
         UnaryOp::Sigmoid,
@@ -134,6 +240,13 @@ impl UnaryOp {
         UnaryOp::Neg,
         UnaryOp::Exp,
         UnaryOp::Sqrt,
+        UnaryOp::Not,
+        UnaryOp::NonZero,
+        UnaryOp::Trunc,
+        UnaryOp::Floor,
+        UnaryOp::Ceil,
+        UnaryOp::Reciprocal,
+        UnaryOp::Log,
         UnaryOp::Abs,
     ];
 
@@ -151,18 +264,78 @@ pub(crate) enum BinaryOp {
     Sub = 1,
     Mul = 2,
     Div = 3,
+    /// Exact for integer exponents of negative bases, and a square is a product.
+    Pow = 4,
+    Max = 5,
+    Min = 6,
+    /// Comparisons and logic give 1 or 0 (booleans are f32 on the GPU).
+    Equal = 7,
+    Less = 8,
+    Greater = 9,
+    LessOrEqual = 10,
+    GreaterOrEqual = 11,
+    And = 12,
+    Or = 13,
+    Xor = 14,
 }
 
 impl BinaryOp {
     /// Every op, by code.
     #[cfg(test)]
-    pub(crate) const ALL: [BinaryOp; 4] =
-        [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div];
+    pub(crate) const ALL: [BinaryOp; 15] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Pow,
+        BinaryOp::Max,
+        BinaryOp::Min,
+        BinaryOp::Equal,
+        BinaryOp::Less,
+        BinaryOp::Greater,
+        BinaryOp::LessOrEqual,
+        BinaryOp::GreaterOrEqual,
+        BinaryOp::And,
+        BinaryOp::Or,
+        BinaryOp::Xor,
+    ];
 
     /// The code the binary kernel switches on (`kernels/binary.wgsl`).
     pub(crate) fn code(self) -> u32 {
         self as u32
     }
+}
+
+/// What a reduction computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReduceKind {
+    Sum,
+    Mean,
+    Max,
+    Min,
+    SumSquare,
+    /// The square root of the sum of squares.
+    L2,
+}
+
+/// How a [`Step::Window`] picks its elements: a strided box of the input.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Window {
+    /// ONNX `Slice`: `starts`, `ends` and the optional `axes` and `steps` are host values.
+    Slice {
+        starts: usize,
+        ends: usize,
+        axes: Option<usize>,
+        steps: Option<usize>,
+    },
+    /// Part `index` of a `Split` along `axis`: `sizes` given, or `parts` equal parts (the
+    /// last smaller when the axis does not divide).
+    SplitPart {
+        axis: i64,
+        sizes: Option<Vec<i64>>,
+        parts: usize,
+        index: usize,
+    },
 }
 
 /// One operation of the model; fields name values by number.
@@ -204,7 +377,7 @@ pub(crate) enum Step {
         /// `None`: every axis.
         axes: Option<Vec<i64>>,
         keep_dims: bool,
-        mean: bool,
+        kind: ReduceKind,
         out: usize,
     },
     Concat {
@@ -222,6 +395,58 @@ pub(crate) enum Step {
         view: View,
         out: usize,
     },
+    /// Shape arithmetic on the host ([`DType::Host`] out).
+    Host {
+        op: HostOp,
+        inputs: Vec<usize>,
+        out: usize,
+    },
+    /// A host value written to the GPU with each call, as `dtype` (f32 or i32 ids).
+    Upload {
+        x: usize,
+        dtype: DType,
+        out: usize,
+    },
+    /// A matrix product of two computed (or constant, not 2-D weight) operands, with numpy's
+    /// batch broadcasting and 1-D promotion.
+    BatchMatMul {
+        a: usize,
+        b: usize,
+        out: usize,
+    },
+    /// `Where(condition, a, b)`, broadcasting; the condition is f32 (0 is false).
+    Where {
+        cond: usize,
+        a: usize,
+        b: usize,
+        out: usize,
+    },
+    /// Normalised over the axes from `axis` on, times `scale`, plus `bias`.
+    LayerNorm {
+        x: usize,
+        scale: usize,
+        bias: Option<usize>,
+        axis: i64,
+        epsilon: f32,
+        out: usize,
+    },
+    /// i32 ids as f32 numbers.
+    CastIds {
+        x: usize,
+        out: usize,
+    },
+    /// `x` broadcast to the shape host value `shape` holds (ONNX `Expand`).
+    Expand {
+        x: usize,
+        shape: usize,
+        out: usize,
+    },
+    /// A strided box of `x` (`Slice`, a part of `Split`).
+    Window {
+        x: usize,
+        window: Window,
+        out: usize,
+    },
 }
 
 impl Step {
@@ -236,20 +461,70 @@ impl Step {
             | Step::Reduce { out, .. }
             | Step::Concat { out, .. }
             | Step::Transpose { out, .. }
-            | Step::View { out, .. } => *out,
+            | Step::View { out, .. }
+            | Step::Host { out, .. }
+            | Step::Upload { out, .. }
+            | Step::BatchMatMul { out, .. }
+            | Step::Where { out, .. }
+            | Step::LayerNorm { out, .. }
+            | Step::CastIds { out, .. }
+            | Step::Expand { out, .. }
+            | Step::Window { out, .. } => *out,
         }
     }
 
-    /// The values the step reads (constant weights and tables are not values).
+    /// Every value the step refers to: the buffers it reads ([`Step::inputs`]) and the values
+    /// whose shape or host data it reads (a rewrite must keep those computed too).
+    pub(crate) fn refers_to(&self) -> Vec<usize> {
+        let mut all = self.inputs();
+        match self {
+            Step::Host { inputs, .. } => all.extend(inputs),
+            Step::Upload { x, .. } => all.push(*x),
+            Step::Expand { shape, .. } => all.push(*shape),
+            Step::View {
+                view: View::ReshapeTo { shape, .. },
+                ..
+            } => all.push(*shape),
+            Step::Window {
+                window:
+                    Window::Slice {
+                        starts,
+                        ends,
+                        axes,
+                        steps,
+                    },
+                ..
+            } => all.extend(
+                [Some(*starts), Some(*ends), *axes, *steps]
+                    .into_iter()
+                    .flatten(),
+            ),
+            _ => {}
+        }
+        all
+    }
+
+    /// The values whose buffers the step reads (constant weights and tables are not values;
+    /// host values have no buffers).
     pub(crate) fn inputs(&self) -> Vec<usize> {
         match self {
             Step::MatMul { a, .. } => vec![*a],
-            Step::Binary { a, b, .. } => vec![*a, *b],
+            Step::Binary { a, b, .. } | Step::BatchMatMul { a, b, .. } => vec![*a, *b],
+            Step::Where { cond, a, b, .. } => vec![*cond, *a, *b],
+            Step::LayerNorm { x, scale, bias, .. } => {
+                let mut v = vec![*x, *scale];
+                v.extend(bias);
+                v
+            }
+            Step::Host { .. } | Step::Upload { .. } => Vec::new(),
             Step::Unary { x, .. }
             | Step::Softmax { x, .. }
             | Step::Reduce { x, .. }
             | Step::Transpose { x, .. }
-            | Step::View { x, .. } => vec![*x],
+            | Step::View { x, .. }
+            | Step::CastIds { x, .. }
+            | Step::Expand { x, .. }
+            | Step::Window { x, .. } => vec![*x],
             Step::Gather { data, ids, .. } => match data {
                 GatherSource::Value(v) => vec![*v, *ids],
                 GatherSource::Table(_) => vec![*ids],

@@ -16,10 +16,12 @@ use outpost_shared::{DataType, Dim, TensorSpec};
 use prost::Message;
 use tract_onnx::pb;
 
-use crate::graph::{BinaryOp, DType, Graph, HostConst, Origin, Step, UnaryOp, View};
+use crate::graph::{DType, Graph, HostConst, Origin, Step, UnaryOp};
 
 mod constants;
+mod host;
 mod ops;
+mod tensor;
 
 /// Why a model does not run on the GPU (at import, or while its weights are uploaded).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,13 +97,19 @@ struct Importer {
     graph: Graph,
     names: HashMap<String, usize>,
     f32s: HashMap<String, (Vec<usize>, Vec<f32>)>,
-    ints: HashMap<String, Vec<i64>>,
+    /// Integer constants: dims, values.
+    ints: HashMap<String, (Vec<usize>, Vec<i64>)>,
     q8s: HashMap<String, Q8Parts>,
     int8s: HashMap<String, (Vec<usize>, Vec<i8>)>,
     /// Constants already made values (uploaded once however often used).
     const_values: HashMap<String, usize>,
     /// For I32 values: the input they view.
     id_root: HashMap<usize, usize>,
+    /// Constants made host values (`Step::Host` of a `HostOp::Const`), by name.
+    host_consts: HashMap<String, usize>,
+    /// Host values made GPU values ([`Step::Upload`]), and i32 ids made f32 ([`Step::CastIds`]),
+    /// once each.
+    bridges: HashMap<(usize, DType), usize>,
     /// Whether the file carries the int8 pattern (else weights are quantised here).
     quantised_file: bool,
 }
@@ -132,6 +140,8 @@ pub(crate) fn import(bytes: &[u8]) -> Result<Graph, ImportError> {
         int8s: HashMap::new(),
         const_values: HashMap::new(),
         id_root: HashMap::new(),
+        host_consts: HashMap::new(),
+        bridges: HashMap::new(),
         quantised_file,
     };
     for t in &graph.initializer {
@@ -179,6 +189,7 @@ pub(crate) fn import(bytes: &[u8]) -> Result<Graph, ImportError> {
     for info in &graph.output {
         let spec = spec_of(info)?;
         let v = match im.names.get(&info.name) {
+            Some(&v) if im.graph.values[v].dtype == DType::Host => im.upload(v, DType::F32),
             Some(&v) => v,
             None => match im.reference(&info.name, "output")? {
                 Ref::Value(v) => v,
@@ -304,15 +315,40 @@ impl Importer {
         v
     }
 
-    /// A node input that must be f32 data on the GPU (a constant becomes one).
+    /// A host value written to the GPU as `dtype` with each call (once per value and type).
+    pub(super) fn upload(&mut self, x: usize, dtype: DType) -> usize {
+        if let Some(&v) = self.bridges.get(&(x, dtype)) {
+            return v;
+        }
+        let out = self.graph.add_value(dtype, Origin::Step);
+        self.graph.steps.push(Step::Upload { x, dtype, out });
+        self.bridges.insert((x, dtype), out);
+        out
+    }
+
+    /// A node input that must be f32 data on the GPU: a constant becomes one, ids become f32
+    /// numbers, a host value is uploaded.
     fn f32_input(&mut self, node: &pb::NodeProto, i: usize) -> Result<usize, ImportError> {
         let name = input_name(node, i)?;
         match self.reference(name, &node.op_type)? {
-            Ref::Value(v) if self.graph.values[v].dtype == DType::F32 => Ok(v),
-            Ref::Value(_) | Ref::Ints => Err(node_unsupported(
-                node,
-                format!("input {name:?} is an integer tensor; the GPU computes on f32 only"),
-            )),
+            Ref::Value(v) => Ok(match self.graph.values[v].dtype {
+                DType::F32 => v,
+                DType::Host => self.upload(v, DType::F32),
+                DType::I32 => {
+                    if let Some(&f) = self.bridges.get(&(v, DType::F32)) {
+                        return Ok(f);
+                    }
+                    let out = self.graph.add_value(DType::F32, Origin::Step);
+                    self.graph.steps.push(Step::CastIds { x: v, out });
+                    self.bridges.insert((v, DType::F32), out);
+                    out
+                }
+            }),
+            Ref::Ints => {
+                let (dims, data) = self.ints[name].clone();
+                let data = data.iter().map(|&v| v as f32).collect();
+                Ok(self.const_value(name, dims, data))
+            }
             Ref::F32(dims, data) => Ok(self.const_value(name, dims, data)),
             q8 @ Ref::Q8 { .. } => {
                 let (dims, data) = q8.dequantized();
@@ -325,7 +361,7 @@ impl Importer {
         match node.input.get(i).filter(|n| !n.is_empty()) {
             None => Ok(None),
             Some(name) => match self.ints.get(name) {
-                Some(v) => Ok(Some(v.clone())),
+                Some((_, v)) => Ok(Some(v.clone())),
                 None => Err(node_unsupported(
                     node,
                     format!("input {name:?} must be a constant integer tensor"),
@@ -365,12 +401,35 @@ impl Importer {
         }
         let used_outputs = node.output.iter().filter(|o| !o.is_empty()).count();
         let op = node.op_type.as_str();
-        if used_outputs > 1 && op != "Dropout" {
+        if op == "Split" {
+            return self.split(node);
+        }
+        if used_outputs > 1 && op != "Dropout" && op != "LayerNormalization" {
             return Err(node_unsupported(node, "more than one output".into()));
+        }
+        if self.try_host_node(node)? {
+            return Ok(());
+        }
+        if let Some(code) = host::binary_op(op) {
+            if node.input.len() != 2 {
+                return Err(node_unsupported(
+                    node,
+                    format!("{} inputs (the GPU takes two)", node.input.len()),
+                ));
+            }
+            let a = self.f32_input(node, 0)?;
+            let b = self.f32_input(node, 1)?;
+            return self.push(node, DType::F32, |out| Step::Binary {
+                op: code,
+                a,
+                b,
+                out,
+            });
         }
         match op {
             "Constant" => self.constant_node(node),
             "DequantizeLinear" => self.dequantize_node(node),
+            "MatMul" if !self.is_weight(node, 1) => self.batch_matmul(node),
             "MatMul" => {
                 let a = self.f32_input(node, 0)?;
                 let weight = self.weight(node, 1, false, 1.0)?;
@@ -383,24 +442,14 @@ impl Importer {
             }
             "Gemm" => self.gemm(node),
             "Einsum" | "EinSum" => self.einsum(node),
-            "Add" | "Sub" | "Mul" | "Div" => {
+            "Relu" | "Sigmoid" | "Tanh" | "Erf" | "Neg" | "Exp" | "Sqrt" | "Abs" | "Gelu"
+            | "Not" | "Floor" | "Ceil" | "Reciprocal" | "Log" => {
                 let code = match op {
-                    "Add" => BinaryOp::Add,
-                    "Sub" => BinaryOp::Sub,
-                    "Mul" => BinaryOp::Mul,
-                    _ => BinaryOp::Div,
-                };
-                let a = self.f32_input(node, 0)?;
-                let b = self.f32_input(node, 1)?;
-                self.push(node, DType::F32, |out| Step::Binary {
-                    op: code,
-                    a,
-                    b,
-                    out,
-                })
-            }
-            "Relu" | "Sigmoid" | "Tanh" | "Erf" | "Neg" | "Exp" | "Sqrt" | "Abs" | "Gelu" => {
-                let code = match op {
+                    "Not" => UnaryOp::Not,
+                    "Floor" => UnaryOp::Floor,
+                    "Ceil" => UnaryOp::Ceil,
+                    "Reciprocal" => UnaryOp::Reciprocal,
+                    "Log" => UnaryOp::Log,
                     "Relu" => UnaryOp::Relu,
                     "Sigmoid" => UnaryOp::Sigmoid,
                     "Tanh" => UnaryOp::Tanh,
@@ -432,40 +481,18 @@ impl Importer {
                 })
             }
             "Gather" => self.gather(node),
-            "ReduceMean" | "ReduceSum" => {
-                let mean = op == "ReduceMean";
-                let axes_in_input = if mean {
-                    self.opset >= 18
-                } else {
-                    self.opset >= 13
-                };
-                let axes = if axes_in_input {
-                    self.const_ints(node, 1)?
-                } else {
-                    attr_ints(node, "axes")
-                };
-                let noop = attr_int(node, "noop_with_empty_axes").unwrap_or(0) != 0;
-                let keep_dims = attr_int(node, "keepdims").unwrap_or(1) != 0;
-                let x = self.f32_input(node, 0)?;
-                let axes = match axes {
-                    Some(a) if !a.is_empty() => Some(a),
-                    _ if noop => {
-                        return self.push(node, DType::F32, |out| Step::View {
-                            x,
-                            view: View::Identity,
-                            out,
-                        });
-                    }
-                    _ => None,
-                };
-                self.push(node, DType::F32, |out| Step::Reduce {
-                    x,
-                    axes,
-                    keep_dims,
-                    mean,
-                    out,
-                })
-            }
+            "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceSumSquare"
+            | "ReduceL2" => self.reduce(node),
+            "Where" => self.where_node(node),
+            "LayerNormalization" => self.layer_norm(node),
+            "Clip" => self.clip(node),
+            "Expand" => self.expand(node),
+            "Slice" => self.slice(node),
+            "Cast" => self.cast(node),
+            "Shape" | "Size" | "Range" | "ConstantOfShape" => Err(node_unsupported(
+                node,
+                "its inputs are computed on the GPU (only shape arithmetic is folded)".into(),
+            )),
             "Concat" => {
                 let axis = attr_int(node, "axis")
                     .ok_or_else(|| node_unsupported(node, "no axis attribute".into()))?;
@@ -482,7 +509,7 @@ impl Importer {
                 let x = self.f32_input(node, 0)?;
                 self.push(node, DType::F32, |out| Step::Transpose { x, perm, out })
             }
-            "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" | "Dropout" | "Cast" => {
+            "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Identity" | "Dropout" => {
                 self.view(node)
             }
             _ => Err(node_unsupported(node, "no GPU kernel for this op".into())),

@@ -17,6 +17,10 @@ const MATMUL_COMMON: &str = include_str!("kernels/matmul_common.wgsl");
 const MATMUL_ROW_OF_FOUR: &str = include_str!("kernels/matmul_row_of_four.wgsl");
 /// Shared by the gathers: where an output element sits in the table.
 const GATHER_COMMON: &str = include_str!("kernels/gather_common.wgsl");
+/// Shared by the kernels that give a workgroup a row: the row, and workgroup sums and maxima.
+const ROWS_COMMON: &str = include_str!("kernels/rows_common.wgsl");
+/// Shared by the reductions: each element's term and the total's last touch, by mode.
+const REDUCE_COMMON: &str = include_str!("kernels/reduce_common.wgsl");
 
 /// The kernels, in [`Kernel::ALL`] order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -33,10 +37,16 @@ pub(crate) enum Kernel {
     MatMulQ8,
     QuantizeRows,
     MatMulDot4,
+    BatchMatMul,
+    Where,
+    LayerNorm,
+    CastIds,
+    SoftmaxRows,
+    ReduceRows,
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 12] = [
+    pub(crate) const ALL: [Kernel; 18] = [
         Kernel::Unary,
         Kernel::Binary,
         Kernel::Softmax,
@@ -49,6 +59,12 @@ impl Kernel {
         Kernel::MatMulQ8,
         Kernel::QuantizeRows,
         Kernel::MatMulDot4,
+        Kernel::BatchMatMul,
+        Kernel::Where,
+        Kernel::LayerNorm,
+        Kernel::CastIds,
+        Kernel::SoftmaxRows,
+        Kernel::ReduceRows,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -65,6 +81,12 @@ impl Kernel {
             Kernel::MatMulQ8 => "matmul_q8",
             Kernel::QuantizeRows => "quantize_rows",
             Kernel::MatMulDot4 => "matmul_dot4",
+            Kernel::BatchMatMul => "matmul_batched",
+            Kernel::Where => "where",
+            Kernel::LayerNorm => "layer_norm",
+            Kernel::CastIds => "cast_ids",
+            Kernel::SoftmaxRows => "softmax_rows",
+            Kernel::ReduceRows => "reduce_rows",
         }
     }
 
@@ -88,6 +110,12 @@ impl Kernel {
             Kernel::MatMulQ8 => include_str!("kernels/matmul_q8.wgsl"),
             Kernel::QuantizeRows => include_str!("kernels/quantize_rows.wgsl"),
             Kernel::MatMulDot4 => include_str!("kernels/matmul_dot4.wgsl"),
+            Kernel::BatchMatMul => include_str!("kernels/matmul_batched.wgsl"),
+            Kernel::Where => include_str!("kernels/where.wgsl"),
+            Kernel::LayerNorm => include_str!("kernels/layer_norm.wgsl"),
+            Kernel::CastIds => include_str!("kernels/cast_ids.wgsl"),
+            Kernel::SoftmaxRows => include_str!("kernels/softmax_rows.wgsl"),
+            Kernel::ReduceRows => include_str!("kernels/reduce_rows.wgsl"),
         }
     }
 
@@ -108,13 +136,18 @@ impl Kernel {
             ],
             Kernel::MatMulQ8 => vec![MATMUL_COMMON.to_owned(), row_of_four("four_a", "a")],
             Kernel::MatMulDot4 => vec![MATMUL_COMMON.to_owned()],
+            Kernel::SoftmaxRows | Kernel::LayerNorm => vec![ROWS_COMMON.to_owned()],
+            Kernel::ReduceRows => vec![ROWS_COMMON.to_owned(), REDUCE_COMMON.to_owned()],
+            Kernel::Reduce => vec![REDUCE_COMMON.to_owned()],
             Kernel::Unary
             | Kernel::Binary
             | Kernel::Softmax
-            | Kernel::Reduce
             | Kernel::Concat
             | Kernel::Strided
-            | Kernel::QuantizeRows => Vec::new(),
+            | Kernel::QuantizeRows
+            | Kernel::BatchMatMul
+            | Kernel::Where
+            | Kernel::CastIds => Vec::new(),
         };
         let mut source = String::from(COMMON);
         for part in shared {
@@ -127,7 +160,7 @@ impl Kernel {
     }
 }
 
-/// Threads per workgroup, for every kernel.
+/// Threads per workgroup, for every kernel (the row kernels give each row one workgroup).
 pub(crate) const WORKGROUP: u32 = 64;
 
 /// The largest absolute error of the shaders' `erf` (and so `Gelu`), which WGSL lacks: the

@@ -22,6 +22,7 @@
 mod context;
 mod fuse;
 mod graph;
+mod host;
 mod import;
 mod kernels;
 mod lower;

@@ -9,10 +9,19 @@
 
 use outpost_runtime::engine::RunError;
 
-use crate::graph::{GatherSource, Graph, Step, UnaryOp};
+use crate::graph::{GatherSource, Graph, ReduceKind, Step, UnaryOp};
 use crate::kernels::{Kernel, MAX_RANK, WORKGROUP};
 use crate::memory::{MemoryPlan, Place};
-use crate::shape::{broadcast_strides, normalize_axis, permutation, product, reduce_runs};
+use crate::shape::{
+    Inferred, StridedBox, batch_matmul, broadcast_strides, normalize_axis, permutation, product,
+    reduce_runs, window_box,
+};
+
+/// The most batch dimensions a [`Step::BatchMatMul`] broadcasts.
+const MAX_BATCH_RANK: usize = 4;
+
+/// Rows at least this long get a workgroup each (softmax, reductions along the last axis).
+const ROW_KERNEL_FROM: usize = 64;
 
 /// The largest K for `dot4I8Packed` sums: 127 · 127 · K must stay within an i32.
 const DOT4_MAX_K: usize = 131_072;
@@ -148,7 +157,7 @@ impl Lowering<'_> {
     pub(crate) fn lower(
         &self,
         g: &Graph,
-        shapes: &[Vec<usize>],
+        known: &Inferred,
         memory: &MemoryPlan,
     ) -> Result<Vec<Dispatch>, RunError> {
         let place = |v: usize| match memory.places.get(v).copied().flatten() {
@@ -163,7 +172,7 @@ impl Lowering<'_> {
                 .get(j)
                 .map(|s| s.iter().map(|&b| Binding::Activation(b)).collect())
                 .unwrap_or_default();
-            self.step(step, shapes, &place, &scratch, &mut dispatches)?;
+            self.step(step, known, &place, &scratch, &mut dispatches)?;
         }
         Ok(dispatches)
     }
@@ -171,12 +180,13 @@ impl Lowering<'_> {
     fn step(
         &self,
         step: &Step,
-        shapes: &[Vec<usize>],
+        known: &Inferred,
         place: &dyn Fn(usize) -> Result<Binding, RunError>,
         scratch: &[Binding],
         out: &mut Vec<Dispatch>,
     ) -> Result<(), RunError> {
         let at = place;
+        let shapes = &known.shapes;
         match step {
             Step::MatMul {
                 a,
@@ -301,6 +311,15 @@ impl Lowering<'_> {
                     (s[a], product(&s[a + 1..]))
                 };
                 let rows = product(&s[..a]) * inner;
+                if inner == 1 && len >= ROW_KERNEL_FROM {
+                    out.push(Dispatch {
+                        kernel: Kernel::SoftmaxRows,
+                        params: vec![u32_of(rows, "rows")?, u32_of(len, "axis")?],
+                        bindings: vec![(1, at(*x)?), (2, at(*y)?)],
+                        threads: rows * WORKGROUP as usize,
+                    });
+                    return Ok(());
+                }
                 out.push(Dispatch {
                     kernel: Kernel::Softmax,
                     params: vec![
@@ -315,7 +334,7 @@ impl Lowering<'_> {
             Step::Reduce {
                 x,
                 axes,
-                mean,
+                kind,
                 out: y,
                 ..
             } => {
@@ -323,11 +342,20 @@ impl Lowering<'_> {
                 let mut shape = shapes[*x].clone();
                 let mut from = at(*x)?;
                 if runs.is_empty() {
-                    // Nothing to reduce (every axis of a scalar): a copy.
+                    // Nothing to reduce (every axis of a scalar): the element itself.
                     let n = product(&shape);
+                    let op = match kind {
+                        ReduceKind::SumSquare => {
+                            return Err(RunError::Model(
+                                "ReduceSumSquare of a scalar is not lowered".into(),
+                            ));
+                        }
+                        ReduceKind::L2 => UnaryOp::Abs,
+                        _ => UnaryOp::Identity,
+                    };
                     out.push(Dispatch {
                         kernel: Kernel::Unary,
-                        params: vec![u32_of(n, "elements")?, UnaryOp::Identity.code()],
+                        params: vec![u32_of(n, "elements")?, op.code()],
                         bindings: vec![(1, from), (2, at(*y)?)],
                         threads: n,
                     });
@@ -336,22 +364,29 @@ impl Lowering<'_> {
                     let outer = product(&shape[..start]);
                     let r = product(&shape[start..start + len]);
                     let inner = product(&shape[start + len..]);
-                    let to = if i + 1 == runs.len() {
-                        at(*y)?
+                    let last = i + 1 == runs.len();
+                    let to = if last { at(*y)? } else { scratch[i] };
+                    let mode = reduce_mode(*kind, i == 0, last);
+                    if inner == 1 && r >= ROW_KERNEL_FROM {
+                        out.push(Dispatch {
+                            kernel: Kernel::ReduceRows,
+                            params: vec![u32_of(outer, "rows")?, u32_of(r, "axis")?, mode],
+                            bindings: vec![(1, from), (2, to)],
+                            threads: outer * WORKGROUP as usize,
+                        });
                     } else {
-                        scratch[i]
-                    };
-                    out.push(Dispatch {
-                        kernel: Kernel::Reduce,
-                        params: vec![
-                            u32_of(outer * inner, "rows")?,
-                            u32_of(r, "axis")?,
-                            u32_of(inner, "inner")?,
-                            u32::from(*mean),
-                        ],
-                        bindings: vec![(1, from), (2, to)],
-                        threads: outer * inner,
-                    });
+                        out.push(Dispatch {
+                            kernel: Kernel::Reduce,
+                            params: vec![
+                                u32_of(outer * inner, "rows")?,
+                                u32_of(r, "axis")?,
+                                u32_of(inner, "inner")?,
+                                mode,
+                            ],
+                            bindings: vec![(1, from), (2, to)],
+                            threads: outer * inner,
+                        });
+                    }
                     for d in &mut shape[start..start + len] {
                         *d = 1;
                     }
@@ -364,10 +399,33 @@ impl Lowering<'_> {
                 axis,
                 out: y,
             } => {
-                let GatherSource::Table(t) = data else {
-                    return Err(RunError::Model(
-                        "gathering from a computed tensor (only constant tables)".into(),
-                    ));
+                let t = match data {
+                    GatherSource::Table(t) => t,
+                    GatherSource::Value(v) => {
+                        // One block: the whole value, its ids checked against its shape.
+                        let dims = &shapes[*v];
+                        let a = normalize_axis(*axis, dims.len())?;
+                        let rows = dims[a];
+                        let inner = product(&dims[a + 1..]);
+                        let n_ids = product(&shapes[*ids]);
+                        let count = product(&dims[..a]) * n_ids * inner;
+                        out.push(Dispatch {
+                            kernel: Kernel::GatherF32,
+                            params: vec![
+                                u32_of(count, "elements")?,
+                                u32_of(n_ids, "ids")?,
+                                u32_of(inner, "inner")?,
+                                u32_of(rows, "rows")?,
+                                0,
+                                u32_of(rows, "rows")?,
+                                1,
+                                1,
+                            ],
+                            bindings: vec![(1, at(*v)?), (2, at(*ids)?), (3, at(*y)?)],
+                            threads: count,
+                        });
+                        return Ok(());
+                    }
                 };
                 let table = &self.tables[*t];
                 let a = normalize_axis(*axis, table.dims.len())?;
@@ -458,6 +516,7 @@ impl Lowering<'_> {
                 }
                 params.extend(dims);
                 params.extend(st);
+                params.push(0);
                 out.push(Dispatch {
                     kernel: Kernel::Strided,
                     params,
@@ -465,10 +524,195 @@ impl Lowering<'_> {
                     threads: product(shape),
                 });
             }
-            Step::View { .. } => {}
+            Step::Expand { x, out: y, .. } => {
+                let shape = &shapes[*y];
+                let b = StridedBox {
+                    dims: shape.clone(),
+                    offset: 0,
+                    strides: broadcast_strides(&shapes[*x], shape)[..shape.len()]
+                        .iter()
+                        .map(|&s| i64::from(s))
+                        .collect(),
+                };
+                out.push(strided(&b, at(*x)?, at(*y)?)?);
+            }
+            Step::Window { x, window, out: y } => {
+                let b = window_box(known, &shapes[*x], window)?;
+                out.push(strided(&b, at(*x)?, at(*y)?)?);
+            }
+            Step::BatchMatMul { a, b, out: y } => {
+                let mm = batch_matmul(&shapes[*a], &shapes[*b])?;
+                let rank = mm.batch.len();
+                if rank > MAX_BATCH_RANK {
+                    return Err(RunError::Input(format!(
+                        "a matrix product with {rank} batch dimensions (the GPU takes {MAX_BATCH_RANK})"
+                    )));
+                }
+                let count = product(&mm.out);
+                let mut params = vec![
+                    u32_of(count, "elements")?,
+                    u32_of(mm.m, "M")?,
+                    u32_of(mm.k, "K")?,
+                    u32_of(mm.n, "N")?,
+                    rank as u32,
+                ];
+                let mut dims = [1u32; MAX_BATCH_RANK];
+                for (i, &d) in mm.batch.iter().enumerate() {
+                    dims[i] = u32_of(d, "a dimension")?;
+                }
+                params.extend(dims);
+                params.extend(matrix_strides(&mm.a_batch, &mm.batch)?);
+                params.extend(matrix_strides(&mm.b_batch, &mm.batch)?);
+                out.push(Dispatch {
+                    kernel: Kernel::BatchMatMul,
+                    params,
+                    bindings: vec![(1, at(*a)?), (2, at(*b)?), (3, at(*y)?)],
+                    threads: count,
+                });
+            }
+            Step::Where { cond, a, b, out: y } => {
+                let shape = &shapes[*y];
+                let rank = shape.len();
+                if rank > MAX_RANK {
+                    return Err(RunError::Input(format!(
+                        "rank {rank} broadcasts are not supported on the GPU"
+                    )));
+                }
+                let mut params = vec![u32_of(product(shape), "elements")?, rank as u32];
+                let mut dims = [1u32; MAX_RANK];
+                for (i, &d) in shape.iter().enumerate() {
+                    dims[i] = u32_of(d, "a dimension")?;
+                }
+                params.extend(dims);
+                for v in [cond, a, b] {
+                    params.extend(broadcast_strides(&shapes[*v], shape));
+                }
+                out.push(Dispatch {
+                    kernel: Kernel::Where,
+                    params,
+                    bindings: vec![(1, at(*cond)?), (2, at(*a)?), (3, at(*b)?), (4, at(*y)?)],
+                    threads: product(shape),
+                });
+            }
+            Step::LayerNorm {
+                x,
+                scale,
+                bias,
+                axis,
+                epsilon,
+                out: y,
+            } => {
+                let s = &shapes[*x];
+                let a = normalize_axis(*axis, s.len())?;
+                let rows = product(&s[..a]);
+                let len = product(&s[a..]);
+                let bias_len = bias.map_or(0, |b| product(&shapes[b]));
+                out.push(Dispatch {
+                    kernel: Kernel::LayerNorm,
+                    params: vec![
+                        u32_of(rows, "rows")?,
+                        u32_of(len, "a row")?,
+                        epsilon.to_bits(),
+                        u32_of(product(&shapes[*scale]), "scale")?,
+                        u32_of(bias_len, "bias")?,
+                    ],
+                    bindings: vec![
+                        (1, at(*x)?),
+                        (2, at(*scale)?),
+                        (3, at(bias.unwrap_or(*scale))?),
+                        (4, at(*y)?),
+                    ],
+                    threads: if len == 0 {
+                        0
+                    } else {
+                        rows * WORKGROUP as usize
+                    },
+                });
+            }
+            Step::CastIds { x, out: y } => {
+                let n = product(&shapes[*x]);
+                out.push(Dispatch {
+                    kernel: Kernel::CastIds,
+                    params: vec![u32_of(n, "elements")?],
+                    bindings: vec![(1, at(*x)?), (2, at(*y)?)],
+                    threads: n,
+                });
+            }
+            Step::View { .. } | Step::Host { .. } | Step::Upload { .. } => {}
         }
         Ok(())
     }
+}
+
+/// The reduce kernels' mode for one dispatch of a reduction: squares are taken in the first,
+/// the root in the last (`reduce.wgsl`).
+fn reduce_mode(kind: ReduceKind, first: bool, last: bool) -> u32 {
+    match kind {
+        ReduceKind::Sum => 0,
+        ReduceKind::Mean => 1,
+        ReduceKind::Max => 2,
+        ReduceKind::Min => 3,
+        ReduceKind::SumSquare if first => 4,
+        ReduceKind::SumSquare => 0,
+        ReduceKind::L2 => match (first, last) {
+            (true, true) => 6,
+            (true, false) => 4,
+            (false, true) => 5,
+            (false, false) => 0,
+        },
+    }
+}
+
+/// Per batch dimension of `batch`, the step in whole matrices of an operand whose batch
+/// dimensions are `operand` (0 where it broadcasts), padded to [`MAX_BATCH_RANK`].
+fn matrix_strides(operand: &[usize], batch: &[usize]) -> Result<[u32; MAX_BATCH_RANK], RunError> {
+    let mut out = [0u32; MAX_BATCH_RANK];
+    let mut stride = 1usize;
+    for i in (0..operand.len()).rev() {
+        if operand[i] != 1 || batch[i] == 1 {
+            out[i] = if operand[i] == 1 {
+                0
+            } else {
+                u32_of(stride, "a batch stride")?
+            };
+        }
+        stride = stride.saturating_mul(operand[i]);
+    }
+    Ok(out)
+}
+
+/// A strided copy of `b` from `x` into `y` (`strided_copy.wgsl`).
+fn strided(b: &StridedBox, x: Binding, y: Binding) -> Result<Dispatch, RunError> {
+    let rank = b.dims.len();
+    if rank > MAX_RANK {
+        return Err(RunError::Input(format!(
+            "rank {rank} copies are not supported on the GPU"
+        )));
+    }
+    let i32_of = |v: i64, what: &str| {
+        i32::try_from(v).map(|v| v as u32).map_err(|_| {
+            RunError::Input(format!(
+                "{what} ({v}) does not fit the GPU's 32-bit indices"
+            ))
+        })
+    };
+    let count = product(&b.dims);
+    let mut params = vec![u32_of(count, "elements")?, rank as u32];
+    let mut dims = [1u32; MAX_RANK];
+    let mut st = [0u32; MAX_RANK];
+    for i in 0..rank {
+        dims[i] = u32_of(b.dims[i], "a dimension")?;
+        st[i] = i32_of(b.strides[i], "a stride")?;
+    }
+    params.extend(dims);
+    params.extend(st);
+    params.push(i32_of(b.offset, "an offset")?);
+    Ok(Dispatch {
+        kernel: Kernel::Strided,
+        params,
+        bindings: vec![(1, x), (2, y)],
+        threads: count,
+    })
 }
 
 #[cfg(test)]
@@ -476,12 +720,12 @@ mod tests {
     use super::*;
     use crate::graph::{BinaryOp, DType, View};
     use crate::memory::plan_memory;
-    use crate::shape::infer_shapes;
+    use crate::shape::infer_all;
 
     fn lowered(g: &Graph, lowering: &Lowering<'_>, inputs: &[Vec<usize>]) -> Vec<Dispatch> {
-        let shapes = infer_shapes(g, inputs).unwrap();
-        let memory = plan_memory(g, &shapes, &lowering.scratch_bytes(g, &shapes));
-        lowering.lower(g, &shapes, &memory).unwrap()
+        let known = infer_all(g, inputs).unwrap();
+        let memory = plan_memory(g, &known.shapes, &lowering.scratch_bytes(g, &known.shapes));
+        lowering.lower(g, &known, &memory).unwrap()
     }
 
     fn dense(g: &mut Graph) {

@@ -5,8 +5,8 @@
 //! packed into as few buffers as liveness allows: a buffer freed by its last reader is reused by
 //! a later request it fits, the smallest fitting buffer first. Views share their input's buffer,
 //! constants stay in their uploaded buffers, and the model's outputs are never reused (they are
-//! read back after the last step). Time 0 is the writing of the inputs; step `j` runs at time
-//! `j + 1`.
+//! read back after the last step). Time 0 is the writing of the inputs (and of the host values
+//! the GPU reads, [`Step::Upload`]); step `j` runs at time `j + 1`.
 
 use crate::graph::{Graph, Origin, Step};
 use crate::shape::product;
@@ -138,6 +138,9 @@ pub(crate) fn plan_memory(
         let out = step.out();
         home[out] = match step {
             Step::View { x, .. } => home[*x],
+            // Host values have no buffer; an upload is written with the inputs.
+            Step::Host { .. } => None,
+            Step::Upload { .. } => Some(Home::Request(request(product(&shapes[out]) * 4, 0))),
             _ => Some(Home::Request(request(product(&shapes[out]) * 4, t))),
         };
         let mine = scratch_bytes

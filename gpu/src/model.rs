@@ -15,11 +15,11 @@ use outpost_runtime::plans::ShapePlans;
 use outpost_shared::{DataType, Tensor, TensorSpec};
 
 use crate::context::{AdapterSummary, GpuContext};
-use crate::graph::{DType, Graph};
+use crate::graph::{DType, Graph, HostData, Step};
 use crate::import::{self, ImportError};
 use crate::kernels::Kernel;
 use crate::memory::{Place, plan_memory};
-use crate::shape::{infer_shapes, product};
+use crate::shape::{infer_all, product};
 use crate::upload::{Uploaded, storage, upload};
 use crate::{fuse, lower};
 
@@ -70,6 +70,9 @@ struct Plan {
     dispatches: Vec<BoundDispatch>,
     /// Per model input: its buffer (None when it has no elements).
     inputs: Vec<Option<usize>>,
+    /// Host values the GPU reads, folded for this shape: (buffer, bytes), written with the
+    /// inputs (their buffers are reused once read, like any other).
+    uploads: Vec<(usize, Vec<u8>)>,
     outputs: Vec<PlannedOutput>,
     readback: wgpu::Buffer,
 }
@@ -131,9 +134,10 @@ impl GpuModel {
     /// Shapes, buffers and dispatches for one set of input shapes.
     fn prepare(&self, input_shapes: &[Vec<usize>]) -> Result<Plan, RunError> {
         let g = &self.graph;
-        let shapes = infer_shapes(g, input_shapes)?;
+        let known = infer_all(g, input_shapes)?;
+        let shapes = &known.shapes;
         let max_binding = self.ctx.max_binding();
-        for shape in &shapes {
+        for shape in shapes {
             let bytes = product(shape).saturating_mul(4);
             if bytes as u64 > max_binding {
                 return Err(RunError::Input(format!(
@@ -142,14 +146,15 @@ impl GpuModel {
             }
         }
         let lowering = self.uploaded.lowering(self.ctx.summary.dot4);
-        let memory = plan_memory(g, &shapes, &lowering.scratch_bytes(g, &shapes));
+        let memory = plan_memory(g, shapes, &lowering.scratch_bytes(g, shapes));
         if memory.largest_request as u64 > max_binding {
             return Err(RunError::Input(format!(
                 "these inputs need a {}-byte scratch buffer; the GPU binds at most {max_binding} bytes (send fewer rows per call)",
                 memory.largest_request
             )));
         }
-        let dispatches = lowering.lower(g, &shapes, &memory)?;
+        let dispatches = lowering.lower(g, &known, &memory)?;
+        let uploads = upload_bytes(g, &known.host, &memory.places)?;
 
         // Buffers and bind groups.
         let device = &self.ctx.device;
@@ -242,6 +247,7 @@ impl GpuModel {
             buffers,
             dispatches: bound,
             inputs,
+            uploads,
             outputs,
             readback,
         })
@@ -261,6 +267,9 @@ impl GpuModel {
             if let Some(b) = buffer {
                 queue.write_buffer(&plan.buffers[*b], 0, bytes);
             }
+        }
+        for (b, bytes) in &plan.uploads {
+            queue.write_buffer(&plan.buffers[*b], 0, bytes);
         }
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("inference"),
@@ -373,6 +382,12 @@ impl Engine for GpuModel {
             let bytes = match self.graph.values[self.graph.input_values[i]].dtype {
                 DType::F32 => Cow::Borrowed(t.data()),
                 DType::I32 => Cow::Owned(ids_to_i32(t, &self.graph.id_bounds[i])?),
+                DType::Host => {
+                    return Err(RunError::Model(format!(
+                        "input {:?} is folded on the host",
+                        t.name()
+                    )));
+                }
             };
             shapes.push(shape);
             data.push(bytes);
@@ -403,6 +418,50 @@ impl Engine for GpuModel {
             })
             .collect()
     }
+}
+
+/// The bytes of every [`Step::Upload`] with elements, by its buffer: f32, or i32 ids.
+fn upload_bytes(
+    g: &Graph,
+    host: &[Option<crate::graph::HostTensor>],
+    places: &[Option<Place>],
+) -> Result<Vec<(usize, Vec<u8>)>, RunError> {
+    let mut out = Vec::new();
+    for step in &g.steps {
+        let Step::Upload { x, dtype, out: v } = step else {
+            continue;
+        };
+        let t = host[*x]
+            .as_ref()
+            .ok_or_else(|| RunError::Model(format!("value {x} was not folded on the host")))?;
+        if t.data.len() == 0 {
+            continue;
+        }
+        let Some(Place::Buffer(b)) = places[*v] else {
+            return Err(RunError::Model(format!("upload {v} has no buffer")));
+        };
+        let bytes: Vec<u8> = match (&t.data, dtype) {
+            (HostData::Int(ids), DType::I32) => {
+                let mut bytes = Vec::with_capacity(ids.len() * 4);
+                for &id in ids {
+                    let id = i32::try_from(id).map_err(|_| {
+                        RunError::Input(format!(
+                            "index {id} does not fit 32 bits, which the GPU uses"
+                        ))
+                    })?;
+                    bytes.extend(id.to_le_bytes());
+                }
+                bytes
+            }
+            (HostData::Int(v), _) => v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+            (HostData::Float(v), DType::I32) => {
+                v.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect()
+            }
+            (HostData::Float(v), _) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        out.push((b, bytes));
+    }
+    Ok(out)
 }
 
 /// Integer ids as i32, each within every table it indexes (negative ids count from the end).

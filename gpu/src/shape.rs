@@ -5,7 +5,8 @@
 
 use outpost_runtime::engine::RunError;
 
-use crate::graph::{GatherSource, Graph, Origin, Step, View};
+use crate::graph::{GatherSource, Graph, HostTensor, Origin, Step, View, Window};
+use crate::host::{self, Arg};
 use crate::kernels::MAX_RANK;
 
 /// Why these input shapes do not fit the model.
@@ -25,33 +26,85 @@ pub(crate) fn product(dims: &[usize]) -> usize {
     dims.iter().fold(1usize, |n, &d| n.saturating_mul(d))
 }
 
+/// Every value's shape for one set of input shapes, and the data of the host values.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Inferred {
+    pub shapes: Vec<Vec<usize>>,
+    /// Per value: its data when it is folded on the host (and for [`Step::Upload`]s, the data
+    /// they write).
+    pub host: Vec<Option<HostTensor>>,
+}
+
 /// The shape of every value of `g` (indexed by value) for these input shapes, one per model
 /// input in order.
+#[cfg(test)]
 pub(crate) fn infer_shapes(
     g: &Graph,
     input_shapes: &[Vec<usize>],
 ) -> Result<Vec<Vec<usize>>, ShapeError> {
-    let mut shapes: Vec<Vec<usize>> = vec![Vec::new(); g.values.len()];
+    infer_all(g, input_shapes).map(|i| i.shapes)
+}
+
+/// Every value's shape and every host value's data for these input shapes.
+pub(crate) fn infer_all(g: &Graph, input_shapes: &[Vec<usize>]) -> Result<Inferred, ShapeError> {
+    let mut known = Inferred {
+        shapes: vec![Vec::new(); g.values.len()],
+        host: vec![None; g.values.len()],
+    };
     for (i, &v) in g.input_values.iter().enumerate() {
-        shapes[v] = input_shapes
+        known.shapes[v] = input_shapes
             .get(i)
             .cloned()
             .ok_or_else(|| ShapeError(format!("no shape for input {i}")))?;
     }
     for (v, value) in g.values.iter().enumerate() {
         if let Origin::Const(c) = value.origin {
-            shapes[v] = g.consts[c].dims.clone();
+            known.shapes[v] = g.consts[c].dims.clone();
         }
     }
     for step in &g.steps {
-        let shape = infer(g, step, &shapes)?;
-        shapes[step.out()] = shape;
+        let out = step.out();
+        match step {
+            Step::Host { op, inputs, .. } => {
+                let args: Vec<Arg<'_>> = inputs
+                    .iter()
+                    .map(|&v| Arg {
+                        shape: &known.shapes[v],
+                        host: known.host[v].as_ref(),
+                    })
+                    .collect();
+                let t = host::eval(op, &args)?;
+                known.shapes[out] = t.dims.clone();
+                known.host[out] = Some(t);
+            }
+            Step::Upload { x, .. } => {
+                known.shapes[out] = known.shapes[*x].clone();
+                known.host[out] = known.host[*x].clone();
+            }
+            _ => {
+                let shape = infer(g, step, &known)?;
+                known.shapes[out] = shape;
+            }
+        }
     }
-    Ok(shapes)
+    Ok(known)
+}
+
+/// The integers of host value `v`, for a step that needs them.
+pub(crate) fn host_ints<'a>(
+    known: &'a Inferred,
+    v: usize,
+    what: &str,
+) -> Result<&'a [i64], ShapeError> {
+    known.host[v]
+        .as_ref()
+        .and_then(host::ints)
+        .ok_or_else(|| ShapeError(format!("{what} is not integers known on the host")))
 }
 
 /// The output shape of one step, from the shapes known so far.
-fn infer(g: &Graph, step: &Step, shapes: &[Vec<usize>]) -> Result<Vec<usize>, ShapeError> {
+fn infer(g: &Graph, step: &Step, known: &Inferred) -> Result<Vec<usize>, ShapeError> {
+    let shapes = &known.shapes;
     Ok(match step {
         Step::MatMul { a, weight, .. } => {
             let w = &g.weights[*weight];
@@ -72,8 +125,34 @@ fn infer(g: &Graph, step: &Step, shapes: &[Vec<usize>]) -> Result<Vec<usize>, Sh
                 }
             }
         }
+        Step::BatchMatMul { a, b, .. } => batch_matmul(&shapes[*a], &shapes[*b])?.out,
         Step::Binary { a, b, .. } => broadcast(&shapes[*a], &shapes[*b])?,
-        Step::Unary { x, .. } => shapes[*x].clone(),
+        Step::Where { cond, a, b, .. } => {
+            broadcast(&broadcast(&shapes[*cond], &shapes[*a])?, &shapes[*b])?
+        }
+        Step::Unary { x, .. } | Step::CastIds { x, .. } => shapes[*x].clone(),
+        Step::LayerNorm {
+            x,
+            scale,
+            bias,
+            axis,
+            ..
+        } => {
+            let s = &shapes[*x];
+            let a = normalize_axis(*axis, s.len())?;
+            let row = product(&s[a..]);
+            for p in std::iter::once(scale).chain(bias.iter()) {
+                let n = product(&shapes[*p]);
+                if n != row && n != 1 {
+                    return Err(ShapeError(format!(
+                        "LayerNormalization over {:?}: a scale or bias of {:?}",
+                        &s[a..],
+                        shapes[*p]
+                    )));
+                }
+            }
+            s.clone()
+        }
         Step::Softmax { x, axis, .. } => {
             normalize_axis(*axis, shapes[*x].len())?;
             shapes[*x].clone()
@@ -86,6 +165,19 @@ fn infer(g: &Graph, step: &Step, shapes: &[Vec<usize>]) -> Result<Vec<usize>, Sh
                 GatherSource::Value(v) => &shapes[*v],
             };
             let a = normalize_axis(*axis, dims.len())?;
+            // Ids folded on the host are checked here, once per shape.
+            if let Some(t) = &known.host[*ids] {
+                let rows = dims[a] as i64;
+                if let Some(&bad) = host::ints(t)
+                    .unwrap_or_default()
+                    .iter()
+                    .find(|&&id| id < -rows || id >= rows)
+                {
+                    return Err(ShapeError(format!(
+                        "Gather: index {bad} is out of range for {rows} (a sequence longer than the model's positions?)"
+                    )));
+                }
+            }
             let mut out = dims[..a].to_vec();
             out.extend(&shapes[*ids]);
             out.extend(&dims[a + 1..]);
@@ -138,8 +230,248 @@ fn infer(g: &Graph, step: &Step, shapes: &[Vec<usize>]) -> Result<Vec<usize>, Sh
             let perm = permutation(perm.as_deref(), s.len())?;
             perm.iter().map(|&p| s[p]).collect()
         }
+        Step::View {
+            x,
+            view: View::ReshapeTo { shape, allow_zero },
+            ..
+        } => {
+            let target = host_ints(known, *shape, "Reshape's shape")?.to_vec();
+            view_shape(
+                &View::Reshape {
+                    shape: target,
+                    allow_zero: *allow_zero,
+                },
+                &shapes[*x],
+            )?
+        }
         Step::View { x, view, .. } => view_shape(view, &shapes[*x])?,
+        Step::Expand { x, shape, .. } => {
+            let target: Vec<usize> = host_ints(known, *shape, "Expand's shape")?
+                .iter()
+                .map(|&d| d.max(0) as usize)
+                .collect();
+            broadcast(&shapes[*x], &target)?
+        }
+        Step::Window { x, window, .. } => window_box(known, &shapes[*x], window)?.dims,
+        Step::Host { .. } | Step::Upload { .. } => {
+            return Err(ShapeError("a host step outside the host pass".into()));
+        }
     })
+}
+
+/// A numpy matrix product's shapes: the broadcast batch dimensions, M, K, N, and the output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MatMulShape {
+    pub batch: Vec<usize>,
+    /// The batch dimensions each operand has (1 where it broadcasts), padded to `batch`'s rank.
+    pub a_batch: Vec<usize>,
+    pub b_batch: Vec<usize>,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub out: Vec<usize>,
+}
+
+/// The shapes of `a · b` as ONNX `MatMul` (numpy `matmul`) takes them.
+pub(crate) fn batch_matmul(a: &[usize], b: &[usize]) -> Result<MatMulShape, ShapeError> {
+    if a.is_empty() || b.is_empty() {
+        return Err(ShapeError("MatMul of a scalar".into()));
+    }
+    let (a2, a_vec) = if a.len() == 1 {
+        (vec![1, a[0]], true)
+    } else {
+        (a.to_vec(), false)
+    };
+    let (b2, b_vec) = if b.len() == 1 {
+        (vec![b[0], 1], true)
+    } else {
+        (b.to_vec(), false)
+    };
+    let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
+    let (kb, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
+    if k != kb {
+        return Err(ShapeError(format!("MatMul of {a:?} and {b:?}: {k} ≠ {kb}")));
+    }
+    let batch = broadcast(&a2[..a2.len() - 2], &b2[..b2.len() - 2])?;
+    let pad = |s: &[usize]| {
+        let mut p = vec![1; batch.len() - s.len()];
+        p.extend(s);
+        p
+    };
+    let mut out = batch.clone();
+    if !a_vec {
+        out.push(m);
+    }
+    if !b_vec {
+        out.push(n);
+    }
+    Ok(MatMulShape {
+        a_batch: pad(&a2[..a2.len() - 2]),
+        b_batch: pad(&b2[..b2.len() - 2]),
+        batch,
+        m,
+        k,
+        n,
+        out,
+    })
+}
+
+/// A strided box of an input: its dimensions, its first element, and per dimension the step
+/// between elements (negative for a reversed slice), all in elements of the input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StridedBox {
+    pub dims: Vec<usize>,
+    pub offset: i64,
+    pub strides: Vec<i64>,
+}
+
+/// Row-major strides of `shape`.
+fn contiguous(shape: &[usize]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1] as i64;
+    }
+    strides
+}
+
+/// ONNX `Slice` on `shape`: starts and ends clamped as the operator defines (so `i64::MAX`
+/// means "to the end"), negative steps walking backwards.
+pub(crate) fn slice_box(
+    shape: &[usize],
+    starts: &[i64],
+    ends: &[i64],
+    axes: Option<&[i64]>,
+    steps: Option<&[i64]>,
+) -> Result<StridedBox, ShapeError> {
+    let n = starts.len();
+    let default_axes: Vec<i64> = (0..n as i64).collect();
+    let axes = axes.unwrap_or(&default_axes);
+    if ends.len() != n || axes.len() != n || steps.is_some_and(|s| s.len() != n) {
+        return Err(ShapeError(format!(
+            "Slice: {n} starts, {} ends, {} axes",
+            ends.len(),
+            axes.len()
+        )));
+    }
+    let element = contiguous(shape);
+    let mut b = StridedBox {
+        dims: shape.to_vec(),
+        offset: 0,
+        strides: element.clone(),
+    };
+    let mut seen = Vec::new();
+    for i in 0..n {
+        let a = normalize_axis(axes[i], shape.len())?;
+        if seen.contains(&a) {
+            return Err(ShapeError(format!("Slice: axis {a} given twice")));
+        }
+        seen.push(a);
+        let step = steps.map_or(1, |s| s[i]);
+        if step == 0 {
+            return Err(ShapeError("Slice: a step of 0".into()));
+        }
+        if shape[a] == 0 {
+            continue;
+        }
+        let dim = shape[a] as i128;
+        let fix = |v: i64| {
+            let v = i128::from(v);
+            if v < 0 { v + dim } else { v }
+        };
+        let (start, end) = if step > 0 {
+            (fix(starts[i]).clamp(0, dim), fix(ends[i]).clamp(0, dim))
+        } else {
+            (
+                fix(starts[i]).clamp(0, dim - 1),
+                fix(ends[i]).clamp(-1, dim - 1),
+            )
+        };
+        let step = i128::from(step);
+        let count = if step > 0 {
+            (end - start + step - 1).div_euclid(step).max(0)
+        } else {
+            (start - end - step - 1).div_euclid(-step).max(0)
+        };
+        b.dims[a] = count as usize;
+        if count > 0 {
+            b.offset += (start * i128::from(element[a])) as i64;
+        }
+        b.strides[a] = (step * i128::from(element[a])) as i64;
+    }
+    Ok(b)
+}
+
+/// Part `index` of `Split` along `axis` of `shape`.
+pub(crate) fn split_box(
+    shape: &[usize],
+    axis: i64,
+    sizes: Option<&[i64]>,
+    parts: usize,
+    index: usize,
+) -> Result<StridedBox, ShapeError> {
+    let a = normalize_axis(axis, shape.len())?;
+    let dim = shape[a];
+    let (start, len) = match sizes {
+        Some(sizes) => {
+            let total: i64 = sizes.iter().sum();
+            if sizes.iter().any(|&s| s < 0) || total != dim as i64 || index >= sizes.len() {
+                return Err(ShapeError(format!(
+                    "Split: sizes {sizes:?} do not add up to {dim}"
+                )));
+            }
+            let start: i64 = sizes[..index].iter().sum();
+            (start as usize, sizes[index] as usize)
+        }
+        None => {
+            let chunk = dim.div_ceil(parts.max(1));
+            let start = (chunk * index).min(dim);
+            (start, chunk.min(dim - start))
+        }
+    };
+    let element = contiguous(shape);
+    let mut dims = shape.to_vec();
+    dims[a] = len;
+    Ok(StridedBox {
+        dims,
+        offset: start as i64 * element[a],
+        strides: element,
+    })
+}
+
+/// The box a [`Window`] takes of an input of `shape`.
+pub(crate) fn window_box(
+    known: &Inferred,
+    shape: &[usize],
+    window: &Window,
+) -> Result<StridedBox, ShapeError> {
+    match window {
+        Window::Slice {
+            starts,
+            ends,
+            axes,
+            steps,
+        } => {
+            let axes = axes
+                .map(|a| host_ints(known, a, "Slice's axes"))
+                .transpose()?;
+            let steps = steps
+                .map(|s| host_ints(known, s, "Slice's steps"))
+                .transpose()?;
+            slice_box(
+                shape,
+                host_ints(known, *starts, "Slice's starts")?,
+                host_ints(known, *ends, "Slice's ends")?,
+                axes,
+                steps,
+            )
+        }
+        Window::SplitPart {
+            axis,
+            sizes,
+            parts,
+            index,
+        } => split_box(shape, *axis, sizes.as_deref(), *parts, *index),
+    }
 }
 
 /// `axis` (negative: from the end) as an index into `rank` dimensions.
@@ -156,7 +488,7 @@ pub(crate) fn normalize_axis(axis: i64, rank: usize) -> Result<usize, ShapeError
 }
 
 /// The numpy broadcast of two shapes.
-fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, ShapeError> {
+pub(crate) fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>, ShapeError> {
     let rank = a.len().max(b.len());
     (0..rank)
         .map(|i| {
@@ -246,7 +578,7 @@ pub(crate) fn permutation(perm: Option<&[i64]>, rank: usize) -> Result<Vec<usize
 }
 
 /// The shape a view gives `s`.
-fn view_shape(view: &View, s: &[usize]) -> Result<Vec<usize>, ShapeError> {
+pub(crate) fn view_shape(view: &View, s: &[usize]) -> Result<Vec<usize>, ShapeError> {
     let count = product(s);
     Ok(match view {
         View::Identity => s.to_vec(),
@@ -316,6 +648,11 @@ fn view_shape(view: &View, s: &[usize]) -> Result<Vec<usize>, ShapeError> {
                     }
                 })
                 .collect()
+        }
+        View::ReshapeTo { .. } => {
+            return Err(ShapeError(
+                "a reshape to a computed shape needs its host value".into(),
+            ));
         }
     })
 }
@@ -421,7 +758,7 @@ mod tests {
             x: both,
             axes: Some(vec![1]),
             keep_dims: false,
-            mean: true,
+            kind: crate::graph::ReduceKind::Mean,
             out,
         });
         let t = g.test_step(|out| Step::Transpose {

@@ -22,6 +22,9 @@ use outpost_shared::{DataType, Tensor, TensorSpec};
 use prost::Message as _;
 use tract_onnx::pb::tensor_proto::DataType as Onnx;
 
+#[path = "parity/transformer.rs"]
+mod transformer;
+
 /// int8 weights unpacked to f32: the same arithmetic as tract's folded weights, up to the order
 /// of the sums.
 const UNPACKED: f32 = 1e-4;

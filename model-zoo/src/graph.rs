@@ -193,6 +193,25 @@ impl GraphBuilder {
         output
     }
 
+    /// A node with several named outputs (`Split`).
+    pub fn node_with_outputs(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attributes: Vec<AttributeProto>,
+    ) {
+        self.next_id += 1;
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            output: outputs.iter().map(|s| (*s).to_owned()).collect(),
+            name: format!("{op}_{}", self.next_id),
+            op_type: op.to_owned(),
+            attribute: attributes,
+            ..NodeProto::default()
+        });
+    }
+
     /// `x · W + b` with Glorot-uniform `W` of shape `[fan_in, fan_out]` (output channels last),
     /// then `activation` if any.
     pub fn dense(

@@ -99,7 +99,7 @@ impl Importer {
                 if data.len() != count {
                     return Err(typed_len_error(t, data.len(), count));
                 }
-                self.ints.insert(name.to_owned(), data);
+                self.ints.insert(name.to_owned(), (dims, data));
             }
             onnx_type::INT8 => {
                 let data: Vec<i8> = if t.raw_data.is_empty() {
@@ -143,11 +143,11 @@ impl Importer {
                     return Ok(());
                 }
                 "value_int" => {
-                    self.ints.insert(name, vec![a.i]);
+                    self.ints.insert(name, (Vec::new(), vec![a.i]));
                     return Ok(());
                 }
                 "value_ints" => {
-                    self.ints.insert(name, a.ints.clone());
+                    self.ints.insert(name, (vec![a.ints.len()], a.ints.clone()));
                     return Ok(());
                 }
                 _ => {}
@@ -179,7 +179,10 @@ impl Importer {
                 .int8s
                 .get(zp)
                 .is_some_and(|(_, z)| z.iter().all(|&v| v == 0))
-                || self.ints.get(zp).is_some_and(|z| z.iter().all(|&v| v == 0));
+                || self
+                    .ints
+                    .get(zp)
+                    .is_some_and(|(_, z)| z.iter().all(|&v| v == 0));
             if !zero {
                 return Err(node_unsupported(
                     node,

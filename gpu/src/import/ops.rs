@@ -1,14 +1,15 @@
 //! The ops that are more than one step of their inputs: matrix products with a constant
 //! right operand (`MatMul`, `Gemm`, `Einsum`; weights kept int8 or quantised per output channel
-//! at load), `Gather` from a constant table, and the views (`Reshape`, `Flatten`, `Squeeze`,
-//! `Unsqueeze`, `Identity`, `Dropout`, `Cast` to the same kind).
+//! at load), `Gather` (from a constant table, or from a computed tensor at ids known from the
+//! shapes), and the views (`Reshape`, also to a shape computed from `Shape`, `Flatten`,
+//! `Squeeze`, `Unsqueeze`, `Identity`, `Dropout`).
 
 use outpost_runtime::quantize;
 use tract_onnx::pb;
 
 use super::{
     ImportError, Importer, Ref, attr_float, attr_int, attr_ints, attr_string, input_name,
-    node_unsupported, onnx_type,
+    node_unsupported,
 };
 use crate::graph::{
     DType, GatherSource, MatWeight, Step, Table, TableData, UnaryOp, View, WeightData,
@@ -178,12 +179,23 @@ impl Importer {
     pub(super) fn gather(&mut self, node: &pb::NodeProto) -> Result<(), ImportError> {
         let axis = attr_int(node, "axis").unwrap_or(0);
         let ids_name = input_name(node, 1)?;
-        let ids = match self.reference(ids_name, "Gather")? {
-            Ref::Value(v) if self.graph.values[v].dtype == DType::I32 => v,
+        // Ids from an input (checked per call against the table), or folded on the host
+        // (position ids from `Range`, constant indices; checked per shape).
+        let (ids, host_ids) = match self.reference(ids_name, "Gather")? {
+            Ref::Value(v) if self.graph.values[v].dtype == DType::I32 => (v, false),
+            Ref::Value(v) if self.graph.values[v].dtype == DType::Host => {
+                (self.upload(v, DType::I32), true)
+            }
+            Ref::Ints => {
+                let v = self.host_input(node, 1)?;
+                (self.upload(v, DType::I32), true)
+            }
             _ => {
                 return Err(node_unsupported(
                     node,
-                    format!("indices {ids_name:?} must be integer ids from an input"),
+                    format!(
+                        "indices {ids_name:?} must be integer ids from an input or known from the shapes"
+                    ),
                 ));
             }
         };
@@ -219,6 +231,10 @@ impl Importer {
             Ref::Value(v) if self.graph.values[v].dtype == DType::F32 => {
                 (GatherSource::Value(v), None)
             }
+            Ref::Value(v) if self.graph.values[v].dtype == DType::I32 => {
+                let v = self.f32_input(node, 0)?;
+                (GatherSource::Value(v), None)
+            }
             _ => {
                 return Err(node_unsupported(
                     node,
@@ -226,30 +242,37 @@ impl Importer {
                 ));
             }
         };
-        if let Some(dims) = dims {
-            let rank = dims.len() as i64;
-            let a = if axis < 0 { axis + rank } else { axis };
-            if !(0..rank).contains(&a) {
+        match dims {
+            Some(dims) => {
+                let rank = dims.len() as i64;
+                let a = if axis < 0 { axis + rank } else { axis };
+                if !(0..rank).contains(&a) {
+                    return Err(node_unsupported(
+                        node,
+                        format!("axis {axis} out of range for rank {rank}"),
+                    ));
+                }
+                if !host_ids {
+                    let Some(&root) = self.id_root.get(&ids) else {
+                        return Err(node_unsupported(
+                            node,
+                            "indices must come from a model input".into(),
+                        ));
+                    };
+                    self.graph.id_bounds[root].push(dims[a as usize]);
+                }
+                if let GatherSource::Table(t) = data {
+                    self.graph.tables[t].axis = a as usize;
+                }
+            }
+            // A computed tensor's size is known per shape only: its ids must be too.
+            None if !host_ids => {
                 return Err(node_unsupported(
                     node,
-                    format!("axis {axis} out of range for rank {rank}"),
+                    "gathering from a computed tensor with ids computed on the GPU (only ids known from the shapes)".into(),
                 ));
             }
-            let Some(&root) = self.id_root.get(&ids) else {
-                return Err(node_unsupported(
-                    node,
-                    "indices must come from a model input".into(),
-                ));
-            };
-            self.graph.id_bounds[root].push(dims[a as usize]);
-            if let GatherSource::Table(t) = data {
-                self.graph.tables[t].axis = a as usize;
-            }
-        } else {
-            return Err(node_unsupported(
-                node,
-                "gathering from a computed tensor (only constant tables)".into(),
-            ));
+            None => {}
         }
         self.push(node, DType::F32, |out| Step::Gather {
             data,
@@ -275,17 +298,27 @@ impl Importer {
         }
         let name = input_name(node, 0)?;
         let x = match self.reference(name, op)? {
-            Ref::Value(v) => v,
+            Ref::Value(v) if self.graph.values[v].dtype != DType::Host => v,
             _ => self.f32_input(node, 0)?,
         };
         let dtype = self.graph.values[x].dtype;
+        let allow_zero = attr_int(node, "allowzero").unwrap_or(0) != 0;
         let view = match op {
-            "Reshape" => View::Reshape {
-                shape: self
-                    .const_ints(node, 1)?
-                    .ok_or_else(|| node_unsupported(node, "no shape input".into()))?,
-                allow_zero: attr_int(node, "allowzero").unwrap_or(0) != 0,
-            },
+            "Reshape" => {
+                let shape_name = input_name(node, 1)?;
+                match self.reference(shape_name, op)? {
+                    Ref::Value(_) | Ref::F32(..) | Ref::Q8 { .. } => View::ReshapeTo {
+                        shape: self.host_input(node, 1)?,
+                        allow_zero,
+                    },
+                    Ref::Ints => View::Reshape {
+                        shape: self
+                            .const_ints(node, 1)?
+                            .ok_or_else(|| node_unsupported(node, "no shape input".into()))?,
+                        allow_zero,
+                    },
+                }
+            }
             "Flatten" => View::Flatten {
                 axis: attr_int(node, "axis").unwrap_or(1),
             },
@@ -304,20 +337,6 @@ impl Importer {
                 }
                 .ok_or_else(|| node_unsupported(node, "no axes".into()))?,
             },
-            "Cast" => {
-                let to = attr_int(node, "to").unwrap_or(0) as i32;
-                let same = match dtype {
-                    DType::F32 => to == onnx_type::FLOAT,
-                    DType::I32 => to == onnx_type::INT32 || to == onnx_type::INT64,
-                };
-                if !same {
-                    return Err(node_unsupported(
-                        node,
-                        format!("a cast that changes the kind of number (to type {to})"),
-                    ));
-                }
-                View::Identity
-            }
             _ => View::Identity,
         };
         self.push(node, dtype, |out| Step::View { x, view, out })

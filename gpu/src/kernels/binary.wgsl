@@ -28,7 +28,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         case 0u: { r = u + v; }
         case 1u: { r = u - v; }
         case 2u: { r = u * v; }
-        default: { r = u / v; }
+        case 3u: { r = u / v; }
+        case 4u: { r = power(u, v); }
+        case 5u: { r = max(u, v); }
+        case 6u: { r = min(u, v); }
+        // Comparisons and logic: 1 or 0 (booleans are f32 here).
+        case 7u: { r = select(0.0, 1.0, u == v); }
+        case 8u: { r = select(0.0, 1.0, u < v); }
+        case 9u: { r = select(0.0, 1.0, u > v); }
+        case 10u: { r = select(0.0, 1.0, u <= v); }
+        case 11u: { r = select(0.0, 1.0, u >= v); }
+        case 12u: { r = select(0.0, 1.0, u != 0.0 && v != 0.0); }
+        case 13u: { r = select(0.0, 1.0, u != 0.0 || v != 0.0); }
+        default: { r = select(0.0, 1.0, (u != 0.0) != (v != 0.0)); }
     }
     y[i] = r;
 }

@@ -40,6 +40,29 @@ fn apply(op: u32, v: f32) -> f32 {
         case 7u: { return -v; }
         case 8u: { return exp(v); }
         case 9u: { return sqrt(v); }
+        case 10u: { return select(0.0, 1.0, v == 0.0); }
+        case 11u: { return select(0.0, 1.0, v != 0.0); }
+        case 12u: { return trunc(v); }
+        case 13u: { return floor(v); }
+        case 14u: { return ceil(v); }
+        case 15u: { return 1.0 / v; }
+        case 16u: { return log(v); }
         default: { return abs(v); }
     }
+}
+
+// A power as ONNX's `Pow` means it: a square is a product, and a negative base takes an integer
+// exponent (WGSL's `pow` is undefined for a negative base).
+fn power(u: f32, v: f32) -> f32 {
+    if (v == 2.0) { return u * u; }
+    if (v == 1.0) { return u; }
+    if (v == 0.0) { return 1.0; }
+    if (v == 0.5) { return sqrt(u); }
+    if (u == 0.0) { return select(0.0, 1.0 / u, v < 0.0); }
+    if (u < 0.0) {
+        if (v != floor(v)) { return sqrt(-1.0 + 0.0 * u); }
+        let r = pow(-u, v);
+        return select(r, -r, abs(v % 2.0) == 1.0);
+    }
+    return pow(u, v);
 }

@@ -1,4 +1,7 @@
-// p: [outer * inner, len, inner, mean]: sums (or averages) along one axis.
+// p: [outer * inner, len, inner, mode]: a reduction along one axis, one thread an output. Modes:
+// 0 sum, 1 mean, 2 max, 3 min, 4 sum of squares, 5 sum then square root, 6 sum of squares then
+// square root (`ReduceKind`, lower.rs; a reduction over several runs of axes squares in its first
+// dispatch and takes the root in its last).
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
@@ -9,9 +12,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (i >= p[0]) { return; }
     let len = p[1];
     let inner = p[2];
+    let mode = p[3];
     let base = (i / inner) * len * inner + i % inner;
-    var s = 0.0;
-    for (var k = 0u; k < len; k++) { s += x[base + k * inner]; }
-    if (p[3] != 0u) { s = s / f32(len); }
-    y[i] = s;
+    var s: f32;
+    if (mode == 2u || mode == 3u) {
+        s = x[base];
+        for (var k = 1u; k < len; k++) {
+            let v = x[base + k * inner];
+            s = select(min(s, v), max(s, v), mode == 2u);
+        }
+    } else {
+        s = 0.0;
+        for (var k = 0u; k < len; k++) { s += fold(mode, x[base + k * inner]); }
+    }
+    y[i] = finish(mode, s, len);
 }

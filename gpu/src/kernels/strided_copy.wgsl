@@ -1,6 +1,8 @@
-// A transpose (any strided read). p: [count, rank, out_shape[6], in_strides[6]].
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+// A strided read of any element type, copied bit for bit: transposes, slices, split parts,
+// broadcasts (`Expand`). p: [count, rank, out_shape[6], in_strides[6], offset]; strides and the
+// offset are i32 (a reversed slice walks backwards; a broadcast dimension has stride 0).
+@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read_write> y: array<u32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -8,12 +10,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let i = linear_index(wid, nwg, lid);
     if (i >= p[0]) { return; }
     var rest = i;
-    var at = 0u;
+    var at = bitcast<i32>(p[14]);
     let rank = p[1];
     for (var d = 0u; d < rank; d++) {
         let axis = rank - 1u - d;
-        at += (rest % p[2u + axis]) * p[8u + axis];
+        at += i32(rest % p[2u + axis]) * bitcast<i32>(p[8u + axis]);
         rest = rest / p[2u + axis];
     }
-    y[i] = x[at];
+    y[i] = x[u32(at)];
 }

@@ -3,7 +3,8 @@
 //! - Fixed shapes (sequence 32 and 128, batch 1 and 8): tract fp32 and int8 on their
 //!   shape-optimised plans, against ONNX Runtime fp32 on the same ONNX file at the same thread
 //!   count (a small Python script, run when `python3 -c "import onnxruntime"` works; the line
-//!   says so when it does not), and the GPU engine where it covers the model (it says why not).
+//!   says so when it does not), and the GPU engine on the int8 file (on whatever adapter there
+//!   is, lavapipe included; the line names it, or says why there is none).
 //! - Texts of varying length, one a call, through the agent's tokenizer: padded to the sequence
 //!   buckets (what the agent does) against padded to each text's own length (a new shape nearly
 //!   every call, so the plan cache's four shapes keep being evicted).
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use model_zoo::{DEFAULT_SEED, TextModel, vocab};
+use outpost_runtime::Engine as _;
 use outpost_runtime::text::TextTokenizer;
 use outpost_runtime::tract::{TractModel, TractOptions};
 use outpost_shared::release::{Blob, Dim, TextInput};
@@ -68,7 +70,8 @@ pub fn run(calls: usize, threads: usize, report: &mut impl FnMut(&str)) -> anyho
         "text-encoder (2 layers, hidden 128, {:.2} M parameters), {threads} thread(s), {calls} calls each (p50 / p99):",
         model_zoo::parameter_count(&TextModel::TextEncoder.build(DEFAULT_SEED)?) as f64 / 1e6
     ));
-    report(&gpu_coverage(&int8));
+    let (line, gpu) = gpu_engine(&int8);
+    report(&line);
     let ort = ort_figures(&fp32, threads, calls);
     if let Err(e) = &ort {
         report(&format!("  ONNX Runtime: not measured ({e})"));
@@ -79,9 +82,18 @@ pub fn run(calls: usize, threads: usize, report: &mut impl FnMut(&str)) -> anyho
             tract_fp32.run(&inputs).map_err(anyhow::Error::msg)?;
             tract_int8.run(&inputs).map_err(anyhow::Error::msg)?;
         }
+        if let Some(gpu) = &gpu {
+            for _ in 0..5 {
+                gpu.run(&inputs).map_err(anyhow::Error::msg)?;
+            }
+        }
         // The shape plans are optimised on a background thread: let them land.
         std::thread::sleep(Duration::from_secs(2));
-        let (mut a, mut b) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+        let (mut a, mut b, mut c) = (
+            Vec::with_capacity(calls),
+            Vec::with_capacity(calls),
+            Vec::with_capacity(calls),
+        );
         for _ in 0..calls {
             let t = Instant::now();
             tract_fp32.run(&inputs).map_err(anyhow::Error::msg)?;
@@ -89,6 +101,11 @@ pub fn run(calls: usize, threads: usize, report: &mut impl FnMut(&str)) -> anyho
             let t = Instant::now();
             tract_int8.run(&inputs).map_err(anyhow::Error::msg)?;
             b.push(t.elapsed());
+            if let Some(gpu) = &gpu {
+                let t = Instant::now();
+                gpu.run(&inputs).map_err(anyhow::Error::msg)?;
+                c.push(t.elapsed());
+            }
         }
         let (fp32_p50, fp32_p99) = percentiles(&mut a);
         let (int8_p50, int8_p99) = percentiles(&mut b);
@@ -104,6 +121,14 @@ pub fn run(calls: usize, threads: usize, report: &mut impl FnMut(&str)) -> anyho
             ms(int8_p50),
             ms(int8_p99)
         ));
+        if !c.is_empty() {
+            let (p50, p99) = percentiles(&mut c);
+            report(&format!(
+                "  {shape}  GPU engine int8 {:>7.3} ms / {:>8.3} ms",
+                ms(p50),
+                ms(p99)
+            ));
+        }
         if let Ok(ort) = &ort
             && let Some(&(p50, p99)) = ort.get(i)
         {
@@ -116,19 +141,30 @@ pub fn run(calls: usize, threads: usize, report: &mut impl FnMut(&str)) -> anyho
     buckets(&fp32, threads, calls, report)
 }
 
-/// Whether the GPU engine takes the model, and why not.
-fn gpu_coverage(int8: &[u8]) -> String {
+/// The GPU engine on the int8 file, with a line naming the adapter (or why there is none).
+fn gpu_engine(int8: &[u8]) -> (String, Option<outpost_gpu::GpuModel>) {
     use outpost_gpu::{GpuContext, GpuModel, GpuOptions};
     let ctx = match GpuContext::new(GpuOptions {
         allow_software: true,
         ..GpuOptions::default()
     }) {
         Ok(ctx) => ctx,
-        Err(e) => return format!("  GPU engine: no adapter ({e})"),
+        Err(e) => return (format!("  GPU engine: no adapter ({e})"), None),
     };
     match GpuModel::load(int8, ctx) {
-        Ok(_) => "  GPU engine: covers the encoder".to_owned(),
-        Err(e) => format!("  GPU engine: not measured, it does not cover the encoder yet ({e})"),
+        Ok(model) => (
+            format!(
+                "  GPU engine on {} ({}): {}",
+                model.adapter().name,
+                model.adapter().backend,
+                model.detail()
+            ),
+            Some(model),
+        ),
+        Err(e) => (
+            format!("  GPU engine: not measured, it does not cover the encoder ({e})"),
+            None,
+        ),
     }
 }
 
