@@ -6,8 +6,9 @@
 //!   channel at load), run through [`outpost_runtime::Engine`] like tract.
 //!
 //! The crate reads as its pipeline, a module per stage. At load: `import` (ONNX → `graph`, the
-//! IR) → `fuse` → `upload`. Per input shape, once: `shape` (every value's shape) → `memory`
-//! (values to buffers by liveness) → `lower` (steps to dispatches) → bind groups (`model`).
+//! IR) → `fuse` → `upload`. Per input shape, once: `shape` (every value's shape, and the shape
+//! arithmetic exporters write folded on the host by `host`) → `memory` (values to buffers by
+//! liveness) → `lower` (steps to dispatches) → bind groups (`model`).
 //! Per call: write the inputs, submit, read back (`model`). The graph, fusion, shape, memory
 //! and lowering stages are pure and unit-tested without an adapter; the WGSL kernels are in
 //! `kernels/*.wgsl`, assembled by `kernels`.
