@@ -170,7 +170,9 @@ pub(crate) fn eval(op: &HostOp, args: &[Arg<'_>]) -> Result<HostTensor, ShapeErr
             let mut dims = t.dims[..a].to_vec();
             dims.extend(&ids.dims);
             dims.extend(&t.dims[a + 1..]);
-            check_count(op, &dims)?;
+            if check_count(op, &dims)? == 0 {
+                return sized(op, dims, pick(&t.data, &[]));
+            }
             let mut map = Vec::with_capacity(product(&dims));
             for o in 0..outer {
                 for &id in ids_v {
@@ -207,18 +209,24 @@ pub(crate) fn eval(op: &HostOp, args: &[Arg<'_>]) -> Result<HostTensor, ShapeErr
                     ));
                 }
             }
-            check_count(op, &dims)?;
-            let outer = product(&dims[..a]);
             let all_int = parts.iter().all(|p| ints(p).is_some());
             let mut out_i = Vec::new();
             let mut out_f = Vec::new();
-            for o in 0..outer {
-                for p in &parts {
-                    let chunk = product(&p.dims[a..]);
-                    let range = o * chunk..(o + 1) * chunk;
-                    match (&p.data, all_int) {
-                        (HostData::Int(v), true) => out_i.extend_from_slice(&v[range]),
-                        (d, _) => out_f.extend_from_slice(&floats(d)[range]),
+            if check_count(op, &dims)? > 0 {
+                let outer = product(&dims[..a]);
+                // Each part's numbers once, as the output holds them.
+                let as_floats: Vec<Vec<f32>> = match all_int {
+                    true => Vec::new(),
+                    false => parts.iter().map(|p| floats(&p.data)).collect(),
+                };
+                for o in 0..outer {
+                    for (k, p) in parts.iter().enumerate() {
+                        let chunk = product(&p.dims[a..]);
+                        let range = o * chunk..(o + 1) * chunk;
+                        match (&p.data, all_int) {
+                            (HostData::Int(v), true) => out_i.extend_from_slice(&v[range]),
+                            _ => out_f.extend_from_slice(&as_floats[k][range]),
+                        }
                     }
                 }
             }
@@ -342,7 +350,12 @@ pub(crate) fn eval(op: &HostOp, args: &[Arg<'_>]) -> Result<HostTensor, ShapeErr
                     if d == 0 {
                         return Err(fail(op, "delta is 0"));
                     }
-                    let n = ((l - s) + d - d.signum()).div_euclid(d).max(0);
+                    let n = if d > 0 {
+                        (l - s + d - 1).div_euclid(d)
+                    } else {
+                        (s - l - d - 1).div_euclid(-d)
+                    }
+                    .max(0);
                     let n = usize::try_from(n).unwrap_or(usize::MAX);
                     check_count(op, &[n])?;
                     let v = (0..n).map(|k| (s + d * k as i128) as i64).collect();

@@ -16,7 +16,7 @@ use outpost_shared::{DataType, Dim, TensorSpec};
 use prost::Message;
 use tract_onnx::pb;
 
-use crate::graph::{DType, Graph, HostConst, Origin, Step, UnaryOp};
+use crate::graph::{BinaryOp, DType, Graph, HostConst, Origin, Step, UnaryOp};
 
 mod constants;
 mod host;
@@ -110,6 +110,9 @@ struct Importer {
     /// Host values made GPU values ([`Step::Upload`]), and i32 ids made f32 ([`Step::CastIds`]),
     /// once each.
     bridges: HashMap<(usize, DType), usize>,
+    /// f32 GPU values that hold integers (ids made f32, integer constants, casts to an integer
+    /// kind, and integer arithmetic on them): a division of two truncates, as ONNX's does.
+    int_values: std::collections::HashSet<usize>,
     /// Whether the file carries the int8 pattern (else weights are quantised here).
     quantised_file: bool,
 }
@@ -142,6 +145,7 @@ pub(crate) fn import(bytes: &[u8]) -> Result<Graph, ImportError> {
         id_root: HashMap::new(),
         host_consts: HashMap::new(),
         bridges: HashMap::new(),
+        int_values: std::collections::HashSet::new(),
         quantised_file,
     };
     for t in &graph.initializer {
@@ -341,13 +345,16 @@ impl Importer {
                     let out = self.graph.add_value(DType::F32, Origin::Step);
                     self.graph.steps.push(Step::CastIds { x: v, out });
                     self.bridges.insert((v, DType::F32), out);
+                    self.int_values.insert(out);
                     out
                 }
             }),
             Ref::Ints => {
                 let (dims, data) = self.ints[name].clone();
                 let data = data.iter().map(|&v| v as f32).collect();
-                Ok(self.const_value(name, dims, data))
+                let v = self.const_value(name, dims, data);
+                self.int_values.insert(v);
+                Ok(v)
             }
             Ref::F32(dims, data) => Ok(self.const_value(name, dims, data)),
             q8 @ Ref::Q8 { .. } => {
@@ -367,6 +374,13 @@ impl Importer {
                     format!("input {name:?} must be a constant integer tensor"),
                 )),
             },
+        }
+    }
+
+    /// Marks `node`'s output as an f32 value holding integers.
+    pub(super) fn mark_int(&mut self, node: &pb::NodeProto) {
+        if let Some(&v) = node.output.first().and_then(|o| self.names.get(o)) {
+            self.int_values.insert(v);
         }
     }
 
@@ -419,12 +433,44 @@ impl Importer {
             }
             let a = self.f32_input(node, 0)?;
             let b = self.f32_input(node, 1)?;
-            return self.push(node, DType::F32, |out| Step::Binary {
-                op: code,
-                a,
-                b,
-                out,
-            });
+            let integers = self.int_values.contains(&a) && self.int_values.contains(&b);
+            if integers && code == BinaryOp::Div {
+                // Integer division truncates.
+                let q = self.graph.add_value(DType::F32, Origin::Step);
+                self.graph.steps.push(Step::Binary {
+                    op: code,
+                    a,
+                    b,
+                    out: q,
+                });
+                self.push(node, DType::F32, |out| Step::Unary {
+                    op: UnaryOp::Trunc,
+                    x: q,
+                    out,
+                })?;
+            } else {
+                self.push(node, DType::F32, |out| Step::Binary {
+                    op: code,
+                    a,
+                    b,
+                    out,
+                })?;
+            }
+            let predicate = matches!(
+                code,
+                BinaryOp::Equal
+                    | BinaryOp::Less
+                    | BinaryOp::Greater
+                    | BinaryOp::LessOrEqual
+                    | BinaryOp::GreaterOrEqual
+                    | BinaryOp::And
+                    | BinaryOp::Or
+                    | BinaryOp::Xor
+            );
+            if (integers && code != BinaryOp::Pow) || predicate {
+                self.mark_int(node);
+            }
+            return Ok(());
         }
         match op {
             "Constant" => self.constant_node(node),

@@ -526,6 +526,12 @@ impl Lowering<'_> {
             }
             Step::Expand { x, out: y, .. } => {
                 let shape = &shapes[*y];
+                if shape.len() > MAX_RANK {
+                    return Err(RunError::Input(format!(
+                        "rank {} broadcasts are not supported on the GPU",
+                        shape.len()
+                    )));
+                }
                 let b = StridedBox {
                     dims: shape.clone(),
                     offset: 0,

@@ -329,7 +329,7 @@ pub(crate) struct StridedBox {
 fn contiguous(shape: &[usize]) -> Vec<i64> {
     let mut strides = vec![1i64; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1] as i64;
+        strides[i] = strides[i + 1].saturating_mul(shape[i + 1] as i64);
     }
     strides
 }
@@ -413,8 +413,8 @@ pub(crate) fn split_box(
     let dim = shape[a];
     let (start, len) = match sizes {
         Some(sizes) => {
-            let total: i64 = sizes.iter().sum();
-            if sizes.iter().any(|&s| s < 0) || total != dim as i64 || index >= sizes.len() {
+            let total = sizes.iter().try_fold(0i64, |t, &s| t.checked_add(s));
+            if sizes.iter().any(|&s| s < 0) || total != Some(dim as i64) || index >= sizes.len() {
                 return Err(ShapeError(format!(
                     "Split: sizes {sizes:?} do not add up to {dim}"
                 )));

@@ -38,16 +38,20 @@ impl Uses {
     }
 }
 
-/// The one number of a scalar constant value.
+/// The one number of a scalar constant value (of rank 0 or 1: a higher rank could broadcast
+/// the result up, which the fused step would not).
 fn scalar(g: &Graph, v: usize) -> Option<f32> {
     match g.values[v].origin {
-        Origin::Const(c) if g.consts[c].data.len() == 1 => Some(g.consts[c].data[0]),
+        Origin::Const(c) if g.consts[c].data.len() == 1 && g.consts[c].dims.len() <= 1 => {
+            Some(g.consts[c].data[0])
+        }
         _ => None,
     }
 }
 
-fn is_const(g: &Graph, v: usize) -> bool {
-    matches!(g.values[v].origin, Origin::Const(_))
+/// A constant of rank 1 (a per-channel γ or β along the last axis).
+fn is_row_const(g: &Graph, v: usize) -> bool {
+    matches!(g.values[v].origin, Origin::Const(c) if g.consts[c].dims.len() == 1)
 }
 
 /// The other operand of a commutative `op` step whose one operand is `v`.
@@ -156,13 +160,13 @@ fn layer_norm_at(g: &Graph, uses: &Uses, div: usize) -> Option<(Vec<usize>, Step
     let mut scale = None;
     let mut bias = None;
     if let Some(i) = uses.reads[out].eq(&1).then(|| reader(g, out)).flatten()
-        && let Some(s) = other(&g.steps[i], BinaryOp::Mul, out).filter(|&s| is_const(g, s))
+        && let Some(s) = other(&g.steps[i], BinaryOp::Mul, out).filter(|&s| is_row_const(g, s))
     {
         replaced.push(i);
         scale = Some(s);
         out = g.steps[i].out();
         if let Some(j) = uses.reads[out].eq(&1).then(|| reader(g, out)).flatten()
-            && let Some(b) = other(&g.steps[j], BinaryOp::Add, out).filter(|&b| is_const(g, b))
+            && let Some(b) = other(&g.steps[j], BinaryOp::Add, out).filter(|&b| is_row_const(g, b))
         {
             replaced.push(j);
             bias = Some(b);

@@ -184,8 +184,14 @@ impl Importer {
             "Unsqueeze" | "Squeeze" | "Flatten" | "Identity" => 1,
             _ => count,
         };
+        // The inputs present, in order (an optional one left empty is skipped: `Slice`'s flags
+        // say which are there).
+        let present: Vec<usize> = (0..node.input.len())
+            .filter(|&i| !node.input[i].is_empty())
+            .take(take)
+            .collect();
         let mut inputs = Vec::with_capacity(take);
-        for i in 0..take {
+        for i in present {
             inputs.push(self.host_input(node, i)?);
         }
         self.push(node, DType::Host, |out| Step::Host {
@@ -215,12 +221,27 @@ impl Importer {
                     Ref::Ints => self.ints[name].0.clone(),
                     Ref::Value(v) => return Err(node_unsupported(node, format!("value {v}"))),
                 };
-                // Shape arithmetic of a constant's shape: a constant of that shape stands in
-                // (only its dimensions are read).
-                self.host_const(HostTensor {
-                    dims: dims.clone(),
-                    data: HostData::Int(vec![0; dims.iter().product()]),
-                })
+                // A constant's shape is known now: folded at import into a constant (nothing
+                // of the constant's data is copied).
+                let stand_in = HostTensor {
+                    dims: vec![0],
+                    data: HostData::Int(Vec::new()),
+                };
+                let t = crate::host::eval(
+                    &op,
+                    &[crate::host::Arg {
+                        shape: &dims,
+                        host: Some(&stand_in),
+                    }],
+                )
+                .map_err(|e| node_unsupported(node, e.0))?;
+                let out_name = node
+                    .output
+                    .first()
+                    .ok_or_else(|| node_unsupported(node, "the node has no output".into()))?;
+                let v = self.host_const(t);
+                self.names.insert(out_name.clone(), v);
+                return Ok(());
             }
         };
         self.push(node, DType::Host, |out| Step::Host {

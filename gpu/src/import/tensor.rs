@@ -258,7 +258,9 @@ impl Importer {
                 } else {
                     UnaryOp::Trunc
                 };
-                self.push(node, DType::F32, |out| Step::Unary { op, x, out })
+                self.push(node, DType::F32, |out| Step::Unary { op, x, out })?;
+                self.mark_int(node);
+                Ok(())
             }
         }
     }
