@@ -300,6 +300,21 @@ impl BinaryOp {
         BinaryOp::Xor,
     ];
 
+    /// Whether the op gives 1 or 0 (a comparison or logic).
+    pub(crate) fn is_predicate(self) -> bool {
+        matches!(
+            self,
+            BinaryOp::Equal
+                | BinaryOp::Less
+                | BinaryOp::Greater
+                | BinaryOp::LessOrEqual
+                | BinaryOp::GreaterOrEqual
+                | BinaryOp::And
+                | BinaryOp::Or
+                | BinaryOp::Xor
+        )
+    }
+
     /// The code the binary kernel switches on (`kernels/binary.wgsl`).
     pub(crate) fn code(self) -> u32 {
         self as u32

@@ -276,7 +276,7 @@ pub(crate) fn eval(op: &HostOp, args: &[Arg<'_>]) -> Result<HostTensor, ShapeErr
                         .zip(&my)
                         .map(|(&i, &j)| float_binary(*b, u[i], v[j]))
                         .collect();
-                    if is_predicate(*b) {
+                    if b.is_predicate() {
                         HostData::Int(r.iter().map(|&x| x as i64).collect())
                     } else {
                         HostData::Float(r)
@@ -431,20 +431,6 @@ pub(crate) fn eval(op: &HostOp, args: &[Arg<'_>]) -> Result<HostTensor, ShapeErr
             sized(op, dims, pick(&t.data, &map))?
         }
     })
-}
-
-fn is_predicate(op: BinaryOp) -> bool {
-    matches!(
-        op,
-        BinaryOp::Equal
-            | BinaryOp::Less
-            | BinaryOp::Greater
-            | BinaryOp::LessOrEqual
-            | BinaryOp::GreaterOrEqual
-            | BinaryOp::And
-            | BinaryOp::Or
-            | BinaryOp::Xor
-    )
 }
 
 /// Integer arithmetic as ONNX defines it (wrapping; division truncates); `None` when it is

@@ -456,17 +456,7 @@ impl Importer {
                     out,
                 })?;
             }
-            let predicate = matches!(
-                code,
-                BinaryOp::Equal
-                    | BinaryOp::Less
-                    | BinaryOp::Greater
-                    | BinaryOp::LessOrEqual
-                    | BinaryOp::GreaterOrEqual
-                    | BinaryOp::And
-                    | BinaryOp::Or
-                    | BinaryOp::Xor
-            );
+            let predicate = code.is_predicate();
             if (integers && code != BinaryOp::Pow) || predicate {
                 self.mark_int(node);
             }
