@@ -11,12 +11,14 @@
 //! - [`backoff`]: the one jittered exponential back-off between retries.
 //! - [`admission`]: how many calls of a model run and wait at once; past that, busy.
 //! - [`quantize`]: weight-only int8 quantisation as an ONNX rewrite (`DequantizeLinear`).
+//! - [`dequantize`]: that rewrite undone on constants before tract loads a model (fp32 speed).
 //! - [`accuracy`]: the gate that measures a quantised model against the original.
 //! - [`finetune`]: transfer learning of a model's head (find, cut, train, write back).
 
 pub mod accuracy;
 pub mod admission;
 pub mod backoff;
+pub mod dequantize;
 pub mod engine;
 pub mod finetune;
 pub mod http;

@@ -6,8 +6,9 @@
 //! untouched. Quantisation is symmetric (`q = round(w / s)`, `s = max|w| / 127` per channel, zero
 //! point 0).
 //!
-//! Why this shape: tract folds `DequantizeLinear` over constants into f32 constants at load and
-//! then runs at fp32 speed, while its integer ops (MatMulInteger, QLinearMatMul) run 30–50× slower
+//! Why this shape: `DequantizeLinear` over constants is folded into f32 constants before tract
+//! loads the model ([`crate::dequantize`]; tract itself did not fold every one) and it then runs
+//! at fp32 speed, while its integer ops (MatMulInteger, QLinearMatMul) run 30–50× slower
 //! (see FINDINGS.md). The file is 4× smaller on the wire and on disk, and the int8 weights stay
 //! visible to an engine that can use them directly (the GPU engine reads this exact pattern).
 //!

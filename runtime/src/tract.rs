@@ -44,9 +44,15 @@ fn typed(bytes: &[u8]) -> Result<(tp::TypedModel, Vec<TensorSpec>, Vec<TensorSpe
     if bytes.is_empty() {
         return Err(LoadError::Empty);
     }
-    let model = tract_onnx::onnx()
-        .model_for_read(&mut &bytes[..])
+    let onnx = tract_onnx::onnx();
+    let mut proto = onnx
+        .proto_model_for_read(&mut &bytes[..])
         .map_err(|e| LoadError::Unreadable(chain(&e)))?;
+    crate::dequantize::fold_constant_dequantize(&mut proto);
+    let model = onnx
+        .model_for_proto_model(&proto)
+        .map_err(|e| LoadError::Unreadable(chain(&e)))?;
+    drop(proto);
     let typed = model.into_typed().map_err(|e| {
         LoadError::Unsupported(format!("tract cannot analyse the model: {}", chain(&e)))
     })?;
