@@ -111,9 +111,10 @@ enum Command {
         backend: Option<String>,
         /// What an output is, for the int8 gate, which judges classifiers by top-1 agreement
         /// and probability error, embeddings by cosine, scores by absolute error, and shows
-        /// hidden states without judging them. Repeat for several outputs. Default: a
-        /// Softmax's or the cascade's output is a classifier; otherwise rank 3+ is hidden,
-        /// one value a row a score, the rest embeddings.
+        /// hidden states without judging them, and labels (integers) by the share of elements
+        /// equal. Repeat for several outputs. Default: a Softmax's or the cascade's output is a
+        /// classifier; an integer or boolean output a label; otherwise rank 3+ is hidden, one
+        /// value a row a score, the rest embeddings.
         #[arg(long = "output-kind", value_name = "NAME:KIND", value_parser = parse_output_kind)]
         output_kinds: Vec<(String, OutputKind)>,
         /// This push's int8 gate tolerance for scores ([registry] int8_max_abs_error).

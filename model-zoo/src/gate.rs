@@ -8,6 +8,9 @@
 //!   its mean over tokens, an embedding `[batch, 64]`. int8 keeps their directions (cosine
 //!   ≈ 0.99999) while single elements move by more than a score's tolerance, as a real sentence
 //!   encoder's do.
+//! - [`label_outputs`]: the same with integer outputs beside the embedding, an ArgMax label and
+//!   an id input passed through (as exported encoders pass `input_ids` on), which the gate
+//!   judges as labels.
 
 use prost::Message as _;
 use tract_onnx::pb::tensor_proto::DataType;
@@ -80,4 +83,39 @@ pub fn encoder_outputs(seed: u64) -> Vec<u8> {
         &[],
     )
     .encode_to_vec()
+}
+
+/// An encoder that also answers integers, as exported encoders often do: the `ids` input passed
+/// through, and the `label` (ArgMax) of its embedding. Probes the gate's label kind.
+pub fn label_outputs(seed: u64) -> Vec<u8> {
+    let mut g = GraphBuilder::new(seed);
+    let (batch, tokens) = (Dim::Symbol("batch"), Dim::Symbol("tokens"));
+    let x = g.input("tokens", DataType::Float, &[batch, tokens, Dim::Fixed(64)]);
+    let ids = g.input("ids", DataType::Int64, &[batch, tokens]);
+    let w = g.random("encoder.weight", &[64, 64], 4.0);
+    g.node("MatMul", &[&x, &w], Some("hidden"), vec![]);
+    g.node(
+        "ReduceMean",
+        &["hidden"],
+        Some("embedding"),
+        vec![
+            ints_attr("axes", &[1]),
+            crate::graph::int_attr("keepdims", 0),
+        ],
+    );
+    g.node(
+        "ArgMax",
+        &["embedding"],
+        Some("label"),
+        vec![
+            crate::graph::int_attr("axis", 1),
+            crate::graph::int_attr("keepdims", 0),
+        ],
+    );
+    g.node("Identity", &[&ids], Some("ids_out"), vec![]);
+    g.output("embedding", DataType::Float, &[batch, Dim::Fixed(64)]);
+    g.output("label", DataType::Int64, &[batch]);
+    g.output("ids_out", DataType::Int64, &[batch, tokens]);
+    g.finish("label-outputs", "probes the int8 gate's label kind", &[])
+        .encode_to_vec()
 }

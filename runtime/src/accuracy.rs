@@ -8,7 +8,8 @@
 //! Each output is judged by what it is ([`OutputKind`]), because the same error means different
 //! things: a classifier by the share of rows whose top-1 class agrees and the largest error of a
 //! class probability; an embedding by the smallest cosine of any of its vectors (retrieval reads
-//! directions); a score by its largest absolute error. Hidden states (a transformer's last hidden
+//! directions); a score by its largest absolute error; integers (labels, ids, a mask passed
+//! through) by the share of elements equal. Hidden states (a transformer's last hidden
 //! state) are measured and shown but not judged — they are not what an app reads — unless the
 //! push names another kind for them, or the model has no other output. Kinds are read from the graph
 //! (a Softmax's output, or a cascade's, is a classifier) and the output's shape (rank 3 or more:
@@ -57,15 +58,20 @@ pub enum OutputKind {
     Score,
     /// Intermediate states: measured, not judged unless asked.
     Hidden,
+    /// Integers or booleans (class labels, token ids, a mask a model passes through): the
+    /// share of elements equal, held to the top-1 agreement's tolerance. The kind of every
+    /// output that is not a float, unless the push names another.
+    Label,
 }
 
 impl OutputKind {
     /// Every kind.
-    pub const ALL: [OutputKind; 4] = [
+    pub const ALL: [OutputKind; 5] = [
         OutputKind::Classifier,
         OutputKind::Embedding,
         OutputKind::Score,
         OutputKind::Hidden,
+        OutputKind::Label,
     ];
 
     /// The kind's name, as a push writes it.
@@ -75,6 +81,7 @@ impl OutputKind {
             OutputKind::Embedding => "embedding",
             OutputKind::Score => "score",
             OutputKind::Hidden => "hidden",
+            OutputKind::Label => "label",
         }
     }
 
@@ -104,7 +111,9 @@ impl FromStr for OutputKind {
             .into_iter()
             .find(|k| k.as_str() == text)
             .ok_or_else(|| {
-                format!("output kind {text:?} must be classifier, embedding, score or hidden")
+                format!(
+                    "output kind {text:?} must be classifier, embedding, score, hidden or label"
+                )
             })
     }
 }
@@ -139,7 +148,8 @@ pub struct OutputAccuracy {
     /// `[batch, width]` output).
     #[serde(default = "one")]
     pub min_vector_cosine: f64,
-    /// The share of rows whose top-1 class agrees, for classifier outputs.
+    /// The share of rows whose top-1 class agrees, for classifier outputs; the share of
+    /// elements equal, for labels.
     pub top1_agreement: Option<f64>,
     /// The largest difference of a class probability, for classifier outputs.
     #[serde(default)]
@@ -203,6 +213,15 @@ impl OutputAccuracy {
                 tolerance.max_abs_error,
                 ratio(self.max_abs_error, tolerance.max_abs_error),
             )],
+            OutputKind::Label => {
+                let equal = self.top1_agreement.unwrap_or(0.0);
+                vec![(
+                    "equal elements",
+                    equal,
+                    tolerance.min_top1_agreement,
+                    ratio(1.0 - equal, 1.0 - tolerance.min_top1_agreement),
+                )]
+            }
         }
     }
 }
@@ -221,8 +240,8 @@ impl AccuracyReport {
                     continue;
                 }
                 out.push(match what {
-                    "top-1 agreement" => format!(
-                        "{} ({}): top-1 agreement {:.1} % is under {:.1} %",
+                    "top-1 agreement" | "equal elements" => format!(
+                        "{} ({}): {what} {:.1} % is under {:.1} %",
                         o.name,
                         o.kind,
                         measured * 100.0,
@@ -284,8 +303,10 @@ impl fmt::Display for OutputAccuracy {
         if matches!(self.kind, OutputKind::Embedding | OutputKind::Hidden) {
             write!(f, ", smallest vector cosine {:.6}", self.min_vector_cosine)?;
         }
-        if let Some(a) = self.top1_agreement {
-            write!(f, ", top-1 agreement {:.1} %", a * 100.0)?;
+        match (self.top1_agreement, self.kind) {
+            (Some(a), OutputKind::Label) => write!(f, ", equal elements {:.1} %", a * 100.0)?,
+            (Some(a), _) => write!(f, ", top-1 agreement {:.1} %", a * 100.0)?,
+            (None, _) => {}
         }
         if let Some(p) = self.max_prob_error {
             write!(f, ", probability error {p:.6}")?;
@@ -404,15 +425,28 @@ pub fn compare(
         .map(|(w, g)| {
             let name = w.name().to_owned();
             let values = |t: &Tensor| -> Result<Vec<f64>, String> {
-                match t.datatype() {
-                    DataType::Fp32 => Ok(t
-                        .to_values::<f32>()
+                fn all<T: outpost_shared::tensor::Element>(
+                    t: &Tensor,
+                    f: impl Fn(T) -> f64,
+                ) -> Result<Vec<f64>, String> {
+                    Ok(t
+                        .to_values::<T>()
                         .map_err(|e| e.to_string())?
                         .into_iter()
-                        .map(f64::from)
-                        .collect()),
-                    DataType::Fp64 => t.to_values::<f64>().map_err(|e| e.to_string()),
-                    other => Err(format!("output {name:?} is {other}, not a float")),
+                        .map(f)
+                        .collect())
+                }
+                match t.datatype() {
+                    DataType::Fp32 => all(t, |x: f32| f64::from(x)),
+                    DataType::Fp64 => all(t, |x: f64| x),
+                    DataType::Fp16 => all(t, |x: half::f16| x.to_f64()),
+                    // Exact as f64 up to 2^53: ids and labels are far below.
+                    DataType::Int64 => all(t, |x: i64| x as f64),
+                    DataType::Int32 => all(t, |x: i32| f64::from(x)),
+                    DataType::Int8 => all(t, |x: i8| f64::from(x)),
+                    DataType::Uint8 => all(t, |x: u8| f64::from(x)),
+                    DataType::Bool => all(t, |x: bool| f64::from(u8::from(x))),
+                    other => Err(format!("output {name:?} is {other}, which the gate cannot compare")),
                 }
             };
             let (a, b) = (values(w)?, values(g)?);
@@ -426,10 +460,17 @@ pub fn compare(
             let width = usize::try_from(w.shape().last().copied().unwrap_or(1))
                 .unwrap_or(1)
                 .max(1);
-            let kind = kinds
-                .get(&name)
-                .copied()
-                .unwrap_or_else(|| OutputKind::from_shape(w.shape()));
+            let float = matches!(
+                w.datatype(),
+                DataType::Fp16 | DataType::Fp32 | DataType::Fp64
+            );
+            let kind = kinds.get(&name).copied().unwrap_or_else(|| {
+                if float {
+                    OutputKind::from_shape(w.shape())
+                } else {
+                    OutputKind::Label
+                }
+            });
             let classifier = kind == OutputKind::Classifier && width > 1;
             Ok(OutputAccuracy {
                 max_abs_error: max_abs_error(&a, &b),
@@ -439,7 +480,11 @@ pub fn compare(
                     .zip(b.chunks(width))
                     .map(|(x, y)| cosine(x, y))
                     .fold(1.0, |m, c| if c.is_nan() || c < m { c } else { m }),
-                top1_agreement: classifier.then(|| agreement(&a, &b, width)),
+                top1_agreement: if kind == OutputKind::Label {
+                    Some(equal_share(&a, &b))
+                } else {
+                    classifier.then(|| agreement(&a, &b, width))
+                },
                 max_prob_error: classifier.then(|| {
                     let (pa, pb) = (probabilities(&a, width), probabilities(&b, width));
                     max_abs_error(&pa, &pb)
@@ -461,6 +506,15 @@ pub fn compare(
         rows,
         outputs,
     })
+}
+
+/// The share of elements equal (1 for none at all).
+fn equal_share(a: &[f64], b: &[f64]) -> f64 {
+    if a.is_empty() {
+        return 1.0;
+    }
+    let equal = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    equal as f64 / a.len() as f64
 }
 
 fn max_abs_error(a: &[f64], b: &[f64]) -> f64 {
@@ -574,10 +628,17 @@ mod tests {
                 // A hidden state is shown, not judged.
                 output("hidden", Hidden, 0.28, 0.5, None),
                 output("broken", Score, f64::NAN, f64::NAN, None),
+                // Labels: the share of equal elements, whatever their distance.
+                output("ids", Label, 0.0, 1.0, Some(1.0)),
+                output("labels", Label, 3.0, 0.9, Some(0.5)),
             ],
         };
         let v = report.violations(&TOLERANCE);
-        assert_eq!(v.len(), 4, "{v:?}");
+        assert_eq!(v.len(), 5, "{v:?}");
+        assert_eq!(
+            v[4],
+            "labels (label): equal elements 50.0 % is under 95.0 %"
+        );
         assert_eq!(
             v[0],
             "probs (classifier): top-1 agreement 50.0 % is under 95.0 %"
@@ -595,6 +656,10 @@ mod tests {
         let text = report.to_string();
         assert!(
             text.contains("hidden (hidden, not judged): max abs error 0.280000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("labels (label): max abs error 3.000000, equal elements 50.0 %"),
             "{text}"
         );
         // An unjudged output that is NaN still fails: the model is broken.
@@ -647,7 +712,7 @@ mod tests {
         }
         let err = "logits".parse::<OutputKind>().unwrap_err();
         assert!(
-            err.contains("classifier, embedding, score or hidden"),
+            err.contains("classifier, embedding, score, hidden or label"),
             "{err}"
         );
     }

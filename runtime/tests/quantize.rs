@@ -339,3 +339,34 @@ fn outputs_are_judged_by_kind() {
     let hidden = accuracy::compare(&a, &b, &samples, &only_hidden, "generated").unwrap();
     assert!(hidden.outputs.iter().all(|o| o.judged), "{hidden}");
 }
+
+/// Integer outputs (an exported encoder passing its ids through, an ArgMax label) are labels,
+/// judged by the share of elements equal, not refused as "not a float".
+#[test]
+fn integer_outputs_are_labels() {
+    use outpost_runtime::accuracy::OutputKind;
+    let fp32 = model_zoo::gate::label_outputs(DEFAULT_SEED);
+    let q = quantize::quantize_int8(&fp32).unwrap();
+    let report = gate(&fp32, &q.bytes);
+    let kinds: Vec<(&str, OutputKind, bool)> = report
+        .outputs
+        .iter()
+        .map(|o| (o.name.as_str(), o.kind, o.judged))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("embedding", OutputKind::Embedding, true),
+            ("label", OutputKind::Label, true),
+            ("ids_out", OutputKind::Label, true),
+        ],
+        "{report}"
+    );
+    let ids = &report.outputs[2];
+    assert_eq!(ids.top1_agreement, Some(1.0), "{report}");
+    assert_eq!(
+        report.violations(&default_tolerance()),
+        Vec::<String>::new(),
+        "{report}"
+    );
+}
