@@ -192,6 +192,9 @@ pub(crate) fn import(bytes: &[u8]) -> Result<Graph, ImportError> {
     }
     for info in &graph.output {
         let spec = spec_of(info)?;
+        // Ids come back as i32 and are widened on the host (an exported encoder passes its
+        // input_ids and attention_mask through as outputs).
+        let integer = matches!(spec.datatype, DataType::Int64 | DataType::Int32);
         let v = match im.names.get(&info.name) {
             Some(&v) if im.graph.values[v].dtype == DType::Host => im.upload(v, DType::F32),
             Some(&v) => v,
@@ -207,12 +210,15 @@ pub(crate) fn import(bytes: &[u8]) -> Result<Graph, ImportError> {
                 }
             },
         };
-        if spec.datatype != DataType::Fp32 || im.graph.values[v].dtype != DType::F32 {
+        let dtype = im.graph.values[v].dtype;
+        if !(spec.datatype == DataType::Fp32 && dtype == DType::F32
+            || integer && dtype == DType::I32)
+        {
             return Err(unsupported(
                 "output",
                 &info.name,
                 format!(
-                    "{} outputs (only FP32 comes back from the GPU)",
+                    "{} outputs computed on the GPU (FP32 comes back, and ids passed through as INT64 or INT32)",
                     spec.datatype
                 ),
             ));

@@ -413,7 +413,17 @@ impl Engine for GpuModel {
             .zip(&self.graph.outputs)
             .map(|((bytes, output), spec)| {
                 let shape = output.shape.iter().map(|&d| d as u64).collect();
-                Tensor::from_bytes(spec.name.clone(), DataType::Fp32, shape, bytes)
+                // f32 as it is; ids (i32 on the GPU) widened to the output's type.
+                let bytes = match spec.datatype {
+                    DataType::Int64 => bytes
+                        .chunks_exact(4)
+                        .flat_map(|b| {
+                            i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])).to_le_bytes()
+                        })
+                        .collect(),
+                    _ => bytes,
+                };
+                Tensor::from_bytes(spec.name.clone(), spec.datatype, shape, bytes)
                     .map_err(|e| RunError::Model(e.to_string()))
             })
             .collect()
