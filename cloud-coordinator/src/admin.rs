@@ -189,13 +189,8 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Reply {
             Ok(mut models) => {
                 let offloads = state.metrics.offloads();
                 for m in &mut models {
-                    if let Some(&[ok, error, busy, rate_limited]) = offloads.get(&m.name) {
-                        m.offloaded = crate::registry::OffloadCounts {
-                            ok,
-                            error,
-                            busy,
-                            rate_limited,
-                        };
+                    if let Some(counts) = offloads.get(&m.name) {
+                        m.offloaded = *counts;
                     }
                 }
                 json(StatusCode::OK, &models)

@@ -3,8 +3,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::registry::OffloadCounts;
 
 /// How an offloaded call ended, for the per-model counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +72,8 @@ pub struct Metrics {
     pub rollouts_promoted: AtomicU64,
     /// Gated rollouts aborted on the candidate's health.
     pub rollouts_aborted: AtomicU64,
-    /// Offloaded calls by model (models in the registry only) and how they ended.
-    offloads: Mutex<BTreeMap<String, [u64; 4]>>,
+    /// Offloaded calls by model (models in the registry only): how they ended, and when.
+    offloads: Mutex<BTreeMap<String, ModelOffloads>>,
     inference_ok: AtomicU64,
     inference_failed: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
@@ -100,18 +103,38 @@ impl Metrics {
 
     /// Counts one offloaded call of `model` (a model of the registry: that bounds the map).
     pub fn observe_offload(&self, model: &str, served: Served) {
+        let now = seconds_now();
         if let Ok(mut offloads) = self.offloads.lock() {
             let counts = match offloads.get_mut(model) {
                 Some(c) => c,
                 None => offloads.entry(model.to_owned()).or_default(),
             };
-            counts[served as usize] += 1;
+            counts.totals[served as usize] += 1;
+            counts.last_minute.add(now);
         }
     }
 
-    /// Offloaded calls by model: answered, failed, busy, rate limited.
-    pub fn offloads(&self) -> BTreeMap<String, [u64; 4]> {
-        self.offloads.lock().map(|o| o.clone()).unwrap_or_default()
+    /// Offloaded calls by model: how they ended since the start, and how many came in the
+    /// last minute (the model's offload rate).
+    pub fn offloads(&self) -> BTreeMap<String, OffloadCounts> {
+        let now = seconds_now();
+        let Ok(offloads) = self.offloads.lock() else {
+            return BTreeMap::new();
+        };
+        offloads
+            .iter()
+            .map(|(model, counts)| {
+                let [ok, error, busy, rate_limited] = counts.totals;
+                let counts = OffloadCounts {
+                    ok,
+                    error,
+                    busy,
+                    rate_limited,
+                    last_minute: counts.last_minute.total(now),
+                };
+                (model.clone(), counts)
+            })
+            .collect()
     }
 
     /// The metrics in Prometheus text format.
@@ -181,12 +204,13 @@ impl Metrics {
             "# HELP outpost_offloaded_calls_total Offloaded calls by model and how they ended (busy: pool or backend full; rate_limited: [gateway]).\n# TYPE outpost_offloaded_calls_total counter"
         );
         for (model, counts) in self.offloads() {
+            let totals = [counts.ok, counts.error, counts.busy, counts.rate_limited];
             for served in Served::ALL {
                 let _ = writeln!(
                     out,
                     "outpost_offloaded_calls_total{{model=\"{model}\",result=\"{}\"}} {}",
                     served.label(),
-                    counts[served as usize]
+                    totals[served as usize]
                 );
             }
         }
@@ -219,5 +243,118 @@ impl Metrics {
         );
         let _ = writeln!(out, "outpost_inference_seconds_count {}", ok + failed);
         out
+    }
+}
+
+/// One model's offloaded calls: by how they ended (in [`Served`] order), and a window.
+#[derive(Debug, Default)]
+struct ModelOffloads {
+    totals: [u64; 4],
+    last_minute: MinuteWindow,
+}
+
+/// Seconds since the first call: the clock of the [`MinuteWindow`]s (monotonic).
+fn seconds_now() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs()
+}
+
+/// Events in each of the last 60 seconds: a ring indexed by the second, cleared as time moves
+/// on, so a model's rate costs 60 counters however many calls it gets.
+#[derive(Debug, Clone)]
+struct MinuteWindow {
+    seconds: [u32; 60],
+    /// The newest second counted.
+    last: u64,
+}
+
+impl Default for MinuteWindow {
+    fn default() -> Self {
+        MinuteWindow {
+            seconds: [0; 60],
+            last: 0,
+        }
+    }
+}
+
+impl MinuteWindow {
+    /// Clears the slots of the seconds between the newest counted and `now`.
+    fn advance(&mut self, now: u64) {
+        if now <= self.last {
+            return;
+        }
+        if now - self.last >= 60 {
+            self.seconds = [0; 60];
+        } else {
+            for second in self.last + 1..=now {
+                self.seconds[(second % 60) as usize] = 0;
+            }
+        }
+        self.last = now;
+    }
+
+    /// Counts one event at `now` (a clock that never goes back: [`seconds_now`]).
+    fn add(&mut self, now: u64) {
+        self.advance(now);
+        let slot = &mut self.seconds[(self.last % 60) as usize];
+        *slot = slot.saturating_add(1);
+    }
+
+    /// Events in the 60 seconds up to `now`.
+    fn total(&self, now: u64) -> u64 {
+        let mut window = self.clone();
+        window.advance(now);
+        window.seconds.iter().map(|&n| u64::from(n)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_minute_window_counts_the_last_sixty_seconds_only() {
+        let mut w = MinuteWindow::default();
+        for second in [0, 0, 1, 30, 59] {
+            w.add(second);
+        }
+        assert_eq!(w.total(59), 5);
+        // Second 60 drops second 0's two events; second 61 drops second 1's.
+        assert_eq!(w.total(60), 3);
+        assert_eq!(w.total(61), 2);
+        w.add(61);
+        assert_eq!(w.total(61), 3);
+        assert_eq!(
+            w.total(90),
+            2,
+            "second 30 is out of the window by 90; 59 and 61 are in"
+        );
+        assert_eq!(w.total(119), 1);
+        assert_eq!(w.total(121), 0);
+        // A gap of more than a minute clears everything at once.
+        w.add(500);
+        assert_eq!(w.total(500), 1);
+        assert_eq!(w.total(10_000), 0);
+        // The reading does not move the window itself.
+        assert_eq!(w.total(500), 1);
+    }
+
+    #[test]
+    fn offloads_report_totals_and_the_last_minute() {
+        let metrics = Metrics::default();
+        metrics.observe_offload("ranker", Served::Ok);
+        metrics.observe_offload("ranker", Served::Ok);
+        metrics.observe_offload("ranker", Served::RateLimited);
+        let counts = metrics.offloads()["ranker"];
+        assert_eq!(
+            (counts.ok, counts.error, counts.busy, counts.rate_limited),
+            (2, 0, 0, 1)
+        );
+        assert_eq!(counts.last_minute, 3);
+        assert!(
+            metrics.render().contains(
+                "outpost_offloaded_calls_total{model=\"ranker\",result=\"rate_limited\"} 1"
+            )
+        );
     }
 }

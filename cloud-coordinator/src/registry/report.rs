@@ -289,7 +289,8 @@ pub struct ModelSummary {
     pub offloaded: OffloadCounts,
 }
 
-/// Offloaded calls of one model since the coordinator started, by how they ended.
+/// Offloaded calls of one model since the coordinator started, by how they ended, and its
+/// rate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OffloadCounts {
     /// Answered.
@@ -300,6 +301,9 @@ pub struct OffloadCounts {
     pub busy: u64,
     /// Refused `Busy` by a `[gateway]` rate limit.
     pub rate_limited: u64,
+    /// Calls (however they ended) in the last 60 seconds: the model's offload rate.
+    #[serde(default)]
+    pub last_minute: u64,
 }
 
 /// `variant` against the stable version's variant for the same place (any edge variant stands

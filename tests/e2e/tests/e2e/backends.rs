@@ -206,6 +206,10 @@ async fn offloaded_calls_run_on_mlserver_and_kserve_with_their_errors_kept() {
         (mls_summary.offloaded.ok, mls_summary.offloaded.error),
         (2, 1)
     );
+    assert_eq!(
+        mls_summary.offloaded.last_minute, 3,
+        "the offload rate counts every call of the last minute"
+    );
     let ks_summary = models.iter().find(|m| m.name == "ranker-ks").unwrap();
     assert_eq!(
         ks_summary.backend, None,
