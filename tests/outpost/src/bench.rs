@@ -300,6 +300,40 @@ pub(crate) fn ranker_inputs(batch: u64) -> anyhow::Result<Vec<Tensor>> {
     ])
 }
 
+/// The largest absolute difference between two runs' float outputs (by position; other kinds
+/// must be equal, or the difference is infinite).
+pub(crate) fn largest_difference(a: &[Tensor], b: &[Tensor]) -> anyhow::Result<f64> {
+    anyhow::ensure!(
+        a.len() == b.len(),
+        "{} outputs against {}",
+        a.len(),
+        b.len()
+    );
+    let mut largest = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        anyhow::ensure!(
+            x.shape() == y.shape(),
+            "output {:?}: shape {:?} against {:?}",
+            x.name(),
+            x.shape(),
+            y.shape()
+        );
+        if x.datatype() == outpost_shared::DataType::Fp32 {
+            let (xs, ys) = (x.to_values::<f32>()?, y.to_values::<f32>()?);
+            for (u, v) in xs.iter().zip(&ys) {
+                let d = f64::from((u - v).abs());
+                if d.is_nan() {
+                    return Ok(f64::NAN);
+                }
+                largest = largest.max(d);
+            }
+        } else if x.data() != y.data() {
+            largest = f64::INFINITY;
+        }
+    }
+    Ok(largest)
+}
+
 /// p50 and p99 (nearest rank).
 pub(crate) fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort_unstable();

@@ -116,6 +116,11 @@ enum Command {
         /// Threads for the text encoder's figures (tract and ONNX Runtime alike).
         #[arg(long, default_value_t = 1)]
         text_threads: usize,
+        /// With --text-only: your own encoder instead of the model-zoo one (an ONNX file whose
+        /// inputs are input_ids and, when it has them, attention_mask and token_type_ids, as a
+        /// standard BERT-class export writes them).
+        #[arg(long, value_name = "FILE", requires = "text_only")]
+        text_model: Option<PathBuf>,
         /// Only MQTT connects: this many clients at once to the embedded broker over TLS, beside
         /// rumqttd over plain TCP (each broker in a child, its memory per connection).
         #[arg(long)]
@@ -123,6 +128,16 @@ enum Command {
         /// Request sizes, in video-ranker rows, for the memory figures.
         #[arg(long, value_delimiter = ',', default_value = "10000,100000,900000")]
         memory_rows: Vec<u64>,
+    },
+    /// The GPU engine against tract on this machine's adapter, from the binary (for a GPU
+    /// machine without a Rust toolchain): every demo and text model's int8 variant and each
+    /// --model file, int8 weights unpacked (held to 1e-4; the exit status says whether all
+    /// were) and with int8 activations (shown).
+    GpuCheck {
+        /// An ONNX model of your own to check too (repeat for several); quantised to int8 as
+        /// the coordinator does unless it already is.
+        #[arg(long = "model", value_name = "FILE")]
+        models: Vec<PathBuf>,
     },
     /// One MQTT broker in this process (run by `bench --mqtt-only`).
     #[command(hide = true)]
@@ -157,6 +172,7 @@ fn main() -> std::process::ExitCode {
             | Command::Bench { .. }
             | Command::BenchMemoryCase { .. }
             | Command::Sim { .. }
+            | Command::GpuCheck { .. }
     ) {
         runtime_dir::ensure();
     }
@@ -172,13 +188,17 @@ fn main() -> std::process::ExitCode {
             memory_rows,
             text_only,
             text_threads,
+            text_model,
             backend,
             replicas_only,
         } => {
             let text = || {
-                outpost::text_bench::run(calls.clamp(1, 500), text_threads.max(1), &mut |line| {
-                    println!("{line}")
-                })
+                outpost::text_bench::run(
+                    calls.clamp(1, 500),
+                    text_threads.max(1),
+                    text_model.as_deref(),
+                    &mut |line| println!("{line}"),
+                )
             };
             if text_only {
                 return exit(text());
@@ -254,6 +274,16 @@ fn main() -> std::process::ExitCode {
                 ))),
             };
             return exit(run_sim(&options, json, plot.as_deref()));
+        }
+        Command::GpuCheck { models } => {
+            return match outpost::gpu_check::run(&models, &mut |line| println!("{line}")) {
+                Ok(true) => std::process::ExitCode::SUCCESS,
+                Ok(false) => {
+                    eprintln!("error: a model is off the GPU or past the tolerance (above)");
+                    std::process::ExitCode::FAILURE
+                }
+                Err(e) => exit(Err(e)),
+            };
         }
         Command::SimCoordinator { config } => {
             tracing_subscriber::fmt()

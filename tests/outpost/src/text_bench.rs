@@ -1,4 +1,5 @@
-//! `outpost bench --text-only`: the model-zoo text encoder, side by side in one run.
+//! `outpost bench --text-only [--text-model FILE]`: the model-zoo text encoder (or the
+//! operator's own), side by side in one run.
 //!
 //! - Fixed shapes (sequence 32 and 128, batch 1 and 8): tract fp32 and int8 on their
 //!   shape-optimised plans, against ONNX Runtime fp32 on the same ONNX file at the same thread
@@ -22,13 +23,14 @@ use outpost_runtime::tract::{TractModel, TractOptions};
 use outpost_shared::release::{Blob, Dim, TextInput};
 use outpost_shared::{Tensor, TensorSpec};
 
-use crate::bench::percentiles;
+use crate::bench::{largest_difference, percentiles};
 
 /// The fixed shapes measured: (batch, sequence).
 const SHAPES: [(u64, u64); 4] = [(1, 32), (8, 32), (1, 128), (8, 128)];
 
 /// The ONNX Runtime baseline: reads the model path, threads and calls from argv, then one
-/// `batch seq` line a shape from stdin; prints `p50_ms p99_ms` a shape.
+/// `batch seq` line a shape from stdin; prints `p50_ms p99_ms` a shape. It feeds the token
+/// inputs the model has, made as [`token_inputs`] makes them.
 const ORT_SCRIPT: &str = r#"
 import sys, time
 import numpy as np
@@ -42,8 +44,9 @@ s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 for line in sys.stdin:
     b, n = map(int, line.split())
     ids = ((np.arange(b * n) * 7919 + 13) % 500 + 5).reshape(b, n).astype(np.int64)
-    feed = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64),
-            "token_type_ids": np.zeros((b, n), np.int64)}
+    every = {"input_ids": ids, "attention_mask": np.ones((b, n), np.int64),
+             "token_type_ids": np.zeros((b, n), np.int64)}
+    feed = {i.name: every[i.name] for i in s.get_inputs()}
     for _ in range(20):
         s.run(None, feed)
     times = []
@@ -56,9 +59,21 @@ for line in sys.stdin:
     print(f"{at(0.5) * 1e3:.4f} {at(0.99) * 1e3:.4f}", flush=True)
 "#;
 
-/// Runs the text benchmarks with `threads` threads and `calls` calls a figure.
-pub fn run(calls: usize, threads: usize, report: &mut impl FnMut(&str)) -> anyhow::Result<()> {
-    let fp32 = TextModel::TextEncoder.bytes(DEFAULT_SEED)?;
+/// The token inputs a BERT-class encoder may have; `input_ids` is required.
+const TOKEN_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
+
+/// Runs the text benchmarks with `threads` threads and `calls` calls a figure, on `model` (an
+/// ONNX file) or else the model-zoo text encoder.
+pub fn run(
+    calls: usize,
+    threads: usize,
+    model: Option<&std::path::Path>,
+    report: &mut impl FnMut(&str),
+) -> anyhow::Result<()> {
+    let fp32 = match model {
+        Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        None => TextModel::TextEncoder.bytes(DEFAULT_SEED)?,
+    };
     let int8 = outpost_runtime::quantize::quantize_int8(&fp32)?.bytes;
     let options = TractOptions {
         threads,
@@ -66,26 +81,72 @@ pub fn run(calls: usize, threads: usize, report: &mut impl FnMut(&str)) -> anyho
     };
     let tract_fp32 = TractModel::load_with(&fp32, options).map_err(anyhow::Error::msg)?;
     let tract_int8 = TractModel::load_with(&int8, options).map_err(anyhow::Error::msg)?;
+    let names: Vec<&str> = tract_fp32
+        .inputs()
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    if let Some(other) = names.iter().find(|n| !TOKEN_INPUTS.contains(n)) {
+        anyhow::bail!(
+            "the model has an input {other:?}: a text encoder here takes {} only",
+            TOKEN_INPUTS.join(", ")
+        );
+    }
+    if !names.contains(&"input_ids") {
+        anyhow::bail!("the model has no input_ids input: is it a text encoder?");
+    }
+    let described = match model {
+        Some(path) => format!(
+            "{} ({:.1} MiB fp32)",
+            path.display(),
+            fp32.len() as f64 / (1 << 20) as f64
+        ),
+        None => format!(
+            "text-encoder (2 layers, hidden 128, {:.2} M parameters)",
+            model_zoo::parameter_count(&TextModel::TextEncoder.build(DEFAULT_SEED)?) as f64 / 1e6
+        ),
+    };
     report(&format!(
-        "text-encoder (2 layers, hidden 128, {:.2} M parameters), {threads} thread(s), {calls} calls each (p50 / p99):",
-        model_zoo::parameter_count(&TextModel::TextEncoder.build(DEFAULT_SEED)?) as f64 / 1e6
+        "{described}, {threads} thread(s), {calls} calls each (p50 / p99):"
     ));
-    let (line, gpu) = gpu_engine(&int8);
+    let (line, gpu) = gpu_engine(&int8, true);
     report(&line);
+    // Parity with f32 activations too (int8 weights unpacked): the engine's own error, apart
+    // from the activations' rounding that dot4I8Packed adds.
+    let (_, unpacked) = match &gpu {
+        Some(_) => gpu_engine(&int8, false),
+        None => (String::new(), None),
+    };
     let ort = ort_figures(&fp32, threads, calls);
     if let Err(e) = &ort {
         report(&format!("  ONNX Runtime: not measured ({e})"));
     }
     for (i, &(batch, seq)) in SHAPES.iter().enumerate() {
-        let inputs = token_inputs(batch, seq)?;
+        let inputs = token_inputs(batch, seq, &names)?;
         for _ in 0..20 {
             tract_fp32.run(&inputs).map_err(anyhow::Error::msg)?;
             tract_int8.run(&inputs).map_err(anyhow::Error::msg)?;
         }
+        let reference = tract_int8.run(&inputs).map_err(anyhow::Error::msg)?;
         if let Some(gpu) = &gpu {
             for _ in 0..5 {
                 gpu.run(&inputs).map_err(anyhow::Error::msg)?;
             }
+            let got = gpu.run(&inputs).map_err(anyhow::Error::msg)?;
+            let unpacked = match &unpacked {
+                Some(u) => {
+                    let got = u.run(&inputs).map_err(anyhow::Error::msg)?;
+                    format!(
+                        "; f32 activations {:.2e}",
+                        largest_difference(&got, &reference)?
+                    )
+                }
+                None => String::new(),
+            };
+            report(&format!(
+                "  batch {batch}, sequence {seq:>3}  GPU engine against tract int8, largest difference: as measured {:.2e}{unpacked}",
+                largest_difference(&got, &reference)?
+            ));
         }
         // The shape plans are optimised on a background thread: let them land.
         std::thread::sleep(Duration::from_secs(2));
@@ -138,14 +199,20 @@ pub fn run(calls: usize, threads: usize, report: &mut impl FnMut(&str)) -> anyho
             ));
         }
     }
-    buckets(&fp32, threads, calls, report)
+    match model {
+        // The buckets need the model's own tokenizer; the zoo encoder's is at hand.
+        Some(_) => Ok(()),
+        None => buckets(&fp32, threads, calls, report),
+    }
 }
 
-/// The GPU engine on the int8 file, with a line naming the adapter (or why there is none).
-fn gpu_engine(int8: &[u8]) -> (String, Option<outpost_gpu::GpuModel>) {
+/// The GPU engine on the int8 file, with a line naming the adapter (or why there is none);
+/// `dot4`: int8 activations where the adapter has `dot4I8Packed`.
+fn gpu_engine(int8: &[u8], dot4: bool) -> (String, Option<outpost_gpu::GpuModel>) {
     use outpost_gpu::{GpuContext, GpuModel, GpuOptions};
     let ctx = match GpuContext::new(GpuOptions {
         allow_software: true,
+        dot4,
         ..GpuOptions::default()
     }) {
         Ok(ctx) => ctx,
@@ -316,14 +383,19 @@ fn buckets(
     Ok(())
 }
 
-/// `input_ids`, `attention_mask` (ones) and `token_type_ids` (zeros) of `[batch, seq]`, ids
-/// as the ONNX Runtime script makes them.
-fn token_inputs(batch: u64, seq: u64) -> anyhow::Result<Vec<Tensor>> {
+/// The model's token inputs (`names`, of [`TOKEN_INPUTS`]) of `[batch, seq]`: ids as the ONNX
+/// Runtime script makes them, `attention_mask` ones and `token_type_ids` zeros.
+fn token_inputs(batch: u64, seq: u64, names: &[&str]) -> anyhow::Result<Vec<Tensor>> {
     let n = batch * seq;
-    let ids: Vec<i64> = (0..n).map(|i| ((i * 7919 + 13) % 500 + 5) as i64).collect();
-    Ok(vec![
-        Tensor::from_values("input_ids", vec![batch, seq], &ids)?,
-        Tensor::from_values("attention_mask", vec![batch, seq], &vec![1i64; n as usize])?,
-        Tensor::from_values("token_type_ids", vec![batch, seq], &vec![0i64; n as usize])?,
-    ])
+    names
+        .iter()
+        .map(|&name| {
+            let values: Vec<i64> = match name {
+                "input_ids" => (0..n).map(|i| ((i * 7919 + 13) % 500 + 5) as i64).collect(),
+                "attention_mask" => vec![1; n as usize],
+                _ => vec![0; n as usize],
+            };
+            Ok(Tensor::from_values(name, vec![batch, seq], &values)?)
+        })
+        .collect()
 }

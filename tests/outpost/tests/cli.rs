@@ -1,8 +1,8 @@
 //! The `outpost` binary's command line, run as a process: bad arguments are refused with the
-//! reason. (This test also makes `cargo test --workspace` build the binary, which the e2e
+//! reason, and `gpu-check` compares the GPU engine with tract. (This test also makes `cargo test --workspace` build the binary, which the e2e
 //! tests run.)
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::process::Command;
 
@@ -41,5 +41,50 @@ fn bad_arguments_are_refused_with_the_reason() {
         String::from_utf8_lossy(&out.stderr).contains("give --data a new folder"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `outpost gpu-check` (the parity check a GPU machine runs from the binary) compares every demo
+/// and text model on this machine's adapter (lavapipe in CI), and names a model the GPU engine
+/// does not take, failing the run.
+#[test]
+fn gpu_check_compares_every_model_and_names_one_off_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    // An ArgMax label: no GPU kernel takes it.
+    let off_the_gpu = dir.path().join("labels.onnx");
+    std::fs::write(
+        &off_the_gpu,
+        model_zoo::gate::label_outputs(model_zoo::DEFAULT_SEED),
+    )
+    .unwrap();
+    let out = Command::new(binary("outpost"))
+        .arg("gpu-check")
+        .arg("--model")
+        .arg(&off_the_gpu)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.starts_with("GPU adapter: "), "{stdout}");
+    let names = model_zoo::DemoModel::ALL
+        .iter()
+        .map(|m| m.name())
+        .chain(model_zoo::TextModel::ALL.iter().map(|m| m.name()));
+    for name in names {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no line for {name}: {stdout}"));
+        assert!(line.contains("(ok)"), "{line}");
+    }
+    let bad = stdout.lines().find(|l| l.contains("labels.onnx")).unwrap();
+    assert!(
+        bad.contains("FAILED") && bad.contains("ArgMax"),
+        "{bad}\n{stdout}"
+    );
+    assert!(
+        stderr.contains("off the GPU or past the tolerance"),
+        "{stderr}"
     );
 }
