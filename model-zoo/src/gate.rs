@@ -64,17 +64,7 @@ pub fn encoder_outputs(seed: u64) -> Vec<u8> {
     let mut g = GraphBuilder::new(seed);
     let (batch, tokens) = (Dim::Symbol("batch"), Dim::Symbol("tokens"));
     let x = g.input("tokens", DataType::Float, &[batch, tokens, Dim::Fixed(64)]);
-    let w = g.random("encoder.weight", &[64, 64], 4.0);
-    g.node("MatMul", &[&x, &w], Some("hidden"), vec![]);
-    g.node(
-        "ReduceMean",
-        &["hidden"],
-        Some("embedding"),
-        vec![
-            ints_attr("axes", &[1]),
-            crate::graph::int_attr("keepdims", 0),
-        ],
-    );
+    hidden_and_embedding(&mut g, &x);
     g.output("hidden", DataType::Float, &[batch, tokens, Dim::Fixed(64)]);
     g.output("embedding", DataType::Float, &[batch, Dim::Fixed(64)]);
     g.finish(
@@ -85,15 +75,11 @@ pub fn encoder_outputs(seed: u64) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// An encoder that also answers integers, as exported encoders often do: the `ids` input passed
-/// through, and the `label` (ArgMax) of its embedding. Probes the gate's label kind.
-pub fn label_outputs(seed: u64) -> Vec<u8> {
-    let mut g = GraphBuilder::new(seed);
-    let (batch, tokens) = (Dim::Symbol("batch"), Dim::Symbol("tokens"));
-    let x = g.input("tokens", DataType::Float, &[batch, tokens, Dim::Fixed(64)]);
-    let ids = g.input("ids", DataType::Int64, &[batch, tokens]);
+/// `x [batch, tokens, 64]` through `encoder.weight` to `hidden`, and `embedding`, its mean over
+/// tokens.
+fn hidden_and_embedding(g: &mut GraphBuilder, x: &str) {
     let w = g.random("encoder.weight", &[64, 64], 4.0);
-    g.node("MatMul", &[&x, &w], Some("hidden"), vec![]);
+    g.node("MatMul", &[x, &w], Some("hidden"), vec![]);
     g.node(
         "ReduceMean",
         &["hidden"],
@@ -103,6 +89,16 @@ pub fn label_outputs(seed: u64) -> Vec<u8> {
             crate::graph::int_attr("keepdims", 0),
         ],
     );
+}
+
+/// An encoder that also answers integers, as exported encoders often do: the `ids` input passed
+/// through, and the `label` (ArgMax) of its embedding. Probes the gate's label kind.
+pub fn label_outputs(seed: u64) -> Vec<u8> {
+    let mut g = GraphBuilder::new(seed);
+    let (batch, tokens) = (Dim::Symbol("batch"), Dim::Symbol("tokens"));
+    let x = g.input("tokens", DataType::Float, &[batch, tokens, Dim::Fixed(64)]);
+    let ids = g.input("ids", DataType::Int64, &[batch, tokens]);
+    hidden_and_embedding(&mut g, &x);
     g.node(
         "ArgMax",
         &["embedding"],

@@ -150,7 +150,7 @@ fn integers(t: &TensorProto) -> Option<Vec<i32>> {
 }
 
 /// An f32 tensor's values (raw bytes, or the protobuf's `float_data`).
-fn floats(t: &TensorProto) -> Option<Vec<f32>> {
+pub(crate) fn floats(t: &TensorProto) -> Option<Vec<f32>> {
     if t.data_type != PbType::Float as i32 {
         return None;
     }

@@ -260,24 +260,13 @@ fn weight_axes(nodes: &[NodeProto]) -> HashMap<&str, usize> {
 
 /// A rank-2 f32 tensor's values, when stored inline.
 fn f32_values(tensor: &TensorProto) -> Option<Vec<f32>> {
-    if tensor.data_type != PbType::Float as i32 || tensor.dims.len() != 2 {
+    if tensor.dims.len() != 2 {
         return None;
     }
     let rows = usize::try_from(tensor.dims[0]).ok()?;
     let cols = usize::try_from(tensor.dims[1]).ok()?;
     let count = rows.checked_mul(cols)?;
-    if !tensor.raw_data.is_empty() {
-        if tensor.raw_data.len() != count.checked_mul(4)? {
-            return None;
-        }
-        let values = tensor
-            .raw_data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        return Some(values);
-    }
-    (tensor.float_data.len() == count).then(|| tensor.float_data.clone())
+    crate::dequantize::floats(tensor).filter(|values| values.len() == count)
 }
 
 /// Quantises a row-major `[rows, cols]` matrix per channel along `axis`; `None` when a value is
