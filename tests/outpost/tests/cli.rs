@@ -88,3 +88,30 @@ fn gpu_check_compares_every_model_and_names_one_off_the_gpu() {
         "{stderr}"
     );
 }
+
+/// `bench --text-only --text-model FILE` names what is wrong with a file that is not a text
+/// encoder, or not there, before measuring anything.
+#[test]
+fn a_text_model_that_is_not_an_encoder_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // Its inputs are `tokens` (floats) and `ids`: not a text encoder's.
+    let not_an_encoder = dir.path().join("labels.onnx");
+    std::fs::write(
+        &not_an_encoder,
+        model_zoo::gate::label_outputs(model_zoo::DEFAULT_SEED),
+    )
+    .unwrap();
+    for (file, reason) in [
+        (not_an_encoder, "the model has an input \"tokens\""),
+        (dir.path().join("missing.onnx"), "reading"),
+    ] {
+        let out = Command::new(binary("outpost"))
+            .args(["bench", "--text-only", "--text-model"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{file:?} was taken");
+        assert!(stderr.contains(reason), "{file:?}: {stderr}");
+    }
+}
