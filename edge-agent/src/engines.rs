@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use firmware_config::{EngineChoice, GpuPreference};
+use firmware_config::{EngineChoice, GpuActivations, GpuPreference};
 use outpost_gpu::{GpuContext, GpuModel, GpuOptions};
 use outpost_runtime::admission::AdmissionLimits;
 use outpost_runtime::text::{TextError, TextTokenizer};
@@ -79,12 +79,18 @@ pub(crate) fn engine_threads(wanted: u32) -> usize {
     usize::try_from(wanted).unwrap_or(1).clamp(1, cpus)
 }
 
-/// The GPU local models may use, from the config's `engine` and the profile's `gpu`; `Err`
-/// (the reason) only when the config demands a GPU and none can be used. Blocking.
+/// The GPU local models may use, from the config's `engine` and `gpu_activations` and the
+/// profile's `gpu`; `Err` (the reason) only when the config demands a GPU and none can be used.
+/// Blocking.
 pub(crate) fn choose_gpu(
     choice: EngineChoice,
+    activations: GpuActivations,
     preference: GpuPreference,
 ) -> Result<LocalGpu, String> {
+    let options = GpuOptions {
+        f16: activations == GpuActivations::F16,
+        ..GpuOptions::default()
+    };
     match (choice, preference) {
         (EngineChoice::Cpu, _) => Ok(LocalGpu::Absent(
             "the agent config sets engine = \"cpu\"".into(),
@@ -95,11 +101,11 @@ pub(crate) fn choose_gpu(
         (EngineChoice::Auto, GpuPreference::Prefer) => {
             // Asked of a child first (when this binary answers probes): with no usable adapter
             // this process never loads a driver.
-            if let Some(Err(why)) = outpost_gpu::probe_in_child(GpuOptions::default()) {
+            if let Some(Err(why)) = outpost_gpu::probe_in_child(options) {
                 tracing::info!(reason = %why, "no GPU for local models; they run on tract");
                 return Ok(LocalGpu::Absent(why));
             }
-            Ok(match GpuContext::new(GpuOptions::default()) {
+            Ok(match GpuContext::new(options) {
                 Ok(gpu) => LocalGpu::Ready(gpu),
                 Err(e) => {
                     tracing::info!(reason = %e, "no GPU for local models; they run on tract");
@@ -109,7 +115,7 @@ pub(crate) fn choose_gpu(
         }
         (EngineChoice::Gpu, _) => GpuContext::new(GpuOptions {
             allow_software: true,
-            ..GpuOptions::default()
+            ..options
         })
         .map(LocalGpu::Ready),
     }
@@ -149,8 +155,9 @@ impl Engines {
                 // The warm-up also proves the GPU runs it before it serves.
                 Ok(model) => match model.warm_up() {
                     Ok(()) => {
-                        let adapter =
-                            format!("{} ({})", model.adapter().name, model.adapter().backend);
+                        let a = model.adapter();
+                        let half = if a.f16 { ", f16 activations" } else { "" };
+                        let adapter = format!("{} ({}{half})", a.name, a.backend);
                         let mut serving =
                             Serving::local(version, Some(Arc::new(model)), self.admission);
                         serving.adapter = Some(adapter);

@@ -190,11 +190,14 @@ impl Agent {
         };
         let store = Arc::new(Store::open(&data_dir).map_err(store_err)?);
         let choice = config.engine;
+        let activations = config.gpu_activations;
         let preference = config.profile().gpu;
-        let gpu = tokio::task::spawn_blocking(move || engines::choose_gpu(choice, preference))
-            .await
-            .map_err(|e| AgentError::Startup(e.to_string()))?
-            .map_err(AgentError::Gpu)?;
+        let gpu = tokio::task::spawn_blocking(move || {
+            engines::choose_gpu(choice, activations, preference)
+        })
+        .await
+        .map_err(|e| AgentError::Startup(e.to_string()))?
+        .map_err(AgentError::Gpu)?;
         let engines = Engines {
             gpu,
             tract: outpost_runtime::tract::TractOptions {

@@ -21,6 +21,11 @@ pub struct AgentConfig {
     /// model, else tract on the CPU), `gpu` (any adapter, a CPU-emulated one included), `cpu`.
     #[serde(default)]
     pub engine: EngineChoice,
+    /// How the GPU engine holds activations: `f32` (the default) or `f16` where the adapter has
+    /// `shader-f16` (half the memory traffic; each stored value rounded to 11 significant bits,
+    /// the parity table's `HALF` tolerance), f32 where it has not.
+    #[serde(default)]
+    pub gpu_activations: GpuActivations,
     /// The device's identity.
     pub device: DeviceSection,
     /// What the device trusts.
@@ -56,6 +61,15 @@ pub enum EngineChoice {
     Gpu,
     /// tract on the CPU only.
     Cpu,
+}
+
+/// `gpu_activations`: the element type of the GPU engine's activations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuActivations {
+    #[default]
+    F32,
+    F16,
 }
 
 /// `[device]`: the device's identity.

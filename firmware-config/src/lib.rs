@@ -17,7 +17,7 @@ use std::path::Path;
 
 pub use agent::{
     AgentConfig, AgentStorage, ApiSection, CoordinatorEndpoints, DeviceSection, EngineChoice,
-    FleetTrust, MqttBroker, SyncSection,
+    FleetTrust, GpuActivations, MqttBroker, SyncSection,
 };
 pub use coordinator::{
     AdminSection, BackendEncoding, BackendSection, CoordinatorConfig, CoordinatorMqtt,

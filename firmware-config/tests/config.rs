@@ -6,7 +6,7 @@ use std::path::Path;
 
 use firmware_config::{
     AgentConfig, BatteryPolicy, ConfigKind, CoordinatorConfig, DeviceClass, EngineChoice,
-    FleetPlan, GpuPreference, HostPort,
+    FleetPlan, GpuActivations, GpuPreference, HostPort,
 };
 
 const KEY: &str = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
@@ -54,6 +54,20 @@ fn the_engine_is_chosen_at_the_top_of_the_file() {
         msg.starts_with(
             "agent.toml:1:10: unknown value \"gpux\" for engine, did you mean \"gpu\"?"
         ),
+        "{msg}"
+    );
+}
+
+#[test]
+fn gpu_activations_default_to_f32_and_take_f16() {
+    let config = AgentConfig::from_toml(Path::new("agent.toml"), &agent_toml("")).unwrap();
+    assert_eq!(config.gpu_activations, GpuActivations::F32);
+    let text = format!("gpu_activations = \"f16\"\n{}", agent_toml(""));
+    let config = AgentConfig::from_toml(Path::new("agent.toml"), &text).unwrap();
+    assert_eq!(config.gpu_activations, GpuActivations::F16);
+    let msg = agent_error(&format!("gpu_activations = \"fp16\"\n{}", agent_toml("")));
+    assert!(
+        msg.starts_with("agent.toml:1:19: unknown value \"fp16\" for gpu_activations"),
         "{msg}"
     );
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use outpost_runtime::engine::RunError;
 
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, Precision};
 
 /// Which adapters may be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +20,10 @@ pub struct GpuOptions {
     /// Split weight tensors into blocks of at most this many bytes (the adapter's storage
     /// binding limit when `None`). Tests set it small to exercise the split.
     pub weight_block_bytes: Option<u64>,
+    /// Hold activations as f16 where the adapter has `shader-f16` (half the memory traffic of
+    /// every value; each stored value rounded to 11 significant bits, kernels still compute in
+    /// f32); f32 where it has not. Off by default: agent config `gpu_activations = "f16"`.
+    pub f16: bool,
 }
 
 impl Default for GpuOptions {
@@ -28,6 +32,7 @@ impl Default for GpuOptions {
             allow_software: false,
             dot4: true,
             weight_block_bytes: None,
+            f16: false,
         }
     }
 }
@@ -45,6 +50,8 @@ pub struct AdapterSummary {
     pub software: bool,
     /// Whether int8 products use `dot4I8Packed`.
     pub dot4: bool,
+    /// Whether activations are held as f16.
+    pub f16: bool,
 }
 
 /// A device with the kernels compiled.
@@ -54,6 +61,8 @@ pub struct GpuContext {
     pub(crate) summary: AdapterSummary,
     pub(crate) limits: wgpu::Limits,
     pub(crate) weight_block_bytes: u64,
+    /// How activations are held (every kernel was compiled for it).
+    pub(crate) precision: Precision,
     pipelines: HashMap<Kernel, wgpu::ComputePipeline>,
     /// Why the device was lost, once it is: every later call fails with it.
     lost: Arc<Mutex<Option<String>>>,
@@ -129,9 +138,18 @@ impl GpuContext {
         };
         let info = adapter.get_info();
         let limits = adapter.limits();
+        let f16 = options.f16 && adapter.features().contains(wgpu::Features::SHADER_F16);
+        if options.f16 && !f16 {
+            tracing::info!(adapter = %info.name, "no shader-f16 on this adapter; activations stay f32");
+        }
+        let required_features = if f16 {
+            wgpu::Features::SHADER_F16
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("outpost"),
-            required_features: wgpu::Features::empty(),
+            required_features,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -156,25 +174,29 @@ impl GpuContext {
         let dot4_language = instance
             .wgsl_language_features()
             .contains(wgpu::WgslLanguageFeatures::Packed4x8IntegerDotProduct);
-        let mut pipelines = HashMap::new();
-        let mut dot4 = false;
-        for kernel in Kernel::ALL {
-            if kernel.needs_dot4() && !(options.dot4 && dot4_language) {
-                continue;
-            }
-            match compile(&device, kernel) {
-                Ok(p) => {
-                    dot4 |= kernel.needs_dot4();
-                    pipelines.insert(kernel, p);
+        let use_dot4 = options.dot4 && dot4_language;
+        let (precision, pipelines) = if f16 {
+            match compile_all(&device, Precision::F16, use_dot4) {
+                Ok(p) => (Precision::F16, p),
+                // A driver that claims the feature yet fails a kernel: f32 still serves.
+                Err((kernel, e)) => {
+                    tracing::warn!(kernel = kernel.name(), error = %e, "f16 kernels failed to compile; activations stay f32");
+                    (
+                        Precision::F32,
+                        compile_all(&device, Precision::F32, use_dot4)
+                            .map_err(|(k, e)| format!("{}: kernel {}: {e}", info.name, k.name()))?,
+                    )
                 }
-                // The packed product is an optional extension: without it, unpack.
-                Err(e) if kernel.needs_dot4() || kernel == Kernel::QuantizeRows => {
-                    tracing::info!(error = %e, "dot4I8Packed unavailable; int8 products unpack");
-                }
-                Err(e) => return Err(format!("{}: kernel {}: {e}", info.name, kernel.name())),
             }
-        }
-        dot4 &= pipelines.contains_key(&Kernel::QuantizeRows);
+        } else {
+            (
+                Precision::F32,
+                compile_all(&device, Precision::F32, use_dot4)
+                    .map_err(|(k, e)| format!("{}: kernel {}: {e}", info.name, k.name()))?,
+            )
+        };
+        let dot4 = pipelines.contains_key(&Kernel::MatMulDot4)
+            && pipelines.contains_key(&Kernel::QuantizeRows);
         let binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
@@ -190,14 +212,16 @@ impl GpuContext {
             device_type: format!("{:?}", info.device_type),
             software: info.device_type == wgpu::DeviceType::Cpu,
             dot4,
+            f16: precision == Precision::F16,
         };
-        tracing::info!(adapter = %summary.name, backend = %summary.backend, dot4, "GPU ready");
+        tracing::info!(adapter = %summary.name, backend = %summary.backend, dot4, f16 = summary.f16, "GPU ready");
         Ok(Arc::new(GpuContext {
             device,
             queue,
             summary,
             limits,
             weight_block_bytes,
+            precision,
             pipelines,
             lost,
         }))
@@ -256,9 +280,39 @@ fn unusable(adapter: &wgpu::Adapter, options: GpuOptions) -> Option<String> {
 }
 
 /// Compiles one kernel, or returns the validation error the device gave.
-fn compile(device: &wgpu::Device, kernel: Kernel) -> Result<wgpu::ComputePipeline, wgpu::Error> {
+/// Every kernel for `precision`: the packed int8 product only with `dot4`, and dropped (int8
+/// products unpack) when it fails to compile; any other kernel's failure is the error.
+fn compile_all(
+    device: &wgpu::Device,
+    precision: Precision,
+    dot4: bool,
+) -> Result<HashMap<Kernel, wgpu::ComputePipeline>, (Kernel, wgpu::Error)> {
+    let mut pipelines = HashMap::new();
+    for kernel in Kernel::ALL {
+        if kernel.needs_dot4() && !dot4 {
+            continue;
+        }
+        match compile(device, kernel, precision) {
+            Ok(p) => {
+                pipelines.insert(kernel, p);
+            }
+            // The packed product is an optional extension: without it, unpack.
+            Err(e) if kernel.needs_dot4() || kernel == Kernel::QuantizeRows => {
+                tracing::info!(error = %e, "dot4I8Packed unavailable; int8 products unpack");
+            }
+            Err(e) => return Err((kernel, e)),
+        }
+    }
+    Ok(pipelines)
+}
+
+fn compile(
+    device: &wgpu::Device,
+    kernel: Kernel,
+    precision: Precision,
+) -> Result<wgpu::ComputePipeline, wgpu::Error> {
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let source = kernel.source();
+    let source = kernel.source(precision);
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(kernel.name()),
         source: wgpu::ShaderSource::Wgsl(source.into()),

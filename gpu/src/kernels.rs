@@ -6,6 +6,13 @@
 //! laid out 64 to a workgroup over a 2-D grid (a 1-D grid stops at 65 535 workgroups); each
 //! thread finds its linear index with `linear_index` (`common.wgsl`) and returns past the end.
 //!
+//! Activations — every float value the graph computes, and the graph constants kernels read
+//! as values — are held as `act`: `f32`, or `f16` when the context runs f16 activations
+//! ([`Precision`]). Kernels read them widened to f32 and compute in f32 (sums, maxima and
+//! LayerNorm statistics included); only what is stored is rounded, saturating at f16's largest
+//! finite value (an exporter's `-3.4e38` mask constant becomes -65504, not -inf, so `0 × mask`
+//! stays 0). Weights, biases, int8 scales and ids keep their own types.
+//!
 //! WGSL has no 64-bit integers (ids arrive as `i32`, converted and range-checked on the host)
 //! and no `erf` ([`ERF_MAX_ERROR`]).
 
@@ -22,6 +29,63 @@ const ROWS_COMMON: &str = include_str!("kernels/rows_common.wgsl");
 /// Shared by the reductions: each element's term and the total's last touch, by mode.
 const REDUCE_COMMON: &str = include_str!("kernels/reduce_common.wgsl");
 
+/// First in every kernel with f32 activations: `act` and the store's conversion.
+const F32_ACTIVATIONS: &str = "alias act = f32;
+fn to_act(v: f32) -> act { return v; }
+";
+/// First in every kernel with f16 activations (`enable` must precede every declaration). The
+/// store saturates: f16 overflows to infinity past 65504.
+const F16_ACTIVATIONS: &str = "enable f16;
+alias act = f16;
+fn to_act(v: f32) -> act { return act(clamp(v, -65504.0, 65504.0)); }
+";
+
+/// How activations are held: the element type every kernel's `act` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Precision {
+    F32,
+    /// Needs the adapter's `shader-f16` (f16 arithmetic and 16-bit storage).
+    F16,
+}
+
+impl Precision {
+    /// Bytes of one activation element.
+    pub(crate) fn bytes(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 => 2,
+        }
+    }
+
+    /// f32 values as activation bytes, padded to whole words (buffer writes and bindings are
+    /// sized in 4 bytes). f16 saturates at ±65504, as the kernels' stores do.
+    pub(crate) fn encode(self, values: impl Iterator<Item = f32>) -> Vec<u8> {
+        let mut bytes: Vec<u8> = match self {
+            Precision::F32 => values.flat_map(f32::to_le_bytes).collect(),
+            Precision::F16 => values
+                .flat_map(|v| half::f16::from_f32(v.clamp(-65504.0, 65504.0)).to_le_bytes())
+                .collect(),
+        };
+        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+        bytes
+    }
+
+    /// `count` activation elements (little end first) as f32 bytes.
+    pub(crate) fn decode(self, bytes: &[u8], count: usize) -> Vec<u8> {
+        match self {
+            Precision::F32 => bytes[..count * 4].to_vec(),
+            Precision::F16 => bytes[..count * 2]
+                .chunks_exact(2)
+                .flat_map(|b| {
+                    half::f16::from_le_bytes([b[0], b[1]])
+                        .to_f32()
+                        .to_le_bytes()
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The kernels, in [`Kernel::ALL`] order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Kernel {
@@ -33,6 +97,7 @@ pub(crate) enum Kernel {
     GatherQ8,
     Concat,
     Strided,
+    StridedAct,
     MatMulF32,
     MatMulQ8,
     QuantizeRows,
@@ -46,7 +111,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 18] = [
+    pub(crate) const ALL: [Kernel; 19] = [
         Kernel::Unary,
         Kernel::Binary,
         Kernel::Softmax,
@@ -55,6 +120,7 @@ impl Kernel {
         Kernel::GatherQ8,
         Kernel::Concat,
         Kernel::Strided,
+        Kernel::StridedAct,
         Kernel::MatMulF32,
         Kernel::MatMulQ8,
         Kernel::QuantizeRows,
@@ -77,6 +143,7 @@ impl Kernel {
             Kernel::GatherQ8 => "gather_q8",
             Kernel::Concat => "concat",
             Kernel::Strided => "strided_copy",
+            Kernel::StridedAct => "strided_copy_act",
             Kernel::MatMulF32 => "matmul_f32",
             Kernel::MatMulQ8 => "matmul_q8",
             Kernel::QuantizeRows => "quantize_rows",
@@ -105,7 +172,7 @@ impl Kernel {
             Kernel::GatherF32 => include_str!("kernels/gather_f32.wgsl"),
             Kernel::GatherQ8 => include_str!("kernels/gather_q8.wgsl"),
             Kernel::Concat => include_str!("kernels/concat.wgsl"),
-            Kernel::Strided => include_str!("kernels/strided_copy.wgsl"),
+            Kernel::Strided | Kernel::StridedAct => include_str!("kernels/strided_copy.wgsl"),
             Kernel::MatMulF32 => include_str!("kernels/matmul_f32.wgsl"),
             Kernel::MatMulQ8 => include_str!("kernels/matmul_q8.wgsl"),
             Kernel::QuantizeRows => include_str!("kernels/quantize_rows.wgsl"),
@@ -119,9 +186,10 @@ impl Kernel {
         }
     }
 
-    /// The complete WGSL module: the common prelude, the shared pieces the kernel uses, then
-    /// its own file (WGSL lets module-scope declarations come in any order).
-    pub(crate) fn source(self) -> String {
+    /// The complete WGSL module: the activations' type, the common prelude, the shared pieces
+    /// the kernel uses, then its own file (WGSL lets module-scope declarations come in any
+    /// order, `enable` excepted).
+    pub(crate) fn source(self, precision: Precision) -> String {
         let row_of_four = |name: &str, array: &str| {
             MATMUL_ROW_OF_FOUR
                 .replace("NAME", name)
@@ -144,18 +212,28 @@ impl Kernel {
             | Kernel::Softmax
             | Kernel::Concat
             | Kernel::Strided
+            | Kernel::StridedAct
             | Kernel::QuantizeRows
             | Kernel::BatchMatMul
             | Kernel::Where
             | Kernel::CastIds => Vec::new(),
         };
-        let mut source = String::from(COMMON);
+        let mut source = String::from(match precision {
+            Precision::F32 => F32_ACTIVATIONS,
+            Precision::F16 => F16_ACTIVATIONS,
+        });
+        source.push_str(COMMON);
         for part in shared {
             source.push('\n');
             source.push_str(&part);
         }
         source.push('\n');
-        source.push_str(self.body());
+        let body = match self {
+            Kernel::Strided => self.body().replace("ELEM", "u32"),
+            Kernel::StridedAct => self.body().replace("ELEM", "act"),
+            _ => self.body().to_owned(),
+        };
+        source.push_str(&body);
         source
     }
 }
@@ -179,18 +257,65 @@ mod tests {
 
     #[test]
     fn every_kernel_is_one_complete_module() {
-        for kernel in Kernel::ALL {
-            let source = kernel.source();
-            assert_eq!(source.matches("fn main(").count(), 1, "{}", kernel.name());
-            assert!(
-                !source.contains("NAME") && !source.contains("SRC"),
-                "{}: a template left unfilled",
-                kernel.name()
-            );
-            assert!(source.contains("var<storage, read> p: array<u32>"));
+        for precision in [Precision::F32, Precision::F16] {
+            for kernel in Kernel::ALL {
+                let source = kernel.source(precision);
+                assert_eq!(source.matches("fn main(").count(), 1, "{}", kernel.name());
+                assert!(
+                    !source.contains("NAME") && !source.contains("SRC") && !source.contains("ELEM"),
+                    "{}: a template left unfilled",
+                    kernel.name()
+                );
+                assert!(source.contains("var<storage, read> p: array<u32>"));
+                // Activations are `act` everywhere; f32 arrays are weights, biases and scales.
+                assert_eq!(
+                    source.starts_with("enable f16;"),
+                    precision == Precision::F16,
+                    "{}",
+                    kernel.name()
+                );
+            }
         }
-        assert!(Kernel::MatMulF32.source().contains("fn four_w("));
-        assert!(!Kernel::MatMulQ8.source().contains("fn four_w("));
+        assert!(
+            Kernel::MatMulF32
+                .source(Precision::F32)
+                .contains("fn four_w(")
+        );
+        assert!(
+            !Kernel::MatMulQ8
+                .source(Precision::F32)
+                .contains("fn four_w(")
+        );
+        assert!(
+            Kernel::StridedAct
+                .source(Precision::F16)
+                .contains("x: array<act>")
+        );
+        assert!(
+            Kernel::Strided
+                .source(Precision::F16)
+                .contains("x: array<u32>")
+        );
+    }
+
+    #[test]
+    fn f16_activations_round_trip_and_saturate() {
+        let values = [0.0f32, 1.0, -2.5, 1e-3, 70_000.0, -3.4e38, 65_504.0];
+        let bytes = Precision::F16.encode(values.iter().copied());
+        // Seven halves padded to four words.
+        assert_eq!(bytes.len(), 16);
+        let back: Vec<f32> = bytemuck::pod_collect_to_vec(&Precision::F16.decode(&bytes, 7));
+        assert_eq!(
+            &back[..4],
+            &[0.0, 1.0, -2.5, half::f16::from_f32(1e-3).to_f32()]
+        );
+        assert_eq!(
+            &back[4..],
+            &[65_504.0, -65_504.0, 65_504.0],
+            "saturated, not infinite"
+        );
+        let f32_bytes = Precision::F32.encode(values.iter().copied());
+        assert_eq!(Precision::F32.decode(&f32_bytes, 7), f32_bytes);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 
 use outpost_runtime::engine::RunError;
 
-use crate::graph::{GatherSource, Graph, ReduceKind, Step, UnaryOp};
-use crate::kernels::{Kernel, MAX_RANK, WORKGROUP};
+use crate::graph::{DType, GatherSource, Graph, ReduceKind, Step, UnaryOp};
+use crate::kernels::{Kernel, MAX_RANK, Precision, WORKGROUP};
 use crate::memory::{MemoryPlan, Place};
 use crate::shape::{
     Inferred, StridedBox, batch_matmul, broadcast_strides, normalize_axis, permutation, product,
@@ -82,6 +82,8 @@ pub(crate) struct Lowering<'a> {
     pub tables: &'a [TableLayout],
     /// Whether the adapter runs `dot4I8Packed`.
     pub dot4: bool,
+    /// How activations are held (sizes the reductions' intermediates).
+    pub precision: Precision,
 }
 
 /// A size as the kernels' 32-bit index.
@@ -144,7 +146,7 @@ impl Lowering<'_> {
                         *d = 1;
                     }
                     if i + 1 < runs.len() {
-                        out.push(product(&shape) * 4);
+                        out.push(product(&shape) * self.precision.bytes());
                     }
                 }
                 out
@@ -172,13 +174,14 @@ impl Lowering<'_> {
                 .get(j)
                 .map(|s| s.iter().map(|&b| Binding::Activation(b)).collect())
                 .unwrap_or_default();
-            self.step(step, known, &place, &scratch, &mut dispatches)?;
+            self.step(g, step, known, &place, &scratch, &mut dispatches)?;
         }
         Ok(dispatches)
     }
 
     fn step(
         &self,
+        g: &Graph,
         step: &Step,
         known: &Inferred,
         place: &dyn Fn(usize) -> Result<Binding, RunError>,
@@ -518,7 +521,7 @@ impl Lowering<'_> {
                 params.extend(st);
                 params.push(0);
                 out.push(Dispatch {
-                    kernel: Kernel::Strided,
+                    kernel: copy_kernel(g, *y),
                     params,
                     bindings: vec![(1, at(*x)?), (2, at(*y)?)],
                     threads: product(shape),
@@ -540,11 +543,11 @@ impl Lowering<'_> {
                         .map(|&s| i64::from(s))
                         .collect(),
                 };
-                out.push(strided(&b, at(*x)?, at(*y)?)?);
+                out.push(strided(&b, copy_kernel(g, *y), at(*x)?, at(*y)?)?);
             }
             Step::Window { x, window, out: y } => {
                 let b = window_box(known, &shapes[*x], window)?;
-                out.push(strided(&b, at(*x)?, at(*y)?)?);
+                out.push(strided(&b, copy_kernel(g, *y), at(*x)?, at(*y)?)?);
             }
             Step::BatchMatMul { a, b, out: y } => {
                 let mm = batch_matmul(&shapes[*a], &shapes[*b])?;
@@ -687,8 +690,16 @@ fn matrix_strides(operand: &[usize], batch: &[usize]) -> Result<[u32; MAX_BATCH_
     Ok(out)
 }
 
-/// A strided copy of `b` from `x` into `y` (`strided_copy.wgsl`).
-fn strided(b: &StridedBox, x: Binding, y: Binding) -> Result<Dispatch, RunError> {
+/// The strided copy for value `v`'s elements: ids are words, activations `act`.
+fn copy_kernel(g: &Graph, v: usize) -> Kernel {
+    match g.values.get(v).map(|value| value.dtype) {
+        Some(DType::F32) => Kernel::StridedAct,
+        _ => Kernel::Strided,
+    }
+}
+
+/// A strided copy of `b` from `x` into `y` with `kernel` (`strided_copy.wgsl`).
+fn strided(b: &StridedBox, kernel: Kernel, x: Binding, y: Binding) -> Result<Dispatch, RunError> {
     let rank = b.dims.len();
     if rank > MAX_RANK {
         return Err(RunError::Input(format!(
@@ -714,7 +725,7 @@ fn strided(b: &StridedBox, x: Binding, y: Binding) -> Result<Dispatch, RunError>
     params.extend(st);
     params.push(i32_of(b.offset, "an offset")?);
     Ok(Dispatch {
-        kernel: Kernel::Strided,
+        kernel,
         params,
         bindings: vec![(1, x), (2, y)],
         threads: count,
@@ -730,7 +741,12 @@ mod tests {
 
     fn lowered(g: &Graph, lowering: &Lowering<'_>, inputs: &[Vec<usize>]) -> Vec<Dispatch> {
         let known = infer_all(g, inputs).unwrap();
-        let memory = plan_memory(g, &known.shapes, &lowering.scratch_bytes(g, &known.shapes));
+        let memory = plan_memory(
+            g,
+            &known.shapes,
+            &lowering.scratch_bytes(g, &known.shapes),
+            lowering.precision,
+        );
         lowering.lower(g, &known, &memory).unwrap()
     }
 
@@ -766,6 +782,7 @@ mod tests {
             weights: &weights,
             tables: &[],
             dot4: false,
+            precision: Precision::F32,
         };
         let d = lowered(&g, &unpacked, &[vec![3, 8]]);
         assert_eq!(d.len(), 2);
@@ -813,6 +830,7 @@ mod tests {
             weights: &[],
             tables: &[],
             dot4: false,
+            precision: Precision::F32,
         };
         let d = lowered(&g, &none, &[vec![4, 1, 3], vec![5, 1]]);
         assert_eq!(d.len(), 1, "a view dispatches nothing");

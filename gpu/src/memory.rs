@@ -8,8 +8,18 @@
 //! read back after the last step). Time 0 is the writing of the inputs (and of the host values
 //! the GPU reads, [`Step::Upload`]); step `j` runs at time `j + 1`.
 
-use crate::graph::{Graph, Origin, Step};
+use crate::graph::{DType, Graph, Origin, Step};
+use crate::kernels::Precision;
 use crate::shape::product;
+
+/// Bytes of one element of a `dtype` value on the GPU: activations as `precision` holds them,
+/// ids as i32.
+pub(crate) fn element_bytes(dtype: DType, precision: Precision) -> usize {
+    match dtype {
+        DType::F32 => precision.bytes(),
+        DType::I32 | DType::Host => 4,
+    }
+}
 
 /// Where a value's elements are during a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,12 +111,15 @@ pub(crate) struct MemoryPlan {
 }
 
 /// Plans the memory of `g` for `shapes` (every value's, from [`crate::shape::infer_shapes`])
-/// and `scratch_bytes` (per step, the scratch buffers its dispatches need).
+/// and `scratch_bytes` (per step, the scratch buffers its dispatches need), with activations
+/// held as `precision`.
 pub(crate) fn plan_memory(
     g: &Graph,
     shapes: &[Vec<usize>],
     scratch_bytes: &[Vec<usize>],
+    precision: Precision,
 ) -> MemoryPlan {
+    let bytes_of = |v: usize| product(&shapes[v]) * element_bytes(g.values[v].dtype, precision);
     // A value's request, or its place when it needs none.
     #[derive(Clone, Copy)]
     enum Home {
@@ -129,7 +142,7 @@ pub(crate) fn plan_memory(
         }
     }
     for &v in &g.input_values {
-        home[v] = Some(Home::Request(request(product(&shapes[v]) * 4, 0)));
+        home[v] = Some(Home::Request(request(bytes_of(v), 0)));
     }
     let mut scratch_requests: Vec<Vec<usize>> = Vec::with_capacity(g.steps.len());
     let mut reads: Vec<(usize, usize)> = Vec::new();
@@ -140,8 +153,8 @@ pub(crate) fn plan_memory(
             Step::View { x, .. } => home[*x],
             // Host values have no buffer; an upload is written with the inputs.
             Step::Host { .. } => None,
-            Step::Upload { .. } => Some(Home::Request(request(product(&shapes[out]) * 4, 0))),
-            _ => Some(Home::Request(request(product(&shapes[out]) * 4, t))),
+            Step::Upload { .. } => Some(Home::Request(request(bytes_of(out), 0))),
+            _ => Some(Home::Request(request(bytes_of(out), t))),
         };
         let mine = scratch_bytes
             .get(j)
@@ -200,7 +213,7 @@ mod tests {
 
     fn plan(g: &Graph, inputs: &[Vec<usize>]) -> MemoryPlan {
         let shapes = infer_shapes(g, inputs).unwrap();
-        plan_memory(g, &shapes, &vec![Vec::new(); g.steps.len()])
+        plan_memory(g, &shapes, &vec![Vec::new(); g.steps.len()], Precision::F32)
     }
 
     fn buffer(p: &MemoryPlan, v: usize) -> usize {
@@ -227,6 +240,11 @@ mod tests {
             "b takes x's buffer once a has read x"
         );
         assert_eq!(buffer(&p, c), buffer(&p, a));
+        // f16 activations: half the bytes; ids stay four bytes an element.
+        let shapes = infer_shapes(&g, &[vec![8, 16]]).unwrap();
+        let half = plan_memory(&g, &shapes, &vec![Vec::new(); 3], Precision::F16);
+        assert_eq!(half.buffer_bytes, vec![256, 256]);
+        assert_eq!(element_bytes(DType::I32, Precision::F16), 4);
     }
 
     #[test]
@@ -317,7 +335,7 @@ mod tests {
         let b = unary(&mut g, a);
         g.output_values.push(b);
         let shapes = infer_shapes(&g, &[vec![4]]).unwrap();
-        let p = plan_memory(&g, &shapes, &[vec![16, 1000], vec![16]]);
+        let p = plan_memory(&g, &shapes, &[vec![16, 1000], vec![16]], Precision::F32);
         let step0 = &p.scratch[0];
         assert_ne!(step0[0], step0[1]);
         assert!(![buffer(&p, x), buffer(&p, a)].contains(&step0[0]));

@@ -17,8 +17,8 @@ use outpost_shared::{DataType, Tensor, TensorSpec};
 use crate::context::{AdapterSummary, GpuContext};
 use crate::graph::{DType, Graph, HostData, Step};
 use crate::import::{self, ImportError};
-use crate::kernels::Kernel;
-use crate::memory::{Place, plan_memory};
+use crate::kernels::{Kernel, Precision};
+use crate::memory::{Place, element_bytes, plan_memory};
 use crate::shape::{infer_all, product};
 use crate::upload::{Uploaded, storage, upload};
 use crate::{fuse, lower};
@@ -62,6 +62,10 @@ struct PlannedOutput {
     shape: Vec<usize>,
     /// Its offset in the read-back buffer.
     offset: u64,
+    /// Its bytes on the GPU.
+    bytes: u64,
+    /// Activations (widened to f32 when held as f16) rather than ids.
+    float: bool,
 }
 
 /// Everything one input shape needs.
@@ -97,7 +101,7 @@ impl GpuModel {
         &self.ctx.summary
     }
 
-    /// How the model's weights are held, for status pages.
+    /// How the model's weights and activations are held, for status pages.
     pub fn detail(&self) -> String {
         let products = if self.ctx.summary.dot4 {
             "int8 weights × int8 activations (dot4I8Packed)"
@@ -109,7 +113,12 @@ impl GpuModel {
         } else {
             ""
         };
-        format!("{products}{origin}")
+        let activations = if self.ctx.precision == Precision::F16 {
+            "; f16 activations"
+        } else {
+            ""
+        };
+        format!("{products}{origin}{activations}")
     }
 
     /// Bytes of weights held on the GPU.
@@ -134,11 +143,12 @@ impl GpuModel {
     /// Shapes, buffers and dispatches for one set of input shapes.
     fn prepare(&self, input_shapes: &[Vec<usize>]) -> Result<Plan, RunError> {
         let g = &self.graph;
+        let precision = self.ctx.precision;
         let known = infer_all(g, input_shapes)?;
         let shapes = &known.shapes;
         let max_binding = self.ctx.max_binding();
-        for shape in shapes {
-            let bytes = product(shape).saturating_mul(4);
+        for (shape, value) in shapes.iter().zip(&g.values) {
+            let bytes = product(shape).saturating_mul(element_bytes(value.dtype, precision));
             if bytes as u64 > max_binding {
                 return Err(RunError::Input(format!(
                     "these inputs need a {shape:?} tensor ({bytes} bytes); the GPU binds at most {max_binding} bytes (send fewer rows per call)"
@@ -146,7 +156,7 @@ impl GpuModel {
             }
         }
         let lowering = self.uploaded.lowering(self.ctx.summary.dot4);
-        let memory = plan_memory(g, shapes, &lowering.scratch_bytes(g, shapes));
+        let memory = plan_memory(g, shapes, &lowering.scratch_bytes(g, shapes), precision);
         if memory.largest_request as u64 > max_binding {
             return Err(RunError::Input(format!(
                 "these inputs need a {}-byte scratch buffer; the GPU binds at most {max_binding} bytes (send fewer rows per call)",
@@ -154,7 +164,7 @@ impl GpuModel {
             )));
         }
         let dispatches = lowering.lower(g, &known, &memory)?;
-        let uploads = upload_bytes(g, &known.host, &memory.places)?;
+        let uploads = upload_bytes(g, &known.host, &memory.places, precision)?;
 
         // Buffers and bind groups.
         let device = &self.ctx.device;
@@ -220,12 +230,16 @@ impl GpuModel {
         for &v in &g.output_values {
             let place = memory.places[v]
                 .ok_or_else(|| RunError::Model(format!("output value {v} has no storage")))?;
+            let dtype = g.values[v].dtype;
+            let bytes = (product(&shapes[v]) * element_bytes(dtype, precision)) as u64;
             outputs.push(PlannedOutput {
                 place,
                 shape: shapes[v].clone(),
                 offset,
+                bytes,
+                float: dtype == DType::F32,
             });
-            offset += (product(&shapes[v]) as u64 * 4).div_ceil(8) * 8;
+            offset += bytes.div_ceil(8) * 8;
         }
         let readback = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("read-back"),
@@ -286,7 +300,8 @@ impl GpuModel {
             }
         }
         for output in &plan.outputs {
-            let bytes = product(&output.shape) as u64 * 4;
+            // Copies are whole words; every buffer is sized so.
+            let bytes = output.bytes.div_ceil(4) * 4;
             if bytes == 0 {
                 continue;
             }
@@ -329,12 +344,18 @@ impl GpuModel {
                     break 'read Err(RunError::Device(format!("reading the outputs back: {e}")));
                 }
             };
+            let precision = self.ctx.precision;
             Ok(plan
                 .outputs
                 .iter()
                 .map(|output| {
-                    let start = output.offset as usize;
-                    view[start..start + product(&output.shape) * 4].to_vec()
+                    let at = &view[output.offset as usize..];
+                    let count = product(&output.shape);
+                    if output.float {
+                        precision.decode(at, count)
+                    } else {
+                        at[..count * 4].to_vec()
+                    }
                 })
                 .collect())
         };
@@ -378,9 +399,18 @@ impl Engine for GpuModel {
                 .map_err(|_| {
                     RunError::Input(format!("input {:?}: a dimension overflows", t.name()))
                 })?;
-            // f32 inputs go to the GPU as they are; ids are narrowed to i32.
+            // f32 inputs go to the GPU as they are (or as f16); ids are narrowed to i32.
             let bytes = match self.graph.values[self.graph.input_values[i]].dtype {
-                DType::F32 => Cow::Borrowed(t.data()),
+                DType::F32 => match self.ctx.precision {
+                    Precision::F32 => Cow::Borrowed(t.data()),
+                    Precision::F16 => Cow::Owned(
+                        Precision::F16.encode(
+                            t.data()
+                                .chunks_exact(4)
+                                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                        ),
+                    ),
+                },
                 DType::I32 => Cow::Owned(ids_to_i32(t, &self.graph.id_bounds[i])?),
                 DType::Host => {
                     return Err(RunError::Model(format!(
@@ -430,11 +460,13 @@ impl Engine for GpuModel {
     }
 }
 
-/// The bytes of every [`Step::Upload`] with elements, by its buffer: f32, or i32 ids.
+/// The bytes of every [`Step::Upload`] with elements, by its buffer: activations as `precision`
+/// holds them, or i32 ids.
 fn upload_bytes(
     g: &Graph,
     host: &[Option<crate::graph::HostTensor>],
     places: &[Option<Place>],
+    precision: Precision,
 ) -> Result<Vec<(usize, Vec<u8>)>, RunError> {
     let mut out = Vec::new();
     for step in &g.steps {
@@ -463,11 +495,11 @@ fn upload_bytes(
                 }
                 bytes
             }
-            (HostData::Int(v), _) => v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+            (HostData::Int(v), _) => precision.encode(v.iter().map(|&x| x as f32)),
             (HostData::Float(v), DType::I32) => {
                 v.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect()
             }
-            (HostData::Float(v), _) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            (HostData::Float(v), _) => precision.encode(v.iter().copied()),
         };
         out.push((b, bytes));
     }

@@ -1,12 +1,16 @@
 //! The model's constants on the GPU: weights, tables and small operands uploaded once at load,
 //! split in blocks that fit a storage binding, and found again by the [`Binding`]s the lowering
 //! names. The host copies are dropped once uploaded; the graph keeps only their shapes.
+//!
+//! Kernels read constant operands and f32 tables as activations, so those are held in the
+//! context's [`Precision`]; weights, biases and int8 tables with their scales keep theirs.
 
 use wgpu::util::DeviceExt;
 
 use crate::context::GpuContext;
 use crate::graph::{Graph, TableData, WeightData};
 use crate::import::ImportError;
+use crate::kernels::Precision;
 use crate::lower::{Binding, Lowering, TableLayout, WeightLayout};
 use crate::shape::product;
 
@@ -32,6 +36,7 @@ pub(crate) struct Uploaded {
     table_layouts: Vec<TableLayout>,
     /// Bound where a kernel's binding has nothing to read (no bias, no scale).
     unused: wgpu::Buffer,
+    precision: Precision,
 }
 
 /// A storage buffer holding `bytes` (at least 4: a binding cannot be empty).
@@ -69,6 +74,8 @@ pub(crate) fn upload(ctx: &GpuContext, graph: &mut Graph) -> Result<Uploaded, Im
     let scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let block_bytes = usize::try_from(ctx.weight_block_bytes).unwrap_or(usize::MAX);
     let max_binding = usize::try_from(ctx.max_binding()).unwrap_or(usize::MAX);
+    let precision = ctx.precision;
+    let act = precision.bytes();
     let too_big = |what: &str, bytes: usize| ImportError::Unsupported {
         op: "weights".into(),
         node: what.to_owned(),
@@ -82,10 +89,14 @@ pub(crate) fn upload(ctx: &GpuContext, graph: &mut Graph) -> Result<Uploaded, Im
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            if c.data.len() * 4 > max_binding {
-                return Err(too_big(&format!("constant {i}"), c.data.len() * 4));
+            if c.data.len() * act > max_binding {
+                return Err(too_big(&format!("constant {i}"), c.data.len() * act));
             }
-            Ok(storage(device, "constant", &f32_bytes(&c.data)))
+            Ok(storage(
+                device,
+                "constant",
+                &precision.encode(c.data.iter().copied()),
+            ))
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -158,14 +169,14 @@ pub(crate) fn upload(ctx: &GpuContext, graph: &mut Graph) -> Result<Uploaded, Im
         let inner = product(&t.dims[1.min(t.dims.len())..]);
         let (row_bytes, total) = match &t.data {
             TableData::Q8 { q, .. } => (inner, q.len().div_ceil(4) * 4),
-            TableData::F32(v) => (inner * 4, v.len() * 4),
+            TableData::F32(v) => (inner * act, v.len() * act),
         };
         let mut layout = Vec::new();
         let mut blocks = Vec::new();
         if total <= block_bytes {
             let bytes = match &t.data {
                 TableData::Q8 { q, .. } => pack_i8(q),
-                TableData::F32(v) => f32_bytes(v),
+                TableData::F32(v) => precision.encode(v.iter().copied()),
             };
             layout.push((0, rows));
             blocks.push(storage(device, "table", &bytes));
@@ -182,7 +193,9 @@ pub(crate) fn upload(ctx: &GpuContext, graph: &mut Graph) -> Result<Uploaded, Im
                 let rc = per_block.min(rows - r0);
                 let bytes = match &t.data {
                     TableData::Q8 { q, .. } => pack_i8(&q[r0 * inner..(r0 + rc) * inner]),
-                    TableData::F32(v) => f32_bytes(&v[r0 * inner..(r0 + rc) * inner]),
+                    TableData::F32(v) => {
+                        precision.encode(v[r0 * inner..(r0 + rc) * inner].iter().copied())
+                    }
                 };
                 layout.push((r0, rc));
                 blocks.push(storage(device, "table", &bytes));
@@ -216,6 +229,7 @@ pub(crate) fn upload(ctx: &GpuContext, graph: &mut Graph) -> Result<Uploaded, Im
         weight_layouts,
         table_layouts,
         unused,
+        precision,
     })
 }
 
@@ -226,6 +240,7 @@ impl Uploaded {
             weights: &self.weight_layouts,
             tables: &self.table_layouts,
             dot4,
+            precision: self.precision,
         }
     }
 

@@ -4,7 +4,7 @@
 // a storage binding are split in such blocks, one dispatch each; a block writes only the ids
 // that fall in it). Negative ids count from the end, as in ONNX; the host checked the range.
 @group(0) @binding(2) var<storage, read> ids: array<i32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<act>;
 
 fn locate(i: u32) -> vec2<u32> {
     let inner = p[2];

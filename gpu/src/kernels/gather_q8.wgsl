@@ -12,5 +12,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (at.x == 0u) { return; }
     let e = at.x - 1u;
     let q = extractBits(bitcast<i32>(table[e / 4u]), (e % 4u) * 8u, 8u);
-    y[i] = f32(q) * scale[(at.y / p[6]) % p[7]];
+    y[i] = to_act(f32(q) * scale[(at.y / p[6]) % p[7]]);
 }

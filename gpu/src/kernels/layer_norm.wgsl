@@ -2,10 +2,10 @@
 // then the variance of the centred values (two passes, as exact as f32 allows), then
 // (x - mean) / sqrt(variance + epsilon) * scale + bias. p: [rows, len, epsilon (f32 bits),
 // scale_len, bias_len] (a scale or bias of one element broadcasts; bias_len 0: no bias).
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> scale: array<f32>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<act>;
+@group(0) @binding(2) var<storage, read> scale: array<act>;
+@group(0) @binding(3) var<storage, read> bias: array<act>;
+@group(0) @binding(4) var<storage, read_write> y: array<act>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -14,18 +14,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let len = select(0u, p[1], row < p[0]);
     let base = row * p[1];
     var s = 0.0;
-    for (var j = lid; j < len; j += 64u) { s += x[base + j]; }
+    for (var j = lid; j < len; j += 64u) { s += f32(x[base + j]); }
     let mean = group_sum(lid, s) / f32(max(p[1], 1u));
     var q = 0.0;
     for (var j = lid; j < len; j += 64u) {
-        let c = x[base + j] - mean;
+        let c = f32(x[base + j]) - mean;
         q += c * c;
     }
     let variance = group_sum(lid, q) / f32(max(p[1], 1u));
     let inv = 1.0 / sqrt(variance + bitcast<f32>(p[2]));
     for (var j = lid; j < len; j += 64u) {
-        var v = (x[base + j] - mean) * inv * scale[select(0u, j, p[3] > 1u)];
-        if (p[4] > 0u) { v += bias[select(0u, j, p[4] > 1u)]; }
-        y[base + j] = v;
+        var v = (f32(x[base + j]) - mean) * inv * f32(scale[select(0u, j, p[3] > 1u)]);
+        if (p[4] > 0u) { v += f32(bias[select(0u, j, p[4] > 1u)]); }
+        y[base + j] = to_act(v);
     }
 }

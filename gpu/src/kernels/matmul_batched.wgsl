@@ -2,9 +2,9 @@
 // b[batch, k, n], with the batch dimensions broadcast. One thread per output element.
 // p: [count, m, k, n, batch_rank, batch[4], a_batch_strides[4], b_batch_strides[4]]; the strides
 // count whole matrices (M·K of a, K·N of b), 0 along a broadcast dimension.
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<act>;
+@group(0) @binding(2) var<storage, read> b: array<act>;
+@group(0) @binding(3) var<storage, read_write> y: array<act>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -31,7 +31,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let base_b = mb * k * n + col;
     var s = 0.0;
     for (var j = 0u; j < k; j++) {
-        s += a[base_a + j] * b[base_b + j * n];
+        s += f32(a[base_a + j]) * f32(b[base_b + j * n]);
     }
-    y[i] = s;
+    y[i] = to_act(s);
 }

@@ -7,7 +7,7 @@
 fn finish(m: u32, n: u32, acc: f32) {
     var v = acc;
     if (p[6] != 0u) { v += bias[p[3] + n]; }
-    y[m * p[4] + p[3] + n] = apply(p[5], v);
+    y[m * p[4] + p[3] + n] = to_act(apply(p[5], v));
 }
 
 // Writes row m of a tile: channels n..n+4 of the block, those that exist.

@@ -3,7 +3,7 @@
 @group(0) @binding(1) var<storage, read> qa: array<u32>;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<act>;
 @group(0) @binding(5) var<storage, read> scale: array<f32>;
 @group(0) @binding(6) var<storage, read> qs: array<f32>;
 fn dots(x: u32, w0: u32, w1: u32, w2: u32, w3: u32) -> vec4<i32> {

@@ -2,8 +2,8 @@
 // 0 sum, 1 mean, 2 max, 3 min, 4 sum of squares, 5 sum then square root, 6 sum of squares then
 // square root (`ReduceKind`, lower.rs; a reduction over several runs of axes squares in its first
 // dispatch and takes the root in its last).
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<act>;
+@group(0) @binding(2) var<storage, read_write> y: array<act>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -16,14 +16,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let base = (i / inner) * len * inner + i % inner;
     var s: f32;
     if (mode == 2u || mode == 3u) {
-        s = x[base];
+        s = f32(x[base]);
         for (var k = 1u; k < len; k++) {
-            let v = x[base + k * inner];
+            let v = f32(x[base + k * inner]);
             s = select(min(s, v), max(s, v), mode == 2u);
         }
     } else {
         s = 0.0;
-        for (var k = 0u; k < len; k++) { s += fold(mode, x[base + k * inner]); }
+        for (var k = 0u; k < len; k++) { s += fold(mode, f32(x[base + k * inner])); }
     }
-    y[i] = finish(mode, s, len);
+    y[i] = to_act(finish(mode, s, len));
 }

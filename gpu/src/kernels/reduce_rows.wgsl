@@ -1,7 +1,7 @@
 // A reduction along the last axis, one workgroup a row. p: [rows, len, mode] (modes as in
 // reduce.wgsl).
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<act>;
+@group(0) @binding(2) var<storage, read_write> y: array<act>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -13,16 +13,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var r: f32;
     if (mode == 2u || mode == 3u) {
         var m = 0.0;
-        if (len > 0u) { m = x[base]; }
+        if (len > 0u) { m = f32(x[base]); }
         for (var j = lid; j < len; j += 64u) {
-            m = select(min(m, x[base + j]), max(m, x[base + j]), mode == 2u);
+            let v = f32(x[base + j]);
+            m = select(min(m, v), max(m, v), mode == 2u);
         }
         // Threads past the row's end hold its first element, which changes neither.
         if (mode == 2u) { r = group_max(lid, m); } else { r = -group_max(lid, -m); }
     } else {
         var s = 0.0;
-        for (var j = lid; j < len; j += 64u) { s += fold(mode, x[base + j]); }
+        for (var j = lid; j < len; j += 64u) { s += fold(mode, f32(x[base + j])); }
         r = group_sum(lid, s);
     }
-    if (lid == 0u && row < p[0]) { y[row] = finish(mode, r, p[1]); }
+    if (lid == 0u && row < p[0]) { y[row] = to_act(finish(mode, r, p[1])); }
 }

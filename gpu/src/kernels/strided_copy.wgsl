@@ -1,8 +1,9 @@
-// A strided read of any element type, copied bit for bit: transposes, slices, split parts,
-// broadcasts (`Expand`). p: [count, rank, out_shape[6], in_strides[6], offset]; strides and the
+// A strided read, copied element for element: transposes, slices, split parts, broadcasts
+// (`Expand`). A template: ELEM is `u32` for ids (`strided_copy`) and `act` for activations
+// (`strided_copy_act`), so an element is 4 bytes, or 2 with f16 activations. p: [count, rank, out_shape[6], in_strides[6], offset]; strides and the
 // offset are i32 (a reversed slice walks backwards; a broadcast dimension has stride 0).
-@group(0) @binding(1) var<storage, read> x: array<u32>;
-@group(0) @binding(2) var<storage, read_write> y: array<u32>;
+@group(0) @binding(1) var<storage, read> x: array<ELEM>;
+@group(0) @binding(2) var<storage, read_write> y: array<ELEM>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -1,11 +1,11 @@
 // An element-wise function (`apply`, in common.wgsl). p: [count, op]
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<act>;
+@group(0) @binding(2) var<storage, read_write> y: array<act>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i >= p[0]) { return; }
-    y[i] = apply(p[1], x[i]);
+    y[i] = to_act(apply(p[1], f32(x[i])));
 }

@@ -1,9 +1,9 @@
 // Where(condition, a, b), broadcasting. p: [count, rank, shape[6], cond_strides[6], a_strides[6],
-// b_strides[6]] (a broadcast dimension has stride 0); the condition is f32, 0 is false.
-@group(0) @binding(1) var<storage, read> c: array<f32>;
-@group(0) @binding(2) var<storage, read> a: array<f32>;
-@group(0) @binding(3) var<storage, read> b: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+// b_strides[6]] (a broadcast dimension has stride 0); the condition is a float, 0 is false.
+@group(0) @binding(1) var<storage, read> c: array<act>;
+@group(0) @binding(2) var<storage, read> a: array<act>;
+@group(0) @binding(3) var<storage, read> b: array<act>;
+@group(0) @binding(4) var<storage, read_write> y: array<act>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -23,5 +23,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         ia += k * p[14u + axis];
         ib += k * p[20u + axis];
     }
-    y[i] = select(b[ib], a[ia], c[ic] != 0.0);
+    y[i] = select(b[ib], a[ia], f32(c[ic]) != 0.0);
 }

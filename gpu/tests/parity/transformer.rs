@@ -8,6 +8,11 @@ use super::*;
 /// the same arithmetic as tract up to the order of the sums (1.4e-6 measured on lavapipe).
 const ENCODER: f32 = 1e-4;
 
+/// The same with f16 activations: hidden states of magnitude ~3 rounded to 11 significant bits
+/// at every stored value through two layers (6.5e-3 measured on lavapipe; with int8 activations
+/// into the products 1.5e-2, within [`DOT4`] as without f16).
+const ENCODER_HALF: f32 = 2e-2;
+
 /// A one-input graph at `opset`.
 fn single_at(
     opset: i64,
@@ -305,6 +310,9 @@ fn the_text_encoder_runs_on_the_gpu_and_matches_tract() {
         // int8 activations: each product's input rounded to 8 bits a row, through two layers
         // and five LayerNorms (1.4e-2 measured on hidden states of magnitude ~3).
         (context(true, None), DOT4),
+        // f16 activations, alone and with int8 activations into the products.
+        (half_context(false), ENCODER_HALF),
+        (half_context(true), DOT4),
     ] {
         for model in model_zoo::TextModel::ALL {
             let bytes = int8(&model.bytes(model_zoo::DEFAULT_SEED).unwrap());
@@ -316,9 +324,10 @@ fn the_text_encoder_runs_on_the_gpu_and_matches_tract() {
                     let x = encoder_inputs(batch, sequence, sequence as u64 + batch as u64);
                     let diff = max_difference(&gpu, &cpu, &x);
                     println!(
-                        "{:<24} dot4 {:<5} batch {batch} sequence {sequence:>3}: max |gpu - tract| = {diff:.2e} (tolerance {tolerance:.0e})",
+                        "{:<24} dot4 {:<5} f16 {:<5} batch {batch} sequence {sequence:>3}: max |gpu - tract| = {diff:.2e} (tolerance {tolerance:.0e})",
                         model.name(),
                         ctx.adapter().dot4,
+                        ctx.adapter().f16,
                     );
                     if diff > tolerance {
                         failures.push(format!("{} {batch}x{sequence}: {diff:e}", model.name()));

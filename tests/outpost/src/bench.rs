@@ -221,14 +221,15 @@ fn gpu_against_tract(calls: usize) -> anyhow::Result<Vec<String>> {
             .bytes;
     let cpu = outpost_runtime::tract::TractModel::load(&bytes).map_err(anyhow::Error::msg)?;
     let mut engines: Vec<(String, Box<dyn outpost_runtime::Engine>)> = Vec::new();
-    for dot4 in [false, true] {
+    for (dot4, f16) in [(false, false), (true, false), (true, true)] {
         let options = GpuOptions {
             allow_software: true,
             dot4,
             weight_block_bytes: None,
+            f16,
         };
         match GpuContext::new(options) {
-            Ok(ctx) if dot4 && !ctx.adapter().dot4 => {}
+            Ok(ctx) if dot4 && !ctx.adapter().dot4 || f16 && !ctx.adapter().f16 => {}
             Ok(ctx) => {
                 let a = ctx.adapter().clone();
                 let gpu = GpuModel::load(&bytes, ctx)?;
@@ -241,10 +242,10 @@ fn gpu_against_tract(calls: usize) -> anyhow::Result<Vec<String>> {
                         gpu.weight_bytes()
                     ));
                 }
-                let label = if dot4 {
-                    "wgpu, int8 x int8 (dot4)"
-                } else {
-                    "wgpu, int8 unpacked"
+                let label = match (dot4, f16) {
+                    (true, true) => "wgpu, dot4, f16 activations",
+                    (true, false) => "wgpu, int8 x int8 (dot4)",
+                    _ => "wgpu, int8 unpacked",
                 };
                 engines.push((label.to_owned(), Box::new(gpu)));
             }

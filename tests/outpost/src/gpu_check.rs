@@ -7,8 +7,9 @@
 //! from each signature (ids within their tables, masks of ones, two seeds), on whatever adapter
 //! the machine has. Each line gives the largest difference from tract with the int8 weights
 //! unpacked to f32 — held to [`UNPACKED`], the parity table's tolerance; the exit status says
-//! whether every model kept it — and with int8 activations (`dot4I8Packed`, as the agent runs
-//! when the adapter has it), shown beside it.
+//! whether every model kept it — and beside it with int8 activations (`dot4I8Packed`, as the
+//! agent runs when the adapter has it) and with f16 activations (agent config
+//! `gpu_activations = "f16"`, where the adapter has `shader-f16`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,23 +30,29 @@ pub const UNPACKED: f64 = 1e-4;
 
 /// Checks every model; `Ok(false)` when one is off the GPU or past [`UNPACKED`].
 pub fn run(models: &[PathBuf], report: &mut impl FnMut(&str)) -> anyhow::Result<bool> {
-    let context = |dot4| {
+    let context = |dot4, f16| {
         GpuContext::new(GpuOptions {
             allow_software: true,
             dot4,
+            f16,
             ..GpuOptions::default()
         })
         .map_err(|e| anyhow::anyhow!("no GPU adapter: {e}"))
     };
-    let (unpacked, packed) = (context(false)?, context(true)?);
+    let unpacked = context(false, false)?;
+    let packed = context(true, false)?;
+    let half = context(true, true)?;
     let adapter = unpacked.adapter();
+    let yes = |b: bool| if b { "yes" } else { "no" };
     report(&format!(
-        "GPU adapter: {} ({}, {}); dot4I8Packed: {}",
+        "GPU adapter: {} ({}, {}); dot4I8Packed: {}; shader-f16: {}",
         adapter.name,
         adapter.backend,
         adapter.device_type,
-        if packed.adapter().dot4 { "yes" } else { "no" }
+        yes(packed.adapter().dot4),
+        yes(half.adapter().f16),
     ));
+    let half = half.adapter().f16.then_some(half);
     let mut cases: Vec<(String, Vec<u8>)> = DemoModel::ALL
         .into_iter()
         .map(|m| (m.name().to_owned(), m.bytes(DEFAULT_SEED)))
@@ -64,12 +71,18 @@ pub fn run(models: &[PathBuf], report: &mut impl FnMut(&str)) -> anyhow::Result<
             Err(outpost_runtime::quantize::QuantizeError::AlreadyQuantized) => fp32,
             Err(e) => return Err(anyhow::Error::new(e).context(format!("{name}: quantising"))),
         };
-        match check(&int8, &unpacked, &packed) {
-            Ok((diff, dot4_diff)) => {
+        match check(&int8, &unpacked, &packed, half.as_ref()) {
+            Ok([diff, dot4_diff, half_diff]) => {
+                // The first two engines always run.
+                let (diff, dot4_diff) = (diff.unwrap_or(f64::NAN), dot4_diff.unwrap_or(f64::NAN));
                 let within = diff <= UNPACKED;
                 all_within &= within;
+                let half = match half_diff {
+                    Some(d) => format!("   + f16 activations {d:.2e}"),
+                    None => String::new(),
+                };
                 report(&format!(
-                    "  {name:<28} unpacked {diff:.2e} ({})   int8 activations {dot4_diff:.2e}",
+                    "  {name:<28} unpacked {diff:.2e} ({})   int8 activations {dot4_diff:.2e}{half}",
                     if within { "ok" } else { "PAST 1e-4" },
                 ));
             }
@@ -82,26 +95,36 @@ pub fn run(models: &[PathBuf], report: &mut impl FnMut(&str)) -> anyhow::Result<
     Ok(all_within)
 }
 
-/// The largest difference from tract over two sets of generated inputs: (unpacked, dot4).
+/// The largest difference from tract over two sets of generated inputs: unpacked, dot4 and
+/// (with a context for it) f16 activations.
 fn check(
     int8: &[u8],
     unpacked: &Arc<GpuContext>,
     packed: &Arc<GpuContext>,
-) -> anyhow::Result<(f64, f64)> {
+    half: Option<&Arc<GpuContext>>,
+) -> anyhow::Result<[Option<f64>; 3]> {
     let cpu = TractModel::load(int8).map_err(anyhow::Error::msg)?;
-    let gpu = GpuModel::load(int8, Arc::clone(unpacked)).context("not on the GPU")?;
-    let dot4 = GpuModel::load(int8, Arc::clone(packed)).context("not on the GPU")?;
+    let mut engines = Vec::new();
+    for ctx in [Some(unpacked), Some(packed), half] {
+        engines.push(match ctx {
+            Some(ctx) => Some(GpuModel::load(int8, Arc::clone(ctx)).context("not on the GPU")?),
+            None => None,
+        });
+    }
     let facts = GraphFacts::read(int8).map_err(anyhow::Error::msg)?;
-    let (mut worst, mut worst_dot4) = (0f64, 0f64);
+    let mut worst = [None; 3];
     for seed in [7, 8] {
         let inputs = samples(&cpu, &facts, seed)?;
         let want = cpu.run(&inputs).map_err(anyhow::Error::msg)?;
-        let got = gpu.run(&inputs).map_err(anyhow::Error::msg)?;
-        worst = worst.max(largest_difference(&got, &want)?);
-        let got = dot4.run(&inputs).map_err(anyhow::Error::msg)?;
-        worst_dot4 = worst_dot4.max(largest_difference(&got, &want)?);
+        for (engine, worst) in engines.iter().zip(&mut worst) {
+            if let Some(engine) = engine {
+                let got = engine.run(&inputs).map_err(anyhow::Error::msg)?;
+                let d = largest_difference(&got, &want)?;
+                *worst = Some(worst.map_or(d, |w: f64| w.max(d)));
+            }
+        }
     }
-    Ok((worst, worst_dot4))
+    Ok(worst)
 }
 
 /// Inputs from the signature as the accuracy gate makes them, with every attention mask all

@@ -5,7 +5,8 @@
 //!   shape-optimised plans, against ONNX Runtime fp32 on the same ONNX file at the same thread
 //!   count (a small Python script, run when `python3 -c "import onnxruntime"` works; the line
 //!   says so when it does not), and the GPU engine on the int8 file (on whatever adapter there
-//!   is, lavapipe included; the line names it, or says why there is none).
+//!   is, lavapipe included; the line names it, or says why there is none), with f32 and, where
+//!   the adapter has `shader-f16`, f16 activations.
 //! - Texts of varying length, one a call, through the agent's tokenizer: padded to the sequence
 //!   buckets (what the agent does) against padded to each text's own length (a new shape nearly
 //!   every call, so the plan cache's four shapes keep being evicted).
@@ -109,14 +110,21 @@ pub fn run(
     report(&format!(
         "{described}, {threads} thread(s), {calls} calls each (p50 / p99):"
     ));
-    let (line, gpu) = gpu_engine(&int8, true);
+    let (line, gpu) = gpu_engine(&int8, true, false);
     report(&line);
     // Parity with f32 activations too (int8 weights unpacked): the engine's own error, apart
-    // from the activations' rounding that dot4I8Packed adds.
-    let (_, unpacked) = match &gpu {
-        Some(_) => gpu_engine(&int8, false),
-        None => (String::new(), None),
+    // from the activations' rounding that dot4I8Packed adds. And the same engine with f16
+    // activations, where the adapter has them.
+    let (unpacked, half) = match &gpu {
+        Some(_) => (
+            gpu_engine(&int8, false, false).1,
+            gpu_engine(&int8, true, true).1.filter(|m| m.adapter().f16),
+        ),
+        None => (None, None),
     };
+    if gpu.is_some() && half.is_none() {
+        report("  GPU engine with f16 activations: not measured (the adapter has no shader-f16)");
+    }
     let ort = ort_figures(&fp32, threads, calls);
     if let Err(e) = &ort {
         report(&format!("  ONNX Runtime: not measured ({e})"));
@@ -133,24 +141,25 @@ pub fn run(
                 gpu.run(&inputs).map_err(anyhow::Error::msg)?;
             }
             let got = gpu.run(&inputs).map_err(anyhow::Error::msg)?;
-            let unpacked = match &unpacked {
-                Some(u) => {
-                    let got = u.run(&inputs).map_err(anyhow::Error::msg)?;
-                    format!(
-                        "; f32 activations {:.2e}",
-                        largest_difference(&got, &reference)?
-                    )
+            let mut others = String::new();
+            for (what, engine) in [("f32 activations", &unpacked), ("f16 activations", &half)] {
+                if let Some(engine) = engine {
+                    for _ in 0..5 {
+                        engine.run(&inputs).map_err(anyhow::Error::msg)?;
+                    }
+                    let got = engine.run(&inputs).map_err(anyhow::Error::msg)?;
+                    others += &format!("; {what} {:.2e}", largest_difference(&got, &reference)?);
                 }
-                None => String::new(),
-            };
+            }
             report(&format!(
-                "  batch {batch}, sequence {seq:>3}  GPU engine against tract int8, largest difference: as measured {:.2e}{unpacked}",
+                "  batch {batch}, sequence {seq:>3}  GPU engine against tract int8, largest difference: as measured {:.2e}{others}",
                 largest_difference(&got, &reference)?
             ));
         }
         // The shape plans are optimised on a background thread: let them land.
         std::thread::sleep(Duration::from_secs(2));
-        let (mut a, mut b, mut c) = (
+        let (mut a, mut b, mut c, mut h) = (
+            Vec::with_capacity(calls),
             Vec::with_capacity(calls),
             Vec::with_capacity(calls),
             Vec::with_capacity(calls),
@@ -167,6 +176,11 @@ pub fn run(
                 gpu.run(&inputs).map_err(anyhow::Error::msg)?;
                 c.push(t.elapsed());
             }
+            if let Some(half) = &half {
+                let t = Instant::now();
+                half.run(&inputs).map_err(anyhow::Error::msg)?;
+                h.push(t.elapsed());
+            }
         }
         let (fp32_p50, fp32_p99) = percentiles(&mut a);
         let (int8_p50, int8_p99) = percentiles(&mut b);
@@ -182,13 +196,15 @@ pub fn run(
             ms(int8_p50),
             ms(int8_p99)
         ));
-        if !c.is_empty() {
-            let (p50, p99) = percentiles(&mut c);
-            report(&format!(
-                "  {shape}  GPU engine int8 {:>7.3} ms / {:>8.3} ms",
-                ms(p50),
-                ms(p99)
-            ));
+        for (what, times) in [("GPU engine int8", &mut c), ("GPU int8, f16  ", &mut h)] {
+            if !times.is_empty() {
+                let (p50, p99) = percentiles(times);
+                report(&format!(
+                    "  {shape}  {what} {:>7.3} ms / {:>8.3} ms",
+                    ms(p50),
+                    ms(p99)
+                ));
+            }
         }
         if let Ok(ort) = &ort
             && let Some(&(p50, p99)) = ort.get(i)
@@ -207,12 +223,14 @@ pub fn run(
 }
 
 /// The GPU engine on the int8 file, with a line naming the adapter (or why there is none);
-/// `dot4`: int8 activations where the adapter has `dot4I8Packed`.
-fn gpu_engine(int8: &[u8], dot4: bool) -> (String, Option<outpost_gpu::GpuModel>) {
+/// `dot4`: int8 activations where the adapter has `dot4I8Packed`; `f16`: f16 activations where
+/// it has `shader-f16`.
+fn gpu_engine(int8: &[u8], dot4: bool, f16: bool) -> (String, Option<outpost_gpu::GpuModel>) {
     use outpost_gpu::{GpuContext, GpuModel, GpuOptions};
     let ctx = match GpuContext::new(GpuOptions {
         allow_software: true,
         dot4,
+        f16,
         ..GpuOptions::default()
     }) {
         Ok(ctx) => ctx,

@@ -67,6 +67,8 @@ fn gpu_check_compares_every_model_and_names_one_off_the_gpu() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.starts_with("GPU adapter: "), "{stdout}");
+    // lavapipe has shader-f16: every line shows the f16 activations' difference too.
+    let f16 = stdout.lines().next().unwrap().contains("shader-f16: yes");
     let names = model_zoo::DemoModel::ALL
         .iter()
         .map(|m| m.name())
@@ -77,6 +79,7 @@ fn gpu_check_compares_every_model_and_names_one_off_the_gpu() {
             .find(|l| l.trim_start().starts_with(&format!("{name} ")))
             .unwrap_or_else(|| panic!("no line for {name}: {stdout}"));
         assert!(line.contains("(ok)"), "{line}");
+        assert_eq!(line.contains("f16 activations"), f16, "{line}");
     }
     let bad = stdout.lines().find(|l| l.contains("labels.onnx")).unwrap();
     assert!(

@@ -1,5 +1,6 @@
-//! The engine choice (`engine = "auto" | "gpu" | "cpu"`): which engine runs each local model, the
-//! answers it gives against tract, and the status and metadata that say which and why.
+//! The engine choice (`engine = "auto" | "gpu" | "cpu"`, `gpu_activations = "f32" | "f16"`):
+//! which engine runs each local model, the answers it gives against tract, and the status and
+//! metadata that say which and why.
 
 use cloud_coordinator::registry::Quantize;
 use edge_agent::{Agent, AgentHandle};
@@ -14,11 +15,12 @@ use serde_json::json;
 
 /// The engine choice: `engine = "gpu"` runs local models on any adapter (lavapipe in CI) with the
 /// same answers as tract, and a model with an op the GPU lacks falls back to tract naming the op;
-/// `auto` stays off CPU-emulated adapters; `cpu` never touches the GPU. Status and metadata say
-/// which engine runs each model and why.
+/// `auto` stays off CPU-emulated adapters; `cpu` never touches the GPU; `gpu_activations = "f16"`
+/// holds activations as f16 where the adapter has `shader-f16` (lavapipe has) and answers within
+/// the same tolerance. Status and metadata say which engine runs each model and why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_choice_puts_models_on_the_gpu_or_says_why_not() {
-    use firmware_config::EngineChoice;
+    use firmware_config::{EngineChoice, GpuActivations};
     use model_zoo::graph::{Dim, GraphBuilder};
     use prost::Message as _;
     use tract_onnx::pb::tensor_proto::DataType as Onnx;
@@ -48,7 +50,11 @@ async fn the_engine_choice_puts_models_on_the_gpu_or_says_why_not() {
     let gpu = start(EngineChoice::Gpu, "gpu").await.unwrap();
     let auto = start(EngineChoice::Auto, "auto").await.unwrap();
     let cpu = start(EngineChoice::Cpu, "cpu").await.unwrap();
-    for agent in [&gpu, &auto, &cpu] {
+    let mut config = agent_config(&coordinator, &dir.path().join("half"));
+    config.engine = EngineChoice::Gpu;
+    config.gpu_activations = GpuActivations::F16;
+    let half = Agent::start(config).await.unwrap();
+    for agent in [&gpu, &auto, &cpu, &half] {
         eventually("both models", || {
             agent.active_version("video-ranker") == Some(1)
                 && agent.active_version("cosine") == Some(1)
@@ -90,6 +96,32 @@ async fn the_engine_choice_puts_models_on_the_gpu_or_says_why_not() {
     for (s, e) in scores.iter().zip(&expected) {
         assert!((s - e).abs() < 5e-2, "gpu {scores:?} vs tract {expected:?}");
     }
+    // f16 activations: the status's adapter says so, and the answers stay within tolerance.
+    let on_half = model(&half, "video-ranker");
+    assert_eq!(on_half.engine.as_deref(), Some("wgpu"), "{on_half:?}");
+    assert!(
+        on_half
+            .adapter
+            .as_deref()
+            .unwrap()
+            .contains("f16 activations"),
+        "{on_half:?}"
+    );
+    assert!(
+        !on_gpu.adapter.as_deref().unwrap().contains("f16"),
+        "{on_gpu:?}"
+    );
+    let (status, reply) = infer(&half, "video-ranker", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let half_scores = reply["outputs"][0]["data"].as_array().unwrap();
+    assert_eq!(half_scores.len(), 5);
+    for (s, e) in half_scores.iter().zip(&expected) {
+        let s = s.as_f64().unwrap() as f32;
+        assert!(
+            (s - e).abs() < 5e-2,
+            "f16 {half_scores:?} vs tract {expected:?}"
+        );
+    }
     let (_, meta) = get_json(gpu.api_addr, "/v2/models/video-ranker").await;
     assert_eq!(meta["parameters"]["engine"], "wgpu", "{meta}");
     assert!(meta["parameters"]["adapter"].is_string(), "{meta}");
@@ -128,7 +160,7 @@ async fn the_engine_choice_puts_models_on_the_gpu_or_says_why_not() {
     assert_eq!(cpu_model.engine.as_deref(), Some("tract"));
     assert!(cpu_model.gpu_fallback.unwrap().contains("engine = \"cpu\""));
 
-    for agent in [gpu, auto, cpu] {
+    for agent in [gpu, auto, cpu, half] {
         agent.shutdown().await;
     }
     coordinator.shutdown().await;
