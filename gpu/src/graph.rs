@@ -13,8 +13,9 @@ use outpost_shared::TensorSpec;
 pub(crate) enum DType {
     F32,
     /// Ids (ONNX int32/int64, narrowed on the host): Gather indices and the views and copies
-    /// of them; any arithmetic on them runs on f32 ([`Step::CastIds`]: integers are exact up
-    /// to 2²⁴, which masks and counts are far below).
+    /// of them; any arithmetic on them runs on activations ([`Step::CastIds`]: integers are
+    /// exact to 2²⁴ in f32 and 2048 in f16, which masks are far below; the model checks the
+    /// inputs that reach it, [`Graph::ids_cast_to_numbers`]).
     I32,
     /// Known on the host once the input shapes are (shape arithmetic: `Shape`, and what is
     /// computed from it and from integer constants): folded per input shape by
@@ -572,6 +573,38 @@ impl Graph {
     pub(crate) fn add_value(&mut self, dtype: DType, origin: Origin) -> usize {
         self.values.push(Value { dtype, origin });
         self.values.len() - 1
+    }
+
+    /// The model input whose ids value `v` holds, through views and copies of them.
+    fn id_input(&self, mut v: usize) -> Option<usize> {
+        // Each hop goes to an earlier value: at most one hop a step.
+        for _ in 0..=self.steps.len() {
+            match self.values.get(v)?.origin {
+                Origin::Input(i) => return Some(i),
+                Origin::Const(_) => return None,
+                Origin::Step => {}
+            }
+            v = match self.steps.iter().find(|s| s.out() == v)? {
+                Step::View { x, .. } | Step::Expand { x, .. } | Step::Window { x, .. } => *x,
+                _ => return None,
+            };
+        }
+        None
+    }
+
+    /// Per input: whether the GPU computes with its ids as numbers ([`Step::CastIds`]: an
+    /// attention mask cast to floats, ids compared with a constant).
+    pub(crate) fn ids_cast_to_numbers(&self) -> Vec<bool> {
+        let mut cast = vec![false; self.inputs.len()];
+        for step in &self.steps {
+            if let Step::CastIds { x, .. } = step
+                && let Some(i) = self.id_input(*x)
+                && let Some(c) = cast.get_mut(i)
+            {
+                *c = true;
+            }
+        }
+        cast
     }
 }
 

@@ -57,14 +57,32 @@ impl Precision {
         }
     }
 
+    /// The largest integer magnitude an activation holds exactly (every integer up to it).
+    pub(crate) fn exact_integers(self) -> i64 {
+        match self {
+            Precision::F32 => 1 << 24,
+            Precision::F16 => 1 << 11,
+        }
+    }
+
     /// f32 values as activation bytes, padded to whole words (buffer writes and bindings are
-    /// sized in 4 bytes). f16 saturates at ±65504, as the kernels' stores do.
+    /// sized in 4 bytes). f16 saturates at ±65504, as the kernels' stores do, and a non-zero
+    /// value keeps its sign and stays non-zero: below f16's smallest normal number it becomes
+    /// that number (GPUs may flush f16 subnormals to zero), so an epsilon such as pooling's
+    /// `Clip(count, 1e-9)` still keeps a division off zero.
     pub(crate) fn encode(self, values: impl Iterator<Item = f32>) -> Vec<u8> {
+        let half = |v: f32| {
+            let smallest = half::f16::MIN_POSITIVE.to_f32();
+            let v = if v != 0.0 && v.abs() < smallest {
+                smallest.copysign(v)
+            } else {
+                v.clamp(-65504.0, 65504.0)
+            };
+            half::f16::from_f32(v).to_le_bytes()
+        };
         let mut bytes: Vec<u8> = match self {
             Precision::F32 => values.flat_map(f32::to_le_bytes).collect(),
-            Precision::F16 => values
-                .flat_map(|v| half::f16::from_f32(v.clamp(-65504.0, 65504.0)).to_le_bytes())
-                .collect(),
+            Precision::F16 => values.flat_map(half).collect(),
         };
         bytes.resize(bytes.len().div_ceil(4) * 4, 0);
         bytes
@@ -300,22 +318,26 @@ mod tests {
 
     #[test]
     fn f16_activations_round_trip_and_saturate() {
-        let values = [0.0f32, 1.0, -2.5, 1e-3, 70_000.0, -3.4e38, 65_504.0];
+        let values = [
+            0.0f32, 1.0, -2.5, 1e-3, 70_000.0, -3.4e38, 65_504.0, 1e-9, -1e-12,
+        ];
         let bytes = Precision::F16.encode(values.iter().copied());
-        // Seven halves padded to four words.
-        assert_eq!(bytes.len(), 16);
-        let back: Vec<f32> = bytemuck::pod_collect_to_vec(&Precision::F16.decode(&bytes, 7));
+        // Nine halves padded to five words.
+        assert_eq!(bytes.len(), 20);
+        let back: Vec<f32> = bytemuck::pod_collect_to_vec(&Precision::F16.decode(&bytes, 9));
         assert_eq!(
             &back[..4],
             &[0.0, 1.0, -2.5, half::f16::from_f32(1e-3).to_f32()]
         );
         assert_eq!(
-            &back[4..],
+            &back[4..7],
             &[65_504.0, -65_504.0, 65_504.0],
             "saturated, not infinite"
         );
+        let smallest = half::f16::MIN_POSITIVE.to_f32();
+        assert_eq!(&back[7..], &[smallest, -smallest], "epsilons stay non-zero");
         let f32_bytes = Precision::F32.encode(values.iter().copied());
-        assert_eq!(Precision::F32.decode(&f32_bytes, 7), f32_bytes);
+        assert_eq!(Precision::F32.decode(&f32_bytes, 9), f32_bytes);
     }
 
     #[test]

@@ -369,7 +369,7 @@ impl Lowering<'_> {
                     let inner = product(&shape[start + len..]);
                     let last = i + 1 == runs.len();
                     let to = if last { at(*y)? } else { scratch[i] };
-                    let mode = reduce_mode(*kind, i == 0, last);
+                    let mode = reduce_mode(*kind, i == 0);
                     if inner == 1 && r >= ROW_KERNEL_FROM {
                         out.push(Dispatch {
                             kernel: Kernel::ReduceRows,
@@ -653,9 +653,9 @@ impl Lowering<'_> {
     }
 }
 
-/// The reduce kernels' mode for one dispatch of a reduction: squares are taken in the first,
-/// the root in the last (`reduce.wgsl`).
-fn reduce_mode(kind: ReduceKind, first: bool, last: bool) -> u32 {
+/// The reduce kernels' mode for one dispatch of a reduction, `first` of its runs of axes or not
+/// (`reduce.wgsl`).
+fn reduce_mode(kind: ReduceKind, first: bool) -> u32 {
     match kind {
         ReduceKind::Sum => 0,
         ReduceKind::Mean => 1,
@@ -663,12 +663,9 @@ fn reduce_mode(kind: ReduceKind, first: bool, last: bool) -> u32 {
         ReduceKind::Min => 3,
         ReduceKind::SumSquare if first => 4,
         ReduceKind::SumSquare => 0,
-        ReduceKind::L2 => match (first, last) {
-            (true, true) => 6,
-            (true, false) => 4,
-            (false, true) => 5,
-            (false, false) => 0,
-        },
+        // The norm of each run's norms is the whole norm, and no intermediate holds a sum of
+        // squares (which f16 activations would saturate long before the norm does).
+        ReduceKind::L2 => 6,
     }
 }
 

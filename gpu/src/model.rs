@@ -33,6 +33,9 @@ type Plans = ShapePlans<Vec<Vec<usize>>, Arc<Plan>>;
 pub struct GpuModel {
     ctx: Arc<GpuContext>,
     graph: Graph,
+    /// Per input: the largest id magnitude a call may send when the GPU computes with the
+    /// input's ids as numbers (exact integers only, as the activations hold them).
+    numeric_ids: Vec<Option<i64>>,
     uploaded: Uploaded,
     /// Also held for the length of a call: one call at a time per model, since a plan's
     /// buffers are shared by every call of its shape.
@@ -86,11 +89,45 @@ impl GpuModel {
     /// keeps the model off the GPU.
     pub fn load(bytes: &[u8], ctx: Arc<GpuContext>) -> Result<Self, ImportError> {
         let mut graph = import::import(bytes)?;
+        let exact = ctx.precision.exact_integers();
+        let numeric_ids: Vec<Option<i64>> = graph
+            .ids_cast_to_numbers()
+            .into_iter()
+            .map(|cast| cast.then_some(exact))
+            .collect();
+        for (i, limit) in numeric_ids.iter().enumerate() {
+            // Ids a table takes that the activations cannot all hold: every call would risk it.
+            if let Some(limit) = limit
+                && let Some(&rows) = graph.id_bounds[i].iter().max()
+                && rows as i64 > limit + 1
+            {
+                return Err(ImportError::Unsupported {
+                    op: "Cast".into(),
+                    node: graph.inputs[i].name.clone(),
+                    reason: format!(
+                        "the model computes with the ids of input {:?} (up to {}) as numbers, and {} activations hold integers exactly only to {limit}{}",
+                        graph.inputs[i].name,
+                        rows - 1,
+                        if ctx.precision == Precision::F16 {
+                            "f16"
+                        } else {
+                            "f32"
+                        },
+                        if ctx.precision == Precision::F16 {
+                            " (gpu_activations = \"f32\" runs it on the GPU)"
+                        } else {
+                            ""
+                        },
+                    ),
+                });
+            }
+        }
         fuse::fuse(&mut graph);
         let uploaded = upload(&ctx, &mut graph)?;
         Ok(GpuModel {
             ctx,
             graph,
+            numeric_ids,
             uploaded,
             plans: Mutex::new(ShapePlans::new(PREPARED_SHAPES)),
         })
@@ -411,7 +448,11 @@ impl Engine for GpuModel {
                         ),
                     ),
                 },
-                DType::I32 => Cow::Owned(ids_to_i32(t, &self.graph.id_bounds[i])?),
+                DType::I32 => Cow::Owned(ids_to_i32(
+                    t,
+                    &self.graph.id_bounds[i],
+                    self.numeric_ids.get(i).copied().flatten(),
+                )?),
                 DType::Host => {
                     return Err(RunError::Model(format!(
                         "input {:?} is folded on the host",
@@ -506,8 +547,10 @@ fn upload_bytes(
     Ok(out)
 }
 
-/// Integer ids as i32, each within every table it indexes (negative ids count from the end).
-fn ids_to_i32(t: &Tensor, bounds: &[usize]) -> Result<Vec<u8>, RunError> {
+/// Integer ids as i32, each within every table it indexes (negative ids count from the end) and,
+/// when the GPU computes with them as numbers, within `numeric` (the integers the activations
+/// hold exactly).
+fn ids_to_i32(t: &Tensor, bounds: &[usize], numeric: Option<i64>) -> Result<Vec<u8>, RunError> {
     let values: Vec<i64> = match t.datatype() {
         DataType::Int64 => t.to_values::<i64>(),
         DataType::Int32 => t
@@ -532,6 +575,14 @@ fn ids_to_i32(t: &Tensor, bounds: &[usize]) -> Result<Vec<u8>, RunError> {
                 t.name()
             )));
         }
+        if let Some(numeric) = numeric
+            && v.unsigned_abs() > numeric.unsigned_abs()
+        {
+            return Err(RunError::Input(format!(
+                "input {:?}: {v} (element {i}) is past ±{numeric}, the largest integer the GPU's activations hold exactly, and the model computes with this input as numbers",
+                t.name()
+            )));
+        }
         let v = i32::try_from(v).map_err(|_| {
             RunError::Input(format!(
                 "input {:?}: id {v} (element {i}) does not fit 32 bits, which the GPU uses",
@@ -550,17 +601,23 @@ mod tests {
     #[test]
     fn ids_are_range_checked_and_narrowed() {
         let t = Tensor::from_values("ids", vec![3], &[0i64, 9, -10]).unwrap();
-        let bytes = ids_to_i32(&t, &[10]).unwrap();
+        let bytes = ids_to_i32(&t, &[10], None).unwrap();
         assert_eq!(bytemuck::cast_slice::<u8, i32>(&bytes), &[0, 9, -10]);
         let t = Tensor::from_values("ids", vec![1], &[10i64]).unwrap();
-        let e = ids_to_i32(&t, &[10]).unwrap_err().to_string();
+        let e = ids_to_i32(&t, &[10], None).unwrap_err().to_string();
         assert!(e.contains("id 10") && e.contains("10 rows"), "{e}");
         let t = Tensor::from_values("ids", vec![1], &[1i64 << 40]).unwrap();
         assert!(
-            ids_to_i32(&t, &[])
+            ids_to_i32(&t, &[], None)
                 .unwrap_err()
                 .to_string()
                 .contains("32 bits")
         );
+        // Computed with as numbers: exact integers only (f16 activations: ±2048).
+        let mask = Tensor::from_values("mask", vec![3], &[0i64, 1, -2048]).unwrap();
+        assert!(ids_to_i32(&mask, &[], Some(2048)).is_ok());
+        let mask = Tensor::from_values("mask", vec![2], &[1i64, 2049]).unwrap();
+        let e = ids_to_i32(&mask, &[], Some(2048)).unwrap_err().to_string();
+        assert!(e.contains("2049 (element 1) is past ±2048"), "{e}");
     }
 }

@@ -646,6 +646,56 @@ fn an_op_without_a_kernel_is_named() {
     }
 }
 
+/// Ids the GPU computes with as numbers (`Cast` to float: a mask, a comparison with a token id)
+/// must be integers the activations hold exactly: f16 holds them to 2048, so a model doing that
+/// with ids into a larger table stays on tract, named, and a call past 2048 is refused.
+#[test]
+fn f16_activations_refuse_ids_they_cannot_hold_exactly() {
+    let model = |rows: usize| {
+        let mut g = GraphBuilder::new(5);
+        let ids = g.input("ids", Onnx::Int64, &[batch()]);
+        let table = g.random("table", &[rows, 4], 1.0);
+        let rows_of = g.node("Gather", &[&table, &ids], None, vec![int_attr("axis", 0)]);
+        let number = g.node("Cast", &[&ids], None, vec![int_attr("to", 1)]);
+        let axes = g.ints("axes", &[1]);
+        let column = g.node("Unsqueeze", &[&number, &axes], None, vec![]);
+        g.node("Add", &[&rows_of, &column], Some("y"), vec![]);
+        g.output_any("y", Onnx::Float);
+        g.finish("cast-ids", "", &[]).encode_to_vec()
+    };
+    let large = model(3000);
+    let ctx = half_context(false);
+    if !ctx.adapter().f16 {
+        println!(
+            "{} has no shader-f16: nothing to refuse",
+            ctx.adapter().name
+        );
+        return;
+    }
+    match GpuModel::load(&large, Arc::clone(&ctx)) {
+        Err(ImportError::Unsupported { op, node, reason }) => {
+            assert_eq!((op.as_str(), node.as_str()), ("Cast", "ids"));
+            assert!(
+                reason.contains("up to 2999") && reason.contains("exactly only to 2048"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    // f32 activations hold them: on the GPU, as tract answers (on the int8 table the GPU makes
+    // of the float one at load, as the coordinator would).
+    let f32_gpu = GpuModel::load(&large, context(false, None)).unwrap();
+    let cpu = TractModel::load(&int8(&large)).unwrap();
+    let x = vec![Tensor::from_values("ids", vec![3], &[0i64, 2047, 2999]).unwrap()];
+    assert!(max_difference(&f32_gpu, &cpu, &x) <= UNPACKED);
+    // A table within 2048 rows: f16 takes the model; every id it takes is exact.
+    let small = GpuModel::load(&model(2000), ctx).unwrap();
+    let x = vec![Tensor::from_values("ids", vec![2], &[1999i64, -3]).unwrap()];
+    let y = small.run(&x).unwrap()[0].to_values::<f32>().unwrap();
+    assert_eq!(y.len(), 8);
+    assert!(y.iter().all(|v| v.is_finite()), "{y:?}");
+}
+
 #[test]
 fn bad_inputs_are_refused_with_the_reason() {
     let bytes = int8(&DemoModel::VideoRanker.bytes(model_zoo::DEFAULT_SEED));

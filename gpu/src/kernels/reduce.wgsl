@@ -1,7 +1,7 @@
 // p: [outer * inner, len, inner, mode]: a reduction along one axis, one thread an output. Modes:
-// 0 sum, 1 mean, 2 max, 3 min, 4 sum of squares, 5 sum then square root, 6 sum of squares then
-// square root (`ReduceKind`, lower.rs; a reduction over several runs of axes squares in its first
-// dispatch and takes the root in its last).
+// 0 sum, 1 mean, 2 max, 3 min, 4 sum of squares, 6 sum of squares then square root (`ReduceKind`,
+// `reduce_mode` in lower.rs: over several runs of axes, a sum of squares squares in its first
+// dispatch only, and an L2 norm is the norm of each run's norms).
 @group(0) @binding(1) var<storage, read> x: array<act>;
 @group(0) @binding(2) var<storage, read_write> y: array<act>;
 

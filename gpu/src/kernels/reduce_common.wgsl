@@ -5,6 +5,6 @@ fn fold(mode: u32, v: f32) -> f32 {
 
 fn finish(mode: u32, s: f32, len: u32) -> f32 {
     if (mode == 1u) { return s / f32(len); }
-    if (mode == 5u || mode == 6u) { return sqrt(s); }
+    if (mode == 6u) { return sqrt(s); }
     return s;
 }

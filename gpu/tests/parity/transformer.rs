@@ -121,6 +121,37 @@ pub(super) fn transformer_op_cases() -> Vec<Case> {
             UNPACKED,
         ),
         case(
+            // Two runs of axes; a sum of squares of 400 values up to 300 would pass f16's 65504
+            // long before the norm (~3500) does.
+            "ReduceL2 axes [1,3] of values to 300",
+            single(&[20, 3, 20], |g, x| {
+                let scale = g.float_scalar("scale", 300.0);
+                let big = g.node("Mul", &[x, &scale], None, vec![]);
+                g.node(
+                    "ReduceL2",
+                    &[&big],
+                    None,
+                    vec![ints_attr("axes", &[1, 3]), int_attr("keepdims", 1)],
+                )
+            }),
+            // Norms of ~3500: f32's rounding of them (4.9e-4 measured).
+            1e-2,
+        ),
+        case(
+            // Mean pooling of an all-padding row: 0 / max(0, 1e-9) is 0, not NaN (the epsilon
+            // must not round to 0).
+            "0 / Clip(0, min 1e-9)",
+            single(&[5], |g, x| {
+                let zero = g.float_scalar("zero", 0.0);
+                let none = g.node("Mul", &[x, &zero], None, vec![]);
+                let tiny = g.float_scalar("tiny", 1e-9);
+                let count = g.node("Clip", &[&none, &tiny], None, vec![]);
+                let mean = g.node("Div", &[&none, &count], None, vec![]);
+                g.node("Add", &[x, &mean], None, vec![])
+            }),
+            UNPACKED,
+        ),
+        case(
             "ReduceSum rows of 300",
             single(&[2, 300], |g, x| {
                 let axes = g.ints("axes", &[-1]);
