@@ -38,18 +38,25 @@ const ERF: f32 = 2.5e-6;
 /// 4e-4 to 1e-3).
 const HALF: f32 = 1e-2;
 
+/// A context on the adapter present, a software one included; the tests fail without one.
+fn open(options: GpuOptions) -> Arc<GpuContext> {
+    GpuContext::new(GpuOptions {
+        allow_software: true,
+        ..options
+    })
+    .unwrap_or_else(|e| {
+        panic!("no GPU adapter ({e}); CI installs mesa-vulkan-drivers for lavapipe")
+    })
+}
+
 fn context(dot4: bool, weight_block_bytes: Option<u64>) -> Arc<GpuContext> {
     static PLAIN: OnceLock<Arc<GpuContext>> = OnceLock::new();
     static DOT4: OnceLock<Arc<GpuContext>> = OnceLock::new();
     let make = || {
-        GpuContext::new(GpuOptions {
-            allow_software: true,
+        open(GpuOptions {
             dot4,
             weight_block_bytes,
-            f16: false,
-        })
-        .unwrap_or_else(|e| {
-            panic!("no GPU adapter ({e}); CI installs mesa-vulkan-drivers for lavapipe")
+            ..GpuOptions::default()
         })
     };
     match (dot4, weight_block_bytes) {
@@ -64,13 +71,11 @@ fn half_context(dot4: bool) -> Arc<GpuContext> {
     static UNPACKED: OnceLock<Arc<GpuContext>> = OnceLock::new();
     static PACKED: OnceLock<Arc<GpuContext>> = OnceLock::new();
     let make = || {
-        GpuContext::new(GpuOptions {
-            allow_software: true,
+        open(GpuOptions {
             dot4,
-            weight_block_bytes: None,
             f16: true,
+            ..GpuOptions::default()
         })
-        .unwrap_or_else(|e| panic!("no GPU adapter ({e})"))
     };
     Arc::clone(if dot4 { &PACKED } else { &UNPACKED }.get_or_init(make))
 }
