@@ -116,7 +116,8 @@ fn from_datum(dt: DatumType) -> Option<DataType> {
         DatumType::U8 => DataType::Uint8,
         DatumType::I8 => DataType::Int8,
         DatumType::I32 => DataType::Int32,
-        DatumType::I64 => DataType::Int64,
+        // Shape arithmetic (`Shape`, sizes): ONNX declares it INT64.
+        DatumType::I64 | DatumType::TDim => DataType::Int64,
         DatumType::F16 => DataType::Fp16,
         DatumType::F32 => DataType::Fp32,
         DatumType::F64 => DataType::Fp64,
@@ -124,14 +125,27 @@ fn from_datum(dt: DatumType) -> Option<DataType> {
     })
 }
 
-/// Runs `plan` on `inputs` (already checked), naming outputs after `outputs`. A panic inside
-/// tract (it panics on some bad inputs, such as an out-of-range Gather index) becomes an error.
+/// Runs `plan` on `inputs` (already checked), naming outputs after `outputs`; `symbols` (where
+/// each symbolic dimension sits in the inputs) make a shape the model outputs concrete. A panic
+/// inside tract (it panics on some bad inputs, such as an out-of-range Gather index) becomes an
+/// error.
 fn run_on(
     plan: &Plan,
     inputs: &[&Tensor],
     outputs: &[TensorSpec],
     executor: Option<&Executor>,
+    symbols: &[(usize, usize, tp::Symbol)],
 ) -> Result<Vec<Tensor>, RunError> {
+    // Only a shape output needs them, read from the inputs then.
+    let resolved = || {
+        let mut values = tp::SymbolValues::default();
+        for (i, d, symbol) in symbols {
+            if let Some(&n) = inputs.get(*i).and_then(|t| t.shape().get(*d)) {
+                values.set(symbol, i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        values
+    };
     let values = inputs
         .iter()
         .map(|t| to_tract(t))
@@ -150,7 +164,7 @@ fn run_on(
     result
         .iter()
         .zip(outputs)
-        .map(|(value, spec)| from_tract(&spec.name, value).map_err(RunError::Model))
+        .map(|(value, spec)| from_tract(&spec.name, value, &resolved).map_err(RunError::Model))
         .collect()
 }
 
@@ -167,6 +181,7 @@ fn to_tract(t: &Tensor) -> Result<tp::TValue, String> {
         DataType::Int8 => tp::Tensor::from_shape(&shape, &t.to_values::<i8>().map_err(err)?),
         DataType::Int32 => tp::Tensor::from_shape(&shape, &t.to_values::<i32>().map_err(err)?),
         DataType::Int64 => tp::Tensor::from_shape(&shape, &t.to_values::<i64>().map_err(err)?),
+        DataType::Fp16 => tp::Tensor::from_shape(&shape, &t.to_values::<half::f16>().map_err(err)?),
         DataType::Fp32 => tp::Tensor::from_shape(&shape, &t.to_values::<f32>().map_err(err)?),
         DataType::Fp64 => tp::Tensor::from_shape(&shape, &t.to_values::<f64>().map_err(err)?),
         other => {
@@ -181,7 +196,11 @@ fn to_tract(t: &Tensor) -> Result<tp::TValue, String> {
         .map_err(|e| chain(&e))
 }
 
-fn from_tract(name: &str, value: &tp::TValue) -> Result<Tensor, String> {
+fn from_tract(
+    name: &str,
+    value: &tp::TValue,
+    symbols: &dyn Fn() -> tp::SymbolValues,
+) -> Result<Tensor, String> {
     let shape: Vec<u64> = value.shape().iter().map(|&d| d as u64).collect();
     fn values<T: tp::Datum + Copy>(v: &tp::TValue) -> Result<Vec<T>, String> {
         Ok(v.to_plain_array_view::<T>()
@@ -196,6 +215,19 @@ fn from_tract(name: &str, value: &tp::TValue) -> Result<Tensor, String> {
         DatumType::I8 => Tensor::from_values(name, shape, &values::<i8>(value)?),
         DatumType::I32 => Tensor::from_values(name, shape, &values::<i32>(value)?),
         DatumType::I64 => Tensor::from_values(name, shape, &values::<i64>(value)?),
+        // A shape computed by the model, in terms of the inputs' symbols on the symbolic plan.
+        DatumType::TDim => {
+            let symbols = symbols();
+            let ints = value
+                .to_plain_array_view::<tp::TDim>()
+                .map_err(|e| chain(&e))?
+                .iter()
+                .map(|d| d.eval_to_i64(&symbols))
+                .collect::<Result<Vec<i64>, _>>()
+                .map_err(|e| format!("output {name:?}: {}", chain(&e)))?;
+            Tensor::from_values(name, shape, &ints)
+        }
+        DatumType::F16 => Tensor::from_values(name, shape, &values::<half::f16>(value)?),
         DatumType::F32 => Tensor::from_values(name, shape, &values::<f32>(value)?),
         DatumType::F64 => Tensor::from_values(name, shape, &values::<f64>(value)?),
         other => {
@@ -323,7 +355,13 @@ impl TractModel {
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
         let ordered = check_inputs(&self.inputs, inputs)?;
         let plan = self.plan_for(&ordered);
-        run_on(&plan, &ordered, &self.outputs, self.inner.executor.as_ref())
+        run_on(
+            &plan,
+            &ordered,
+            &self.outputs,
+            self.inner.executor.as_ref(),
+            &self.inner.symbols,
+        )
     }
 
     /// The shapes that have their own plan now: the values of the symbolic input dimensions,

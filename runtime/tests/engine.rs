@@ -109,3 +109,58 @@ fn declared_signatures_match_tracts() {
     let e = outpost_runtime::signature::declared_signature(b"not onnx").unwrap_err();
     assert!(e.contains("not an ONNX model"), "{e}");
 }
+
+/// Exports carry FP16 tensors (`--fp16` exports) and shapes computed by the model (`Shape` as an
+/// INT64 output): both come back, typed as declared.
+#[test]
+fn fp16_tensors_and_shape_outputs_come_back() {
+    use model_zoo::graph::{Dim, GraphBuilder, int_attr};
+    use outpost_shared::DataType;
+    use prost::Message as _;
+    use tract_onnx::pb::tensor_proto::DataType as Onnx;
+
+    let mut g = GraphBuilder::new(1);
+    let x = g.input("x", Onnx::Float16, &[Dim::Symbol("batch"), Dim::Fixed(3)]);
+    let wide = g.node(
+        "Cast",
+        &[&x],
+        None,
+        vec![int_attr("to", Onnx::Float as i64)],
+    );
+    let doubled = g.node("Add", &[&wide, &wide], None, vec![]);
+    g.node(
+        "Cast",
+        &[&doubled],
+        Some("y"),
+        vec![int_attr("to", Onnx::Float16 as i64)],
+    );
+    g.node("Shape", &[&x], Some("shape"), vec![]);
+    g.output_any("y", Onnx::Float16);
+    g.output_any("shape", Onnx::Int64);
+    let bytes = g
+        .finish("fp16", "fp16 in and out, and a shape", &[])
+        .encode_to_vec();
+
+    let model = TractModel::load(&bytes).unwrap();
+    assert_eq!(model.inputs[0].datatype, DataType::Fp16);
+    assert_eq!(model.outputs[0].datatype, DataType::Fp16);
+    assert_eq!(model.outputs[1].datatype, DataType::Int64);
+    let values: Vec<half::f16> = [0.5f32, -1.0, 2.25, 3.0, 0.0, -0.125]
+        .into_iter()
+        .map(half::f16::from_f32)
+        .collect();
+    let x = Tensor::from_values("x", vec![2, 3], &values).unwrap();
+    let out = model.run(std::slice::from_ref(&x)).unwrap();
+    let y: Vec<f32> = out[0]
+        .to_values::<half::f16>()
+        .unwrap()
+        .into_iter()
+        .map(half::f16::to_f32)
+        .collect();
+    assert_eq!(y, vec![1.0, -2.0, 4.5, 6.0, 0.0, -0.25]);
+    assert_eq!(out[1].to_values::<i64>().unwrap(), vec![2, 3]);
+    assert_eq!(out[1].shape(), &[2]);
+    // The same from the plan optimised for batch 2 (the first call ran the symbolic one).
+    wait_for_plan(&model, &[2]);
+    assert_eq!(model.run(&[x]).unwrap(), out);
+}
