@@ -165,3 +165,65 @@ async fn the_engine_choice_puts_models_on_the_gpu_or_says_why_not() {
     }
     coordinator.shutdown().await;
 }
+
+/// A model with FP16 inputs and outputs (what `--fp16` exports give) and a shape output, pushed
+/// unquantised: the agent serves it on tract and answers FP16 and INT64 through the local API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fp16_model_with_a_shape_output_answers_through_the_local_api() {
+    use firmware_config::EngineChoice;
+    use model_zoo::graph::{Dim, GraphBuilder, int_attr};
+    use prost::Message as _;
+    use tract_onnx::pb::tensor_proto::DataType as Onnx;
+
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let mut g = GraphBuilder::new(1);
+    let x = g.input("x", Onnx::Float16, &[Dim::Symbol("batch"), Dim::Fixed(2)]);
+    let wide = g.node(
+        "Cast",
+        &[&x],
+        None,
+        vec![int_attr("to", Onnx::Float as i64)],
+    );
+    let doubled = g.node("Add", &[&wide, &wide], None, vec![]);
+    g.node(
+        "Cast",
+        &[&doubled],
+        Some("y"),
+        vec![int_attr("to", Onnx::Float16 as i64)],
+    );
+    g.node("Shape", &[&x], Some("shape"), vec![]);
+    g.output("y", Onnx::Float16, &[Dim::Symbol("batch"), Dim::Fixed(2)]);
+    g.output("shape", Onnx::Int64, &[Dim::Fixed(2)]);
+    let model = g.finish("half", "fp16 in and out", &[]).encode_to_vec();
+    push(
+        &coordinator,
+        "half",
+        &placed("local").quantize(Quantize::None),
+        &model,
+    )
+    .await;
+    let mut config = agent_config(&coordinator, &dir.path().join("agent"));
+    config.engine = EngineChoice::Cpu;
+    let agent = Agent::start(config).await.unwrap();
+    eventually("the model", || agent.active_version("half") == Some(1)).await;
+
+    let body = json!({"inputs": [
+        {"name": "x", "datatype": "FP16", "shape": [3, 2], "data": [0.5, -1.0, 2.25, 3.0, 0.0, -0.125]}
+    ]});
+    let (status, reply) = infer(&agent, "half", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let outputs = reply["outputs"].as_array().unwrap();
+    let y = outputs.iter().find(|o| o["name"] == "y").unwrap();
+    assert_eq!(y["datatype"], "FP16", "{reply}");
+    assert_eq!(
+        y["data"],
+        json!([1.0, -2.0, 4.5, 6.0, 0.0, -0.25]),
+        "{reply}"
+    );
+    let shape = outputs.iter().find(|o| o["name"] == "shape").unwrap();
+    assert_eq!(shape["datatype"], "INT64", "{reply}");
+    assert_eq!(shape["data"], json!([3, 2]), "{reply}");
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
