@@ -17,6 +17,7 @@ pub mod encoder;
 pub mod gate;
 pub mod graph;
 pub mod labelled;
+pub mod probe;
 pub mod vocab;
 
 pub use encoder::TextModel;

@@ -114,33 +114,9 @@ fn declared_signatures_match_tracts() {
 /// INT64 output): both come back, typed as declared.
 #[test]
 fn fp16_tensors_and_shape_outputs_come_back() {
-    use model_zoo::graph::{Dim, GraphBuilder, int_attr};
     use outpost_shared::DataType;
-    use prost::Message as _;
-    use tract_onnx::pb::tensor_proto::DataType as Onnx;
 
-    let mut g = GraphBuilder::new(1);
-    let x = g.input("x", Onnx::Float16, &[Dim::Symbol("batch"), Dim::Fixed(3)]);
-    let wide = g.node(
-        "Cast",
-        &[&x],
-        None,
-        vec![int_attr("to", Onnx::Float as i64)],
-    );
-    let doubled = g.node("Add", &[&wide, &wide], None, vec![]);
-    g.node(
-        "Cast",
-        &[&doubled],
-        Some("y"),
-        vec![int_attr("to", Onnx::Float16 as i64)],
-    );
-    g.node("Shape", &[&x], Some("shape"), vec![]);
-    g.output_any("y", Onnx::Float16);
-    g.output_any("shape", Onnx::Int64);
-    let bytes = g
-        .finish("fp16", "fp16 in and out, and a shape", &[])
-        .encode_to_vec();
-
+    let bytes = model_zoo::probe::fp16_doubler(3);
     let model = TractModel::load(&bytes).unwrap();
     assert_eq!(model.inputs[0].datatype, DataType::Fp16);
     assert_eq!(model.outputs[0].datatype, DataType::Fp16);

@@ -171,31 +171,10 @@ async fn the_engine_choice_puts_models_on_the_gpu_or_says_why_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fp16_model_with_a_shape_output_answers_through_the_local_api() {
     use firmware_config::EngineChoice;
-    use model_zoo::graph::{Dim, GraphBuilder, int_attr};
-    use prost::Message as _;
-    use tract_onnx::pb::tensor_proto::DataType as Onnx;
 
     let dir = tempfile::tempdir().unwrap();
     let coordinator = start_coordinator(dir.path()).await;
-    let mut g = GraphBuilder::new(1);
-    let x = g.input("x", Onnx::Float16, &[Dim::Symbol("batch"), Dim::Fixed(2)]);
-    let wide = g.node(
-        "Cast",
-        &[&x],
-        None,
-        vec![int_attr("to", Onnx::Float as i64)],
-    );
-    let doubled = g.node("Add", &[&wide, &wide], None, vec![]);
-    g.node(
-        "Cast",
-        &[&doubled],
-        Some("y"),
-        vec![int_attr("to", Onnx::Float16 as i64)],
-    );
-    g.node("Shape", &[&x], Some("shape"), vec![]);
-    g.output("y", Onnx::Float16, &[Dim::Symbol("batch"), Dim::Fixed(2)]);
-    g.output("shape", Onnx::Int64, &[Dim::Fixed(2)]);
-    let model = g.finish("half", "fp16 in and out", &[]).encode_to_vec();
+    let model = model_zoo::probe::fp16_doubler(2);
     push(
         &coordinator,
         "half",
