@@ -236,6 +236,7 @@ fn metadata(ctx: &Context, name: &str, version: Option<&str>) -> Reply {
                         "placement": s.version.placement,
                         "adapter": s.adapter,
                         "gpu_fallback": s.gpu_fallback,
+                        "cpu_fallback": s.cpu_fallback,
                         "text_input": text,
                     },
                 }),

@@ -1,12 +1,14 @@
 //! Which engine runs a local model, and the load of a version: the GPU the agent may use (from
 //! the config's `engine` and the profile's `gpu`), the GPU engine when its kernels cover the
-//! model and it passes a warm-up, tract otherwise; a cloud-only version loads no engine.
+//! model and it passes a warm-up; on the CPU, ONNX Runtime when the config names its library and
+//! it loads and warms the model up, tract otherwise; a cloud-only version loads no engine.
 
 use std::sync::Arc;
 
 use firmware_config::{EngineChoice, GpuActivations, GpuPreference};
 use outpost_gpu::{GpuContext, GpuModel, GpuOptions};
 use outpost_runtime::admission::AdmissionLimits;
+use outpost_runtime::onnxruntime::{OnnxRuntime, OnnxRuntimeModel, OnnxRuntimeOptions};
 use outpost_runtime::text::{TextError, TextTokenizer};
 use outpost_runtime::tract::{self, TractModel, TractOptions};
 use outpost_runtime::{AssembleError, ChunkStore, Engine, RunError};
@@ -49,6 +51,9 @@ pub(crate) struct Engines {
     pub(crate) gpu: LocalGpu,
     /// How local models run on tract (threads from the device profile).
     pub(crate) tract: TractOptions,
+    /// ONNX Runtime for the models the CPU runs, when the config names its library: loaded, or
+    /// why it could not be (then tract runs them, and their status says why).
+    pub(crate) onnxruntime: Option<Result<Arc<OnnxRuntime>, String>>,
     /// How many calls of one model run and wait at once (from the device profile).
     pub(crate) admission: AdmissionLimits,
 }
@@ -121,6 +126,24 @@ pub(crate) fn choose_gpu(
     }
 }
 
+/// ONNX Runtime from the config's `onnxruntime_library`, if it names one: loaded, or why not
+/// (logged; the agent serves on tract rather than not at all). Blocking.
+pub(crate) fn load_onnxruntime(
+    library: Option<&std::path::Path>,
+) -> Option<Result<Arc<OnnxRuntime>, String>> {
+    let library = library?;
+    Some(match OnnxRuntime::load(library) {
+        Ok(runtime) => {
+            tracing::info!(library = %library.display(), "CPU models run on ONNX Runtime");
+            Ok(runtime)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "ONNX Runtime cannot be used; CPU models run on tract");
+            Err(e.to_string())
+        }
+    })
+}
+
 impl Engines {
     /// Loads a version for serving from the stored chunks: its local engine (warmed up), or
     /// none for a cloud-only version, and its tokenizer when it takes text. Blocking.
@@ -170,13 +193,47 @@ impl Engines {
             LocalGpu::Absent(why) => why.clone(),
         };
         if matches!(self.gpu, LocalGpu::Ready(_)) {
-            tracing::info!(version = version.version, reason = %fallback, "running on tract, not the GPU");
+            tracing::info!(version = version.version, reason = %fallback, "running on the CPU, not the GPU");
         }
-        let model: Arc<dyn Engine> = Arc::new(TractModel::load_with(&bytes, self.tract)?);
-        // A model that cannot run zeros is not worth serving.
-        model.warm_up()?;
+        let (model, cpu_fallback) = self.load_cpu(version, &bytes)?;
         let mut serving = Serving::local(version, Some(model), self.admission);
         serving.gpu_fallback = Some(fallback);
+        serving.cpu_fallback = cpu_fallback;
         Ok(serving)
+    }
+
+    /// The CPU engine for `bytes`, warmed up: ONNX Runtime when it is loaded and runs the
+    /// model, tract otherwise (with the reason, when ONNX Runtime was asked for).
+    fn load_cpu(
+        &self,
+        version: &ModelVersion,
+        bytes: &[u8],
+    ) -> Result<(Arc<dyn Engine>, Option<String>), LoadError> {
+        let refused = match &self.onnxruntime {
+            None => None,
+            Some(Err(why)) => Some(why.clone()),
+            Some(Ok(runtime)) => {
+                let options = OnnxRuntimeOptions {
+                    threads: self.tract.threads,
+                };
+                let loaded = OnnxRuntimeModel::load(runtime, bytes, options)
+                    .map_err(|e| e.to_string())
+                    .and_then(|model| match model.warm_up() {
+                        Ok(()) => Ok(model),
+                        Err(e) => Err(format!("ONNX Runtime failed the warm-up: {e}")),
+                    });
+                match loaded {
+                    Ok(model) => return Ok((Arc::new(model), None)),
+                    Err(why) => {
+                        tracing::warn!(version = version.version, reason = %why, "running on tract, not ONNX Runtime");
+                        Some(why)
+                    }
+                }
+            }
+        };
+        let model: Arc<dyn Engine> = Arc::new(TractModel::load_with(bytes, self.tract)?);
+        // A model that cannot run zeros is not worth serving.
+        model.warm_up()?;
+        Ok((model, refused))
     }
 }

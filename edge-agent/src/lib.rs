@@ -192,18 +192,23 @@ impl Agent {
         let choice = config.engine;
         let activations = config.gpu_activations;
         let preference = config.profile().gpu;
-        let gpu = tokio::task::spawn_blocking(move || {
-            engines::choose_gpu(choice, activations, preference)
+        let library = config.onnxruntime_library.clone();
+        let (gpu, onnxruntime) = tokio::task::spawn_blocking(move || {
+            (
+                engines::choose_gpu(choice, activations, preference),
+                engines::load_onnxruntime(library.as_deref()),
+            )
         })
         .await
-        .map_err(|e| AgentError::Startup(e.to_string()))?
-        .map_err(AgentError::Gpu)?;
+        .map_err(|e| AgentError::Startup(e.to_string()))?;
+        let gpu = gpu.map_err(AgentError::Gpu)?;
         let engines = Engines {
             gpu,
             tract: outpost_runtime::tract::TractOptions {
                 threads: engines::engine_threads(config.profile().inference_threads),
                 ..Default::default()
             },
+            onnxruntime,
             admission: outpost_runtime::admission::AdmissionLimits {
                 running: usize::try_from(config.profile().inference_concurrency).unwrap_or(1),
                 waiting: usize::try_from(config.profile().inference_queue).unwrap_or(0),

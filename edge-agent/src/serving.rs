@@ -35,6 +35,8 @@ pub(crate) struct Serving {
     pub(crate) adapter: Option<String>,
     /// Why a locally run model is not on the GPU.
     pub(crate) gpu_fallback: Option<String>,
+    /// Why a model the CPU runs is on tract though the config names ONNX Runtime.
+    pub(crate) cpu_fallback: Option<String>,
     /// How many local calls of this version run and wait at once.
     pub(crate) admission: Admission,
     /// The memory its engine is taken to hold ([`ENGINE_MEMORY_FACTOR`]), bytes; 0 in the cloud.
@@ -65,6 +67,7 @@ impl Serving {
             engine,
             adapter: None,
             gpu_fallback: None,
+            cpu_fallback: None,
             admission: Admission::new(limits),
             memory,
             text: None,

@@ -51,6 +51,7 @@ pub(crate) fn device_status(
             engine: slot.active.as_ref().map(|s| s.engine_name().to_owned()),
             adapter: slot.active.as_ref().and_then(|s| s.adapter.clone()),
             gpu_fallback: slot.active.as_ref().and_then(|s| s.gpu_fallback.clone()),
+            cpu_fallback: slot.active.as_ref().and_then(|s| s.cpu_fallback.clone()),
             last_error: slot.last_error.clone().or(expired),
             retry_in_ms: slot.retry_at.map(|at| {
                 u64::try_from(

@@ -26,6 +26,11 @@ pub struct AgentConfig {
     /// the parity table's `HALF` tolerance), f32 where it has not.
     #[serde(default)]
     pub gpu_activations: GpuActivations,
+    /// The ONNX Runtime library (`libonnxruntime.so`, 1.17 or newer) that runs the models the CPU
+    /// runs, in place of tract (faster on transformer encoders); tract where it cannot load, or
+    /// where it refuses a model (the model's status says why). Unset: tract.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onnxruntime_library: Option<PathBuf>,
     /// The device's identity.
     pub device: DeviceSection,
     /// What the device trusts.
@@ -353,6 +358,9 @@ impl AgentConfig {
         }
         if let Some(ca) = &mut self.mqtt.ca {
             *ca = base.join(&*ca);
+        }
+        if let Some(library) = &mut self.onnxruntime_library {
+            *library = base.join(&*library);
         }
     }
 

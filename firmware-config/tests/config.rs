@@ -284,6 +284,7 @@ fn provisioned_configs_load_and_name_their_files() {
     assert_eq!(coordinator.storage.data_dir, dir.path().join("data"));
     for (id, path) in &fleet.devices {
         let agent = AgentConfig::load(path).unwrap();
+        assert_eq!(agent.onnxruntime_library, None);
         assert_eq!(&agent.device.id, id);
         assert_eq!(agent.fleet.manifest_keys, vec![fleet.manifest_key]);
         assert_eq!(agent.coordinator.addresses, coordinators);
@@ -299,6 +300,33 @@ fn provisioned_configs_load_and_name_their_files() {
     assert_eq!(
         firmware_config::validate_file(&fleet.coordinator_config, None).unwrap(),
         ConfigKind::Coordinator
+    );
+}
+
+/// `onnxruntime_library` is relative to the config's folder, like every path in it; a file that
+/// is not there is not a config error (the agent serves on tract and its status says why).
+#[test]
+fn the_onnxruntime_library_is_found_beside_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = FleetPlan::numbered(
+        "demo",
+        1,
+        vec!["localhost:4433".parse::<HostPort>().unwrap()],
+        "localhost:1883".parse().unwrap(),
+    )
+    .unwrap();
+    let fleet = firmware_config::provision(&plan, dir.path()).unwrap();
+    let (_, path) = &fleet.devices[0];
+    let text = std::fs::read_to_string(path).unwrap();
+    std::fs::write(
+        path,
+        format!("onnxruntime_library = \"lib/libonnxruntime.so\"\n{text}"),
+    )
+    .unwrap();
+    let agent = AgentConfig::load(path).unwrap();
+    assert_eq!(
+        agent.onnxruntime_library,
+        Some(path.parent().unwrap().join("lib/libonnxruntime.so"))
     );
 }
 

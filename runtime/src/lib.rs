@@ -5,6 +5,8 @@
 //! - [`http`]: the HTTP/1.1 client of the tools and tests (bounded answers, timeouts, typed errors).
 //! - [`tract`]: tract-onnx as an engine: load and check a model, read its signature, run it on
 //!   protocol tensors with inputs checked against the signature.
+//! - [`onnxruntime`]: ONNX Runtime as an optional CPU engine, loaded at run time from a library
+//!   the operator names (faster than tract on transformer encoders).
 //! - [`engine`]: the [`Engine`] trait every engine implements, its typed [`RunError`] and the
 //!   input checks all engines share.
 //! - [`plans`]: the per-shape plan cache both engines keep.
@@ -22,6 +24,7 @@ pub mod dequantize;
 pub mod engine;
 pub mod finetune;
 pub mod http;
+pub mod onnxruntime;
 pub mod plans;
 pub mod quantize;
 pub mod serve;

@@ -64,6 +64,10 @@ pub struct ModelStatus {
     /// Why a locally run model is not on the GPU (no adapter, an op without a kernel…).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_fallback: Option<String>,
+    /// Why a model the CPU runs is on tract when the agent config names an ONNX Runtime library
+    /// (it cannot load, or it refuses this model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_fallback: Option<String>,
     /// Why the model is not as it should be (refused manifest, no space, engine fallback…).
     pub last_error: Option<String>,
     /// When the pending version's failed install is tried again, in milliseconds from the
@@ -342,6 +346,7 @@ mod tests {
                         engine,
                         adapter,
                         gpu_fallback,
+                        cpu_fallback: None,
                         last_error,
                         retry_in_ms,
                         release_expires_in_s: None,

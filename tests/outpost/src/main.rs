@@ -121,6 +121,11 @@ enum Command {
         /// standard BERT-class export writes them).
         #[arg(long, value_name = "FILE", requires = "text_only")]
         text_model: Option<PathBuf>,
+        /// The ONNX Runtime library (libonnxruntime.so, 1.17 or newer) for the figures of the
+        /// agent's ONNX Runtime engine (`onnxruntime_library` in agent.toml); by default the one
+        /// python3's onnxruntime package ships.
+        #[arg(long, value_name = "FILE")]
+        onnxruntime_library: Option<PathBuf>,
         /// Only MQTT connects: this many clients at once to the embedded broker over TLS, beside
         /// rumqttd over plain TCP (each broker in a child, its memory per connection).
         #[arg(long)]
@@ -189,6 +194,7 @@ fn main() -> std::process::ExitCode {
             text_only,
             text_threads,
             text_model,
+            onnxruntime_library,
             backend,
             replicas_only,
         } => {
@@ -197,6 +203,7 @@ fn main() -> std::process::ExitCode {
                     calls.clamp(1, 500),
                     text_threads.max(1),
                     text_model.as_deref(),
+                    onnxruntime_library.as_deref(),
                     &mut |line| println!("{line}"),
                 )
             };

@@ -6,12 +6,15 @@
 //!   count (a small Python script, run when `python3 -c "import onnxruntime"` works; the line
 //!   says so when it does not), and the GPU engine on the int8 file (on whatever adapter there
 //!   is, lavapipe included; the line names it, or says why there is none), with f32 and, where
-//!   the adapter has `shader-f16`, f16 activations.
+//!   the adapter has `shader-f16`, f16 activations. And the agent's own ONNX Runtime engine
+//!   (`onnxruntime_library`) on the fp32 and int8 files, in this process, where a library is
+//!   named or the Python package has one: what the agent costs over ONNX Runtime itself.
 //! - Texts of varying length, one a call, through the agent's tokenizer: padded to the sequence
 //!   buckets (what the agent does) against padded to each text's own length (a new shape nearly
 //!   every call, so the plan cache's four shapes keep being evicted).
 //!
-//! Calls are interleaved between the engines compared, so drift hits all alike.
+//! Calls are interleaved between tract and the GPU engine, so drift hits all alike; ONNX Runtime
+//! (the Python baseline and the agent's engine) runs each file's calls in a row.
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
@@ -19,6 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use model_zoo::{DEFAULT_SEED, TextModel, vocab};
 use outpost_runtime::Engine as _;
+use outpost_runtime::onnxruntime::{
+    OnnxRuntime, OnnxRuntimeModel, OnnxRuntimeOptions, library_in_package,
+};
 use outpost_runtime::text::TextTokenizer;
 use outpost_runtime::tract::{TractModel, TractOptions};
 use outpost_shared::release::{Blob, Dim, TextInput};
@@ -65,10 +71,12 @@ const TOKEN_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"
 
 /// Runs the text benchmarks with `threads` threads and `calls` calls a figure, on `model` (an
 /// ONNX file) or else the model-zoo text encoder.
+/// `library`: the ONNX Runtime library for the agent's engine (else the Python package's).
 pub fn run(
     calls: usize,
     threads: usize,
     model: Option<&std::path::Path>,
+    library: Option<&std::path::Path>,
     report: &mut impl FnMut(&str),
 ) -> anyhow::Result<()> {
     let fp32 = match model {
@@ -129,11 +137,29 @@ pub fn run(
     if let Err(e) = &ort {
         report(&format!("  ONNX Runtime: not measured ({e})"));
     }
+    let engines = match ort_engines(library, &fp32, &int8, threads) {
+        Ok((path, engines)) => {
+            report(&format!(
+                "  the agent's ONNX Runtime engine: {}",
+                path.display()
+            ));
+            Some(engines)
+        }
+        Err(e) => {
+            report(&format!(
+                "  the agent's ONNX Runtime engine: not measured ({e:#})"
+            ));
+            None
+        }
+    };
     for (i, &(batch, seq)) in SHAPES.iter().enumerate() {
         let inputs = token_inputs(batch, seq, &names)?;
         for _ in 0..20 {
             tract_fp32.run(&inputs).map_err(anyhow::Error::msg)?;
             tract_int8.run(&inputs).map_err(anyhow::Error::msg)?;
+            for engine in engines.iter().flatten() {
+                engine.run(&inputs).map_err(anyhow::Error::msg)?;
+            }
         }
         let reference = tract_int8.run(&inputs).map_err(anyhow::Error::msg)?;
         if let Some(gpu) = &gpu {
@@ -164,6 +190,7 @@ pub fn run(
             Vec::with_capacity(calls),
             Vec::with_capacity(calls),
         );
+        let mut on_ort = [Vec::with_capacity(calls), Vec::with_capacity(calls)];
         for _ in 0..calls {
             let t = Instant::now();
             tract_fp32.run(&inputs).map_err(anyhow::Error::msg)?;
@@ -180,6 +207,17 @@ pub fn run(
                 let t = Instant::now();
                 half.run(&inputs).map_err(anyhow::Error::msg)?;
                 h.push(t.elapsed());
+            }
+        }
+        // The agent's ONNX Runtime engine, each file's calls in a row, as the Python baseline
+        // runs them: interleaved with tract, whose calls evict the weights from the caches, it
+        // would be measured on colder caches than ONNX Runtime itself (1.5× at batch 1 on a
+        // 66 MiB model, where a call is mostly reading weights).
+        for (engine, times) in engines.iter().flatten().zip(&mut on_ort) {
+            for _ in 0..calls {
+                let t = Instant::now();
+                engine.run(&inputs).map_err(anyhow::Error::msg)?;
+                times.push(t.elapsed());
             }
         }
         let (fp32_p50, fp32_p99) = percentiles(&mut a);
@@ -201,6 +239,31 @@ pub fn run(
                 let (p50, p99) = percentiles(times);
                 report(&format!(
                     "  {shape}  {what} {:>7.3} ms / {:>8.3} ms",
+                    ms(p50),
+                    ms(p99)
+                ));
+            }
+        }
+        let baseline = ort
+            .as_ref()
+            .ok()
+            .and_then(|o| o.get(i))
+            .map(|&(p50, _)| p50);
+        for (what, times) in ["ORT engine fp32", "ORT engine int8"]
+            .into_iter()
+            .zip(&mut on_ort)
+        {
+            if !times.is_empty() {
+                let (p50, p99) = percentiles(times);
+                let ratio = baseline.map_or_else(String::new, |b| {
+                    format!(
+                        "   {} / onnxruntime p50: {:.2}",
+                        what.trim_start_matches("ORT "),
+                        ms(p50) / b
+                    )
+                });
+                report(&format!(
+                    "  {shape}  {what} {:>7.3} ms / {:>8.3} ms{ratio}",
                     ms(p50),
                     ms(p99)
                 ));
@@ -251,6 +314,44 @@ fn gpu_engine(int8: &[u8], dot4: bool, f16: bool) -> (String, Option<outpost_gpu
             None,
         ),
     }
+}
+
+/// The agent's ONNX Runtime engine on the fp32 and the int8 file, from `library` or else the
+/// library of python3's `onnxruntime` package; with the library's path.
+fn ort_engines(
+    library: Option<&std::path::Path>,
+    fp32: &[u8],
+    int8: &[u8],
+    threads: usize,
+) -> anyhow::Result<(std::path::PathBuf, [OnnxRuntimeModel; 2])> {
+    let path = match library {
+        Some(path) => path.to_path_buf(),
+        None => {
+            let out = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+                ])
+                .stderr(std::process::Stdio::null())
+                .output()
+                .context("python3 is not installed")?;
+            let package = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            anyhow::ensure!(
+                out.status.success() && !package.is_empty(),
+                "python3 has no onnxruntime; name a library with --onnxruntime-library"
+            );
+            library_in_package(std::path::Path::new(&package)).with_context(|| {
+                format!(
+                    "no ONNX Runtime library in {package}/capi; name one with --onnxruntime-library"
+                )
+            })?
+        }
+    };
+    let runtime = OnnxRuntime::load(&path)?;
+    let options = OnnxRuntimeOptions { threads };
+    let fp32 = OnnxRuntimeModel::load(&runtime, fp32, options).context("the fp32 file")?;
+    let int8 = OnnxRuntimeModel::load(&runtime, int8, options).context("the int8 file")?;
+    Ok((path, [fp32, int8]))
 }
 
 /// ONNX Runtime's p50 and p99 (ms) for each of [`SHAPES`], from [`ORT_SCRIPT`].

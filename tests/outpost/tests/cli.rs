@@ -118,3 +118,64 @@ fn a_text_model_that_is_not_an_encoder_is_refused_with_the_reason() {
         assert!(stderr.contains(reason), "{file:?}: {stderr}");
     }
 }
+
+/// `bench --text-only --onnxruntime-library FILE` measures the agent's ONNX Runtime engine on
+/// the fp32 and int8 files beside tract (no GPU here: `WGPU_BACKEND=dx12` finds no adapter on
+/// Linux), and says why when the library cannot load, measuring the rest.
+#[test]
+fn the_text_bench_measures_the_onnx_runtime_engine_or_says_why_not() {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.oip-servers/mlserver");
+    let library = outpost_runtime::onnxruntime::library_in_venv(&venv).unwrap_or_else(|| {
+        panic!(
+            "no onnxruntime in {}: run `bash tests/support/python/install`",
+            venv.display()
+        )
+    });
+    let run = |library: &std::path::Path| {
+        let out = Command::new(binary("outpost"))
+            .args([
+                "bench",
+                "--text-only",
+                "--calls",
+                "3",
+                "--onnxruntime-library",
+            ])
+            .arg(library)
+            .env("WGPU_BACKEND", "dx12")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let stdout = run(&library);
+    assert!(
+        stdout.contains(&format!(
+            "the agent's ONNX Runtime engine: {}",
+            library.display()
+        )),
+        "{stdout}"
+    );
+    for shape in ["batch 1, sequence  32", "batch 8, sequence 128"] {
+        for row in ["ORT engine fp32", "ORT engine int8", "tract fp32"] {
+            assert!(
+                stdout.contains(&format!("{shape}  {row}")),
+                "{shape} {row}: {stdout}"
+            );
+        }
+    }
+    let stdout = run(std::path::Path::new("/nowhere/libonnxruntime.so"));
+    assert!(
+        stdout.contains("the agent's ONNX Runtime engine: not measured (ONNX Runtime library /nowhere/libonnxruntime.so: no such file)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("ORT engine fp32"), "{stdout}");
+    assert!(
+        stdout.contains("batch 8, sequence 128  tract fp32"),
+        "{stdout}"
+    );
+}

@@ -51,6 +51,19 @@ pub(crate) fn venv(name: &str) -> PathBuf {
     dir
 }
 
+/// The ONNX Runtime library of the `onnxruntime` wheel in `.oip-servers/mlserver` (what an
+/// agent's `onnxruntime_library` names in the tests); fails the test, saying how to install it,
+/// when it is missing.
+pub fn onnxruntime_library() -> PathBuf {
+    let venv = venv("mlserver");
+    outpost_runtime::onnxruntime::library_in_venv(&venv).unwrap_or_else(|| {
+        panic!(
+            "no onnxruntime library in {}: run `bash tests/support/python/install`",
+            venv.display()
+        )
+    })
+}
+
 impl OipServer {
     /// Starts `kind` serving `onnx` as `model`, its files in `dir`; waits (up to 90 s) until
     /// the server and the model are ready.

@@ -206,3 +206,107 @@ async fn an_fp16_model_with_a_shape_output_answers_through_the_local_api() {
     agent.shutdown().await;
     coordinator.shutdown().await;
 }
+
+/// `onnxruntime_library`: the models the CPU runs go to ONNX Runtime (here the `onnxruntime`
+/// wheel's library), text in through the tokenizer as on tract, with tract's answers; a library
+/// that cannot load leaves the agent serving on tract, and the status says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onnx_runtime_runs_the_cpu_models_with_the_answers_of_tract() {
+    use firmware_config::EngineChoice;
+    use model_zoo::{TextModel, vocab};
+    use outpost_test_support::oip_servers::onnxruntime_library;
+
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let ranker = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    push(&coordinator, "video-ranker", &placed("local"), &ranker).await;
+    let intents = TextModel::IntentClassifierText.bytes(DEFAULT_SEED).unwrap();
+    let with_tokenizer = placed("local").tokenizer(vocab::tokenizer_json().into_bytes());
+    push(
+        &coordinator,
+        "intent-classifier-text",
+        &with_tokenizer,
+        &intents,
+    )
+    .await;
+
+    let start = |name: &str, library: Option<std::path::PathBuf>| {
+        let mut config = agent_config(&coordinator, &dir.path().join(name));
+        config.engine = EngineChoice::Cpu;
+        config.onnxruntime_library = library;
+        Agent::start(config)
+    };
+    let ort = start("ort", Some(onnxruntime_library())).await.unwrap();
+    let tract = start("tract", None).await.unwrap();
+    let missing = dir.path().join("nowhere/libonnxruntime.so");
+    let broken = start("broken", Some(missing.clone())).await.unwrap();
+    for agent in [&ort, &tract, &broken] {
+        eventually("both models", || {
+            agent.active_version("video-ranker") == Some(1)
+                && agent.active_version("intent-classifier-text") == Some(1)
+        })
+        .await;
+    }
+    let model = |agent: &AgentHandle, name: &str| {
+        agent
+            .status()
+            .models
+            .into_iter()
+            .find(|m| m.model == name)
+            .unwrap()
+    };
+    for name in ["video-ranker", "intent-classifier-text"] {
+        let on_ort = model(&ort, name);
+        assert_eq!(on_ort.engine.as_deref(), Some("onnxruntime"), "{on_ort:?}");
+        assert!(on_ort.cpu_fallback.is_none(), "{on_ort:?}");
+        let on_tract = model(&tract, name);
+        assert_eq!(on_tract.engine.as_deref(), Some("tract"), "{on_tract:?}");
+        assert!(on_tract.cpu_fallback.is_none(), "{on_tract:?}");
+        // The library is not there: tract serves, and the status names the file and why.
+        let fallback = model(&broken, name);
+        assert_eq!(fallback.engine.as_deref(), Some("tract"), "{fallback:?}");
+        let why = fallback.cpu_fallback.unwrap();
+        assert!(
+            why.contains(&missing.display().to_string()) && why.contains("no such file"),
+            "{why}"
+        );
+    }
+    let (_, meta) = get_json(ort.api_addr, "/v2/models/intent-classifier-text").await;
+    assert_eq!(meta["parameters"]["engine"], "onnxruntime", "{meta}");
+
+    // Text in (tokenized by the agent, padded to a bucket), the same answers as tract's.
+    let texts = json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3],
+        "data": ["refund my order", "i cannot log in to my account", "play calm piano"]}]});
+    let (body, _) = ranker_request(4);
+    for (name, request) in [("intent-classifier-text", &texts), ("video-ranker", &body)] {
+        let (status, on_ort) = infer(&ort, name, request).await;
+        assert_eq!(status, 200, "{on_ort}");
+        let (status, on_tract) = infer(&tract, name, request).await;
+        assert_eq!(status, 200, "{on_tract}");
+        let values = |reply: &serde_json::Value| -> Vec<f64> {
+            serde_json::from_value(reply["outputs"][0]["data"].clone()).unwrap()
+        };
+        let (a, b) = (values(&on_ort), values(&on_tract));
+        assert_eq!(a.len(), b.len(), "{name}");
+        assert!(!a.is_empty(), "{name}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() < 1e-4,
+                "{name}: onnxruntime {a:?} vs tract {b:?}"
+            );
+        }
+    }
+    // An id past the vocabulary is the caller's error on ONNX Runtime too.
+    let bad = json!({"inputs": [
+        {"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [101, 1_000_000]},
+        {"name": "attention_mask", "datatype": "INT64", "shape": [1, 2], "data": [1, 1]},
+        {"name": "token_type_ids", "datatype": "INT64", "shape": [1, 2], "data": [0, 0]},
+    ]});
+    let (status, reply) = infer(&ort, "intent-classifier-text", &bad).await;
+    assert_eq!(status, 400, "{reply}");
+
+    for agent in [ort, tract, broken] {
+        agent.shutdown().await;
+    }
+    coordinator.shutdown().await;
+}
