@@ -6,9 +6,9 @@
 //! Why a second CPU engine: on transformer encoders tract is 1.4–2.8× ONNX Runtime at the same
 //! thread count (README, "Benchmarks"): ONNX Runtime fuses attention, LayerNorm and GELU and its
 //! matrix kernels are faster on these shapes. The int8 variant's constant `DequantizeLinear` nodes
-//! are folded first, as for tract ([`crate::dequantize`]): ONNX Runtime keeps `DequantizeLinear`
-//! out of constant folding (for its quantised kernels) and would dequantise every weight on every
-//! call.
+//! are folded first, as for tract ([`crate::dequantize`]): ONNX Runtime's own constant folding
+//! leaves `DequantizeLinear` alone by default (it keeps QDQ pairs for its quantised kernels), and
+//! the weights here are meant to be f32 in memory, int8 only on the wire and on disk.
 //!
 //! One library per process: ONNX Runtime's API is process-global, so the first
 //! [`OnnxRuntime::load`] decides it and a later one naming another file is refused.
@@ -135,9 +135,7 @@ pub fn library_in_package(package: &Path) -> Option<PathBuf> {
         .map(|e| e.path())
         .filter(|p| {
             p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                (n.starts_with("libonnxruntime.so") || n.starts_with("libonnxruntime."))
-                    && (n.contains(".so") || n.ends_with(".dylib"))
-                    && !n.contains("providers")
+                n.starts_with("libonnxruntime.") && (n.contains(".so") || n.ends_with(".dylib"))
                     || n == "onnxruntime.dll"
             })
         })
