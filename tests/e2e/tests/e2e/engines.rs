@@ -208,13 +208,17 @@ async fn an_fp16_model_with_a_shape_output_answers_through_the_local_api() {
 }
 
 /// `onnxruntime_library`: the models the CPU runs go to ONNX Runtime (here the `onnxruntime`
-/// wheel's library), text in through the tokenizer as on tract, with tract's answers; a library
-/// that cannot load leaves the agent serving on tract, and the status says why.
+/// wheel's library), text in through the tokenizer as on tract, with tract's answers; a model
+/// ONNX Runtime refuses, or a library that cannot load, leaves the model on tract, and the status
+/// says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onnx_runtime_runs_the_cpu_models_with_the_answers_of_tract() {
     use firmware_config::EngineChoice;
+    use model_zoo::graph::{Dim, GraphBuilder};
     use model_zoo::{TextModel, vocab};
     use outpost_test_support::oip_servers::onnxruntime_library;
+    use prost::Message as _;
+    use tract_onnx::pb::tensor_proto::DataType as Onnx;
 
     let dir = tempfile::tempdir().unwrap();
     let coordinator = start_coordinator(dir.path()).await;
@@ -229,6 +233,19 @@ async fn onnx_runtime_runs_the_cpu_models_with_the_answers_of_tract() {
         &intents,
     )
     .await;
+    // Declares an opset from the future: tract runs the Relu, ONNX Runtime 1.32 refuses the file.
+    let mut g = GraphBuilder::new(5).with_opset(40);
+    let x = g.input("x", Onnx::Float, &[Dim::Symbol("batch"), Dim::Fixed(4)]);
+    g.node("Relu", &[&x], Some("y"), vec![]);
+    g.output("y", Onnx::Float, &[Dim::Symbol("batch"), Dim::Fixed(4)]);
+    let future = g.finish("future", "opset 40", &[]).encode_to_vec();
+    push(
+        &coordinator,
+        "future",
+        &placed("local").quantize(Quantize::None),
+        &future,
+    )
+    .await;
 
     let start = |name: &str, library: Option<std::path::PathBuf>| {
         let mut config = agent_config(&coordinator, &dir.path().join(name));
@@ -241,9 +258,10 @@ async fn onnx_runtime_runs_the_cpu_models_with_the_answers_of_tract() {
     let missing = dir.path().join("nowhere/libonnxruntime.so");
     let broken = start("broken", Some(missing.clone())).await.unwrap();
     for agent in [&ort, &tract, &broken] {
-        eventually("both models", || {
+        eventually("the three models", || {
             agent.active_version("video-ranker") == Some(1)
                 && agent.active_version("intent-classifier-text") == Some(1)
+                && agent.active_version("future") == Some(1)
         })
         .await;
     }
@@ -255,6 +273,17 @@ async fn onnx_runtime_runs_the_cpu_models_with_the_answers_of_tract() {
             .find(|m| m.model == name)
             .unwrap()
     };
+    let refused = model(&ort, "future");
+    assert_eq!(refused.engine.as_deref(), Some("tract"), "{refused:?}");
+    let why = refused.cpu_fallback.unwrap();
+    assert!(why.contains("ONNX Runtime cannot run the model"), "{why}");
+    let (_, meta) = get_json(ort.api_addr, "/v2/models/future").await;
+    assert_eq!(meta["parameters"]["engine"], "tract", "{meta}");
+    assert!(meta["parameters"]["cpu_fallback"].is_string(), "{meta}");
+    let relu = json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [-1.0, 2.0, -3.0, 4.0]}]});
+    let (status, reply) = infer(&ort, "future", &relu).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["outputs"][0]["data"], json!([0.0, 2.0, 0.0, 4.0]));
     for name in ["video-ranker", "intent-classifier-text"] {
         let on_ort = model(&ort, name);
         assert_eq!(on_ort.engine.as_deref(), Some("onnxruntime"), "{on_ort:?}");
