@@ -3,11 +3,11 @@
 //! metadata that say which and why.
 
 use cloud_coordinator::registry::Quantize;
-use edge_agent::{Agent, AgentHandle};
+use edge_agent::Agent;
 use model_zoo::{DEFAULT_SEED, DemoModel};
 use outpost_runtime::quantize::quantize_int8;
 use outpost_runtime::tract::TractModel;
-use outpost_test_support::agent::{agent_config, infer, ranker_request};
+use outpost_test_support::agent::{agent_config, infer, model_status as model, ranker_request};
 use outpost_test_support::coordinator::{placed, push, start_coordinator};
 use outpost_test_support::eventually::eventually;
 use outpost_test_support::http::get_json;
@@ -61,14 +61,6 @@ async fn the_engine_choice_puts_models_on_the_gpu_or_says_why_not() {
         })
         .await;
     }
-    let model = |agent: &AgentHandle, name: &str| {
-        agent
-            .status()
-            .models
-            .into_iter()
-            .find(|m| m.model == name)
-            .unwrap()
-    };
 
     // engine = "gpu": the ranker on the GPU, answering as tract does.
     let on_gpu = model(&gpu, "video-ranker");
@@ -265,14 +257,6 @@ async fn onnx_runtime_runs_the_cpu_models_with_the_answers_of_tract() {
         })
         .await;
     }
-    let model = |agent: &AgentHandle, name: &str| {
-        agent
-            .status()
-            .models
-            .into_iter()
-            .find(|m| m.model == name)
-            .unwrap()
-    };
     let refused = model(&ort, "future");
     assert_eq!(refused.engine.as_deref(), Some("tract"), "{refused:?}");
     let why = refused.cpu_fallback.unwrap();
