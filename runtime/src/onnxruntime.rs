@@ -365,16 +365,20 @@ fn from_ort(name: &str, value: &DynValue) -> Result<Tensor, RunError> {
     let ValueType::Tensor { ty, .. } = value.dtype() else {
         return Err(bad(&"not a tensor"));
     };
-    match ty {
-        TensorElementType::Bool => tensor!(bool),
-        TensorElementType::Uint8 => tensor!(u8),
-        TensorElementType::Int8 => tensor!(i8),
-        TensorElementType::Int32 => tensor!(i32),
-        TensorElementType::Int64 => tensor!(i64),
-        TensorElementType::Float16 => tensor!(half::f16),
-        TensorElementType::Float32 => tensor!(f32),
-        TensorElementType::Float64 => tensor!(f64),
-        other => Err(bad(&format!("type {other}, which Outpost does not carry"))),
+    // The element types carried are [`from_element`]'s: one list, read both ways.
+    let Some(datatype) = from_element(*ty) else {
+        return Err(bad(&format!("type {ty}, which Outpost does not carry")));
+    };
+    match datatype {
+        DataType::Bool => tensor!(bool),
+        DataType::Uint8 => tensor!(u8),
+        DataType::Int8 => tensor!(i8),
+        DataType::Int32 => tensor!(i32),
+        DataType::Int64 => tensor!(i64),
+        DataType::Fp16 => tensor!(half::f16),
+        DataType::Fp32 => tensor!(f32),
+        DataType::Fp64 => tensor!(f64),
+        DataType::Bytes => Err(bad(&"BYTES, which ONNX Runtime does not give here")),
     }
 }
 
