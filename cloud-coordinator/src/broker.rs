@@ -455,6 +455,9 @@ impl Front {
             ));
         }
         if connect.client_id.is_empty() || connect.client_id.contains(['+', '#', '$', '/', ':']) {
+            // MQTT 3.1.1 (3.2.2.3): CONNACK with return code 2, identifier rejected, then close.
+            let _ = tls.write_all(&CONNACK_IDENTIFIER_REJECTED).await;
+            let _ = tls.flush().await;
             return Err(format!(
                 "client id {:?} is empty or holds one of + # $ / :",
                 connect.client_id
@@ -485,6 +488,9 @@ impl Front {
         Ok(Identity::Device(device.to_string()))
     }
 }
+
+/// A CONNACK refusing the client id (MQTT 3.1.1 return code 2, "identifier rejected").
+const CONNACK_IDENTIFIER_REJECTED: [u8; 4] = [0x20, 0x02, 0x00, 0x02];
 
 /// Reads from `stream` into `buffer` until one whole packet is there; returns it parsed, with
 /// its bytes as they came, or `None` when the stream ends between packets.

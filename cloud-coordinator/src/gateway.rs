@@ -119,11 +119,17 @@ impl Gateway {
                     ),
                 }
             }
-            None => self.on_pool(model, Some(version), inputs).await,
+            None => self.on_pool(device, model, Some(version), inputs).await,
         }
     }
 
-    async fn on_pool(&self, model: String, version: Option<u64>, inputs: Vec<Tensor>) -> Response {
+    async fn on_pool(
+        &self,
+        device: &str,
+        model: String,
+        version: Option<u64>,
+        inputs: Vec<Tensor>,
+    ) -> Response {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             model: model.clone(),
@@ -131,10 +137,15 @@ impl Gateway {
             inputs,
             reply,
         };
-        if self.pool.submit(job).is_err() {
+        if let Err(refused) = self.pool.submit(device, job) {
             self.metrics
                 .inference_busy
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if matches!(refused, crate::infer::Refused::DeviceShare(_)) {
+                self.metrics
+                    .inference_device_busy
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             self.metrics.observe_offload(&model, Served::Busy);
             return Response::Busy {
                 retry_after_ms: BUSY_RETRY_MS,

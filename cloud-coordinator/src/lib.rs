@@ -251,12 +251,8 @@ impl Coordinator {
             watcher.clone(),
         )));
 
-        let (pool, workers) = infer::InferencePool::start(
-            config.inference.workers,
-            config.inference.queue_depth,
-            registry.clone(),
-            metrics.clone(),
-        );
+        let (pool, workers) =
+            infer::InferencePool::start(&config.inference, registry.clone(), metrics.clone());
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server_config),

@@ -54,6 +54,12 @@ pub struct Metrics {
     pub chunk_bytes_served: AtomicU64,
     /// Inference requests answered `Busy`.
     pub inference_busy: AtomicU64,
+    /// Offloaded calls over the per-call working memory, run in row parts.
+    pub inference_split: AtomicU64,
+    /// Offloaded calls refused because one row needs more than a call may take.
+    pub inference_too_large: AtomicU64,
+    /// Offloaded calls refused because their device had `[inference] device_calls` in the pool.
+    pub inference_device_busy: AtomicU64,
     /// Inference jobs waiting for a worker.
     pub queue_depth: AtomicI64,
     /// Open QUIC connections from devices.
@@ -181,6 +187,21 @@ impl Metrics {
             "outpost_inference_busy_total",
             "Inference requests refused with Busy.",
             get(&self.inference_busy),
+        );
+        counter(
+            "outpost_inference_split_total",
+            "Offloaded calls over the per-call working memory, run in row parts.",
+            get(&self.inference_split),
+        );
+        counter(
+            "outpost_inference_too_large_total",
+            "Offloaded calls refused because one row needs more working memory than a call may take.",
+            get(&self.inference_too_large),
+        );
+        counter(
+            "outpost_inference_device_busy_total",
+            "Offloaded calls refused because their device had its share of the pool.",
+            get(&self.inference_device_busy),
         );
         let _ = writeln!(
             out,

@@ -270,6 +270,17 @@ impl Registry {
                 describe(&outputs)
             )));
         }
+        // A cascade sends rows to the cloud by their place in the answer.
+        if matches!(request.placement, Placement::Cascade { .. })
+            && let Some(Ok(graph)) = model.as_ref().map(|m| &m.memory)
+            && !graph.answers_by_row()
+        {
+            return Err(RegistryError::BadRequest(format!(
+                "a cascade model must answer a row for each input row, and this one's outputs ({}) do not have its inputs' rows ({})",
+                describe(&outputs),
+                describe(&inputs)
+            )));
+        }
         let on_devices = request.placement != Placement::Cloud;
         if let (Some(backend), Placement::Local) = (&request.backend, &request.placement) {
             return Err(RegistryError::BadRequest(format!(

@@ -5,12 +5,13 @@
 //! be served now (not loaded yet, no coordinator for a cloud model, the device failed).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use outpost_runtime::serve::{BodyError, BodyLimits, ServeLimits, read_body};
+use outpost_runtime::serve::{BodyError, BodyLimits, ServeLimits, read_body_within};
 use outpost_shared::oip::{self, InferRequest, OipError, RequestLimits};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
@@ -38,7 +39,26 @@ pub(crate) async fn serve(
     };
     let handler = move |req| {
         let ctx = ctx.clone();
-        async move { guarded(req, &ctx).await }
+        async move {
+            // Its own task, so a panic in a request's handling is answered (500) and counted
+            // rather than dropping the connection without a status.
+            let handling = tokio::spawn({
+                let ctx = Arc::clone(&ctx);
+                async move { guarded(req, &ctx).await }
+            });
+            match handling.await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    Counters::count(&ctx.counters.panics);
+                    Counters::count(&ctx.counters.errors);
+                    tracing::error!(error = %e, "a request's handling failed");
+                    error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the agent failed while handling this request (counted in outpost_agent_request_panics_total)",
+                    )
+                }
+            }
+        }
     };
     outpost_runtime::serve::serve_http(listener, limits, handler, shutdown).await;
 }
@@ -48,6 +68,9 @@ pub(crate) async fn serve(
 async fn guarded(req: Request<Incoming>, ctx: &Context) -> Reply {
     let origin = match guard::check(req.headers(), &ctx.config.api.allowed_origins) {
         Ok(origin) => origin,
+        Err(refused) if refused.is_malformed() => {
+            return error(StatusCode::BAD_REQUEST, refused.to_string());
+        }
         Err(refused) => return error(StatusCode::FORBIDDEN, refused.to_string()),
     };
     let mut r = if req.method() == Method::OPTIONS {
@@ -110,7 +133,7 @@ async fn route(req: Request<Incoming>, ctx: &Context) -> Reply {
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["v2"]) => reply(
             StatusCode::OK,
-            &json!({ "name": "outpost-edge-agent", "version": env!("CARGO_PKG_VERSION"), "extensions": [oip::EXTENSION] }),
+            &json!({ "name": "outpost-edge-agent", "version": env!("CARGO_PKG_VERSION"), "extensions": [oip::EXTENSION, oip::classification::EXTENSION] }),
         ),
         (Method::GET, ["v2", "health", "live"]) => reply(StatusCode::OK, &json!({ "live": true })),
         (Method::GET, ["v2", "health", "ready"]) => {
@@ -238,12 +261,46 @@ fn metadata(ctx: &Context, name: &str, version: Option<&str>) -> Reply {
                         "gpu_fallback": s.gpu_fallback,
                         "cpu_fallback": s.cpu_fallback,
                         "text_input": text,
+                        "working_memory": working_memory(ctx, &s),
                     },
                 }),
             )
         }
         Err(r) => *r,
     }
+}
+
+/// What a call of `s` takes in working memory, as the metadata shows it: the fixed part and
+/// the part per row (at a text model's longest text, and at a few sequence lengths for a model
+/// with one), with the per-call bound; or why it is not known.
+fn working_memory(ctx: &Context, s: &Serving) -> Value {
+    let Some(graph) = &s.graph else {
+        return Value::Null;
+    };
+    let graph = match graph {
+        Ok(g) => g,
+        Err(why) => return json!({ "unknown": why }),
+    };
+    let sequence = s
+        .text
+        .as_ref()
+        .map_or(1, |t| u64::from(t.spec().max_tokens));
+    let cost = graph.cost(sequence);
+    let mut figures = json!({
+        "fixed_bytes": cost.fixed,
+        "per_row_bytes": cost.per_row,
+        "call_limit_bytes": ctx.config.profile().call_memory_bytes(),
+        "splits_rows": graph.splits(),
+    });
+    if graph.has_sequence() {
+        figures["at_tokens"] = json!(sequence);
+        let per_row: Map<String, Value> = [8u64, 32, 128, 512]
+            .iter()
+            .map(|&n| (n.to_string(), json!(graph.cost(n).per_row)))
+            .collect();
+        figures["per_row_bytes_by_tokens"] = Value::Object(per_row);
+    }
+    figures
 }
 
 fn ready(ctx: &Context, name: &str, version: Option<&str>) -> Reply {
@@ -258,8 +315,10 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
         .headers()
         .get(oip::HEADER_LENGTH)
         .map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<usize>().ok()));
-    // Read the body before judging the request (see `read_body`).
-    let body = match read_body(req.into_body(), &BodyLimits::up_to(MAX_BODY)).await {
+    // Read the body before judging the request (see `read_body`); its bytes are held in the
+    // budget of bodies until the call ends (the parsed tensors take about as much).
+    let read = read_body_within(req.into_body(), &BodyLimits::local(MAX_BODY), &ctx.bodies).await;
+    let (body, _body_memory) = match read {
         Ok(b) => b,
         Err(BodyError::TooLarge { .. }) => {
             return error(
@@ -269,6 +328,9 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
         }
         Err(e @ BodyError::TooSlow { .. }) => {
             return error(StatusCode::REQUEST_TIMEOUT, e.to_string());
+        }
+        Err(e @ BodyError::Busy { .. }) => {
+            return retry_later(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
         }
         Err(e) => {
             return error(
@@ -334,7 +396,7 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
     let call = match &answered {
         Ok(answer) => Some((false, answer.rows_cloud)),
         Err(RouteError::Failed(_) | RouteError::Unavailable(_)) => Some((true, 0)),
-        Err(RouteError::BadInput(_) | RouteError::Busy(_)) => None,
+        Err(RouteError::BadInput(_) | RouteError::Busy(_) | RouteError::TooLarge(_)) => None,
     };
     if let Some((failed, rows_offloaded)) = call {
         let now = std::time::Instant::now();
@@ -368,7 +430,11 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
                 fields.insert("id".into(), json!(id));
             }
             fields.insert("parameters".into(), Value::Object(parameters));
-            let chosen = request.select(&answer.outputs);
+            let outputs = match classified(&request, answer.outputs, &serving.labels) {
+                Ok(o) => o,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e),
+            };
+            let chosen = request.select(&outputs);
             match oip::encode_response(fields, &chosen) {
                 Ok(encoded) => {
                     let mut r = Response::new(Full::new(Bytes::from(encoded.body)));
@@ -391,17 +457,46 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
         }
         Err(e) => {
             Counters::count(&ctx.counters.errors);
-            let mut r = error(status_of(&e), e.to_string());
+            let r = error(status_of(&e), e.to_string());
             if matches!(e, RouteError::Busy(_)) {
-                // Calls of one model take milliseconds to seconds: try again in one.
-                r.headers_mut().insert(
-                    hyper::header::RETRY_AFTER,
-                    hyper::header::HeaderValue::from_static("1"),
-                );
+                retry_later(r)
+            } else {
+                r
             }
-            r
         }
     }
+}
+
+/// `outputs` with those asked for with `parameters.classification: N` replaced by their top N
+/// classes per row, labelled from the model's class names.
+fn classified(
+    request: &InferRequest,
+    mut outputs: Vec<outpost_shared::Tensor>,
+    labels: &[String],
+) -> Result<Vec<outpost_shared::Tensor>, String> {
+    for wanted in &request.outputs {
+        let Some(top) = wanted.classification else {
+            continue;
+        };
+        if let Some(out) = outputs.iter_mut().find(|o| o.name() == wanted.name) {
+            *out = oip::classification::classify(out, top, labels).map_err(|e| {
+                format!(
+                    "output {:?} cannot be classified (it must hold numbers): {e}",
+                    wanted.name
+                )
+            })?;
+        }
+    }
+    Ok(outputs)
+}
+
+/// `r` with `Retry-After: 1`: calls take milliseconds to seconds, so try again in one.
+fn retry_later(mut r: Reply) -> Reply {
+    r.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from_static("1"),
+    );
+    r
 }
 
 /// The status code of a failed inference, by whose fault it failed: the one place it is decided.
@@ -411,6 +506,7 @@ fn status_of(e: &RouteError) -> StatusCode {
         RouteError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         RouteError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
         RouteError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+        RouteError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
     }
 }
 
@@ -423,7 +519,15 @@ fn metrics(ctx: &Context) -> Reply {
          # HELP outpost_agent_manifests_rejected_total Releases refused.\n# TYPE outpost_agent_manifests_rejected_total counter\noutpost_agent_manifests_rejected_total {}\n\
          # HELP outpost_agent_chunks_fetched_total Chunks fetched.\n# TYPE outpost_agent_chunks_fetched_total counter\noutpost_agent_chunks_fetched_total {}\n\
          # HELP outpost_agent_bytes_fetched_total Bytes fetched.\n# TYPE outpost_agent_bytes_fetched_total counter\noutpost_agent_bytes_fetched_total {}\n\
-         # HELP outpost_agent_broker_connects_total Connections made to the MQTT broker.\n# TYPE outpost_agent_broker_connects_total counter\noutpost_agent_broker_connects_total {}\n",
+         # HELP outpost_agent_broker_connects_total Connections made to the MQTT broker.\n# TYPE outpost_agent_broker_connects_total counter\noutpost_agent_broker_connects_total {}\n\
+         # HELP outpost_agent_working_memory_bytes Working memory for running calls: the budget and what running calls hold.\n# TYPE outpost_agent_working_memory_bytes gauge\n\
+         outpost_agent_working_memory_bytes{{state=\"budget\"}} {}\noutpost_agent_working_memory_bytes{{state=\"in_use\"}} {}\n\
+         # HELP outpost_agent_call_memory_limit_bytes The most working memory one call may take.\n# TYPE outpost_agent_call_memory_limit_bytes gauge\noutpost_agent_call_memory_limit_bytes {}\n\
+         # HELP outpost_agent_request_body_bytes Request bodies held in memory: the budget and what is held.\n# TYPE outpost_agent_request_body_bytes gauge\n\
+         outpost_agent_request_body_bytes{{state=\"budget\"}} {}\noutpost_agent_request_body_bytes{{state=\"in_use\"}} {}\n\
+         # HELP outpost_agent_calls_split_total Calls over the per-call working memory, run in row parts.\n# TYPE outpost_agent_calls_split_total counter\noutpost_agent_calls_split_total {}\n\
+         # HELP outpost_agent_calls_too_large_total Calls refused because one row needs more than a call may take.\n# TYPE outpost_agent_calls_too_large_total counter\noutpost_agent_calls_too_large_total {}\n\
+         # HELP outpost_agent_request_panics_total Requests whose handling panicked (answered 500).\n# TYPE outpost_agent_request_panics_total counter\noutpost_agent_request_panics_total {}\n",
         c.inferences_local,
         c.inferences_offloaded,
         c.inference_errors,
@@ -431,6 +535,14 @@ fn metrics(ctx: &Context) -> Reply {
         c.chunks_fetched,
         c.bytes_fetched,
         c.broker_connects,
+        ctx.working_memory.total(),
+        ctx.working_memory.in_use(),
+        ctx.config.profile().call_memory_bytes(),
+        ctx.bodies.total(),
+        ctx.bodies.in_use(),
+        ctx.counters.split.load(Ordering::Relaxed),
+        ctx.counters.too_large.load(Ordering::Relaxed),
+        ctx.counters.panics.load(Ordering::Relaxed),
     );
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
@@ -446,6 +558,7 @@ mod tests {
     use outpost_shared::{DataType, Dim, ModelVersion, Placement, Tensor, TensorSpec};
 
     use outpost_runtime::admission::AdmissionLimits;
+    use outpost_runtime::memory::MemoryBudget;
 
     use super::*;
     use crate::offload::OffloadError;
@@ -527,7 +640,12 @@ mod tests {
                 let serving = Arc::clone(&serving);
                 tokio::spawn(async move {
                     let x = Tensor::from_values("x", vec![1], &[0.5f32]).unwrap();
-                    router::run_local(&serving, vec![x]).await
+                    let budget = MemoryBudget::new(1 << 30);
+                    let memory = router::CallMemory {
+                        budget: &budget,
+                        per_call: 1 << 30,
+                    };
+                    router::run_local(&memory, &serving, vec![x]).await
                 })
             })
             .collect();
@@ -566,7 +684,14 @@ mod tests {
             },
         );
         let x = Tensor::from_values("x", vec![1, 2], &[0.5f32, 0.5]).unwrap();
-        let e = router::run_local(&serving, vec![x]).await.unwrap_err();
+        let budget = MemoryBudget::new(1 << 30);
+        let memory = router::CallMemory {
+            budget: &budget,
+            per_call: 1 << 30,
+        };
+        let e = router::run_local(&memory, &serving, vec![x])
+            .await
+            .unwrap_err();
         (status_of(&e), e.to_string())
     }
 

@@ -21,6 +21,12 @@ pub(crate) struct Counters {
     pub(crate) bytes: AtomicU64,
     /// Connections made to the MQTT broker.
     pub(crate) broker_connects: AtomicU64,
+    /// Calls over the per-call working-memory bound, run in row parts.
+    pub(crate) split: AtomicU64,
+    /// Calls refused because one row does not fit the per-call bound.
+    pub(crate) too_large: AtomicU64,
+    /// Requests whose handling panicked (answered 500).
+    pub(crate) panics: AtomicU64,
 }
 
 impl Counters {

@@ -17,6 +17,9 @@ use outpost_shared::{ModelVersion, Placement, Target, Variant};
 
 use crate::serving::Serving;
 
+/// What a model's graph says of a call's working memory, or why it cannot say.
+type CallGraph = Result<Arc<outpost_runtime::graph_memory::GraphMemory>, String>;
+
 /// Why a version cannot serve on this device.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -184,6 +187,9 @@ impl Engines {
                         let mut serving =
                             Serving::local(version, Some(Arc::new(model)), self.admission);
                         serving.adapter = Some(adapter);
+                        let facts = tract::model_facts(&bytes);
+                        serving.graph = Some(facts.memory.map(Arc::new));
+                        serving.labels = facts.labels;
                         return Ok(serving);
                     }
                     Err(e) => format!("the GPU failed the warm-up: {e}"),
@@ -195,20 +201,23 @@ impl Engines {
         if matches!(self.gpu, LocalGpu::Ready(_)) {
             tracing::info!(version = version.version, reason = %fallback, "running on the CPU, not the GPU");
         }
-        let (model, cpu_fallback) = self.load_cpu(version, &bytes)?;
+        let (model, cpu_fallback, (graph, labels)) = self.load_cpu(version, &bytes)?;
         let mut serving = Serving::local(version, Some(model), self.admission);
+        serving.graph = Some(graph);
+        serving.labels = labels;
         serving.gpu_fallback = Some(fallback);
         serving.cpu_fallback = cpu_fallback;
         Ok(serving)
     }
 
     /// The CPU engine for `bytes`, warmed up: ONNX Runtime when it is loaded and runs the
-    /// model, tract otherwise (with the reason, when ONNX Runtime was asked for).
+    /// model, tract otherwise (with the reason, when ONNX Runtime was asked for); and what the
+    /// graph says of a call's working memory, and the model's class names.
     fn load_cpu(
         &self,
         version: &ModelVersion,
         bytes: &[u8],
-    ) -> Result<(Arc<dyn Engine>, Option<String>), LoadError> {
+    ) -> Result<(Arc<dyn Engine>, Option<String>, (CallGraph, Vec<String>)), LoadError> {
         let refused = match &self.onnxruntime {
             None => None,
             Some(Err(why)) => Some(why.clone()),
@@ -223,7 +232,11 @@ impl Engines {
                         Err(e) => Err(format!("ONNX Runtime failed the warm-up: {e}")),
                     });
                 match loaded {
-                    Ok(model) => return Ok((Arc::new(model), None)),
+                    Ok(model) => {
+                        let facts = tract::model_facts(bytes);
+                        let graph = facts.memory.map(Arc::new);
+                        return Ok((Arc::new(model), None, (graph, facts.labels)));
+                    }
                     Err(why) => {
                         tracing::warn!(version = version.version, reason = %why, "running on tract, not ONNX Runtime");
                         Some(why)
@@ -231,9 +244,12 @@ impl Engines {
                 }
             }
         };
-        let model: Arc<dyn Engine> = Arc::new(TractModel::load_with(bytes, self.tract)?);
+        let model = TractModel::load_with(bytes, self.tract)?;
+        let graph = model.memory.clone().map_err(|e| e.to_string());
+        let labels = model.labels.clone();
+        let model: Arc<dyn Engine> = Arc::new(model);
         // A model that cannot run zeros is not worth serving.
         model.warm_up()?;
-        Ok((model, refused))
+        Ok((model, refused, (graph, labels)))
     }
 }

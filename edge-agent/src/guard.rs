@@ -21,6 +21,16 @@ pub(crate) enum Refused {
     /// A `Host` that is neither localhost nor an address.
     #[error("host {0:?} is not this device (use localhost or an IP address)")]
     Host(String),
+    /// More than one `Host` header: RFC 9112 (section 3.2) makes that a bad request (400).
+    #[error("the request has {0} Host headers; it must have one")]
+    Hosts(usize),
+}
+
+impl Refused {
+    /// Whether it is a malformed request (400) rather than a refused one (403).
+    pub(crate) fn is_malformed(&self) -> bool {
+        matches!(self, Refused::Hosts(_))
+    }
 }
 
 /// The request's origin, when it has one and it is allowed; `Err` when it must be refused.
@@ -28,6 +38,10 @@ pub(crate) fn check(
     headers: &HeaderMap,
     allowed: &[String],
 ) -> Result<Option<HeaderValue>, Refused> {
+    let hosts = headers.get_all(HOST).iter().count();
+    if hosts > 1 {
+        return Err(Refused::Hosts(hosts));
+    }
     if let Some(host) = headers.get(HOST) {
         let text = host.to_str().unwrap_or_default();
         if !is_local_host(text) {
@@ -90,6 +104,17 @@ mod tests {
             h.insert(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn two_host_headers_are_a_bad_request_whatever_they_say() {
+        let mut h = HeaderMap::new();
+        h.append(HOST, HeaderValue::from_static("127.0.0.1"));
+        h.append(HOST, HeaderValue::from_static("evil.example"));
+        let refused = check(&h, &[]).unwrap_err();
+        assert_eq!(refused, Refused::Hosts(2));
+        assert!(refused.is_malformed());
+        assert!(!Refused::Host("evil.example".into()).is_malformed());
     }
 
     #[test]

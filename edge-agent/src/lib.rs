@@ -75,6 +75,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use firmware_config::AgentConfig;
+use outpost_runtime::memory::MemoryBudget;
 use outpost_shared::{DeviceStatus, ManifestVerifier};
 use tokio::sync::watch;
 
@@ -136,12 +137,24 @@ pub(crate) struct Context {
     pub(crate) signer: status::StatusSigner,
     /// Wakes the release poller (after an MQTT reconnect).
     pub(crate) poll_releases: tokio::sync::Notify,
+    /// The working memory local calls share (the profile's `working_memory_mb`).
+    pub(crate) working_memory: MemoryBudget,
+    /// The request bodies held at once (the profile's `body_memory_mb`).
+    pub(crate) bodies: MemoryBudget,
 }
 
 impl Context {
     /// The serving table as it stands: one snapshot, unchanged however long it is held.
     pub(crate) fn models(&self) -> Arc<Models> {
         Arc::clone(&self.models.borrow())
+    }
+
+    /// The working memory a local call runs within.
+    pub(crate) fn call_memory(&self) -> router::CallMemory<'_> {
+        router::CallMemory {
+            budget: &self.working_memory,
+            per_call: self.config.profile().call_memory_bytes(),
+        }
     }
 
     /// The device's status now.
@@ -226,7 +239,10 @@ impl Agent {
         let verifier = ManifestVerifier::new(config.fleet.manifest_keys.clone());
         let (table, models) =
             ServingTable::new(config.profile().memory_budget_mb.saturating_mul(1 << 20));
+        let profile = config.profile();
         let ctx = Arc::new(Context {
+            working_memory: MemoryBudget::new(profile.working_memory_bytes()),
+            bodies: MemoryBudget::new(profile.body_memory_mb.saturating_mul(1 << 20)),
             config,
             store,
             offload,
@@ -352,13 +368,14 @@ impl AgentHandle {
         self.ctx.counters.snapshot()
     }
 
-    /// Publishes an offline status, stops serving, and flushes the store.
+    /// Publishes an offline status (signed like every status, so the coordinator keeps the
+    /// device listed as offline rather than ignoring it), stops serving, and flushes the store.
     pub async fn shutdown(self) {
         let mut status = self.ctx.status();
         status.health = outpost_shared::Health::Offline;
         if let (Ok(topic), Ok(bytes)) = (
             outpost_shared::Topic::device_status(&status.device_id),
-            status.to_cbor(),
+            self.ctx.signer.sign(&status),
         ) {
             let _ = self
                 .mqtt

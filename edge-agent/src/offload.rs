@@ -16,7 +16,7 @@ use firmware_config::{AgentConfig, HostPort};
 use outpost_runtime::Backoff;
 use outpost_shared::frame::{self, HEADER_BYTES, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use outpost_shared::{ChunkId, ErrorKind, Request, Response, Tensor};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 
 /// Why an offloaded request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -104,6 +104,24 @@ struct Link {
     /// The coordinator the next round starts with: the first, or the one after a coordinator
     /// that let a request pass its deadline.
     first: usize,
+    /// The round of connecting in flight, if one is: its result, when it has one. Callers that
+    /// need a connection meanwhile wait for it (within their own deadline) outside the lock.
+    connecting: Option<watch::Receiver<Option<Result<quinn::Connection, String>>>>,
+}
+
+/// What a caller that needs a connection does, decided under the lock.
+enum Step {
+    /// Use this live connection.
+    Ready(quinn::Connection),
+    /// Fail at once (the back-off delay has not passed).
+    Fail(OffloadError),
+    /// Wait for the round in flight.
+    Wait(watch::Receiver<Option<Result<quinn::Connection, String>>>),
+    /// Make the round, starting with this coordinator, and tell the waiters.
+    Connect(
+        watch::Sender<Option<Result<quinn::Connection, String>>>,
+        usize,
+    ),
 }
 
 /// Reconnect delays: 250 ms after the first failed round, doubling to 30 s, jittered.
@@ -118,6 +136,7 @@ impl Link {
             last_error: String::new(),
             connected_to: 0,
             first: 0,
+            connecting: None,
         }
     }
 }
@@ -160,52 +179,110 @@ impl OffloadClient {
     }
 
     /// The live connection, or a new one to the first coordinator that answers (unless the
-    /// last round failed and its back-off delay has not passed).
-    async fn connection(&self) -> Result<quinn::Connection, OffloadError> {
-        let mut link = self.link.lock().await;
+    /// last round failed and its back-off delay has not passed). One round of connecting runs at
+    /// a time and never under the lock: callers arriving meanwhile wait for its result, each at
+    /// most `wait` (its own request's deadline).
+    async fn connection(&self, wait: Duration) -> Result<quinn::Connection, OffloadError> {
+        let step = {
+            let mut link = self.link.lock().await;
+            self.next_step(&mut link)
+        };
+        match step {
+            Step::Ready(c) => Ok(c),
+            Step::Fail(e) => Err(e),
+            Step::Wait(mut round) => {
+                match tokio::time::timeout(wait, round.wait_for(Option::is_some)).await {
+                    Ok(Ok(result)) => match result.as_ref() {
+                        Some(Ok(c)) => Ok(c.clone()),
+                        Some(Err(why)) => Err(OffloadError::Unreachable(why.clone())),
+                        None => Err(OffloadError::Unreachable("no connection yet".into())),
+                    },
+                    // Its caller went away mid-round: the next call starts another.
+                    Ok(Err(_)) => Err(OffloadError::Unreachable(
+                        "the attempt to connect was abandoned".into(),
+                    )),
+                    Err(_) => Err(OffloadError::TimedOut(wait)),
+                }
+            }
+            Step::Connect(done, first) => {
+                let round = self.round(first).await;
+                let mut link = self.link.lock().await;
+                link.connecting = None;
+                let result = match round {
+                    Ok((c, index)) => {
+                        tracing::info!(coordinator = %self.coordinators[index], after_failures = link.backoff.failures(), "connected to coordinator");
+                        link.connection = Some(c.clone());
+                        link.connected_to = index;
+                        link.backoff.connected();
+                        link.retry_at = None;
+                        link.last_error.clear();
+                        Ok(c)
+                    }
+                    Err(why) => {
+                        let delay = link.backoff.fail();
+                        link.retry_at = Some(Instant::now() + delay);
+                        link.last_error = why;
+                        tracing::debug!(
+                            failures = link.backoff.failures(),
+                            ?delay,
+                            error = link.last_error,
+                            "no coordinator reachable"
+                        );
+                        Err(link.last_error.clone())
+                    }
+                };
+                done.send_replace(Some(result.clone()));
+                result.map_err(OffloadError::Unreachable)
+            }
+        }
+    }
+
+    /// What a caller needing a connection does now (under the lock; nothing here waits).
+    fn next_step(&self, link: &mut Link) -> Step {
         if let Some(c) = link.connection.as_ref() {
             if c.close_reason().is_none() {
-                return Ok(c.clone());
+                return Step::Ready(c.clone());
             }
             link.connection = None;
+        }
+        if let Some(round) = &link.connecting {
+            // A round whose maker went away (its sender dropped) is over: start another.
+            if round.has_changed().is_ok() {
+                return Step::Wait(round.clone());
+            }
+            link.connecting = None;
         }
         if let Some(at) = link.retry_at {
             let now = Instant::now();
             if now < at {
-                return Err(OffloadError::Unreachable(format!(
+                return Step::Fail(OffloadError::Unreachable(format!(
                     "{} (next attempt in {:.1} s)",
                     link.last_error,
                     (at - now).as_secs_f64()
                 )));
             }
         }
+        let (done, round) = watch::channel(None);
+        link.connecting = Some(round);
+        Step::Connect(done, link.first)
+    }
+
+    /// One round: each coordinator in turn from `first`, until one answers; it and its index,
+    /// or every coordinator's reason.
+    async fn round(&self, first: usize) -> Result<(quinn::Connection, usize), String> {
         let mut failures = Vec::new();
         let count = self.coordinators.len();
-        for index in (0..count).map(|k| (link.first + k) % count) {
+        for index in (0..count).map(|k| (first + k) % count) {
             let coordinator = &self.coordinators[index];
             match self.connect(coordinator).await {
-                Ok(c) => {
-                    tracing::info!(%coordinator, after_failures = link.backoff.failures(), "connected to coordinator");
-                    link.connection = Some(c.clone());
-                    link.connected_to = index;
-                    link.backoff.connected();
-                    link.retry_at = None;
-                    link.last_error.clear();
-                    return Ok(c);
-                }
+                Ok(c) => return Ok((c, index)),
                 Err(e) => failures.push(format!("{coordinator}: {e}")),
             }
         }
-        let delay = link.backoff.fail();
-        link.retry_at = Some(Instant::now() + delay);
-        link.last_error = failures.join("; ");
-        tracing::debug!(
-            failures = link.backoff.failures(),
-            ?delay,
-            error = link.last_error,
-            "no coordinator reachable"
-        );
-        Err(OffloadError::Unreachable(link.last_error.clone()))
+        if failures.is_empty() {
+            failures.push("no coordinator is configured".into());
+        }
+        Err(failures.join("; "))
     }
 
     async fn connect(&self, coordinator: &HostPort) -> Result<quinn::Connection, String> {
@@ -249,7 +326,8 @@ impl OffloadClient {
     /// Each try has the request's [`deadline`]; one that passes it drops the connection (a
     /// stalled coordinator) and is not tried again here.
     async fn call(&self, request: &Request) -> Result<Vec<Response>, OffloadError> {
-        let connection = self.connection().await?;
+        let wait = self.deadlines.of(request);
+        let connection = self.connection(wait).await?;
         match self.exchange_within(&connection, request).await {
             Ok(r) => Ok(r),
             Err(OffloadError::Unreachable(_)) => {
@@ -257,7 +335,7 @@ impl OffloadClient {
                 // it and try once more now, from the next coordinator on, so the retry does
                 // not first wait out a handshake with the one that just died.
                 self.move_on_from(&connection).await;
-                let connection = self.connection().await?;
+                let connection = self.connection(wait).await?;
                 self.exchange_within(&connection, request).await
             }
             Err(e) => Err(e),
@@ -412,6 +490,55 @@ async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// While one round of connecting hangs (a coordinator address where nothing answers), other
+    /// calls are not stuck behind it: each waits for the round at most its own deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hanging_connect_holds_other_calls_no_longer_than_their_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        // A UDP port that never answers: the QUIC handshake waits out its 5 s.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at: HostPort = format!("127.0.0.1:{}", silent.local_addr().unwrap().port())
+            .parse()
+            .unwrap();
+        let plan =
+            firmware_config::FleetPlan::numbered("t", 1, vec![at.clone()], at.clone()).unwrap();
+        firmware_config::provision(&plan, dir.path()).unwrap();
+        let mut config = AgentConfig::load(&dir.path().join("devices/t-0001/agent.toml")).unwrap();
+        config.coordinator.request_timeout_s = 1;
+        let identity =
+            outpost_runtime::tls::Identity::load(&config.device.certificate, &config.device.key)
+                .unwrap();
+        let client = OffloadClient::new(&config, identity).unwrap();
+        let started = Instant::now();
+        let calls: Vec<_> = (0..3)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    // The first makes the round; the others arrive while it runs.
+                    tokio::time::sleep(Duration::from_millis(100 * i)).await;
+                    let result = client.infer("m", None, vec![]).await;
+                    (result, started.elapsed())
+                })
+            })
+            .collect();
+        let mut quick = 0;
+        for call in calls {
+            let (result, took) = call.await.unwrap();
+            assert!(result.is_err(), "{result:?}");
+            if took < Duration::from_secs(3) {
+                assert!(
+                    matches!(result, Err(OffloadError::TimedOut(_))),
+                    "{result:?}"
+                );
+                quick += 1;
+            }
+        }
+        assert_eq!(
+            quick, 2,
+            "the calls that did not connect waited out the round"
+        );
+    }
 
     #[test]
     fn deadlines_follow_the_request_timeout() {

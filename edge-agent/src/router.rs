@@ -6,8 +6,11 @@
 //! model's (failed), or the moment's (unavailable: no coordinator, a device that failed); the
 //! API turns its kind into a status code in one place.
 
+use std::time::Duration;
+
 use outpost_runtime::RunError;
-use outpost_shared::{ErrorKind, Placement, Tensor};
+use outpost_runtime::memory::{self, MemoryBudget};
+use outpost_shared::{Dim, ErrorKind, Placement, Tensor};
 
 use crate::Context;
 use crate::counters::Counters;
@@ -45,9 +48,25 @@ pub(crate) enum RouteError {
     /// The model (or the agent) failed on a valid request (500).
     #[error("{0}")]
     Failed(String),
-    /// Every running slot and waiting place of the model is taken (503 with `Retry-After`).
+    /// Every running slot and waiting place of the model is taken, or the device's working
+    /// memory stayed taken by other calls (503 with `Retry-After`).
     #[error("{0}")]
-    Busy(outpost_runtime::admission::Busy),
+    Busy(String),
+    /// One row of the call needs more working memory than a call may take (413).
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// How long a call waits for the device's working memory before it is answered busy.
+const MEMORY_WAIT: Duration = Duration::from_secs(5);
+
+/// The working memory local calls run within: the budget all share and what one may take.
+#[derive(Debug, Clone)]
+pub(crate) struct CallMemory<'a> {
+    /// Shared by every call at once.
+    pub(crate) budget: &'a MemoryBudget,
+    /// The most one call may take, bytes.
+    pub(crate) per_call: u64,
 }
 
 impl From<RunError> for RouteError {
@@ -70,8 +89,10 @@ pub(crate) fn rows(inputs: &[Tensor]) -> u64 {
         .unwrap_or(1)
 }
 
-/// Runs `inputs` on the version's local engine, off the async threads.
+/// Runs `inputs` on the version's local engine, off the async threads, once its working memory
+/// (from the model's graph) is reserved in the device's budget.
 pub(crate) async fn run_local(
+    memory: &CallMemory<'_>,
     serving: &Serving,
     inputs: Vec<Tensor>,
 ) -> Result<Vec<Tensor>, RouteError> {
@@ -80,11 +101,39 @@ pub(crate) async fn run_local(
             "the model has no local engine".into(),
         ));
     };
+    let bytes = match &serving.graph {
+        Some(Ok(graph)) => {
+            graph.check_ids(&inputs)?;
+            graph.bytes_for(&inputs)
+        }
+        // Unmeasured: the inputs and what the engine copies of them.
+        _ => inputs
+            .iter()
+            .map(|t| t.data().len() as u64)
+            .sum::<u64>()
+            .saturating_mul(2),
+    };
+    if bytes > memory.per_call {
+        return Err(RouteError::TooLarge(format!(
+            "this call needs {} MiB of working memory, more than the {} MiB one call may take on this device, and the model's answers cannot be cut into row parts; send fewer rows or shorter inputs",
+            bytes.div_ceil(1 << 20),
+            memory.per_call >> 20
+        )));
+    }
     // Held until the engine is done: bounded running calls, bounded waiting ones.
-    let _slot = serving.admission.enter().await.map_err(RouteError::Busy)?;
+    let _slot = serving
+        .admission
+        .enter()
+        .await
+        .map_err(|e| RouteError::Busy(e.to_string()))?;
+    let _reserved = memory
+        .budget
+        .reserve(bytes, MEMORY_WAIT)
+        .await
+        .map_err(|e| RouteError::Busy(e.to_string()))?;
     tokio::task::spawn_blocking(move || engine.run(&inputs))
         .await
-        .map_err(|e| RouteError::Failed(e.to_string()))?
+        .map_err(|e| RouteError::Failed(format!("the engine failed: {e}")))?
         .map_err(RouteError::from)
 }
 
@@ -106,7 +155,8 @@ pub(crate) fn cloud_error(e: OffloadError) -> RouteError {
     }
 }
 
-/// Runs `inputs` where the placement says.
+/// Runs `inputs` where the placement says: in one call when its working memory fits the
+/// per-call bound, else in row parts that each fit, joined back in order.
 pub(crate) async fn infer(
     ctx: &Context,
     model: &str,
@@ -114,10 +164,127 @@ pub(crate) async fn infer(
     inputs: Vec<Tensor>,
 ) -> Result<Answer, RouteError> {
     let max_elements = ctx.config.profile().max_request_elements();
-    let (inputs, truncated) = tokenize(serving, inputs, max_elements).await?;
-    let mut answer = route(ctx, model, serving, inputs).await?;
-    answer.truncated = truncated;
-    Ok(answer)
+    let batched = batched(serving, &inputs);
+    let batched_inputs: Vec<&Tensor> = inputs
+        .iter()
+        .zip(&batched)
+        .filter(|(_, b)| **b)
+        .map(|(t, _)| t)
+        .collect();
+    outpost_runtime::engine::check_rows(&batched_inputs)?;
+    let n = batched_inputs
+        .first()
+        .and_then(|t| t.shape().first().copied())
+        .unwrap_or(1);
+    let per_part = rows_per_call(ctx, serving, &inputs)?;
+    if n <= per_part {
+        let (inputs, truncated) = tokenize(serving, inputs, max_elements).await?;
+        let mut answer = route(ctx, model, serving, inputs).await?;
+        answer.truncated = truncated;
+        return Ok(answer);
+    }
+    Counters::count(&ctx.counters.split);
+    tracing::debug!(model, rows = n, per_part, "running a call in row parts");
+    let mut parts: Vec<Answer> = Vec::new();
+    for (start, end) in memory::parts(n, per_part) {
+        let part = inputs
+            .iter()
+            .zip(&batched)
+            .map(|(t, &b)| if b { t.rows(start, end) } else { Ok(t.clone()) })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RouteError::Failed(e.to_string()))?;
+        let (part, truncated) = tokenize(serving, part, max_elements).await?;
+        let mut answer = route(ctx, model, serving, part).await?;
+        answer.truncated = truncated.into_iter().map(|i| i + start as usize).collect();
+        parts.push(answer);
+    }
+    join(parts, n)
+}
+
+/// Which inputs carry the call's rows: the text input, and those whose first dimension is free.
+fn batched(serving: &Serving, inputs: &[Tensor]) -> Vec<bool> {
+    let text = serving.text.as_ref().map(|t| t.spec().name.clone());
+    inputs
+        .iter()
+        .map(|t| {
+            Some(t.name()) == text.as_deref()
+                || serving
+                    .version
+                    .inputs
+                    .iter()
+                    .find(|s| s.name == t.name())
+                    .is_some_and(|s| s.shape.first() == Some(&Dim::Dynamic))
+        })
+        .collect()
+}
+
+/// The most rows one call of the local engine may carry within the per-call bound: from the
+/// model's cost per row at the call's sequence length (a text's longest, before it is
+/// tokenized); no limit for a model without a local engine or whose graph cannot be measured
+/// or cut.
+fn rows_per_call(ctx: &Context, serving: &Serving, inputs: &[Tensor]) -> Result<u64, RouteError> {
+    let Some(Ok(graph)) = &serving.graph else {
+        return Ok(u64::MAX);
+    };
+    if !graph.splits() {
+        return Ok(u64::MAX);
+    }
+    let sequence = match &serving.text {
+        Some(t) if inputs.iter().any(|i| i.name() == t.spec().name) => {
+            u64::from(t.spec().max_tokens)
+        }
+        _ => graph.sequence_of(inputs),
+    };
+    graph
+        .cost(sequence)
+        .rows_within(ctx.config.profile().call_memory_bytes())
+        .map_err(|e| {
+            Counters::count(&ctx.counters.too_large);
+            RouteError::TooLarge(e.to_string())
+        })
+}
+
+/// The answers of a call's row parts as one: outputs joined by rows, in order.
+fn join(parts: Vec<Answer>, rows: u64) -> Result<Answer, RouteError> {
+    let Some(first) = parts.first() else {
+        return Err(RouteError::Failed("the call had no rows to run".into()));
+    };
+    let mut outputs = Vec::with_capacity(first.outputs.len());
+    for (i, out) in first.outputs.iter().enumerate() {
+        let pieces: Vec<Tensor> = parts
+            .iter()
+            .map(|p| {
+                p.outputs
+                    .get(i)
+                    .filter(|o| o.name() == out.name())
+                    .cloned()
+                    .ok_or_else(|| {
+                        RouteError::Failed(format!(
+                            "the model answered {:?} for one part of the call and not another",
+                            out.name()
+                        ))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let joined = Tensor::concat_rows(&pieces)
+            .map_err(|e| RouteError::Failed(format!("the parts of the answer do not join: {e}")))?;
+        if joined.shape().first() != Some(&rows) {
+            return Err(RouteError::Failed(format!(
+                "the model answered {} rows of {:?} for {rows} rows",
+                joined.shape().first().copied().unwrap_or(1),
+                out.name()
+            )));
+        }
+        outputs.push(joined);
+    }
+    Ok(Answer {
+        version: first.version,
+        rows_local: parts.iter().map(|p| p.rows_local).sum(),
+        rows_cloud: parts.iter().map(|p| p.rows_cloud).sum(),
+        note: parts.iter().find_map(|p| p.note.clone()),
+        truncated: parts.iter().flat_map(|p| p.truncated.clone()).collect(),
+        outputs,
+    })
 }
 
 /// Replaces the text input, when the request carries it and the version takes text, by the
@@ -180,7 +347,7 @@ async fn route(
     let counters = &ctx.counters;
     match &serving.version.placement {
         Placement::Local => {
-            let outputs = run_local(serving, inputs).await?;
+            let outputs = run_local(&ctx.call_memory(), serving, inputs).await?;
             Counters::count(&counters.local);
             Ok(Answer {
                 version,
@@ -209,8 +376,16 @@ async fn route(
             })
         }
         Placement::Cascade { output, threshold } => {
-            let mut outputs = run_local(serving, inputs.clone()).await?;
+            let mut outputs = run_local(&ctx.call_memory(), serving, inputs.clone()).await?;
             Counters::count(&counters.local);
+            // Rows go to the cloud by their place in the answer: it must have the call's rows.
+            if let Some(out) = outputs.iter().find(|o| o.shape().first() != Some(&n)) {
+                return Err(RouteError::Failed(format!(
+                    "the cascade model answered {:?} with shape {:?} for {n} rows: a cascade's outputs must have a row per input row",
+                    out.name(),
+                    out.shape()
+                )));
+            }
             let unsure = unsure_rows(&outputs, output, *threshold).map_err(RouteError::Failed)?;
             if unsure.is_empty() {
                 return Ok(Answer {
@@ -276,7 +451,9 @@ fn unsure_rows(outputs: &[Tensor], output: &str, threshold: f32) -> Result<Vec<u
     let width = values.len().checked_div(n).unwrap_or(0);
     Ok((0..n)
         .filter(|&r| {
-            values[r * width..(r + 1) * width]
+            values
+                .get(r * width..(r + 1) * width)
+                .unwrap_or_default()
                 .iter()
                 .copied()
                 .fold(f32::MIN, f32::max)
@@ -298,7 +475,11 @@ fn select_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor, String> {
     let per_row = row_bytes(t)?;
     let mut data = Vec::with_capacity(per_row * rows.len());
     for &r in rows {
-        data.extend_from_slice(&t.data()[r * per_row..(r + 1) * per_row]);
+        let row = t
+            .data()
+            .get(r * per_row..(r + 1) * per_row)
+            .ok_or_else(|| format!("{:?} has no row {r}", t.name()))?;
+        data.extend_from_slice(row);
     }
     let mut shape = t.shape().to_vec();
     if let Some(first) = shape.first_mut() {
@@ -318,7 +499,8 @@ fn replace_rows(t: &Tensor, rows: &[usize], with: &Tensor) -> Result<Tensor, Str
     }
     let mut data = t.data().to_vec();
     for (i, &r) in rows.iter().enumerate() {
-        data[r * per_row..(r + 1) * per_row]
+        data.get_mut(r * per_row..(r + 1) * per_row)
+            .ok_or_else(|| format!("{:?} has no row {r}", t.name()))?
             .copy_from_slice(&with.data()[i * per_row..(i + 1) * per_row]);
     }
     Tensor::from_bytes(t.name(), t.datatype(), t.shape().to_vec(), data).map_err(|e| e.to_string())

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use outpost_runtime::Engine;
 use outpost_runtime::admission::{Admission, AdmissionLimits};
+use outpost_runtime::graph_memory::GraphMemory;
 use outpost_runtime::text::TextTokenizer;
 use outpost_shared::ModelVersion;
 use tokio::sync::watch;
@@ -43,6 +44,11 @@ pub(crate) struct Serving {
     pub(crate) memory: u64,
     /// The tokenizer of its text input, when the version takes text.
     pub(crate) text: Option<Arc<TextTokenizer>>,
+    /// What its graph says of a call's working memory and id ranges, or why it cannot say
+    /// (then calls are bounded by their size only); `None` in the cloud.
+    pub(crate) graph: Option<Result<Arc<GraphMemory>, String>>,
+    /// The class names the model carries (`outpost.labels`), for the classification extension.
+    pub(crate) labels: Vec<String>,
 }
 
 impl Serving {
@@ -71,6 +77,8 @@ impl Serving {
             admission: Admission::new(limits),
             memory,
             text: None,
+            graph: None,
+            labels: Vec::new(),
         }
     }
 

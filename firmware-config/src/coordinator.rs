@@ -485,6 +485,16 @@ pub struct InferenceSection {
     /// Requests that may wait for a worker; more are answered `Busy`.
     #[serde(default = "default_queue_depth")]
     pub queue_depth: u32,
+    /// Working memory for running offloaded calls, MiB, shared by the workers: each call may
+    /// take `working_memory_mb / workers`; a larger one runs in row parts that fit, and one
+    /// whose single row does not fit is refused naming the figures.
+    #[serde(default = "default_working_memory_mb")]
+    pub working_memory_mb: u64,
+    /// Calls one device may have queued or running in the pool at once; past it that device's
+    /// calls are answered `Busy`, so no device can take the pool (and its memory) from the
+    /// fleet.
+    #[serde(default = "default_device_calls")]
+    pub device_calls: u32,
 }
 
 impl Default for InferenceSection {
@@ -492,8 +502,25 @@ impl Default for InferenceSection {
         Self {
             workers: default_workers(),
             queue_depth: default_queue_depth(),
+            working_memory_mb: default_working_memory_mb(),
+            device_calls: default_device_calls(),
         }
     }
+}
+
+impl InferenceSection {
+    /// The most working memory one offloaded call may take, bytes.
+    pub fn call_memory_bytes(&self) -> u64 {
+        (self.working_memory_mb.saturating_mul(1 << 20) / u64::from(self.workers.max(1))).max(1)
+    }
+}
+
+fn default_working_memory_mb() -> u64 {
+    2048
+}
+
+fn default_device_calls() -> u32 {
+    8
 }
 
 fn default_workers() -> u32 {
@@ -676,6 +703,15 @@ impl CoordinatorConfig {
         }
         if self.inference.workers == 0 {
             problems.push(("inference.workers", "must be at least 1".to_owned()));
+        }
+        if self.inference.working_memory_mb == 0 {
+            problems.push((
+                "inference.working_memory_mb",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if self.inference.device_calls == 0 {
+            problems.push(("inference.device_calls", "must be at least 1".to_owned()));
         }
         if self.inference.queue_depth == 0 {
             problems.push(("inference.queue_depth", "must be at least 1".to_owned()));

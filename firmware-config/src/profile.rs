@@ -58,6 +58,23 @@ pub struct Profile {
     /// Local inferences of one model waiting for a running slot; past it a call is answered
     /// 503 with `Retry-After`.
     pub inference_queue: u32,
+    /// Working memory for running calls (what models build from their inputs), MiB, shared by
+    /// every call at once: calls are admitted by their estimated bytes. One call may take a
+    /// share of [`Profile::inference_concurrency`]; a larger one runs in row parts that fit.
+    #[serde(default = "default_working_memory_mb")]
+    pub working_memory_mb: u64,
+    /// Request bodies held in memory at once, across every connection to the local API, MiB;
+    /// past it a new body waits, then is answered 503 with `Retry-After`.
+    #[serde(default = "default_body_memory_mb")]
+    pub body_memory_mb: u64,
+}
+
+const fn default_working_memory_mb() -> u64 {
+    DeviceClass::Laptop.profile().working_memory_mb
+}
+
+const fn default_body_memory_mb() -> u64 {
+    DeviceClass::Laptop.profile().body_memory_mb
 }
 
 impl Profile {
@@ -69,6 +86,17 @@ impl Profile {
         let budget = self.memory_budget_mb.saturating_mul(1 << 20);
         let share = budget / (2 * u64::from(self.inference_concurrency.max(1)));
         (share / 4).max(1)
+    }
+
+    /// The process-wide working memory for calls, bytes.
+    pub fn working_memory_bytes(&self) -> u64 {
+        self.working_memory_mb.saturating_mul(1 << 20)
+    }
+
+    /// The most working memory one call may take, bytes: the working memory shared by the
+    /// calls of one model that may run at once.
+    pub fn call_memory_bytes(&self) -> u64 {
+        (self.working_memory_bytes() / u64::from(self.inference_concurrency.max(1))).max(1)
     }
 }
 
@@ -86,6 +114,8 @@ impl DeviceClass {
                 api_connections: 64,
                 inference_concurrency: 2,
                 inference_queue: 16,
+                working_memory_mb: 256,
+                body_memory_mb: 128,
             },
             DeviceClass::Laptop => Profile {
                 memory_budget_mb: 2048,
@@ -97,6 +127,8 @@ impl DeviceClass {
                 api_connections: 256,
                 inference_concurrency: 4,
                 inference_queue: 64,
+                working_memory_mb: 1024,
+                body_memory_mb: 256,
             },
             DeviceClass::EdgeBox => Profile {
                 memory_budget_mb: 8192,
@@ -108,6 +140,8 @@ impl DeviceClass {
                 api_connections: 512,
                 inference_concurrency: 8,
                 inference_queue: 256,
+                working_memory_mb: 4096,
+                body_memory_mb: 1024,
             },
         }
     }
@@ -135,6 +169,10 @@ pub struct ProfileOverrides {
     pub inference_concurrency: Option<u32>,
     /// Overrides [`Profile::inference_queue`].
     pub inference_queue: Option<u32>,
+    /// Overrides [`Profile::working_memory_mb`].
+    pub working_memory_mb: Option<u64>,
+    /// Overrides [`Profile::body_memory_mb`].
+    pub body_memory_mb: Option<u64>,
 }
 
 impl ProfileOverrides {
@@ -152,6 +190,8 @@ impl ProfileOverrides {
                 .inference_concurrency
                 .unwrap_or(base.inference_concurrency),
             inference_queue: self.inference_queue.unwrap_or(base.inference_queue),
+            working_memory_mb: self.working_memory_mb.unwrap_or(base.working_memory_mb),
+            body_memory_mb: self.body_memory_mb.unwrap_or(base.body_memory_mb),
         }
     }
 
@@ -173,6 +213,8 @@ impl ProfileOverrides {
                 "profile.inference_concurrency",
                 self.inference_concurrency.map(u64::from),
             ),
+            ("profile.working_memory_mb", self.working_memory_mb),
+            ("profile.body_memory_mb", self.body_memory_mb),
         ]
         .into_iter()
         .filter(|(_, v)| *v == Some(0))

@@ -23,3 +23,21 @@ pub fn fp16_doubler(width: usize) -> Vec<u8> {
     g.finish("fp16-doubler", "fp16 in and out, and a shape", &[])
         .encode_to_vec()
 }
+
+/// An answer that is not a row per input row: input `x: FP32 [batch, 4]`, output
+/// `probs: FP32 [1, 4]`, the mean over the rows. What a cascade cannot use (it sends rows to the
+/// cloud by their place in the answer).
+pub fn pooled_rows() -> Vec<u8> {
+    let mut g = GraphBuilder::new(1);
+    let x = g.input("x", DataType::Float, &[Dim::Symbol("batch"), Dim::Fixed(4)]);
+    let axes = crate::graph::ints_attr("axes", &[0]);
+    g.node(
+        "ReduceMean",
+        &[&x],
+        Some("probs"),
+        vec![axes, int_attr("keepdims", 1)],
+    );
+    g.output("probs", DataType::Float, &[Dim::Fixed(1), Dim::Fixed(4)]);
+    g.finish("pooled-rows", "one answer for all rows", &[])
+        .encode_to_vec()
+}

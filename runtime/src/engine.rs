@@ -99,7 +99,41 @@ pub fn check_inputs<'a>(
             }
             Ok(t)
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|ordered| {
+            // Only inputs whose first dimension is free are rows of the call.
+            let batched: Vec<&Tensor> = specs
+                .iter()
+                .zip(&ordered)
+                .filter(|(s, _)| s.shape.first() == Some(&Dim::Dynamic))
+                .map(|(_, t)| *t)
+                .collect();
+            check_rows(&batched)?;
+            Ok(ordered)
+        })
+}
+
+/// Checks that every input carries the same number of rows (its outermost dimension): a call's
+/// rows are one batch, and inputs that disagree are the caller's error, not the model's.
+pub fn check_rows<T: std::borrow::Borrow<Tensor>>(inputs: &[T]) -> Result<(), RunError> {
+    let mut first: Option<(&str, u64)> = None;
+    for t in inputs {
+        let t = t.borrow();
+        let Some(&rows) = t.shape().first() else {
+            continue;
+        };
+        match first {
+            None => first = Some((t.name(), rows)),
+            Some((name, n)) if n != rows => {
+                return Err(RunError::Input(format!(
+                    "inputs {name:?} and {:?} have {n} and {rows} rows: every input of a call must have the same number of rows",
+                    t.name()
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// `spec`'s shape with its dynamic dimensions set: the first to `first` (the batch), the others

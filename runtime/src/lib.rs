@@ -12,6 +12,8 @@
 //! - [`plans`]: the per-shape plan cache both engines keep.
 //! - [`backoff`]: the one jittered exponential back-off between retries.
 //! - [`admission`]: how many calls of a model run and wait at once; past that, busy.
+//! - [`memory`]: a call's working memory as a cost per row, the cut into row parts that fit,
+//!   and the budget calls share; [`graph_memory`] reads that cost (and id ranges) off a graph.
 //! - [`quantize`]: weight-only int8 quantisation as an ONNX rewrite (`DequantizeLinear`).
 //! - [`dequantize`]: that rewrite undone on constants before tract loads a model (fp32 speed).
 //! - [`accuracy`]: the gate that measures a quantised model against the original.
@@ -23,7 +25,9 @@ pub mod backoff;
 pub mod dequantize;
 pub mod engine;
 pub mod finetune;
+pub mod graph_memory;
 pub mod http;
+pub mod memory;
 pub mod onnxruntime;
 pub mod plans;
 pub mod quantize;

@@ -28,6 +28,7 @@ use hyper::{Request, Response};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::Backoff;
+use crate::memory::{MemoryBudget, Reservation};
 
 /// How much an HTTP server lets its clients take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,16 +58,32 @@ pub struct BodyLimits {
     pub min_rate: u64,
     /// Time a body has before the rate counts.
     pub grace: Duration,
+    /// The longest wait for the next bytes of a body, whatever the average so far.
+    pub idle: Duration,
 }
 
 impl BodyLimits {
-    /// Bodies of at most `max_bytes`, at 64 KiB/s or faster after 10 s: a 64 MiB body may take
-    /// up to 17 minutes, a client that stalls is cut after 10 s.
+    /// Bodies of at most `max_bytes`, at 64 KiB/s or faster after 10 s, with no pause of 10 s:
+    /// a 64 MiB body may take up to 17 minutes, a client that stalls is cut after 10 s.
     pub const fn up_to(max_bytes: usize) -> Self {
         Self {
             max_bytes,
             min_rate: 64 << 10,
             grace: Duration::from_secs(10),
+            idle: Duration::from_secs(10),
+        }
+    }
+
+    /// Bodies of at most `max_bytes` from a client on this machine (a local API): at 1 MiB/s
+    /// or faster after 2 s, with no pause of 2 s. Loopback moves gigabytes a second, so only a
+    /// client that holds its body back is cut, and it gives its connection slot and its
+    /// buffered bytes back within seconds.
+    pub const fn local(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            min_rate: 1 << 20,
+            grace: Duration::from_secs(2),
+            idle: Duration::from_secs(2),
         }
     }
 }
@@ -339,7 +356,7 @@ pub enum BodyError {
         /// The limit.
         limit: usize,
     },
-    /// It arrives slower than the limits allow (answer 408).
+    /// It arrives slower than the limits allow, or pauses too long (answer 408).
     #[error("the request body arrives too slowly: {received} bytes in {elapsed_ms} ms")]
     TooSlow {
         /// Bytes received when it was cut.
@@ -350,12 +367,46 @@ pub enum BodyError {
     /// The connection failed while reading it (answer 400).
     #[error("the request body could not be read: {0}")]
     Unreadable(String),
+    /// Other requests' bodies hold the memory bodies may take (answer 503 with `Retry-After`).
+    #[error(
+        "busy: request bodies being received hold the {total_mib} MiB this server keeps for them; try again"
+    )]
+    Busy {
+        /// The budget for bodies, MiB.
+        total_mib: u64,
+    },
 }
+
+/// How much more of a body's budget is reserved at a time, as its bytes arrive.
+const BODY_RESERVE_STEP: u64 = 1 << 20;
+
+/// How long a body waits for other bodies to give budget back.
+const BODY_BUDGET_WAIT: Duration = Duration::from_secs(2);
 
 /// Reads a whole request body within `limits`. Handlers read the body before judging a
 /// request: answering early and closing would reset the connection under a client still
 /// sending, and the client could lose the answer.
-pub async fn read_body(mut body: Incoming, limits: &BodyLimits) -> Result<Bytes, BodyError> {
+pub async fn read_body(body: Incoming, limits: &BodyLimits) -> Result<Bytes, BodyError> {
+    read(body, limits, None).await.map(|(bytes, _)| bytes)
+}
+
+/// [`read_body`] within `budget`, shared by every body the server holds: the bytes are
+/// reserved as they arrive (the declared length up front), and the reservation comes back with
+/// the body, to be held as long as the body (or what is parsed from it) is.
+pub async fn read_body_within(
+    body: Incoming,
+    limits: &BodyLimits,
+    budget: &MemoryBudget,
+) -> Result<(Bytes, Reservation), BodyError> {
+    let (bytes, reservation) = read(body, limits, Some(budget)).await?;
+    Ok((bytes, reservation.unwrap_or_else(Reservation::none)))
+}
+
+async fn read(
+    mut body: Incoming,
+    limits: &BodyLimits,
+    budget: Option<&MemoryBudget>,
+) -> Result<(Bytes, Option<Reservation>), BodyError> {
     let too_large = BodyError::TooLarge {
         limit: limits.max_bytes,
     };
@@ -363,18 +414,34 @@ pub async fn read_body(mut body: Incoming, limits: &BodyLimits) -> Result<Bytes,
     if body.size_hint().lower() > limits.max_bytes as u64 {
         return Err(too_large);
     }
+    let busy = |b: &MemoryBudget| BodyError::Busy {
+        total_mib: b.total() >> 20,
+    };
+    let mut reserved = match budget {
+        Some(b) => {
+            let declared = body.size_hint().lower().max(BODY_RESERVE_STEP);
+            Some(
+                b.reserve(declared, BODY_BUDGET_WAIT)
+                    .await
+                    .map_err(|_| busy(b))?,
+            )
+        }
+        None => None,
+    };
     let start = tokio::time::Instant::now();
     // The declared length is a hint: what arrives decides what is allocated past 1 MiB.
     let hint = usize::try_from(body.size_hint().lower()).unwrap_or(0);
     let mut bytes = BytesMut::with_capacity(hint.min(limits.max_bytes).min(1 << 20));
+    let mut last = start;
     loop {
-        // By now at least `min_rate` bytes a second since the grace ended.
+        // By now at least `min_rate` bytes a second since the grace ended, and no long pause.
         let allowed = limits.grace
             + Duration::from_secs_f64(bytes.len() as f64 / limits.min_rate.max(1) as f64);
-        let frame = match tokio::time::timeout_at(start + allowed, body.frame()).await {
+        let deadline = (start + allowed).min(last + limits.idle);
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(Some(Ok(frame))) => frame,
             Ok(Some(Err(e))) => return Err(BodyError::Unreadable(e.to_string())),
-            Ok(None) => return Ok(bytes.freeze()),
+            Ok(None) => return Ok((bytes.freeze(), reserved)),
             Err(_) => {
                 return Err(BodyError::TooSlow {
                     received: bytes.len(),
@@ -382,9 +449,19 @@ pub async fn read_body(mut body: Incoming, limits: &BodyLimits) -> Result<Bytes,
                 });
             }
         };
+        last = tokio::time::Instant::now();
         if let Ok(data) = frame.into_data() {
             if bytes.len() + data.len() > limits.max_bytes {
                 return Err(too_large);
+            }
+            let needed = (bytes.len() + data.len()) as u64;
+            if let (Some(b), Some(r)) = (budget, reserved.as_mut())
+                && needed > r.bytes
+            {
+                let more = (needed - r.bytes).max(BODY_RESERVE_STEP);
+                b.grow(r, more, BODY_BUDGET_WAIT)
+                    .await
+                    .map_err(|_| busy(b))?;
             }
             bytes.extend_from_slice(&data);
         }

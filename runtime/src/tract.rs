@@ -11,6 +11,7 @@ use tract_onnx::prelude::{
 use tract_onnx::tract_core::tract_linalg::multithread::{Executor, multithread_tract_scope};
 
 use crate::engine::{Engine, RunError, check_inputs};
+use crate::graph_memory::{GraphMemory, Unmeasurable};
 use crate::plans::ShapePlans;
 
 /// A model ready to run.
@@ -39,8 +40,19 @@ fn optimise(typed: tp::TypedModel) -> Result<Plan, LoadError> {
         .map_err(|e| LoadError::Unsupported(format!("tract cannot run the model: {}", chain(&e))))
 }
 
-/// The model typed (decluttered, symbols kept) and its signature.
-fn typed(bytes: &[u8]) -> Result<(tp::TypedModel, Vec<TensorSpec>, Vec<TensorSpec>), LoadError> {
+/// A model typed (decluttered, symbols kept), its signature and its class names.
+struct Typed {
+    model: tp::TypedModel,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+    labels: Vec<String>,
+}
+
+/// The metadata key naming a classifier's classes, comma-separated, in output order.
+pub const LABELS_KEY: &str = "outpost.labels";
+
+/// The model typed (decluttered, symbols kept), its signature and class names.
+fn typed(bytes: &[u8]) -> Result<Typed, LoadError> {
     if bytes.is_empty() {
         return Err(LoadError::Empty);
     }
@@ -48,6 +60,12 @@ fn typed(bytes: &[u8]) -> Result<(tp::TypedModel, Vec<TensorSpec>, Vec<TensorSpe
     let mut proto = onnx
         .proto_model_for_read(&mut &bytes[..])
         .map_err(|e| LoadError::Unreadable(chain(&e)))?;
+    let labels = proto
+        .metadata_props
+        .iter()
+        .find(|p| p.key == LABELS_KEY)
+        .map(|p| p.value.split(',').map(|l| l.trim().to_owned()).collect())
+        .unwrap_or_default();
     crate::dequantize::fold_constant_dequantize(&mut proto);
     let model = onnx
         .model_for_proto_model(&proto)
@@ -69,10 +87,15 @@ fn typed(bytes: &[u8]) -> Result<(tp::TypedModel, Vec<TensorSpec>, Vec<TensorSpe
         .iter()
         .map(|o| spec(&typed, *o))
         .collect::<Result<Vec<_>, _>>()?;
-    let typed = typed.into_decluttered().map_err(|e| {
+    let model = typed.into_decluttered().map_err(|e| {
         LoadError::Unsupported(format!("tract cannot simplify the model: {}", chain(&e)))
     })?;
-    Ok((typed, inputs, outputs))
+    Ok(Typed {
+        model,
+        inputs,
+        outputs,
+        labels,
+    })
 }
 
 fn chain(e: &tp::TractError) -> String {
@@ -272,7 +295,36 @@ pub struct TractModel {
     pub inputs: Vec<TensorSpec>,
     /// The outputs, in the model's order.
     pub outputs: Vec<TensorSpec>,
+    /// What the graph says of a call's working memory and id ranges (or why it cannot say).
+    pub memory: Result<Arc<GraphMemory>, Unmeasurable>,
+    /// The class names the model carries ([`LABELS_KEY`]), if any.
+    pub labels: Vec<String>,
     inner: Arc<Inner>,
+}
+
+/// What tract reads off a model for an engine other than tract (the GPU, ONNX Runtime) that
+/// runs it: what its graph says of a call's working memory (or why it cannot say), and its
+/// class names.
+#[derive(Debug)]
+pub struct ModelFacts {
+    /// The call's working memory and id ranges.
+    pub memory: Result<GraphMemory, String>,
+    /// The class names ([`LABELS_KEY`]).
+    pub labels: Vec<String>,
+}
+
+/// Reads [`ModelFacts`] off `bytes`.
+pub fn model_facts(bytes: &[u8]) -> ModelFacts {
+    match typed(bytes) {
+        Ok(t) => ModelFacts {
+            memory: GraphMemory::analyse(&t.model).map_err(|e| e.to_string()),
+            labels: t.labels,
+        },
+        Err(e) => ModelFacts {
+            memory: Err(e.to_string()),
+            labels: Vec::new(),
+        },
+    }
 }
 
 struct Inner {
@@ -314,7 +366,12 @@ impl TractModel {
 
     /// Loads and optimises an ONNX model.
     pub fn load_with(bytes: &[u8], options: TractOptions) -> Result<Self, LoadError> {
-        let (typed, inputs, outputs) = typed(bytes)?;
+        let Typed {
+            model: typed,
+            inputs,
+            outputs,
+            labels,
+        } = typed(bytes)?;
         let unsupported = |e: tp::TractError| LoadError::Unsupported(chain(&e));
         let mut symbols = Vec::new();
         for (i, outlet) in typed
@@ -330,6 +387,10 @@ impl TractModel {
                 }
             }
         }
+        let memory = GraphMemory::analyse(&typed).map(Arc::new);
+        if let Err(e) = &memory {
+            tracing::info!(reason = %e, "calls of this model are bounded by their size only");
+        }
         let specialise = !symbols.is_empty() && options.shape_plans > 0;
         let generic = optimise(typed.clone())?;
         let executor = (options.threads > 1)
@@ -337,6 +398,8 @@ impl TractModel {
         Ok(Self {
             inputs,
             outputs,
+            memory,
+            labels,
             inner: Arc::new(Inner {
                 generic,
                 typed: specialise.then_some(typed),
@@ -354,6 +417,9 @@ impl TractModel {
     /// Checks `inputs` against the signature and runs the model.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
         let ordered = check_inputs(&self.inputs, inputs)?;
+        if let Ok(memory) = &self.memory {
+            memory.check_ids(inputs)?;
+        }
         let plan = self.plan_for(&ordered);
         run_on(
             &plan,

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
-use outpost_runtime::serve::{BodyError, BodyLimits, ServeLimits, read_body, serve_http};
+use outpost_runtime::memory::MemoryBudget;
+use outpost_runtime::serve::{
+    BodyError, BodyLimits, ServeLimits, read_body, read_body_within, serve_http,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -59,6 +62,7 @@ fn small_bodies() -> BodyLimits {
         max_bytes: 1 << 20,
         min_rate: 1 << 10,
         grace: Duration::from_millis(300),
+        idle: Duration::from_secs(10),
     }
 }
 
@@ -258,4 +262,88 @@ async fn idle_connections_at_the_cap_make_room_for_a_real_call() {
     // The flood's first connections were closed by the server.
     let after = closed_by_server(&mut flood[0]).await;
     assert!(after < Duration::from_secs(2), "closed after {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_pauses_is_cut_by_the_idle_timeout_whatever_its_average() {
+    // A rate and a grace that would allow a minute: only the pause between reads cuts it.
+    let limits = BodyLimits {
+        max_bytes: 1 << 20,
+        min_rate: 1,
+        grace: Duration::from_secs(60),
+        idle: Duration::from_millis(300),
+    };
+    let (addr, _, _stop) = start(4, limits).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    let status = status_after(
+        &mut s,
+        b"POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1000\r\n\r\n0123456789",
+    )
+    .await;
+    assert_eq!(status, Some(408));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Bodies held at once are bounded across connections: while one holds the budget, another is
+/// answered busy (503) after a short wait, and the budget comes back when the first is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_across_connections_share_one_budget() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    let budget = MemoryBudget::new(1 << 20);
+    let seen = budget.clone();
+    let limits = BodyLimits {
+        max_bytes: 1 << 20,
+        min_rate: 1,
+        grace: Duration::from_secs(60),
+        idle: Duration::from_secs(60),
+    };
+    let handler = move |req: hyper::Request<hyper::body::Incoming>| {
+        let budget = budget.clone();
+        async move {
+            let status = match read_body_within(req.into_body(), &limits, &budget).await {
+                Ok(_) => StatusCode::OK,
+                Err(BodyError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+                Err(_) => StatusCode::BAD_REQUEST,
+            };
+            let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
+            *r.status_mut() = status;
+            r
+        }
+    };
+    let serve_limits = ServeLimits {
+        max_connections: 8,
+        header_timeout: Duration::from_secs(10),
+    };
+    tokio::spawn(serve_http(listener, serve_limits, handler, stopped));
+    let head =
+        |len: usize| format!("POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: {len}\r\n\r\n");
+    // The first declares 900 KB and holds it, sending only its first bytes.
+    let mut holder = TcpStream::connect(addr).await.unwrap();
+    holder
+        .write_all(format!("{}abc", head(900_000)).as_bytes())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.in_use() < 900_000 {
+        assert!(Instant::now() < deadline, "the first body never reserved");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The second cannot fit beside it: busy, not buffered.
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    let mut request = head(500_000).into_bytes();
+    request.extend(std::iter::repeat_n(b'x', 500_000));
+    assert_eq!(status_after(&mut second, &request).await, Some(503));
+    // The first finishes; its budget comes back, and the second fits now.
+    holder.write_all(&vec![b'y'; 900_000 - 3]).await.unwrap();
+    assert_eq!(read_status(&mut holder).await, Some(200));
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(status_after(&mut third, &request).await, Some(200));
+    assert_eq!(seen.in_use(), 0);
 }

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::tensor::{Tensor, TensorError};
 
+pub mod classification;
 mod json;
 
 pub use json::JsonTensor;
@@ -82,6 +83,14 @@ pub enum OipError {
         /// The limit.
         max_elements: u64,
     },
+    /// A requested output's parameters are wrong.
+    #[error("output {output:?}: {reason}")]
+    BadOutput {
+        /// The output.
+        output: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// A tensor's content is wrong.
     #[error(transparent)]
     Tensor(#[from] TensorError),
@@ -107,6 +116,9 @@ pub struct RequestedOutput {
     pub name: String,
     /// Whether it comes as binary data.
     pub binary: Option<bool>,
+    /// `parameters.classification`: answer its top N classes per row instead
+    /// ([`classification::classify`]).
+    pub classification: Option<usize>,
 }
 
 /// What one request may carry, checked on every input's header before any element is read or
@@ -279,11 +291,30 @@ impl InferRequest {
             outputs: raw
                 .outputs
                 .into_iter()
-                .map(|o| RequestedOutput {
-                    binary: flag(o.parameters.as_ref(), "binary_data"),
-                    name: o.name,
+                .map(|o| {
+                    let classification = match o
+                        .parameters
+                        .as_ref()
+                        .and_then(|p| p.get("classification"))
+                    {
+                        None => None,
+                        Some(n) => match n.as_u64().filter(|&n| n >= 1) {
+                            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+                            None => {
+                                return Err(OipError::BadOutput {
+                                    output: o.name,
+                                    reason: "classification must be a number of classes, 1 or more",
+                                });
+                            }
+                        },
+                    };
+                    Ok(RequestedOutput {
+                        binary: flag(o.parameters.as_ref(), "binary_data"),
+                        classification,
+                        name: o.name,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, _>>()?,
             binary_output: flag(raw.parameters.as_ref(), "binary_data_output").unwrap_or(false),
         })
     }

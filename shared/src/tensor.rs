@@ -398,6 +398,92 @@ impl Tensor {
         Ok(ByteStrings { rest: &self.data }.collect())
     }
 
+    /// The rows `start..end` of the outermost dimension, as a tensor of the same name and type
+    /// (BYTES too). A scalar has one row. Rows past the end are [`TensorError::BadShape`].
+    pub fn rows(&self, start: u64, end: u64) -> Result<Tensor, TensorError> {
+        let total = self.shape.first().copied().unwrap_or(1);
+        if start > end || end > total {
+            return Err(TensorError::BadShape {
+                tensor: self.name.clone(),
+                shape: self.signed_shape(),
+                reason: "the rows asked for are past its outermost dimension",
+            });
+        }
+        let mut shape = self.shape.clone();
+        match shape.first_mut() {
+            Some(first) => *first = end - start,
+            // A scalar: its one row, or none.
+            None if end - start == 1 => return Ok(self.clone()),
+            None => shape = vec![0],
+        }
+        let data = match self.datatype.element_size() {
+            Some(size) => {
+                let per_row = self.data.len().checked_div(total as usize).unwrap_or(0);
+                debug_assert_eq!(per_row % size.max(1), 0);
+                self.data[start as usize * per_row..end as usize * per_row].to_vec()
+            }
+            None => {
+                let per_row = element_count(&self.shape[1..]).unwrap_or(0);
+                let skip = start.saturating_mul(per_row);
+                let take = (end - start).saturating_mul(per_row);
+                let mut strings = ByteStrings { rest: &self.data };
+                let mut data = Vec::new();
+                for (i, element) in strings.by_ref().enumerate() {
+                    let i = i as u64;
+                    if i >= skip + take {
+                        break;
+                    }
+                    if i >= skip {
+                        data.extend_from_slice(&(element.len() as u32).to_le_bytes());
+                        data.extend_from_slice(element);
+                    }
+                }
+                data
+            }
+        };
+        Tensor::from_bytes(self.name.clone(), self.datatype, shape, data)
+    }
+
+    /// `parts` joined along their outermost dimension: one name, one type, and the same inner
+    /// dimensions in every part, else [`TensorError::BadShape`] naming the first that differs.
+    pub fn concat_rows(parts: &[Tensor]) -> Result<Tensor, TensorError> {
+        let Some(first) = parts.first() else {
+            return Err(TensorError::BadShape {
+                tensor: String::new(),
+                shape: Vec::new(),
+                reason: "there are no parts to join",
+            });
+        };
+        let mut rows = 0u64;
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for part in parts {
+            if part.name != first.name
+                || part.datatype != first.datatype
+                || part.shape.len() != first.shape.len()
+                || part.shape.get(1..) != first.shape.get(1..)
+                || part.shape.is_empty()
+            {
+                return Err(TensorError::BadShape {
+                    tensor: part.name.clone(),
+                    shape: part.signed_shape(),
+                    reason: "its parts differ in name, type or inner dimensions",
+                });
+            }
+            rows += part.shape[0];
+            data.extend_from_slice(&part.data);
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = rows;
+        Tensor::from_bytes(first.name.clone(), first.datatype, shape, data)
+    }
+
+    fn signed_shape(&self) -> Vec<i64> {
+        self.shape
+            .iter()
+            .map(|&d| i64::try_from(d).unwrap_or(i64::MAX))
+            .collect()
+    }
+
     fn expect_datatype(&self, expected: DataType) -> Result<(), TensorError> {
         if self.datatype == expected {
             Ok(())
@@ -494,6 +580,27 @@ pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    #[test]
+    fn rows_are_cut_and_joined_back_for_every_type() {
+        let x = Tensor::from_values("x", vec![3, 2], &[1f32, 2., 3., 4., 5., 6.]).unwrap();
+        let middle = x.rows(1, 2).unwrap();
+        assert_eq!(middle.shape(), &[1, 2]);
+        assert_eq!(middle.to_values::<f32>().unwrap(), vec![3., 4.]);
+        let parts = [x.rows(0, 1).unwrap(), x.rows(1, 3).unwrap()];
+        assert_eq!(Tensor::concat_rows(&parts).unwrap(), x);
+        assert!(x.rows(2, 4).is_err());
+        assert!(x.rows(2, 1).is_err());
+        let texts = Tensor::from_byte_strings("t", vec![3], &["a", "bb", "ccc"]).unwrap();
+        let tail = texts.rows(1, 3).unwrap();
+        assert_eq!(tail.byte_strings().unwrap(), vec![&b"bb"[..], b"ccc"]);
+        let parts = [texts.rows(0, 1).unwrap(), tail];
+        assert_eq!(Tensor::concat_rows(&parts).unwrap(), texts);
+        let other = Tensor::from_values("x", vec![1, 3], &[1f32, 2., 3.]).unwrap();
+        let err = Tensor::concat_rows(&[x, other]).unwrap_err();
+        assert!(err.to_string().contains("inner dimensions"), "{err}");
+        assert!(Tensor::concat_rows(&[]).is_err());
+    }
 
     #[test]
     fn raw_bytes_are_checked() {

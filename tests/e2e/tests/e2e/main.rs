@@ -34,6 +34,7 @@ mod fakes;
 mod faults;
 mod foundation;
 mod inference;
+mod memory;
 mod processes;
 mod quickstart;
 mod refusals;

@@ -480,3 +480,25 @@ async fn a_revoked_device_is_cut_off_and_the_others_are_not() {
     );
     again.shutdown().await;
 }
+
+/// A client id the embedded broker's front cannot namespace (here one holding `:`) is answered
+/// with CONNACK return code 2, identifier rejected (MQTT 3.1.1, 3.2.2.3), not a cut connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_client_id_is_refused_with_connack_identifier_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let config = agent_config(&coordinator, dir.path());
+    let identity = ClientIdentity::device(&config);
+    let (_client, mut events) =
+        rumqttc::AsyncClient::new(identity.options("bad:id", &coordinator.mqtt), 10);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), events.poll())
+        .await
+        .expect("an answer within 10 s");
+    match answer {
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+            assert_eq!(code, rumqttc::ConnectReturnCode::BadClientId);
+        }
+        other => panic!("{other:?}"),
+    }
+    coordinator.shutdown().await;
+}

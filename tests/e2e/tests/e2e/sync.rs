@@ -242,3 +242,40 @@ async fn top_intents(
     }
     out
 }
+
+/// A device that stops cleanly says so with a signed status: the coordinator lists it as
+/// offline (it ignored the unsigned one, and the retained copy then hid the device).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_cleanly_stays_in_the_fleet_as_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = outpost_test_support::coordinator::start_coordinator(dir.path()).await;
+    let admin = cloud_coordinator::AdminClient::of(&coordinator);
+    let agent = edge_agent::Agent::start(outpost_test_support::agent::agent_config(
+        &coordinator,
+        dir.path(),
+    ))
+    .await
+    .unwrap();
+    let health = |fleet: &[outpost_shared::DeviceStatus]| {
+        fleet
+            .iter()
+            .find(|d| d.device_id == "dev-0001")
+            .map(|d| d.health)
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while health(&admin.fleet().await.unwrap()) != Some(outpost_shared::Health::Ready) {
+        assert!(tokio::time::Instant::now() < deadline, "never listed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    agent.shutdown().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while health(&admin.fleet().await.unwrap()) != Some(outpost_shared::Health::Offline) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the clean stop never showed: {:?}",
+            admin.fleet().await.unwrap()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    coordinator.shutdown().await;
+}
