@@ -20,6 +20,15 @@ use crate::serving::Serving;
 /// What a model's graph says of a call's working memory, or why it cannot say.
 type CallGraph = Result<Arc<outpost_runtime::graph_memory::GraphMemory>, String>;
 
+/// A model loaded on the CPU, and what was read off it on the way.
+struct CpuEngine {
+    engine: Arc<dyn Engine>,
+    /// Why it is on tract though the config names ONNX Runtime.
+    fallback: Option<String>,
+    graph: CallGraph,
+    labels: Vec<String>,
+}
+
 /// Why a version cannot serve on this device.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -201,23 +210,19 @@ impl Engines {
         if matches!(self.gpu, LocalGpu::Ready(_)) {
             tracing::info!(version = version.version, reason = %fallback, "running on the CPU, not the GPU");
         }
-        let (model, cpu_fallback, (graph, labels)) = self.load_cpu(version, &bytes)?;
-        let mut serving = Serving::local(version, Some(model), self.admission);
-        serving.graph = Some(graph);
-        serving.labels = labels;
+        let cpu = self.load_cpu(version, &bytes)?;
+        let mut serving = Serving::local(version, Some(cpu.engine), self.admission);
+        serving.graph = Some(cpu.graph);
+        serving.labels = cpu.labels;
         serving.gpu_fallback = Some(fallback);
-        serving.cpu_fallback = cpu_fallback;
+        serving.cpu_fallback = cpu.fallback;
         Ok(serving)
     }
 
     /// The CPU engine for `bytes`, warmed up: ONNX Runtime when it is loaded and runs the
     /// model, tract otherwise (with the reason, when ONNX Runtime was asked for); and what the
     /// graph says of a call's working memory, and the model's class names.
-    fn load_cpu(
-        &self,
-        version: &ModelVersion,
-        bytes: &[u8],
-    ) -> Result<(Arc<dyn Engine>, Option<String>, (CallGraph, Vec<String>)), LoadError> {
+    fn load_cpu(&self, version: &ModelVersion, bytes: &[u8]) -> Result<CpuEngine, LoadError> {
         let refused = match &self.onnxruntime {
             None => None,
             Some(Err(why)) => Some(why.clone()),
@@ -234,8 +239,12 @@ impl Engines {
                 match loaded {
                     Ok(model) => {
                         let facts = tract::model_facts(bytes);
-                        let graph = facts.memory.map(Arc::new);
-                        return Ok((Arc::new(model), None, (graph, facts.labels)));
+                        return Ok(CpuEngine {
+                            engine: Arc::new(model),
+                            fallback: None,
+                            graph: facts.memory.map(Arc::new),
+                            labels: facts.labels,
+                        });
                     }
                     Err(why) => {
                         tracing::warn!(version = version.version, reason = %why, "running on tract, not ONNX Runtime");
@@ -250,6 +259,11 @@ impl Engines {
         let model: Arc<dyn Engine> = Arc::new(model);
         // A model that cannot run zeros is not worth serving.
         model.warm_up()?;
-        Ok((model, refused, (graph, labels)))
+        Ok(CpuEngine {
+            engine: model,
+            fallback: refused,
+            graph,
+            labels,
+        })
     }
 }

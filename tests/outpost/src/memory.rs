@@ -16,12 +16,20 @@
 //! - `agent-json` / `agent-binary`: the whole request through a running agent (in the child),
 //!   body to answer: parsing, the engine, the response. The binary body is the tensors' bytes
 //!   after a JSON header.
+//!
+//! And a second table, 2 000 texts of T tokens in one request to the intent classifier (a
+//! transformer encoder: its attention grows with T²), against the budgets that bound it:
+//!
+//! - `agent-texts`: placed on the device, through a running agent (laptop profile: 1 024 MiB of
+//!   working memory, 256 MiB a call);
+//! - `cloud-texts`: placed in the cloud: the agent tokenizes, the coordinator runs it (in the
+//!   same child: 2 048 MiB of working memory, 1 024 MiB a call with its 2 workers).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cloud_coordinator::{AdminClient, PushOptions};
-use model_zoo::{DEFAULT_SEED, DemoModel};
+use model_zoo::{DEFAULT_SEED, DemoModel, TextModel, vocab};
 use outpost_runtime::http::{Bytes, HttpClient, Request, StatusCode};
 use outpost_runtime::quantize::quantize_int8;
 use outpost_runtime::tract::{TractModel, TractOptions};
@@ -50,10 +58,39 @@ pub struct Measured {
     pub growth_kib: u64,
     /// The HTTP status when the agent refused the request (a body over its limit).
     pub refused: Option<u16>,
+    /// Resident set kept a second after the answer, over the one before the request, KiB
+    /// (what the allocator did not give back).
+    pub kept_kib: u64,
 }
 
-/// Runs every case for every row count in child processes; `report` gets the table's lines.
-pub fn run(rows: &[u64], mut report: impl FnMut(&str)) -> anyhow::Result<()> {
+/// The text cases, in the order they are reported.
+pub const TEXT_CASES: [&str; 2] = ["agent-texts", "cloud-texts"];
+
+/// Texts in one request of the text cases.
+pub const TEXTS: usize = 2_000;
+
+/// Runs one case in a child process; what it measured.
+fn in_child(exe: &std::path::Path, case: &str, n: u64) -> anyhow::Result<Measured> {
+    let out = std::process::Command::new(exe)
+        .args(["bench-memory-case", case, &n.to_string()])
+        .output()
+        .with_context(|| format!("running case {case}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    (out.status.success())
+        .then(|| parse_line(&text))
+        .flatten()
+        .with_context(|| {
+            format!(
+                "case {case}, {n} failed: {}{}",
+                text.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })
+}
+
+/// Runs every case for every row count and text length in child processes; `report` gets the
+/// tables' lines.
+pub fn run(rows: &[u64], tokens: &[u64], mut report: impl FnMut(&str)) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding this program to run the cases")?;
     report("peak memory of one video-ranker request (growth of the peak resident set, MiB):");
     report(&format!(
@@ -62,21 +99,14 @@ pub fn run(rows: &[u64], mut report: impl FnMut(&str)) -> anyhow::Result<()> {
     ));
     for &n in rows {
         for case in CASES {
-            let out = std::process::Command::new(&exe)
-                .args(["bench-memory-case", case, &n.to_string()])
-                .output()
-                .with_context(|| format!("running case {case}"))?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let measured = (out.status.success())
-                .then(|| parse_line(&text))
-                .flatten()
-                .with_context(|| {
-                    format!(
-                        "case {case}, {n} rows failed: {}{}",
-                        text.trim(),
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )
-                })?;
+            // Past the agent's body limit only the agent's refusal is worth measuring.
+            if !case.starts_with("agent-") && n.saturating_mul(72) > edge_agent::MAX_BODY as u64 {
+                report(&format!(
+                    "  {n:>7}  {case:<13} (a body past the agent's limit)"
+                ));
+                continue;
+            }
+            let measured = in_child(&exe, case, n)?;
             let mib = |b: f64| b / (1024.0 * 1024.0);
             let ratio = match measured.refused {
                 Some(status) => format!("refused {status}"),
@@ -94,6 +124,36 @@ pub fn run(rows: &[u64], mut report: impl FnMut(&str)) -> anyhow::Result<()> {
             ));
         }
     }
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let laptop = firmware_config::DeviceClass::Laptop.profile();
+    let coordinator = firmware_config::InferenceSection::default();
+    report(&format!(
+        "peak memory of {TEXTS} texts in one request to intent-classifier-text (growth of the peak resident set, MiB; working memory: device {} MiB, {} MiB a call; coordinator {} MiB, {} MiB a call):",
+        laptop.working_memory_mb,
+        laptop.call_memory_bytes() >> 20,
+        coordinator.working_memory_mb,
+        coordinator.call_memory_bytes() >> 20,
+    ));
+    report(&format!(
+        "  {:>7}  {:<13} {:>9} {:>9} {:>9} {:>10}",
+        "tokens", "case", "body", "growth", "kept 1 s", "answer"
+    ));
+    for &n in tokens {
+        for case in TEXT_CASES {
+            let measured = in_child(&exe, case, n)?;
+            report(&format!(
+                "  {n:>7}  {case:<13} {:>9.1} {:>9.1} {:>9.1} {:>10}",
+                measured.body as f64 / (1024.0 * 1024.0),
+                measured.growth_kib as f64 / 1024.0,
+                measured.kept_kib as f64 / 1024.0,
+                measured
+                    .refused
+                    .map_or_else(|| "200".to_owned(), |s| s.to_string()),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -104,14 +164,22 @@ fn parse_line(text: &str) -> Option<Measured> {
         body: usize::try_from(parts.next()?.ok()?).ok()?,
         tensors: usize::try_from(parts.next()?.ok()?).ok()?,
         growth_kib: parts.next()?.ok()?,
-        refused: parts.next()?.ok().filter(|&s| s != 200).map(|s| s as u16),
+        refused: parts
+            .next()?
+            .ok()
+            .filter(|&s| s != 200)
+            .and_then(|s| u16::try_from(s).ok()),
+        kept_kib: parts.next().and_then(Result::ok).unwrap_or(0),
     })
 }
 
 /// One case, in this (child) process; prints `measured BODY TENSORS GROWTH_KIB STATUS`.
 #[allow(clippy::print_stdout)]
 pub fn run_case(case: &str, rows: u64) -> anyhow::Result<()> {
-    let inputs = ranker_inputs(rows)?;
+    let inputs = match case {
+        "agent-texts" | "cloud-texts" => Vec::new(),
+        _ => ranker_inputs(rows)?,
+    };
     let tensors = inputs.iter().map(|t| t.data().len()).sum();
     let measured = match case {
         "parse-value" | "parse-typed" => {
@@ -134,6 +202,7 @@ pub fn run_case(case: &str, rows: u64) -> anyhow::Result<()> {
                 tensors,
                 growth_kib: growth,
                 refused: None,
+                kept_kib: 0,
             }
         }
         "engine" => {
@@ -149,20 +218,30 @@ pub fn run_case(case: &str, rows: u64) -> anyhow::Result<()> {
                 tensors,
                 growth_kib: growth,
                 refused: None,
+                kept_kib: 0,
             }
         }
+        "agent-texts" | "cloud-texts" => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(texts_through_agent(case == "cloud-texts", rows))?,
         "agent-json" | "agent-binary" => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
             .block_on(through_agent(case == "agent-binary", rows, &inputs))?,
-        other => bail!("unknown case {other:?} (cases: {})", CASES.join(", ")),
+        other => bail!(
+            "unknown case {other:?} (cases: {}, {})",
+            CASES.join(", "),
+            TEXT_CASES.join(", ")
+        ),
     };
     println!(
-        "measured {} {} {} {}",
+        "measured {} {} {} {} {}",
         measured.body,
         measured.tensors,
         measured.growth_kib,
-        measured.refused.unwrap_or(200)
+        measured.refused.unwrap_or(200),
+        measured.kept_kib
     );
     Ok(())
 }
@@ -217,12 +296,18 @@ async fn through_agent(binary: bool, rows: u64, inputs: &[Tensor]) -> anyhow::Re
     if let Some(h) = &header {
         request = request.header("Inference-Header-Content-Length", h);
     }
-    let answer = connection.send(request).await?;
+    let answer = connection.send(request).await;
     let peak = status_kib("VmHWM:")?;
-    let refused = match answer.status {
-        StatusCode::OK => None,
-        StatusCode::PAYLOAD_TOO_LARGE => Some(413),
-        other => bail!("the agent answered {other}: {}", answer.text()),
+    let refused = match answer {
+        Ok(answer) => match answer.status {
+            StatusCode::OK => None,
+            StatusCode::PAYLOAD_TOO_LARGE => Some(413),
+            other => bail!("the agent answered {other}: {}", answer.text()),
+        },
+        // A declared length past the limit is answered 413 at once and the connection closed
+        // under the rest of the body: the client may see the close before the answer.
+        Err(_) if body_len > edge_agent::MAX_BODY => Some(413),
+        Err(e) => return Err(e.into()),
     };
     drop(connection);
     agent.shutdown().await;
@@ -232,6 +317,91 @@ async fn through_agent(binary: bool, rows: u64, inputs: &[Tensor]) -> anyhow::Re
         tensors: inputs.iter().map(|t| t.data().len()).sum(),
         growth_kib: peak.saturating_sub(before),
         refused,
+        kept_kib: 0,
+    })
+}
+
+/// [`TEXTS`] texts of about `tokens` tokens each (with the tokenizer's two special tokens) to
+/// the intent classifier, placed on the device or in the cloud, through a running agent and
+/// coordinator in this process.
+async fn texts_through_agent(cloud: bool, tokens: u64) -> anyhow::Result<Measured> {
+    let dir = tempfile::tempdir()?;
+    let coordinator = crate::bench::loopback_coordinator(dir.path()).await?;
+    let fleet = DevFleet::of(&coordinator)?;
+    let agent = fleet.start_agent(1, 0, dir.path()).await?;
+    let placement = if cloud {
+        Placement::Cloud
+    } else {
+        Placement::Local
+    };
+    AdminClient::of(&coordinator)
+        .push(
+            "intents",
+            TextModel::IntentClassifierText
+                .bytes(DEFAULT_SEED)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            &PushOptions::default()
+                .placement(placement)
+                .tokenizer(vocab::tokenizer_json().into_bytes()),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("push: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while agent.active_version("intents").is_none() {
+        if Instant::now() > deadline {
+            bail!("the agent did not serve intents within 2 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Words the vocabulary holds whole, one token each.
+    let words: Vec<String> = vocab::vocabulary()
+        .into_iter()
+        .filter(|w| w.chars().all(|c| c.is_ascii_lowercase()) && w.len() > 2)
+        .take(200)
+        .collect();
+    if words.is_empty() {
+        bail!("the vocabulary has no plain words");
+    }
+    let per_text = usize::try_from(tokens.saturating_sub(2).max(1))?;
+    let texts: Vec<String> = (0..TEXTS)
+        .map(|i| {
+            (0..per_text)
+                .map(|k| words[(i * 7 + k) % words.len()].as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let body = serde_json::json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [TEXTS], "data": texts}]})
+        .to_string()
+        .into_bytes();
+    drop(texts);
+    let body_len = body.len();
+    let mut connection = HttpClient::new(agent.api_addr).connect().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = reset_peak()?;
+    let answer = connection
+        .send(
+            Request::post("/v2/models/intents/infer", Bytes::from(body))
+                .header("Content-Type", "application/json"),
+        )
+        .await?;
+    let peak = status_kib("VmHWM:")?;
+    let refused = match answer.status {
+        StatusCode::OK => None,
+        other => Some(other.as_u16()),
+    };
+    drop(answer);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let kept = status_kib("VmRSS:")?.saturating_sub(before);
+    drop(connection);
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+    Ok(Measured {
+        body: body_len,
+        tensors: 0,
+        growth_kib: peak.saturating_sub(before),
+        refused,
+        kept_kib: kept,
     })
 }
 

@@ -179,3 +179,46 @@ fn the_text_bench_measures_the_onnx_runtime_engine_or_says_why_not() {
         "{stdout}"
     );
 }
+
+/// `bench --memory-only` measures requests of rows and of texts in child processes: a request
+/// of 10 000 000 rows is refused at the agent's body limit, and texts to the intent classifier
+/// answer on the device and through the coordinator, each growth shown beside its budget.
+#[test]
+fn the_memory_bench_measures_rows_and_texts_on_both_sides() {
+    let out = Command::new(binary("outpost"))
+        .args([
+            "bench",
+            "--memory-only",
+            "--memory-rows",
+            "1000,10000000",
+            "--memory-tokens",
+            "8",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "10000000  agent-json",
+        "refused 413",
+        "(a body past the agent's limit)",
+        "2000 texts in one request to intent-classifier-text",
+        "working memory: device 1024 MiB, 256 MiB a call",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "{needle:?} missing from:\n{stdout}"
+        );
+    }
+    for case in ["agent-texts", "cloud-texts"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(case))
+            .unwrap_or_else(|| panic!("{case} missing from:\n{stdout}"));
+        assert!(line.trim_end().ends_with("200"), "{line}");
+    }
+}

@@ -89,7 +89,8 @@ async fn a_call_over_the_devices_working_memory_runs_in_parts_and_answers_as_one
     let one_by_one: Vec<Vec<f32>> = {
         let mut rows = Vec::new();
         for t in texts(n).iter().take(3) {
-            let (status, reply) = infer(&agent, "intents", &text_request(&[t.clone()])).await;
+            let (status, reply) =
+                infer(&agent, "intents", &text_request(std::slice::from_ref(t))).await;
             assert_eq!(status, 200, "{reply}");
             rows.push(first_output(&reply));
         }
@@ -248,5 +249,72 @@ async fn a_cascade_model_without_a_row_per_input_row_is_refused_at_push() {
         .unwrap_err()
         .to_string();
     assert!(refused.contains("a row for each input row"), "{refused}");
+    coordinator.shutdown().await;
+}
+
+/// Bodies held back by their senders take the device's body budget, not its memory: past the
+/// budget a new body is answered 503 (busy) at once rather than buffered, a body that stops
+/// arriving is cut (408) within seconds, and a real call answers throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_bodies_are_bounded_and_a_real_call_still_answers() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(coordinator_config(dir.path()))
+        .await
+        .unwrap();
+    let ranker = DemoModel::VideoRanker.bytes(DEFAULT_SEED);
+    push(&coordinator, "ranker", &placed("local"), &ranker).await;
+    let mut config = agent_config(&coordinator, dir.path());
+    config.profile.body_memory_mb = Some(8);
+    let agent = Agent::start(config).await.unwrap();
+    eventually("ranker served", || {
+        agent.active_version("ranker") == Some(1)
+    })
+    .await;
+    let head = |len: usize| {
+        format!(
+            "POST /v2/models/ranker/infer HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n{{"
+        )
+    };
+    // Three senders declare 3 MB each and hold back all but the first byte: two fit the 8 MiB.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(agent.api_addr)
+            .await
+            .unwrap();
+        s.write_all(head(3_000_000).as_bytes()).await.unwrap();
+        held.push(s);
+    }
+    let started = std::time::Instant::now();
+    let mut answers = Vec::new();
+    for s in &mut held {
+        let mut got = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut got))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        answers.push(String::from_utf8_lossy(&got[..n]).into_owned());
+    }
+    let statuses: Vec<&str> = answers.iter().map(|a| &a[9..12]).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "503").count(),
+        1,
+        "{answers:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == "408").count(),
+        2,
+        "{answers:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+    // Meanwhile and after, a real call answers.
+    let (body, _) = outpost_test_support::agent::ranker_request(2);
+    let (status, reply) = infer(&agent, "ranker", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        agent_metric(&agent, "outpost_agent_request_body_bytes{state=\"in_use\"}").await,
+        0
+    );
+    agent.shutdown().await;
     coordinator.shutdown().await;
 }

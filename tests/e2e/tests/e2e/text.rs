@@ -221,3 +221,60 @@ async fn text_goes_in_and_answers_come_out_through_the_oip_api() {
     agent.shutdown().await;
     coordinator.shutdown().await;
 }
+
+/// The classification extension: an output asked for with `parameters.classification: N`
+/// answers the top N intents per text by the labels the model carries (`outpost.labels`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intents_answer_their_top_classes_by_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_coordinator(dir.path()).await;
+    let model = TextModel::IntentClassifierText.bytes(DEFAULT_SEED).unwrap();
+    let options = placed("local").tokenizer(vocab::tokenizer_json().into_bytes());
+    push(&coordinator, "intents", &options, &model).await;
+    let agent = Agent::start(agent_config(&coordinator, dir.path()))
+        .await
+        .unwrap();
+    eventually("intents served", || {
+        agent.active_version("intents") == Some(1)
+    })
+    .await;
+    let (status, server) = get_json(agent.api_addr, "/v2").await;
+    assert_eq!(status, 200);
+    assert!(
+        server["extensions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("classification")),
+        "{server}"
+    );
+    let texts = ["refund my order", "the video keeps buffering"];
+    let (status, plain) = infer(&agent, "intents", &text_request(&texts)).await;
+    assert_eq!(status, 200, "{plain}");
+    let probs = rows(&plain, INTENTS.len());
+    let mut body = text_request(&texts);
+    body["outputs"] = json!([{"name": "intent_probs", "parameters": {"classification": 3}}]);
+    let (status, reply) = infer(&agent, "intents", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let out = &reply["outputs"][0];
+    assert_eq!(out["datatype"], "BYTES", "{reply}");
+    assert_eq!(out["shape"], json!([2, 3]), "{reply}");
+    let classes: Vec<String> = serde_json::from_value(out["data"].clone()).unwrap();
+    for (row, top) in probs.iter().zip(classes.chunks(3)) {
+        let best = argmax(row);
+        let parts: Vec<&str> = top[0].split(':').collect();
+        assert_eq!(parts.len(), 3, "{top:?}");
+        assert_eq!(parts[1], best.to_string(), "{top:?} vs {row:?}");
+        assert_eq!(parts[2], INTENTS[best], "{top:?}");
+        let score: f64 = parts[0].parse().unwrap();
+        assert!((score - row[best]).abs() < 1e-5, "{score} vs {}", row[best]);
+    }
+    body["outputs"] = json!([{"name": "intent_probs", "parameters": {"classification": 0}}]);
+    let (status, reply) = infer(&agent, "intents", &body).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("classification"),
+        "{reply}"
+    );
+    agent.shutdown().await;
+    coordinator.shutdown().await;
+}
