@@ -40,18 +40,13 @@ pub(crate) async fn serve(
     let handler = move |req| {
         let ctx = ctx.clone();
         async move {
-            // Its own task, so a panic in a request's handling is answered (500) and counted
-            // rather than dropping the connection without a status.
-            let handling = tokio::spawn({
-                let ctx = Arc::clone(&ctx);
-                async move { guarded(req, &ctx).await }
-            });
-            match handling.await {
+            // A panic in a request's handling is answered (500) and counted rather than dropping
+            // the connection without a status.
+            match CatchUnwind(Box::pin(guarded(req, &ctx))).await {
                 Ok(reply) => reply,
-                Err(e) => {
+                Err(()) => {
                     Counters::count(&ctx.counters.panics);
                     Counters::count(&ctx.counters.errors);
-                    tracing::error!(error = %e, "a request's handling failed");
                     error(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "the agent failed while handling this request (counted in outpost_agent_request_panics_total)",
@@ -61,6 +56,29 @@ pub(crate) async fn serve(
         }
     };
     outpost_runtime::serve::serve_http(listener, limits, handler, shutdown).await;
+}
+
+/// A future whose panic becomes `Err(())` (logged once by the panic hook), so the request it
+/// serves still gets an answer.
+struct CatchUnwind<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => {
+                tracing::error!("a request's handling panicked; answered 500");
+                std::task::Poll::Ready(Err(()))
+            }
+        }
+    }
 }
 
 /// The API behind its web-page rules ([`guard`]): refused origins and hosts get 403, allowed

@@ -131,11 +131,26 @@ pub(crate) async fn run_local(
         .reserve(bytes, MEMORY_WAIT)
         .await
         .map_err(|e| RouteError::Busy(e.to_string()))?;
+    // The GPU engine waits on its device: never on an async thread.
+    if bytes <= INLINE_CALL_BYTES && serving.memory <= INLINE_MODEL_BYTES && engine.name() != "wgpu"
+    {
+        // Microseconds of work: the hop to a blocking thread and back would cost more.
+        return engine.run(&inputs).map_err(RouteError::from);
+    }
     tokio::task::spawn_blocking(move || engine.run(&inputs))
         .await
         .map_err(|e| RouteError::Failed(format!("the engine failed: {e}")))?
         .map_err(RouteError::from)
 }
+
+/// A call runs on the async thread that received it, without the hop to a blocking thread,
+/// when its working memory is at most this and its model is small ([`INLINE_MODEL_BYTES`]):
+/// a ranker's few rows take tens of microseconds, less than the hop.
+const INLINE_CALL_BYTES: u64 = outpost_runtime::tract::SMALL_CALL_BYTES;
+
+/// The largest model (what its engine holds) whose small calls run inline: with weights this
+/// small, a call within [`INLINE_CALL_BYTES`] is a few million multiply-adds at most.
+const INLINE_MODEL_BYTES: u64 = 4 << 20;
 
 pub(crate) fn cloud_error(e: OffloadError) -> RouteError {
     match e {
@@ -224,7 +239,7 @@ fn batched(serving: &Serving, inputs: &[Tensor]) -> Vec<bool> {
 /// or cut.
 fn rows_per_call(ctx: &Context, serving: &Serving, inputs: &[Tensor]) -> Result<u64, RouteError> {
     let Some(Ok(graph)) = &serving.graph else {
-        return Ok(u64::MAX);
+        return Ok(frame_rows(serving, inputs));
     };
     if !graph.splits() {
         return Ok(u64::MAX);
@@ -242,6 +257,28 @@ fn rows_per_call(ctx: &Context, serving: &Serving, inputs: &[Tensor]) -> Result<
             Counters::count(&ctx.counters.too_large);
             RouteError::TooLarge(e.to_string())
         })
+}
+
+/// The most rows a call of a cloud-only model sends in one request: its inputs (a text's
+/// token ids at the model's longest text) within half a QUIC frame, so a large call goes out
+/// in parts the coordinator takes rather than as one it must refuse.
+fn frame_rows(serving: &Serving, inputs: &[Tensor]) -> u64 {
+    if serving.version.placement != Placement::Cloud {
+        return u64::MAX;
+    }
+    let rows = rows(inputs).max(1);
+    let per_row = match &serving.text {
+        Some(t) if inputs.iter().any(|i| i.name() == t.spec().name) => {
+            let spec = t.spec();
+            let token_inputs = 1
+                + u64::from(spec.attention_mask.is_some())
+                + u64::from(spec.token_type_ids.is_some());
+            u64::from(spec.max_tokens) * 8 * token_inputs
+        }
+        _ => inputs.iter().map(|t| t.data().len() as u64).sum::<u64>() / rows,
+    };
+    let half_frame = (outpost_shared::frame::MAX_FRAME_BYTES / 2) as u64;
+    (half_frame / per_row.max(1)).max(1)
 }
 
 /// The answers of a call's row parts as one: outputs joined by rows, in order.

@@ -262,6 +262,10 @@ fn from_tract(
     tensor.map_err(|e| e.to_string())
 }
 
+/// A call whose working memory is at most this runs on the calling thread alone: waking the
+/// matrix threads costs more than they save on it (a ranker's one row, not an encoder's text).
+pub const SMALL_CALL_BYTES: u64 = 256 << 10;
+
 /// How a [`TractModel`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TractOptions {
@@ -421,11 +425,17 @@ impl TractModel {
             memory.check_ids(inputs)?;
         }
         let plan = self.plan_for(&ordered);
+        // A small call is over before other threads would wake up to share it.
+        let small = self
+            .memory
+            .as_ref()
+            .is_ok_and(|m| m.bytes_for(inputs) <= SMALL_CALL_BYTES);
+        let executor = self.inner.executor.as_ref().filter(|_| !small);
         run_on(
             &plan,
             &ordered,
             &self.outputs,
-            self.inner.executor.as_ref(),
+            executor,
             &self.inner.symbols,
         )
     }

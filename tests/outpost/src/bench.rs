@@ -34,6 +34,8 @@ pub struct BenchOptions {
     pub agents: Vec<u32>,
     /// Only the GPU-against-tract figures.
     pub gpu_only: bool,
+    /// Only the local API against the engine in-process (and idle memory).
+    pub api_only: bool,
 }
 
 /// Runs every benchmark; `report` gets the result lines.
@@ -69,6 +71,11 @@ pub async fn run(options: &BenchOptions, mut report: impl FnMut(&str)) -> anyhow
     push(&coordinator, "video-ranker", &ranker).await?;
     wait_until_serving(std::slice::from_ref(&first), "video-ranker", 1).await?;
     latency(&first, &ranker, options.calls, &mut report).await?;
+    if options.api_only {
+        first.shutdown().await;
+        coordinator.shutdown().await;
+        return Ok(());
+    }
 
     let mut agents = vec![first];
     for (round, &count) in options.agents.iter().enumerate() {
@@ -177,8 +184,12 @@ async fn latency(
         let mut in_process_symbolic = Vec::with_capacity(calls);
         let mut api_json = Vec::with_capacity(calls);
         let mut api_binary = Vec::with_capacity(calls);
+        let mut http_floor = Vec::with_capacity(calls);
         // Interleaved, so drift (thermal, other load) hits all three alike.
         for _ in 0..calls {
+            let t = Instant::now();
+            client.get("/v2/health/live").await?;
+            http_floor.push(t.elapsed());
             let t = Instant::now();
             engine.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
             in_process.push(t.elapsed());
@@ -199,6 +210,7 @@ async fn latency(
             ("in-process, symbolic", &mut in_process_symbolic),
             ("API, JSON", &mut api_json),
             ("API, binary tensors", &mut api_binary),
+            ("HTTP floor (live)", &mut http_floor),
         ] {
             let (p50, p99) = percentiles(samples);
             report(&format!(
@@ -374,6 +386,15 @@ impl KeepAlive {
             bail!("{}: {}", answer.status, answer.text());
         }
         Ok(answer.body)
+    }
+
+    /// GETs `path`; fails unless the answer is 200.
+    pub(crate) async fn get(&mut self, path: &str) -> anyhow::Result<()> {
+        let answer = self.connection.send(Request::get(path)).await?;
+        if answer.status != StatusCode::OK {
+            bail!("{}: {}", answer.status, answer.text());
+        }
+        Ok(())
     }
 }
 

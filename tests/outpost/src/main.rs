@@ -91,6 +91,10 @@ enum Command {
         /// Only the GPU engine against tract (video-ranker, 1, 64 and 1024 candidates).
         #[arg(long)]
         gpu_only: bool,
+        /// Only the local API against the engine in-process (video-ranker, 1 and 256
+        /// candidates, JSON and binary), and an idle agent's memory.
+        #[arg(long)]
+        api_only: bool,
         /// Only peak memory against body size (JSON and binary requests, each in a child).
         #[arg(long)]
         memory_only: bool,
@@ -196,6 +200,7 @@ fn main() -> std::process::ExitCode {
             calls,
             agents,
             gpu_only,
+            api_only,
             memory_only,
             switch_only,
             mqtt_only,
@@ -250,8 +255,9 @@ fn main() -> std::process::ExitCode {
                 calls: calls.max(1),
                 agents,
                 gpu_only,
+                api_only,
             });
-            if gpu_only || memory != std::process::ExitCode::SUCCESS {
+            if gpu_only || api_only || memory != std::process::ExitCode::SUCCESS {
                 return memory;
             }
             return exit(

@@ -285,7 +285,7 @@ pub fn curl_examples(api: SocketAddr) -> String {
         "curl -s http://{api}/v2/models/video-ranker\n\
          curl -s http://{api}/v2/models/video-ranker/infer -d '{{\"inputs\":[{{\"name\":\"user_features\",\"shape\":[2,32],\"datatype\":\"FP32\",\"data\":[{features},{features}]}},{{\"name\":\"item_ids\",\"shape\":[2],\"datatype\":\"INT64\",\"data\":[42,4242]}}]}}'\n\
          curl -s http://{api}/v2/models/intent-classifier/infer -d '{{\"inputs\":[{{\"name\":\"token_ids\",\"shape\":[1,6],\"datatype\":\"INT64\",\"data\":[12,873,4410,95,7,3021]}}]}}'\n\
-         curl -s http://{api}/v2/models/intent-classifier-text/infer -d '{{\"inputs\":[{{\"name\":\"text\",\"shape\":[2],\"datatype\":\"BYTES\",\"data\":[\"refund my order\",\"the video keeps buffering\"]}}]}}'\n\
+         curl -s http://{api}/v2/models/intent-classifier-text/infer -d '{{\"inputs\":[{{\"name\":\"text\",\"shape\":[2],\"datatype\":\"BYTES\",\"data\":[\"refund my order\",\"the video keeps buffering\"]}}],\"outputs\":[{{\"name\":\"intent_probs\",\"parameters\":{{\"classification\":3}}}}]}}'\n\
          curl -s http://{api}/v2/models/video-search/infer -d '{{\"inputs\":[{{\"name\":\"text\",\"shape\":[1],\"datatype\":\"BYTES\",\"data\":[\"calm piano music for study\"]}}]}}'\n\
          curl -s http://{api}/v1/status"
     )

@@ -206,7 +206,7 @@ fn the_memory_bench_measures_rows_and_texts_on_both_sides() {
         "10000000  agent-json",
         "refused 413",
         "(a body past the agent's limit)",
-        "2000 texts in one request to intent-classifier-text",
+        "1000 texts in one request to intent-classifier-text",
         "working memory: device 1024 MiB, 256 MiB a call",
     ] {
         assert!(

@@ -10,6 +10,7 @@ async fn bench_reports_every_figure() {
             calls: 5,
             agents: vec![1, 3],
             gpu_only: false,
+            api_only: false,
         },
         |l| lines.push(l.to_owned()),
     )
