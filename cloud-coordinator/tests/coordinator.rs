@@ -334,7 +334,8 @@ async fn infer_over_quic_matches_tract_and_refuses_bad_inputs() {
                 "intent-classifier",
             ),
             ErrorKind::InvalidInput,
-            "failed",
+            // Checked against the table before the engine runs, and named.
+            "outside the model's table of 8000 rows",
         ),
         (
             infer(inputs.clone(), "no-such-model"),

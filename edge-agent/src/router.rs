@@ -101,17 +101,20 @@ pub(crate) async fn run_local(
             "the model has no local engine".into(),
         ));
     };
-    let bytes = match &serving.graph {
+    let (bytes, measured) = match &serving.graph {
         Some(Ok(graph)) => {
             graph.check_ids(&inputs)?;
-            graph.bytes_for(&inputs)
+            (graph.bytes_for(&inputs), true)
         }
         // Unmeasured: the inputs and what the engine copies of them.
-        _ => inputs
-            .iter()
-            .map(|t| t.data().len() as u64)
-            .sum::<u64>()
-            .saturating_mul(2),
+        _ => (
+            inputs
+                .iter()
+                .map(|t| t.data().len() as u64)
+                .sum::<u64>()
+                .saturating_mul(2),
+            false,
+        ),
     };
     if bytes > memory.per_call {
         return Err(RouteError::TooLarge(format!(
@@ -131,8 +134,11 @@ pub(crate) async fn run_local(
         .reserve(bytes, MEMORY_WAIT)
         .await
         .map_err(|e| RouteError::Busy(e.to_string()))?;
-    // The GPU engine waits on its device: never on an async thread.
-    if bytes <= INLINE_CALL_BYTES && serving.memory <= INLINE_MODEL_BYTES && engine.name() != "wgpu"
+    // Only a measured call of a small model on the CPU (the GPU engine waits on its device).
+    if measured
+        && bytes <= INLINE_CALL_BYTES
+        && serving.memory <= INLINE_MODEL_BYTES
+        && engine.name() != "wgpu"
     {
         // Microseconds of work: the hop to a blocking thread and back would cost more.
         return engine.run(&inputs).map_err(RouteError::from);

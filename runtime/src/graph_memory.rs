@@ -299,7 +299,7 @@ impl GraphMemory {
             let rows = i64::try_from(range.rows).unwrap_or(i64::MAX);
             let bad = |index: usize, value: i64| {
                 RunError::Input(format!(
-                    "input {:?}: element {index} is {value}, outside the model's table of {} rows (ids from {} to {})",
+                    "input {:?}: id {value} (element {index}) is outside the model's table of {} rows (ids from {} to {})",
                     range.input,
                     range.rows,
                     -rows,

@@ -380,8 +380,10 @@ pub enum BodyError {
 /// How much more of a body's budget is reserved at a time, as its bytes arrive.
 const BODY_RESERVE_STEP: u64 = 1 << 20;
 
-/// How long a body waits for other bodies to give budget back.
-const BODY_BUDGET_WAIT: Duration = Duration::from_secs(2);
+/// How long a body waits for other bodies to give budget back: shorter than the local API's
+/// grace (2 s), so a new body is answered busy while the ones holding the budget are still
+/// within their time, not given the room of a body cut for holding back.
+const BODY_BUDGET_WAIT: Duration = Duration::from_secs(1);
 
 /// Reads a whole request body within `limits`. Handlers read the body before judging a
 /// request: answering early and closing would reset the connection under a client still

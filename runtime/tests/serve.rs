@@ -25,20 +25,36 @@ async fn start(
     max_connections: usize,
     body: BodyLimits,
 ) -> (std::net::SocketAddr, Arc<AtomicUsize>, watch::Sender<bool>) {
+    start_within(max_connections, body, None).await
+}
+
+/// [`start`], with the bodies held at once in `budget` when one is given (503 past it).
+async fn start_within(
+    max_connections: usize,
+    body: BodyLimits,
+    budget: Option<MemoryBudget>,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, watch::Sender<bool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
     let (active, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let most_seen = Arc::clone(&most);
     let handler = move |req: hyper::Request<hyper::body::Incoming>| {
-        let (active, most) = (Arc::clone(&active), Arc::clone(&most));
+        let (active, most, budget) = (Arc::clone(&active), Arc::clone(&most), budget.clone());
         async move {
             let now = active.fetch_add(1, Ordering::SeqCst) + 1;
             most.fetch_max(now, Ordering::SeqCst);
-            let status = match read_body(req.into_body(), &body).await {
-                Ok(_) => StatusCode::OK,
+            let read = match &budget {
+                Some(b) => read_body_within(req.into_body(), &body, b)
+                    .await
+                    .map(|_| ()),
+                None => read_body(req.into_body(), &body).await.map(|_| ()),
+            };
+            let status = match read {
+                Ok(()) => StatusCode::OK,
                 Err(BodyError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
                 Err(BodyError::TooSlow { .. }) => StatusCode::REQUEST_TIMEOUT,
+                Err(BodyError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
                 Err(_) => StatusCode::BAD_REQUEST,
             };
             // Long enough that calls on other connections overlap.
@@ -293,9 +309,6 @@ async fn a_body_that_pauses_is_cut_by_the_idle_timeout_whatever_its_average() {
 /// answered busy (503) after a short wait, and the budget comes back when the first is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_held_across_connections_share_one_budget() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (_stop, stopped) = watch::channel(false);
     let budget = MemoryBudget::new(1 << 20);
     let seen = budget.clone();
     let limits = BodyLimits {
@@ -304,24 +317,7 @@ async fn bodies_held_across_connections_share_one_budget() {
         grace: Duration::from_secs(60),
         idle: Duration::from_secs(60),
     };
-    let handler = move |req: hyper::Request<hyper::body::Incoming>| {
-        let budget = budget.clone();
-        async move {
-            let status = match read_body_within(req.into_body(), &limits, &budget).await {
-                Ok(_) => StatusCode::OK,
-                Err(BodyError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
-                Err(_) => StatusCode::BAD_REQUEST,
-            };
-            let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
-            *r.status_mut() = status;
-            r
-        }
-    };
-    let serve_limits = ServeLimits {
-        max_connections: 8,
-        header_timeout: Duration::from_secs(10),
-    };
-    tokio::spawn(serve_http(listener, serve_limits, handler, stopped));
+    let (addr, _, _stop) = start_within(8, limits, Some(budget)).await;
     let head =
         |len: usize| format!("POST / HTTP/1.1\r\nhost: localhost\r\ncontent-length: {len}\r\n\r\n");
     // The first declares 900 KB and holds it, sending only its first bytes.

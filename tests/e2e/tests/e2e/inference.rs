@@ -67,7 +67,10 @@ async fn agents_sync_serve_upgrade_and_keep_serving_offline() {
     // The binary tensor data extension, laid out as Triton's HTTP client sends it: a JSON
     // header, then the raw inputs; outputs come back raw after a JSON header too.
     let (_, v2) = get_json(agent.api_addr, "/v2").await;
-    assert_eq!(v2["extensions"], json!(["binary_tensor_data"]));
+    assert_eq!(
+        v2["extensions"],
+        json!(["binary_tensor_data", "classification"])
+    );
     let header = json!({
         "inputs": tensors.iter().map(|t| json!({
             "name": t.name(), "shape": t.shape(), "datatype": t.datatype().as_str(),

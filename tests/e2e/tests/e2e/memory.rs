@@ -46,6 +46,17 @@ fn text_request(texts: &[String]) -> Value {
     json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [texts.len()], "data": texts}]})
 }
 
+/// One row of `tokens` token ids (with its mask and token types), as the encoder takes them.
+fn token_request(tokens: u64) -> Value {
+    let ids = |name: &str, v: i64| {
+        Tensor::from_values(name, vec![1, tokens], &vec![v; tokens as usize])
+            .unwrap()
+            .to_json()
+            .unwrap()
+    };
+    json!({"inputs": [ids("input_ids", 5), ids("attention_mask", 1), ids("token_type_ids", 0)]})
+}
+
 async fn agent_metric(agent: &AgentHandle, name: &str) -> u64 {
     let answer = send(agent.api_addr, Request::get("/metrics")).await;
     let text = String::from_utf8(answer.body.to_vec()).unwrap();
@@ -147,13 +158,7 @@ async fn a_call_over_the_devices_working_memory_runs_in_parts_and_answers_as_one
 
     // Token ids far past the model's text length: one row does not fit; refused, named.
     let long = 4096u64;
-    let ids = |name: &str, v: i64| {
-        Tensor::from_values(name, vec![1, long], &vec![v; long as usize])
-            .unwrap()
-            .to_json()
-            .unwrap()
-    };
-    let body = json!({"inputs": [ids("input_ids", 5), ids("attention_mask", 1), ids("token_type_ids", 0)]});
+    let body = token_request(long);
     let (status, reply) = infer(&agent, "intents", &body).await;
     assert_eq!(status, 413, "{reply}");
     let why = reply["error"].as_str().unwrap();
@@ -212,13 +217,7 @@ async fn the_coordinator_runs_an_offloaded_call_in_parts_within_its_working_memo
 
     // A row of 2 048 tokens needs far more than 1 MiB: refused as the caller's, named.
     let long = 2048u64;
-    let ids = |name: &str, v: i64| {
-        Tensor::from_values(name, vec![1, long], &vec![v; long as usize])
-            .unwrap()
-            .to_json()
-            .unwrap()
-    };
-    let body = json!({"inputs": [ids("input_ids", 5), ids("attention_mask", 1), ids("token_type_ids", 0)]});
+    let body = token_request(long);
     let (status, reply) = infer(&agent, "intents", &body).await;
     assert_eq!(status, 400, "{reply}");
     let why = reply["error"].as_str().unwrap();
