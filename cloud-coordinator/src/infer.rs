@@ -229,6 +229,17 @@ fn work(
     }
 }
 
+/// A call (or part) estimated at this much working memory or more gives what it freed back to
+/// the system when it ends: glibc keeps freed memory in its arenas, and the coordinator would
+/// stay at its peak.
+const GIVE_BACK_AFTER: u64 = 64 << 20;
+
+fn give_back_after(bytes: u64) {
+    if bytes >= GIVE_BACK_AFTER {
+        outpost_heap::give_back();
+    }
+}
+
 fn run_job(
     job: &Job,
     plans: &Plans,
@@ -309,7 +320,9 @@ fn run_job(
         )
     };
     if cost.bytes(rows) <= per_call {
-        return Ok((version, run(&job.inputs)?));
+        let out = run(&job.inputs);
+        give_back_after(cost.bytes(rows));
+        return Ok((version, out?));
     }
     if !graph.splits() {
         return Err(too_large(cost.bytes(rows)));
@@ -331,7 +344,10 @@ fn run_job(
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| (ErrorKind::InvalidInput, e.to_string()))?;
-        answers.push(run(&part)?);
+        let out = run(&part);
+        drop(part);
+        give_back_after(cost.bytes(end - start));
+        answers.push(out?);
     }
     let width = answers.first().map_or(0, Vec::len);
     let outputs = (0..width)

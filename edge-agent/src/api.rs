@@ -375,6 +375,8 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
         max_batch: serving.version.max_batch,
         max_elements: ctx.config.profile().max_request_elements(),
     };
+    // A large body leaves large buffers freed behind it: give them back after the call.
+    let _give_back = (body.len() as u64 >= router::GIVE_BACK_AFTER / 8).then_some(GiveBack);
     let parsed = InferRequest::parse(&body, header_length, &limits);
     // The body's bytes are not needed past here; the tensors hold what the engine reads.
     drop(body);
@@ -481,6 +483,18 @@ async fn infer(req: Request<Incoming>, ctx: &Context, name: &str, version: Optio
             } else {
                 r
             }
+        }
+    }
+}
+
+/// Gives the memory the allocator holds free back to the system when dropped (at the end of a
+/// large request), on a blocking thread.
+struct GiveBack;
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn_blocking(outpost_heap::give_back);
         }
     }
 }

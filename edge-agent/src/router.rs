@@ -143,11 +143,24 @@ pub(crate) async fn run_local(
         // Microseconds of work: the hop to a blocking thread and back would cost more.
         return engine.run(&inputs).map_err(RouteError::from);
     }
-    tokio::task::spawn_blocking(move || engine.run(&inputs))
-        .await
-        .map_err(|e| RouteError::Failed(format!("the engine failed: {e}")))?
-        .map_err(RouteError::from)
+    let large = bytes >= GIVE_BACK_AFTER;
+    tokio::task::spawn_blocking(move || {
+        let answer = engine.run(&inputs);
+        if large {
+            // What the call built is freed: give it back, or the device stays at its peak.
+            drop(inputs);
+            outpost_heap::give_back();
+        }
+        answer
+    })
+    .await
+    .map_err(|e| RouteError::Failed(format!("the engine failed: {e}")))?
+    .map_err(RouteError::from)
 }
+
+/// A call (or part) estimated at this much working memory or more gives the memory it freed
+/// back to the system when it ends (`outpost_heap::give_back`, milliseconds).
+pub(crate) const GIVE_BACK_AFTER: u64 = 64 << 20;
 
 /// A call runs on the async thread that received it, without the hop to a blocking thread,
 /// when its working memory is at most this and its model is small ([`INLINE_MODEL_BYTES`]):

@@ -140,14 +140,14 @@ pub fn run(rows: &[u64], tokens: &[u64], mut report: impl FnMut(&str)) -> anyhow
         coordinator.call_memory_bytes() >> 20,
     ));
     report(&format!(
-        "  {:>7}  {:<13} {:>9} {:>9} {:>9} {:>10} {:>10}",
-        "tokens", "case", "body", "growth", "kept 1 s", "est. part", "answer"
+        "  {:>7}  {:<13} {:>9} {:>9} {:>10} {:>10} {:>10}",
+        "tokens", "case", "body", "growth", "after 1 s", "est. part", "answer"
     ));
     for &n in tokens {
         for case in TEXT_CASES {
             let measured = in_child(&exe, case, n)?;
             report(&format!(
-                "  {n:>7}  {case:<13} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10}",
+                "  {n:>7}  {case:<13} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>10}",
                 measured.body as f64 / (1024.0 * 1024.0),
                 measured.growth_kib as f64 / 1024.0,
                 measured.kept_kib as f64 / 1024.0,
