@@ -37,6 +37,15 @@ fn scores(t: &Tensor) -> Result<Vec<f64>, TensorError> {
     })
 }
 
+/// A score as its own type writes it: an FP32 or FP16 score in the fewest digits that read back
+/// as the same f32 (`0.7142215`, not the `0.7142214775085449` of its f64 widening).
+fn written(score: f64, datatype: DataType) -> String {
+    match datatype {
+        DataType::Fp32 | DataType::Fp16 => (score as f32).to_string(),
+        _ => score.to_string(),
+    }
+}
+
 /// `t` as its `top` best classes per row (at most the classes there are), labelled from
 /// `labels` when it names one per class.
 pub fn classify(t: &Tensor, top: usize, labels: &[String]) -> Result<Tensor, TensorError> {
@@ -54,9 +63,10 @@ pub fn classify(t: &Tensor, top: usize, labels: &[String]) -> Result<Tensor, Ten
         // Best first; ties by index, so the answer does not depend on the sort.
         order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
         for &i in order.iter().take(top) {
+            let score = written(row[i], t.datatype());
             classes.push(match named {
-                true => format!("{}:{i}:{}", row[i], labels[i]),
-                false => format!("{}:{i}", row[i]),
+                true => format!("{score}:{i}:{}", labels[i]),
+                false => format!("{score}:{i}"),
             });
         }
     }
@@ -83,16 +93,7 @@ mod tests {
             .iter()
             .map(|s| String::from_utf8_lossy(s).into_owned())
             .collect();
-        let want = [0.7f32, 0.2, 0.5, 0.25].map(f64::from);
-        assert_eq!(
-            got,
-            [
-                format!("{}:1:b", want[0]),
-                format!("{}:2:c", want[1]),
-                format!("{}:0:a", want[2]),
-                format!("{}:1:b", want[3]),
-            ]
-        );
+        assert_eq!(got, ["0.7:1:b", "0.2:2:c", "0.5:0:a", "0.25:1:b"]);
         // More than there are: all of them; labels that do not fit: indices only.
         let all = classify(&t, 10, &labels[..2]).unwrap();
         assert_eq!(all.shape(), &[2, 3]);
